@@ -1,0 +1,1 @@
+"""The Image Transformer: attention patterns, layers, output likelihoods and the model."""

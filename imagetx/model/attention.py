@@ -1,0 +1,111 @@
+"""Masked self-attention in the three patterns (local 1D, local 2D, full) and cross-attention.
+
+Each pattern has a fast path (blocked: every query block attends to a fixed window of keys,
+so cost grows linearly with the image) and the dense reference (one (Lp, Lp) boolean mask built
+from the definitions, see layout.dense_mask), which the tests hold the fast path to.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from imagetx.model.config import ModelConfig
+from imagetx.model.layout import Layout
+
+
+def _sdpa(q, k, v, mask=None, dropout=0.0, causal=False):
+    return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
+
+
+def local1d_windows(t: torch.Tensor, block: int, num_blocks: int) -> torch.Tensor:
+    """t (B, h, L, hd) -> windows (B, h, num_blocks, 2*block, hd): [previous block | own block]."""
+    L = t.shape[2]
+    t = F.pad(t, (0, 0, block, num_blocks * block - L))  # (B, h, (nb + 1) * lq, hd)
+    return t.unfold(2, 2 * block, block).transpose(-1, -2)  # (B, h, nb, 2lq, hd)
+
+
+def local2d_windows(t: torch.Tensor, layout: Layout) -> torch.Tensor:
+    """t (B, h, Lp, hd) in block-raster layout -> windows (B, h, num_blocks, kh*kw, hd)."""
+    B, h, _, hd = t.shape
+    qh, qw = layout.query_shape
+    fh, fw = layout.flange
+    Hp, Wp = layout.padded_grid
+    nbh, nbw = Hp // qh, Wp // qw
+    g = t.view(B, h, nbh, nbw, qh, qw, hd).permute(0, 1, 2, 4, 3, 5, 6)  # (B, h, nbh, qh, nbw, qw, hd)
+    g = g.reshape(B, h, Hp, Wp, hd)
+    g = F.pad(g, (0, 0, fw, fw, fh, 0))  # (B, h, fh + Hp, Wp + 2fw, hd)
+    w = g.unfold(2, fh + qh, qh).unfold(3, qw + 2 * fw, qw)  # (B, h, nbh, nbw, hd, kh, kw)
+    w = w.permute(0, 1, 2, 3, 5, 6, 4)  # (B, h, nbh, nbw, kh, kw, hd)
+    return w.reshape(B, h, nbh * nbw, (fh + qh) * (qw + 2 * fw), hd)
+
+
+class Attention(nn.Module):
+    """Multi-head attention without biases (as published), in one of the patterns.
+
+    kind: "local1d" | "local2d" | "full" (causal self-attention over `layout`), "bidirectional"
+    (encoder self-attention) or "cross" (queries from x, keys and values from `memory`).
+    """
+
+    def __init__(self, config: ModelConfig, kind: str, layout: Layout | None = None):
+        super().__init__()
+        d, a = config.d_model, config.attn_dim
+        self.kind = kind
+        self.layout = layout
+        self.n_heads = config.n_heads
+        self.head_dim = config.head_dim
+        self.dropout = config.attention_dropout
+        self.use_dense_reference = False  # tests switch this on to run the dense masked path
+        if kind == "cross":
+            self.q = nn.Linear(d, a, bias=False)
+            self.kv = nn.Linear(d, 2 * a, bias=False)
+        else:
+            self.qkv = nn.Linear(d, 3 * a, bias=False)
+        self.out = nn.Linear(a, d, bias=False)
+        if layout is not None and layout.window_mask is not None:
+            self.register_buffer("window_mask", layout.window_mask, persistent=False)
+        self._mask_config = config
+        self._dense = None
+
+    def _heads(self, t: torch.Tensor) -> torch.Tensor:
+        B, L, _ = t.shape
+        return t.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, h, L, hd)
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
+        """x float (B, Lp, d) in internal layout -> (B, Lp, d)."""
+        B, L, _ = x.shape
+        if self.kind == "cross":
+            q = self._heads(self.q(x))
+            k, v = (self._heads(t) for t in self.kv(memory).chunk(2, dim=-1))
+        else:
+            q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))
+        p = self.dropout if self.training else 0.0
+        if self.kind in ("cross", "bidirectional"):
+            o = _sdpa(q, k, v, dropout=p)
+        elif self.use_dense_reference:
+            o = _sdpa(q, k, v, mask=self.dense_mask().to(x.device), dropout=p)
+        elif self.kind == "full":
+            o = _sdpa(q, k, v, dropout=p, causal=True)
+        else:
+            o = self._blocked(q, k, v, p)
+        o = o.transpose(1, 2).reshape(B, L, -1)  # (B, L, h*hd)
+        return self.out(o)
+
+    def _blocked(self, q, k, v, p):
+        lay = self.layout
+        B, h, L, hd = q.shape
+        nb, lq = lay.num_blocks, lay.block
+        if self.kind == "local1d":
+            kw, vw = local1d_windows(k, lq, nb), local1d_windows(v, lq, nb)
+            qb = F.pad(q, (0, 0, 0, nb * lq - L)).view(B, h, nb, lq, hd)
+        else:
+            kw, vw = local2d_windows(k, lay), local2d_windows(v, lay)
+            qb = q.view(B, h, nb, lq, hd)
+        o = _sdpa(qb, kw, vw, mask=self.window_mask, dropout=p)  # (B, h, nb, lq, hd)
+        return o.reshape(B, h, nb * lq, hd)[:, :, :L]
+
+    def dense_mask(self) -> torch.Tensor:
+        if self._dense is None:
+            self._dense = self.layout.dense_mask(self._mask_config)
+        return self._dense

@@ -1,0 +1,193 @@
+"""The architecture of an Image Transformer, as one validated dataclass."""
+
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, fields
+
+ATTENTIONS = ("local1d", "local2d", "full")
+OUTPUTS = ("categorical", "dmol")
+POSITIONALS = ("sinusoidal", "learned")
+NORMS = ("post", "pre")
+
+
+class ConfigError(ValueError):
+    """An invalid configuration; the message lists every problem, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
+
+
+@dataclass
+class ModelConfig:
+    """Architecture of an Image Transformer. Defaults are the published CIFAR-10 "cat" setup.
+
+    Block sizes are in units of the sequence grid (rows x sub-pixel columns): for the categorical
+    output a row holds W*C sub-pixels, for DMOL a row holds W pixels.
+    """
+
+    image_size: tuple[int, int] = (32, 32)  # (H, W) of the generated image
+    channels: int = 3  # 1 (grayscale) or 3 (RGB)
+    attention: str = "local1d"  # "local1d", "local2d" or "full" (dense causal)
+    n_layers: int = 12
+    d_model: int = 512
+    n_heads: int = 4
+    d_ff: int = 2048
+    attention_dim: int = 0  # total q/k/v width over all heads; 0 means d_model
+    dropout: float = 0.3  # residual dropout after attention and after the FFN
+    attention_dropout: float = 0.0  # dropout on attention weights
+    block_length: int = 256  # local1d query block; its memory is the previous block
+    query_shape: tuple[int, int] = (8, 16)  # local2d query block (rows, columns)
+    memory_flange: tuple[int, int] = (8, 16)  # local2d flange (rows above, columns either side)
+    positional: str = "sinusoidal"  # "sinusoidal" or "learned" 2D position encodings
+    output: str = "categorical"  # "categorical" (256-way per sub-pixel) or "dmol"
+    num_mixtures: int = 10  # DMOL mixture components
+    num_classes: int = 0  # 0 = unconditional; else a learned class embedding at every position
+    norm: str = "post"  # "post" (as published) or "pre" LayerNorm
+    source_size: tuple[int, int] | None = None  # (h, w) low-res input: makes an encoder-decoder
+    encoder_layers: int = 0  # full-attention encoder layers (super-resolution only)
+
+    def __post_init__(self):
+        for name in ("image_size", "query_shape", "memory_flange", "source_size"):
+            value = getattr(self, name)
+            if isinstance(value, list):
+                setattr(self, name, tuple(value))
+        self.validate()
+
+    # ---- derived values -------------------------------------------------------------------
+    @property
+    def tokens_per_pixel(self) -> int:
+        """Sequence positions per pixel: one per sub-pixel (categorical) or per pixel (DMOL)."""
+        return self.channels if self.output == "categorical" else 1
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """The sequence laid out as (rows, columns): (H, W * tokens_per_pixel)."""
+        return self.image_size[0], self.image_size[1] * self.tokens_per_pixel
+
+    @property
+    def seq_len(self) -> int:
+        return self.grid[0] * self.grid[1]
+
+    @property
+    def num_dims(self) -> int:
+        """Number of sub-pixels of one image, the denominator of bits/dim."""
+        return self.image_size[0] * self.image_size[1] * self.channels
+
+    @property
+    def attn_dim(self) -> int:
+        return self.attention_dim or self.d_model
+
+    @property
+    def head_dim(self) -> int:
+        return self.attn_dim // self.n_heads
+
+    @property
+    def is_conditional_on_source(self) -> bool:
+        return self.source_size is not None
+
+    @property
+    def dmol_params(self) -> int:
+        """Numbers per pixel of a DMOL output: per mixture a logit, C means, C log-scales and
+        C*(C-1)/2 channel coupling coefficients."""
+        c = self.channels
+        return self.num_mixtures * (1 + 2 * c + c * (c - 1) // 2)
+
+    # ---- validation -----------------------------------------------------------------------
+    def problems(self) -> list[str]:
+        p: list[str] = []
+
+        def pair(name, minimum):
+            v = getattr(self, name)
+            if not (isinstance(v, tuple) and len(v) == 2 and all(isinstance(i, int) for i in v)):
+                p.append(f"model.{name} must be two integers, got {v!r}")
+                return False
+            if min(v) < minimum:
+                p.append(f"model.{name} must be >= {minimum} in both dimensions, got {v!r}")
+                return False
+            return True
+
+        def positive(name):
+            v = getattr(self, name)
+            if not isinstance(v, int) or isinstance(v, bool) or v < 1:
+                p.append(f"model.{name} must be a positive integer, got {v!r}")
+                return False
+            return True
+
+        def choice(name, allowed):
+            v = getattr(self, name)
+            if v not in allowed:
+                p.append(f"model.{name} must be one of {', '.join(allowed)}; got {v!r}")
+
+        pair("image_size", 1)
+        if self.channels not in (1, 3):
+            p.append(f"model.channels must be 1 or 3, got {self.channels!r}")
+        choice("attention", ATTENTIONS)
+        choice("output", OUTPUTS)
+        choice("positional", POSITIONALS)
+        choice("norm", NORMS)
+        heads_ok = positive("n_heads")
+        for name in ("n_layers", "d_model", "d_ff", "block_length", "num_mixtures"):
+            positive(name)
+        if not isinstance(self.attention_dim, int) or self.attention_dim < 0:
+            p.append(f"model.attention_dim must be >= 0 (0 = d_model), got {self.attention_dim!r}")
+        elif heads_ok and isinstance(self.d_model, int) and self.attn_dim % self.n_heads:
+            p.append(
+                f"model.attention_dim ({self.attn_dim}) must be divisible by "
+                f"model.n_heads ({self.n_heads})"
+            )
+        if isinstance(self.d_model, int) and self.d_model % 2:
+            p.append(f"model.d_model must be even (half encodes rows, half columns), got {self.d_model}")
+        for name in ("dropout", "attention_dropout"):
+            v = getattr(self, name)
+            if not isinstance(v, (int, float)) or not 0.0 <= v < 1.0:
+                p.append(f"model.{name} must be in [0, 1), got {v!r}")
+        pair("query_shape", 1)
+        pair("memory_flange", 0)
+        if not isinstance(self.num_classes, int) or self.num_classes < 0:
+            p.append(f"model.num_classes must be >= 0 (0 = unconditional), got {self.num_classes!r}")
+        if self.source_size is not None:
+            if pair("source_size", 1) and isinstance(self.image_size, tuple):
+                if any(s > t for s, t in zip(self.source_size, self.image_size)):
+                    p.append(
+                        f"model.source_size {self.source_size} must not exceed "
+                        f"model.image_size {self.image_size}"
+                    )
+            if not isinstance(self.encoder_layers, int) or self.encoder_layers < 1:
+                p.append(
+                    "model.encoder_layers must be >= 1 for a super-resolution model "
+                    f"(source_size set), got {self.encoder_layers!r}"
+                )
+        elif self.encoder_layers:
+            p.append("model.encoder_layers is set but model.source_size is not; set both or neither")
+        return p
+
+    def validate(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+
+    # ---- (de)serialisation ----------------------------------------------------------------
+    def to_dict(self) -> dict:
+        d = asdict(self)
+        for k, v in d.items():
+            if isinstance(v, tuple):
+                d[k] = list(v)
+        return d
+
+    @classmethod
+    def from_dict(cls, d: dict) -> "ModelConfig":
+        known = {f.name for f in fields(cls)}
+        unknown = sorted(set(d) - known)
+        if unknown:
+            raise ConfigError([f"unknown key model.{k}" for k in unknown])
+        return cls(**d)
+
+    def non_embedding_params(self) -> int:
+        """Parameters in the attention and FFN weights (for FLOP estimates)."""
+        a, d, f = self.attn_dim, self.d_model, self.d_ff
+        per_layer = 4 * a * d + 2 * d * f
+        n = self.n_layers * per_layer
+        if self.source_size is not None:
+            n += self.n_layers * 4 * a * d + self.encoder_layers * per_layer
+        return n

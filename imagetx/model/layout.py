@@ -1,0 +1,169 @@
+"""Where each sequence position lives: generation order, internal layout and attention masks.
+
+The image's sub-pixels (or pixels, for DMOL) form a grid of `rows x cols` = (H, W*C). The model
+generates them in an order that depends on the attention pattern: raster order for local 1D and
+full attention, block-raster order for local 2D (blocks of `query_shape` in raster order, raster
+order inside each block). Hidden states are kept in an *internal layout* that makes the blocked
+attention a pair of views:
+
+- local1d / full: the raster sequence itself (length L).
+- local2d: the grid padded up to whole blocks (Hp, Wp), stored block after block in block-raster
+  order (length Hp*Wp). Padding positions carry no data; they are masked out as keys.
+
+Two kinds of masks live here. `dense_mask` builds the (Lp, Lp) pattern straight from the
+definitions in REFERENCE.md and is the reference every fast path is tested against. The
+`window_*` tensors describe the same pattern as, per query block, a fixed window of keys plus a
+(block, query, key) mask: that is what the fast attention and the decoding caches use.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+from imagetx.model.config import ModelConfig
+
+
+def _ceil_div(a: int, b: int) -> int:
+    return -(-a // b)
+
+
+@dataclass
+class Layout:
+    """Index tensors and masks of one attention pattern (all on CPU; the model registers buffers).
+
+    rows, cols: the sequence grid. internal_len: Lp. block: query block size (positions).
+    order: long (L,) generation index -> grid index (row * cols + col).
+    grid_to_internal: long (L,) grid index -> internal index.
+    row_of, col_of: long (Lp,) grid coordinates of every internal position (padding included).
+    valid: bool (Lp,) True for real positions.
+    window_mask: bool (num_blocks, block, window) which window keys each query may see.
+    """
+
+    kind: str
+    rows: int
+    cols: int
+    internal_len: int
+    block: int
+    num_blocks: int
+    window: int
+    order: torch.Tensor
+    grid_to_internal: torch.Tensor
+    row_of: torch.Tensor
+    col_of: torch.Tensor
+    valid: torch.Tensor
+    window_mask: torch.Tensor | None
+    # local2d geometry (effective, clipped to what can exist inside the grid)
+    query_shape: tuple[int, int] = (0, 0)
+    flange: tuple[int, int] = (0, 0)
+    padded_grid: tuple[int, int] = (0, 0)
+
+    @property
+    def seq_len(self) -> int:
+        return self.rows * self.cols
+
+    @property
+    def gen_to_internal(self) -> torch.Tensor:
+        return self.grid_to_internal[self.order]
+
+    def dense_mask(self, config: ModelConfig) -> torch.Tensor:
+        """bool (Lp, Lp): key j visible from query i, built from the pattern's definition."""
+        return dense_mask(self, config)
+
+
+def make_layout(config: ModelConfig) -> Layout:
+    rows, cols = config.grid
+    if config.attention == "local2d":
+        return _layout_2d(config, rows, cols)
+    L = rows * cols
+    idx = torch.arange(L)
+    row_of, col_of = idx // cols, idx % cols
+    valid = torch.ones(L, dtype=torch.bool)
+    if config.attention == "full":
+        return Layout("full", rows, cols, L, L, 1, L, idx, idx, row_of, col_of, valid, None)
+    lq = min(config.block_length, L)
+    nb = _ceil_div(L, lq)
+    # window = [previous block | own block]; key j of the window sits at (b - 1) * lq + j
+    i = torch.arange(lq)[:, None]
+    j = torch.arange(2 * lq)[None, :]
+    own = (j >= lq) & (j - lq <= i)
+    prev = (j < lq).expand(lq, 2 * lq)
+    mask = (own | prev).unsqueeze(0).repeat(nb, 1, 1)
+    mask[0, :, :lq] = False  # block 0 has no memory block
+    return Layout("local1d", rows, cols, L, lq, nb, 2 * lq, idx, idx, row_of, col_of, valid, mask)
+
+
+def _layout_2d(config: ModelConfig, rows: int, cols: int) -> Layout:
+    qh, qw = min(config.query_shape[0], rows), min(config.query_shape[1], cols)
+    nbh, nbw = _ceil_div(rows, qh), _ceil_div(cols, qw)
+    Hp, Wp = nbh * qh, nbw * qw
+    # Flange beyond what any block can reach is all padding: clipping it changes nothing.
+    fh = min(config.memory_flange[0], (nbh - 1) * qh)
+    fw = min(config.memory_flange[1], (nbw - 1) * qw)
+    lq, nb = qh * qw, nbh * nbw
+    # internal index p -> (block row, block col, row in block, col in block)
+    p = torch.arange(Hp * Wp)
+    blk, inner = p // lq, p % lq
+    row_of = (blk // nbw) * qh + inner // qw
+    col_of = (blk % nbw) * qw + inner % qw
+    valid = (row_of < rows) & (col_of < cols)
+    grid_index = row_of * cols + col_of
+    grid_to_internal = torch.empty(rows * cols, dtype=torch.long)
+    grid_to_internal[grid_index[valid]] = p[valid]
+    order = grid_index[valid]  # internal order restricted to real positions = block-raster
+    # Static window mask: window (kh, kw) = rows [r0 - fh, r0 + qh), cols [c0 - fw, c0 + qw + fw).
+    kh, kw = fh + qh, qw + 2 * fw
+    wr = torch.arange(kh)[:, None].expand(kh, kw).reshape(-1)
+    wc = torch.arange(kw)[None, :].expand(kh, kw).reshape(-1)
+    qr, qc = torch.arange(lq) // qw, torch.arange(lq) % qw
+    top = (wr < fh)[None, :].expand(lq, -1)
+    in_rows = (wr >= fh)[None, :]
+    left = in_rows & (wc < fw)[None, :]
+    in_block = in_rows & (wc >= fw)[None, :] & (wc < fw + qw)[None, :]
+    causal = ((wr - fh)[None, :] * qw + (wc - fw)[None, :]) <= (qr * qw + qc)[:, None]
+    static = top | left | (in_block & causal)  # (lq, kh*kw)
+    # Which window keys are real positions, per block: pad the validity grid like the keys.
+    vgrid = torch.zeros(fh + Hp, Wp + 2 * fw, dtype=torch.bool)
+    vgrid[fh : fh + rows, fw : fw + cols] = True
+    vwin = vgrid.unfold(0, kh, qh).unfold(1, kw, qw)  # (nbh, nbw, kh, kw)
+    vwin = vwin.reshape(nb, kh * kw)
+    mask = static[None] & vwin[:, None, :]
+    # A padding query sees itself, so no softmax row is empty (its output is never used).
+    self_key = (qr + fh) * kw + (qc + fw)
+    mask[:, torch.arange(lq), self_key] = True
+    return Layout(
+        "local2d", rows, cols, Hp * Wp, lq, nb, kh * kw, order, grid_to_internal, row_of, col_of,
+        valid, mask, query_shape=(qh, qw), flange=(fh, fw), padded_grid=(Hp, Wp),
+    )
+
+
+def dense_mask(layout: Layout, config: ModelConfig) -> torch.Tensor:
+    """bool (Lp, Lp) straight from the definitions in REFERENCE.md (unclipped sizes).
+
+    local1d: key j visible from query i iff j <= i and j // lq >= i // lq - 1 (raster order).
+    local2d: top flange (fh rows above the block, fw columns of overhang either side), left
+    flange (the block's rows, fw columns to its left), and the block itself causally in
+    block-raster order; positions outside the image are never visible (except to themselves).
+    full: j <= i.
+    """
+    Lp = layout.internal_len
+    i = torch.arange(Lp)[:, None]
+    j = torch.arange(Lp)[None, :]
+    if layout.kind == "full":
+        return j <= i
+    if layout.kind == "local1d":
+        lq = config.block_length
+        return (j <= i) & (j // lq >= i // lq - 1)
+    qh, qw = config.query_shape
+    fh, fw = config.memory_flange
+    ri, ci = layout.row_of[:, None], layout.col_of[:, None]
+    rj, cj = layout.row_of[None, :], layout.col_of[None, :]
+    r0, c0 = (ri // qh) * qh, (ci // qw) * qw
+    top = (rj >= r0 - fh) & (rj < r0) & (cj >= c0 - fw) & (cj < c0 + qw + fw)
+    left = (rj >= r0) & (rj < r0 + qh) & (cj >= c0 - fw) & (cj < c0)
+    same_block = (rj // qh == ri // qh) & (cj // qw == ci // qw)
+    # inside a block, internal order is raster order within the block
+    before = (rj - r0) * qw + (cj - c0) <= (ri - r0) * qw + (ci - c0)
+    visible = (top | left | (same_block & before)) & layout.valid[None, :]
+    return visible | (i == j)

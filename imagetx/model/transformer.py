@@ -1,0 +1,316 @@
+"""The Image Transformer: embeddings, 2D position encodings, layers, the model and its likelihood."""
+
+from __future__ import annotations
+
+import math
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+from torch.utils.checkpoint import checkpoint
+
+from imagetx.model import dmol
+from imagetx.model.attention import Attention
+from imagetx.model.config import ModelConfig
+from imagetx.model.layout import Layout, make_layout
+
+
+def sinusoid(pos: torch.Tensor, dim: int) -> torch.Tensor:
+    """pos long (N,) -> float (N, dim): sin and cos halves, timescales 1 .. 1e4 (as in tensor2tensor)."""
+    nt = dim // 2
+    inv = torch.exp(-math.log(1e4) * torch.arange(nt, dtype=torch.float64) / max(nt - 1, 1))
+    angles = pos.double()[:, None] * inv[None, :]  # (N, nt)
+    out = torch.cat([angles.sin(), angles.cos()], dim=1)
+    return F.pad(out, (0, dim - 2 * nt)).float()
+
+
+class PositionEncoding2D(nn.Module):
+    """Row and "column x channel" encodings of every position, added once before the first layer.
+
+    Sinusoidal: half of the d dimensions encode the row, the other half the column. Learned: one
+    table per axis (full width), summed.
+    """
+
+    def __init__(self, kind: str, d: int, row_of: torch.Tensor, col_of: torch.Tensor):
+        super().__init__()
+        self.kind = kind
+        if kind == "sinusoidal":
+            half = d // 2
+            table = torch.cat([sinusoid(row_of, half), sinusoid(col_of, d - half)], dim=1)
+            self.register_buffer("table", table, persistent=False)  # (Lp, d)
+        else:
+            self.register_buffer("row_of", row_of.clone(), persistent=False)
+            self.register_buffer("col_of", col_of.clone(), persistent=False)
+            self.rows = nn.Parameter(torch.randn(int(row_of.max()) + 1, d) * d**-0.5)
+            self.cols = nn.Parameter(torch.randn(int(col_of.max()) + 1, d) * d**-0.5)
+
+    def forward(self, index: torch.Tensor | None = None) -> torch.Tensor:
+        """-> float (Lp, d), or (len(index), d) for the given internal positions."""
+        if self.kind == "sinusoidal":
+            return self.table if index is None else self.table[index]
+        r, c = self.row_of, self.col_of
+        if index is not None:
+            r, c = r[index], c[index]
+        return self.rows[r] + self.cols[c]
+
+
+class Block(nn.Module):
+    """One layer: (masked) self-attention, optional cross-attention to the encoder, then the FFN.
+
+    Post-LN as published (sublayer -> dropout -> add -> LayerNorm) or pre-LN.
+    """
+
+    def __init__(self, config: ModelConfig, kind: str, layout: Layout | None = None, cross: bool = False):
+        super().__init__()
+        d = config.d_model
+        self.pre_norm = config.norm == "pre"
+        self.attn = Attention(config, kind, layout)
+        self.cross = Attention(config, "cross") if cross else None
+        self.ffn = nn.Sequential(nn.Linear(d, config.d_ff), nn.ReLU(), nn.Linear(config.d_ff, d))
+        self.norm_attn = nn.LayerNorm(d)
+        self.norm_cross = nn.LayerNorm(d) if cross else None
+        self.norm_ffn = nn.LayerNorm(d)
+        self.drop = nn.Dropout(config.dropout)
+
+    def residual(self, x, fn, norm):
+        if self.pre_norm:
+            return x + self.drop(fn(norm(x)))
+        return norm(x + self.drop(fn(x)))
+
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.residual(x, self.attn, self.norm_attn)
+        if self.cross is not None:
+            x = self.residual(x, lambda t: self.cross(t, memory), self.norm_cross)
+        return self.residual(x, self.ffn, self.norm_ffn)
+
+
+def _embedding(rows: int, d: int) -> nn.Embedding:
+    emb = nn.Embedding(rows, d)
+    nn.init.normal_(emb.weight, std=d**-0.5)
+    return emb
+
+
+class SourceEncoder(nn.Module):
+    """Encoder of the super-resolution model: the low-res image's sub-pixels, embedded like the
+    decoder's ("cat": one table row per (channel, value)), 2D position encodings, full
+    bidirectional self-attention."""
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, w = config.source_size
+        C, d = config.channels, config.d_model
+        self.scale = math.sqrt(d)
+        self.embed = _embedding(256 * C, d)
+        cols = w * C
+        idx = torch.arange(h * cols)
+        self.pos = PositionEncoding2D(config.positional, d, idx // cols, idx % cols)
+        self.register_buffer("channel_offset", (idx % C) * 256, persistent=False)
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(Block(config, "bidirectional") for _ in range(config.encoder_layers))
+        self.final_norm = nn.LayerNorm(d) if config.norm == "pre" else nn.Identity()
+
+    def forward(self, source: torch.Tensor) -> torch.Tensor:
+        """source uint8/long (B, h, w, C) -> float (B, h*w*C, d)."""
+        tokens = source.reshape(source.shape[0], -1).long() + self.channel_offset
+        x = self.drop(self.embed(tokens) * self.scale + self.pos())
+        for block in self.blocks:
+            x = block(x)
+        return self.final_norm(x)
+
+
+class ImageTransformer(nn.Module):
+    """The Image Transformer (Parmar et al., 2018).
+
+    Categorical output: one position per sub-pixel, row-major with channels interleaved, a
+    256-way softmax each. DMOL output: one position per pixel, a discretized mixture of logistics
+    over its channels. Generation order is raster order (local1d, full) or block-raster order
+    (local2d); the input at each position is the previous position *in generation order*.
+    """
+
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        config.validate()
+        self.config = config
+        self.layout = layout = make_layout(config)
+        d, C = config.d_model, config.channels
+        self.scale = math.sqrt(d)
+        order = layout.order
+        self.register_buffer("order", order, persistent=False)
+        self.register_buffer("grid_to_internal", layout.grid_to_internal, persistent=False)
+        self.register_buffer("gen_to_internal", layout.gen_to_internal, persistent=False)
+        self.identity_layout = layout.internal_len == config.seq_len and bool(
+            torch.equal(layout.gen_to_internal, torch.arange(config.seq_len))
+        )
+        if config.output == "categorical":
+            # the input at generation step k is sub-pixel order[k-1]: embed it with its channel's rows
+            offset = (order % C) * 256
+            self.register_buffer("input_offset", offset[:-1], persistent=False)
+            self.embed = _embedding(256 * C, d)
+            self.head = nn.Linear(d, 256)
+        else:
+            self.embed = nn.Linear(C, d, bias=False)  # = a 1x3 stride-3 convolution over the pixel
+            self.head = nn.Linear(d, config.dmol_params)
+        self.start = nn.Parameter(torch.zeros(d))
+        self.pos = PositionEncoding2D(config.positional, d, layout.row_of, layout.col_of)
+        self.class_embed = _embedding(config.num_classes, d) if config.num_classes else None
+        self.encoder = SourceEncoder(config) if config.source_size is not None else None
+        cross = self.encoder is not None
+        self.drop = nn.Dropout(config.dropout)
+        self.blocks = nn.ModuleList(
+            Block(config, config.attention, layout, cross=cross) for _ in range(config.n_layers)
+        )
+        self.final_norm = nn.LayerNorm(d) if config.norm == "pre" else nn.Identity()
+        self.activation_checkpointing = False
+
+    # ---- helpers ----------------------------------------------------------------------------
+    def set_activation_checkpointing(self, enabled: bool = True) -> None:
+        """Recompute each layer's activations in the backward pass (less memory, ~30% more time)."""
+        self.activation_checkpointing = bool(enabled)
+
+    def num_params(self, non_embedding: bool = False) -> int:
+        n = sum(p.numel() for p in self.parameters())
+        if non_embedding:
+            n -= self.embed.weight.numel()
+            if self.class_embed is not None:
+                n -= self.class_embed.weight.numel()
+        return n
+
+    def check_inputs(self, x=None, labels=None, source=None, batch: int | None = None) -> None:
+        """Raise ValueError naming the problem for inputs the model cannot take."""
+        cfg = self.config
+        H, W = cfg.image_size
+        if x is not None:
+            if x.dim() != 4 or tuple(x.shape[1:]) != (H, W, cfg.channels):
+                raise ValueError(
+                    f"expected images of shape (B, {H}, {W}, {cfg.channels}) (B, H, W, C), "
+                    f"got {tuple(x.shape)}"
+                )
+            if x.dtype.is_floating_point or x.dtype == torch.bool:
+                raise ValueError(f"images must be an integer tensor in [0, 255], got dtype {x.dtype}")
+            if x.numel() and (int(x.min()) < 0 or int(x.max()) > 255):
+                raise ValueError(
+                    f"image values must be in [0, 255], got [{int(x.min())}, {int(x.max())}]"
+                )
+            batch = x.shape[0]
+        if cfg.num_classes:
+            if labels is None:
+                raise ValueError(f"this model is class-conditional: pass labels in [0, {cfg.num_classes - 1}]")
+            if labels.dim() != 1 or (batch is not None and labels.shape[0] != batch):
+                raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
+            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= cfg.num_classes):
+                raise ValueError(
+                    f"labels must be in [0, {cfg.num_classes - 1}], "
+                    f"got [{int(labels.min())}, {int(labels.max())}]"
+                )
+        elif labels is not None:
+            raise ValueError("this model is unconditional (num_classes = 0): do not pass labels")
+        if cfg.source_size is not None:
+            h, w = cfg.source_size
+            if source is None:
+                raise ValueError(f"this is a super-resolution model: pass a source image (B, {h}, {w}, {cfg.channels})")
+            if source.dim() != 4 or tuple(source.shape[1:]) != (h, w, cfg.channels):
+                raise ValueError(
+                    f"expected source images of shape (B, {h}, {w}, {cfg.channels}), got {tuple(source.shape)}"
+                )
+            if batch is not None and source.shape[0] != batch:
+                raise ValueError(f"source batch size {source.shape[0]} does not match {batch}")
+            if source.dtype.is_floating_point or (
+                source.numel() and (int(source.min()) < 0 or int(source.max()) > 255)
+            ):
+                raise ValueError("source images must be integers in [0, 255]")
+        elif source is not None:
+            raise ValueError("this model has no encoder (source_size unset): do not pass a source")
+
+    def condition(self, labels=None, source=None):
+        """-> (class embedding (B, 1, d) or None, encoder memory (B, S, d) or None)."""
+        cls = self.class_embed(labels.long())[:, None, :] if self.class_embed is not None else None
+        memory = self.encoder(source) if self.encoder is not None else None
+        return cls, memory
+
+    def embed_inputs(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, H, W, C) -> decoder inputs in generation order (B, L, d), shifted right by one."""
+        B = x.shape[0]
+        if self.config.output == "categorical":
+            seq = x.reshape(B, -1).long()[:, self.order]  # (B, L) generation order
+            emb = self.embed(seq[:, :-1] + self.input_offset) * self.scale
+        else:
+            pix = x.reshape(B, -1, self.config.channels)[:, self.order]  # (B, L, C)
+            emb = self.embed(pix[:, :-1].float() / 127.5 - 1.0)
+        start = self.start.to(emb.dtype).expand(B, 1, -1)
+        return torch.cat([start, emb], dim=1)
+
+    def to_internal(self, h_gen: torch.Tensor) -> torch.Tensor:
+        if self.identity_layout:
+            return h_gen
+        B, _, d = h_gen.shape
+        h = h_gen.new_zeros(B, self.layout.internal_len, d)
+        return h.index_copy(1, self.gen_to_internal, h_gen)
+
+    # ---- forward ----------------------------------------------------------------------------
+    def forward(self, x: torch.Tensor, labels=None, source=None) -> torch.Tensor:
+        """x: uint8 or long (B, H, W, C) in [0, 255].
+
+        -> categorical: logits float (B, H, W, C, 256), in image layout whatever the generation
+        order; DMOL: mixture parameters float (B, H, W, P) (layout in model/dmol.py).
+        The output at a position depends only on positions before it in generation order.
+        """
+        self.check_inputs(x, labels, source)
+        cls, memory = self.condition(labels, source)
+        h = self.to_internal(self.embed_inputs(x)) + self.pos()
+        if cls is not None:
+            h = h + cls
+        h = self.drop(h)
+        for block in self.blocks:
+            if self.activation_checkpointing and self.training:
+                h = checkpoint(block, h, memory, use_reentrant=False)
+            else:
+                h = block(h, memory)
+        h = self.final_norm(h)
+        if not self.identity_layout:
+            h = h[:, self.grid_to_internal]  # (B, L, d) grid order
+        out = self.head(h)
+        B, (H, W) = x.shape[0], self.config.image_size
+        return out.view(B, H, W, -1, 256) if self.config.output == "categorical" else out.view(B, H, W, -1)
+
+    def nll(self, x: torch.Tensor, labels=None, source=None) -> torch.Tensor:
+        """Negative log-likelihood of each image in nats: float32 (B,). Exact for 8-bit data
+        (no dequantization): bits/dim = nll / (H*W*C * ln 2)."""
+        out = self(x, labels, source).float()
+        return self.nll_from_output(out, x)
+
+    def nll_from_output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+        B = x.shape[0]
+        if self.config.output == "categorical":
+            ce = F.cross_entropy(out.reshape(-1, 256), x.reshape(-1).long(), reduction="none")
+            return ce.view(B, -1).sum(1)
+        cfg = self.config
+        per_pixel = dmol.dmol_nll(out, x.long(), cfg.channels, cfg.num_mixtures)  # (B, H, W)
+        return per_pixel.reshape(B, -1).sum(1)
+
+    # ---- sampling ---------------------------------------------------------------------------
+    @torch.inference_mode()
+    def sample(
+        self,
+        n: int,
+        labels=None,
+        source=None,
+        temperature: float = 1.0,
+        generator: torch.Generator | None = None,
+        use_cache: bool = True,
+        prime: torch.Tensor | None = None,
+        prime_mask: torch.Tensor | None = None,
+        progress=None,
+    ) -> torch.Tensor:
+        """Draw n images: uint8 (n, H, W, C), in the model's generation order.
+
+        temperature: >= 0 (0 = greedy). prime / prime_mask: uint8 (n, H, W, C) and bool of the
+        same shape: where the mask is True the value is kept instead of sampled (image
+        completion). use_cache=False recomputes the whole model at every step (the reference
+        path); progress: an optional callable(steps_done, steps_total).
+        """
+        from imagetx.model.decoding import generate
+
+        return generate(
+            self, n, labels=labels, source=source, temperature=temperature, generator=generator,
+            use_cache=use_cache, prime=prime, prime_mask=prime_mask, progress=progress,
+        )

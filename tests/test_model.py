@@ -1,0 +1,235 @@
+"""The model's defining properties: no information from the future, fast paths equal the dense
+masked reference, normalized likelihoods, clear errors for bad inputs."""
+
+import math
+
+import pytest
+import torch
+
+from imagetx import ConfigError, ImageTransformer, ModelConfig
+from imagetx.model.layout import make_layout
+
+TINY = dict(n_layers=2, d_model=32, n_heads=2, d_ff=48, dropout=0.0)
+
+# (attention, extra config): sizes chosen so the grid does not divide the blocks
+PATTERNS = [
+    ("local1d", dict(block_length=7)),
+    ("local2d", dict(query_shape=(2, 4), memory_flange=(1, 3))),
+    ("local2d", dict(query_shape=(3, 2), memory_flange=(4, 5))),  # flange larger than the block
+    ("full", {}),
+]
+
+
+def tiny(attention="local1d", output="categorical", image_size=(5, 3), channels=3, **kw):
+    cfg = dict(TINY, attention=attention, output=output, image_size=image_size, channels=channels)
+    cfg.update(kw)
+    return ModelConfig(**cfg)
+
+
+def inputs(cfg, B=2, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    H, W = cfg.image_size
+    x = torch.randint(0, 256, (B, H, W, cfg.channels), generator=g)
+    labels = torch.randint(0, cfg.num_classes, (B,), generator=g) if cfg.num_classes else None
+    source = None
+    if cfg.source_size:
+        source = torch.randint(0, 256, (B, *cfg.source_size, cfg.channels), generator=g)
+    return x, labels, source
+
+
+def in_generation_order(model, out):
+    B = out.shape[0]
+    return out.reshape(B, model.config.seq_len, -1)[:, model.order]
+
+
+def set_dense(model, flag):
+    for m in model.modules():
+        if hasattr(m, "use_dense_reference"):
+            m.use_dense_reference = flag
+
+
+VARIANTS = [
+    (att, out, extra)
+    for att, extra in PATTERNS
+    for out in ("categorical", "dmol")
+] + [
+    ("local1d", "categorical", dict(block_length=5, num_classes=4)),
+    ("local2d", "dmol", dict(query_shape=(2, 2), memory_flange=(1, 1), num_classes=3)),
+    ("local1d", "categorical", dict(block_length=6, source_size=(2, 1), encoder_layers=1)),
+    ("local2d", "categorical", dict(query_shape=(2, 4), memory_flange=(2, 2), source_size=(3, 2), encoder_layers=2)),
+    ("full", "dmol", dict(source_size=(2, 2), encoder_layers=1, num_classes=2)),
+    ("local1d", "categorical", dict(block_length=4, norm="pre", positional="learned", channels=1, image_size=(4, 5))),
+]
+
+
+@pytest.mark.parametrize("attention,output,extra", VARIANTS)
+def test_no_information_from_the_future(attention, output, extra):
+    torch.manual_seed(0)
+    cfg = tiny(attention, output, **extra)
+    model = ImageTransformer(cfg).eval()
+    x, labels, source = inputs(cfg)
+    base = in_generation_order(model, model(x, labels, source))
+    L = cfg.seq_len
+    per_pos = cfg.channels if output == "categorical" else 1
+    for k in sorted({0, 1, L // 3, L // 2, L - 2, L - 1}):
+        flat = x.clone().view(x.shape[0], L, -1)
+        g = int(model.order[k])
+        flat[:, g] = (flat[:, g] + 77) % 256  # change the sub-pixel (or every channel of the pixel)
+        out = in_generation_order(model, model(flat.view_as(x), labels, source))
+        assert torch.equal(out[:, : k + 1], base[:, : k + 1]), f"position {k} leaked into earlier outputs"
+        if k + 1 < L:  # and the very next position does see it
+            assert not torch.allclose(out[:, k + 1], base[:, k + 1])
+    assert per_pos >= 1
+
+
+@pytest.mark.parametrize("attention,output,extra", VARIANTS)
+def test_fast_attention_equals_dense_reference(attention, output, extra):
+    torch.manual_seed(1)
+    cfg = tiny(attention, output, **extra)
+    model = ImageTransformer(cfg).train()  # dropout is 0: train mode exercises the same paths
+    x, labels, source = inputs(cfg, seed=3)
+    results = []
+    for dense in (False, True):
+        set_dense(model, dense)
+        model.zero_grad()
+        nll = model.nll(x, labels, source)
+        nll.sum().backward()
+        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+        results.append((nll.detach(), grads))
+    (a, ga), (b, gb) = results
+    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
+    assert ga.keys() == gb.keys() and len(ga) > 5
+    for name in ga:
+        scale = float(gb[name].abs().max()) + 1e-12  # float32 summation order differs
+        err = float((ga[name] - gb[name]).abs().max())
+        assert err <= 5e-5 * scale, f"{name}: gradient differs by {err:.3g} (scale {scale:.3g})"
+
+
+def test_dense_masks_follow_the_published_geometry():
+    # local 1D, lq 256 over 32x32x3: every query sees at most 512 keys, block 0 only itself
+    cfg = ModelConfig(image_size=(32, 32), channels=3, attention="local1d", block_length=256)
+    mask = make_layout(cfg).dense_mask(cfg)
+    counts = mask.sum(1)
+    assert counts.max() == 512 and counts[255] == 256 and counts[256] == 257 and counts[511] == 512
+    # local 2D, query (8, 16), flange (8, 16): the last query of an interior block sees 640 keys
+    cfg = ModelConfig(image_size=(32, 32), channels=3, attention="local2d", query_shape=(8, 16), memory_flange=(8, 16))
+    lay = make_layout(cfg)
+    mask = lay.dense_mask(cfg)
+    nbw = lay.padded_grid[1] // 16
+    interior_block = 1 * nbw + 2
+    last_query = interior_block * 128 + 127
+    assert int(mask[last_query].sum()) == 8 * 48 + 8 * 16 + 128
+    # the fast path's windows describe exactly the same pattern, key for key
+    assert torch.equal(windows_as_dense(lay), mask)
+
+
+def windows_as_dense(lay):
+    """Map the local2d window mask back to (Lp, Lp) internal indices."""
+    qh, qw = lay.query_shape
+    fh, fw = lay.flange
+    Hp, Wp = lay.padded_grid
+    kh, kw = fh + qh, qw + 2 * fw
+    nbw = Wp // qw
+    dense = torch.zeros(lay.internal_len, lay.internal_len, dtype=torch.bool)
+    grid_to_internal = torch.full((Hp, Wp), -1, dtype=torch.long)
+    grid_to_internal[lay.row_of, lay.col_of] = torch.arange(lay.internal_len)
+    for blk in range(lay.num_blocks):
+        bi, bj = divmod(blk, nbw)
+        r = bi * qh - fh + torch.arange(kh)[:, None].expand(kh, kw).reshape(-1)
+        c = bj * qw - fw + torch.arange(kw)[None, :].expand(kh, kw).reshape(-1)
+        inside = (r >= 0) & (r < Hp) & (c >= 0) & (c < Wp)
+        keys = grid_to_internal[r.clamp(0, Hp - 1), c.clamp(0, Wp - 1)]
+        m = lay.window_mask[blk] & inside[None, :]
+        queries = blk * lay.block + torch.arange(lay.block)
+        for qi in range(lay.block):
+            dense[queries[qi], keys[m[qi]]] = True
+    return dense
+
+
+@pytest.mark.parametrize("extra", [p[1] for p in PATTERNS if p[0] == "local2d"])
+def test_local2d_windows_equal_the_dense_definition(extra):
+    cfg = tiny("local2d", image_size=(7, 5), **extra)
+    lay = make_layout(cfg)
+    assert torch.equal(windows_as_dense(lay), lay.dense_mask(cfg))
+
+
+def test_generation_order_is_block_raster_for_local2d():
+    cfg = tiny("local2d", image_size=(4, 2), channels=1, query_shape=(2, 1), memory_flange=(0, 0))
+    # grid 4x2, blocks of 2 rows x 1 column: (0,0),(1,0) | (0,1),(1,1) | (2,0),(3,0) | (2,1),(3,1)
+    assert make_layout(cfg).order.tolist() == [0, 2, 1, 3, 4, 6, 5, 7]
+
+
+def test_uniform_logits_give_exactly_8_bits_per_dim():
+    cfg = tiny("local1d", block_length=4)
+    model = ImageTransformer(cfg)
+    with torch.no_grad():
+        model.head.weight.zero_()
+        model.head.bias.zero_()
+    x, _, _ = inputs(cfg, B=3)
+    bpd = model.nll(x).double() / (cfg.num_dims * math.log(2))
+    torch.testing.assert_close(bpd, torch.full((3,), 8.0, dtype=torch.float64), rtol=0, atol=1e-6)
+
+
+def test_output_shapes_and_dtypes():
+    cfg = tiny("local2d", query_shape=(2, 2), memory_flange=(1, 1))
+    model = ImageTransformer(cfg)
+    x, _, _ = inputs(cfg)
+    assert model(x.to(torch.uint8)).shape == (2, 5, 3, 3, 256)
+    cfg = tiny("local1d", output="dmol", num_mixtures=4)
+    model = ImageTransformer(cfg)
+    out = model(x.to(torch.uint8))
+    assert out.shape == (2, 5, 3, 4 * 10) and out.dtype == torch.float32
+    assert model.nll(x).shape == (2,)
+
+
+def test_activation_checkpointing_gives_the_same_gradients():
+    torch.manual_seed(0)
+    cfg = tiny("local1d", block_length=5)
+    model = ImageTransformer(cfg).train()
+    x, _, _ = inputs(cfg)
+    grads = []
+    for flag in (False, True):
+        model.set_activation_checkpointing(flag)
+        model.zero_grad()
+        model.nll(x).sum().backward()
+        grads.append([p.grad.clone() for p in model.parameters()])
+    for a, b in zip(*grads):
+        torch.testing.assert_close(a, b)
+
+
+def test_config_lists_every_problem():
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(channels=2, attention="local3d", n_heads=3, d_model=512, dropout=1.5)
+    problems = err.value.problems
+    text = " | ".join(problems)
+    assert len(problems) >= 4
+    for needle in ("channels", "attention", "n_heads", "dropout"):
+        assert needle in text
+    with pytest.raises(ConfigError, match="encoder_layers"):
+        ModelConfig(source_size=(8, 8))
+    with pytest.raises(ConfigError, match="unknown key model.depth"):
+        ModelConfig.from_dict({"depth": 3})
+
+
+def test_bad_inputs_name_the_problem():
+    cfg = tiny("local1d", num_classes=3)
+    model = ImageTransformer(cfg)
+    x, labels, _ = inputs(cfg)
+    with pytest.raises(ValueError, match=r"\(B, 5, 3, 3\)"):
+        model(torch.zeros(2, 4, 3, 3, dtype=torch.long), labels)
+    with pytest.raises(ValueError, match=r"\[0, 2\]"):
+        model(x, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="class-conditional"):
+        model(x)
+    with pytest.raises(ValueError, match=r"\[0, 255\]"):
+        model(x + 300, labels)
+    with pytest.raises(ValueError, match="integer"):
+        model(x.float(), labels)
+    with pytest.raises(ValueError, match="source"):
+        model(x, labels, source=x)
+
+
+def test_config_round_trips_through_a_dict():
+    cfg = tiny("local2d", query_shape=(2, 4), memory_flange=(1, 3), source_size=(2, 1), encoder_layers=1)
+    again = ModelConfig.from_dict(cfg.to_dict())
+    assert again == cfg
