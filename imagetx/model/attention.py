@@ -19,15 +19,29 @@ def _sdpa(q, k, v, mask=None, dropout=0.0, causal=False):
     return F.scaled_dot_product_attention(q, k, v, attn_mask=mask, dropout_p=dropout, is_causal=causal)
 
 
+def window_bias(window_mask: torch.Tensor, n_heads: int, dtype=torch.float32) -> torch.Tensor:
+    """bool (blocks, block, window) -> additive mask (1, heads * blocks, block, window) of 0 / -inf."""
+    nb, lq, nk = window_mask.shape
+    bias = torch.zeros(window_mask.shape, dtype=dtype).masked_fill(~window_mask, float("-inf"))
+    return bias.unsqueeze(0).expand(n_heads, nb, lq, nk).reshape(1, n_heads * nb, lq, nk)
+
+
 def local1d_windows(t: torch.Tensor, block: int, num_blocks: int) -> torch.Tensor:
-    """t (B, h, L, hd) -> windows (B, h, num_blocks, 2*block, hd): [previous block | own block]."""
-    L = t.shape[2]
-    t = F.pad(t, (0, 0, block, num_blocks * block - L))  # (B, h, (nb + 1) * lq, hd)
-    return t.unfold(2, 2 * block, block).transpose(-1, -2)  # (B, h, nb, 2lq, hd)
+    """t (B, h, L, hd) -> windows (B, h * num_blocks, 2 * block, hd): [previous block | own block].
+
+    The windows overlap, so they are one strided view of a single copy of t: window (head j,
+    block b) starts at block j * num_blocks + b - 1 of the flat buffer. Block 0's memory half is
+    the previous head's last block (or the leading zeros): always masked, never read.
+    """
+    B, h, L, hd = t.shape
+    n = block * hd
+    flat = t.new_zeros(B, (h * num_blocks + 1) * n)
+    flat[:, n:].view(B, h, num_blocks * block, hd)[:, :, :L] = t
+    return flat.as_strided((B, h * num_blocks, 2 * block, hd), (flat.stride(0), n, hd, 1))
 
 
 def local2d_windows(t: torch.Tensor, layout: Layout) -> torch.Tensor:
-    """t (B, h, Lp, hd) in block-raster layout -> windows (B, h, num_blocks, kh*kw, hd)."""
+    """t (B, h, Lp, hd) in block-raster layout -> windows (B, h * num_blocks, kh*kw, hd)."""
     B, h, _, hd = t.shape
     qh, qw = layout.query_shape
     fh, fw = layout.flange
@@ -38,7 +52,7 @@ def local2d_windows(t: torch.Tensor, layout: Layout) -> torch.Tensor:
     g = F.pad(g, (0, 0, fw, fw, fh, 0))  # (B, h, fh + Hp, Wp + 2fw, hd)
     w = g.unfold(2, fh + qh, qh).unfold(3, qw + 2 * fw, qw)  # (B, h, nbh, nbw, hd, kh, kw)
     w = w.permute(0, 1, 2, 3, 5, 6, 4)  # (B, h, nbh, nbw, kh, kw, hd)
-    return w.reshape(B, h, nbh * nbw, (fh + qh) * (qw + 2 * fw), hd)
+    return w.reshape(B, h * nbh * nbw, (fh + qh) * (qw + 2 * fw), hd)
 
 
 class Attention(nn.Module):
@@ -63,8 +77,6 @@ class Attention(nn.Module):
         else:
             self.qkv = nn.Linear(d, 3 * a, bias=False)
         self.out = nn.Linear(a, d, bias=False)
-        if layout is not None and layout.window_mask is not None:
-            self.register_buffer("window_mask", layout.window_mask, persistent=False)
         self._mask_config = config
         self._dense = None
 
@@ -72,8 +84,12 @@ class Attention(nn.Module):
         B, L, _ = t.shape
         return t.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, h, L, hd)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
-        """x float (B, Lp, d) in internal layout -> (B, Lp, d)."""
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+        """x float (B, Lp, d) in internal layout -> (B, Lp, d).
+
+        memory: encoder output (B, S, d) for cross-attention. bias: the local patterns' additive
+        window mask (1, heads * blocks, block, window), shared by all layers (see window_bias).
+        """
         B, L, _ = x.shape
         if self.kind == "cross":
             q = self._heads(self.q(x))
@@ -88,22 +104,24 @@ class Attention(nn.Module):
         elif self.kind == "full":
             o = _sdpa(q, k, v, dropout=p, causal=True)
         else:
-            o = self._blocked(q, k, v, p)
+            o = self._blocked(q, k, v, p, bias)
         o = o.transpose(1, 2).reshape(B, L, -1)  # (B, L, h*hd)
         return self.out(o)
 
-    def _blocked(self, q, k, v, p):
+    def _blocked(self, q, k, v, p, bias):
         lay = self.layout
         B, h, L, hd = q.shape
         nb, lq = lay.num_blocks, lay.block
         if self.kind == "local1d":
             kw, vw = local1d_windows(k, lq, nb), local1d_windows(v, lq, nb)
-            qb = F.pad(q, (0, 0, 0, nb * lq - L)).view(B, h, nb, lq, hd)
+            q = F.pad(q, (0, 0, 0, nb * lq - L))
         else:
             kw, vw = local2d_windows(k, lay), local2d_windows(v, lay)
-            qb = q.view(B, h, nb, lq, hd)
-        o = _sdpa(qb, kw, vw, mask=self.window_mask, dropout=p)  # (B, h, nb, lq, hd)
-        return o.reshape(B, h, nb * lq, hd)[:, :, :L]
+        # Heads and blocks share one batch dimension: 4D inputs with a 4D mask take the fused
+        # (flash) kernel on CPU, which keeps no (query x key) probabilities for the backward.
+        q = q.reshape(B, h * nb, lq, hd)
+        o = _sdpa(q, kw, vw, mask=bias, dropout=p)  # (B, h*nb, lq, hd)
+        return o.view(B, h, nb * lq, hd)[:, :, :L]
 
     def dense_mask(self) -> torch.Tensor:
         if self._dense is None:

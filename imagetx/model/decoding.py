@@ -119,9 +119,9 @@ class IncrementalDecoder:
             if cfg.attention == "full":
                 cache = FullCache(batch, h, hd, self.layout, like)
             elif cfg.attention == "local1d":
-                cache = Local1DCache(batch, h, hd, self.layout, like, attn.window_mask)
+                cache = Local1DCache(batch, h, hd, self.layout, like, model.window_mask)
             else:
-                cache = Local2DCache(batch, h, hd, self.layout, like, attn.window_mask)
+                cache = Local2DCache(batch, h, hd, self.layout, like, model.window_mask)
             self.caches.append(cache)
             if block.cross is not None:
                 k, v = block.cross.kv(memory).chunk(2, dim=-1)

@@ -10,7 +10,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from imagetx.model import dmol
-from imagetx.model.attention import Attention
+from imagetx.model.attention import Attention, window_bias
 from imagetx.model.config import ModelConfig
 from imagetx.model.layout import Layout, make_layout
 
@@ -77,8 +77,8 @@ class Block(nn.Module):
             return x + self.drop(fn(norm(x)))
         return norm(x + self.drop(fn(x)))
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.residual(x, self.attn, self.norm_attn)
+    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+        x = self.residual(x, lambda t: self.attn(t, bias=bias), self.norm_attn)
         if self.cross is not None:
             x = self.residual(x, lambda t: self.cross(t, memory), self.norm_cross)
         return self.residual(x, self.ffn, self.norm_ffn)
@@ -161,6 +161,9 @@ class ImageTransformer(nn.Module):
         )
         self.final_norm = nn.LayerNorm(d) if config.norm == "pre" else nn.Identity()
         self.activation_checkpointing = False
+        if layout.window_mask is not None:
+            self.register_buffer("window_mask", layout.window_mask, persistent=False)
+        self._bias_cache: dict = {}
 
     # ---- helpers ----------------------------------------------------------------------------
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
@@ -221,6 +224,15 @@ class ImageTransformer(nn.Module):
         elif source is not None:
             raise ValueError("this model has no encoder (source_size unset): do not pass a source")
 
+    def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
+        """The local patterns' additive mask, built once per device and dtype, shared by all layers."""
+        if self.layout.window_mask is None:
+            return None
+        key = (self.window_mask.device, dtype)
+        if key not in self._bias_cache:
+            self._bias_cache = {key: window_bias(self.window_mask, self.config.n_heads, dtype)}
+        return self._bias_cache[key]
+
     def condition(self, labels=None, source=None):
         """-> (class embedding (B, 1, d) or None, encoder memory (B, S, d) or None)."""
         cls = self.class_embed(labels.long())[:, None, :] if self.class_embed is not None else None
@@ -260,11 +272,14 @@ class ImageTransformer(nn.Module):
         if cls is not None:
             h = h + cls
         h = self.drop(h)
+        device = h.device.type
+        compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
+        bias = self.attention_bias(compute_dtype)
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
-                h = checkpoint(block, h, memory, use_reentrant=False)
+                h = checkpoint(block, h, memory, bias, use_reentrant=False)
             else:
-                h = block(h, memory)
+                h = block(h, memory, bias)
         h = self.final_norm(h)
         if not self.identity_layout:
             h = h[:, self.grid_to_internal]  # (B, L, d) grid order
