@@ -26,18 +26,36 @@ def window_bias(window_mask: torch.Tensor, n_heads: int, dtype=torch.float32) ->
     return bias.unsqueeze(0).expand(n_heads, nb, lq, nk).reshape(1, n_heads * nb, lq, nk)
 
 
-def local1d_windows(t: torch.Tensor, block: int, num_blocks: int) -> torch.Tensor:
-    """t (B, h, L, hd) -> windows (B, h * num_blocks, 2 * block, hd): [previous block | own block].
+class _Local1DWindows(torch.autograd.Function):
+    """t (B, h, L, hd) -> windows (B, h * nb, 2 * lq, hd): [previous block | own block].
 
     The windows overlap, so they are one strided view of a single copy of t: window (head j,
-    block b) starts at block j * num_blocks + b - 1 of the flat buffer. Block 0's memory half is
-    the previous head's last block (or the leading zeros): always masked, never read.
+    block b) starts at block j * nb + b - 1 of a flat buffer with one leading block of zeros.
+    Block 0's memory half is the previous head's last block (or the zeros): always masked.
+    The backward adds the two halves' gradients back (autograd's generic as_strided backward
+    does the same with index arithmetic, several times slower).
     """
-    B, h, L, hd = t.shape
-    n = block * hd
-    flat = t.new_zeros(B, (h * num_blocks + 1) * n)
-    flat[:, n:].view(B, h, num_blocks * block, hd)[:, :, :L] = t
-    return flat.as_strided((B, h * num_blocks, 2 * block, hd), (flat.stride(0), n, hd, 1))
+
+    @staticmethod
+    def forward(ctx, t, lq: int, nb: int):
+        B, h, L, hd = t.shape
+        ctx.shape = t.shape
+        flat = t.new_zeros(B, h * nb + 1, lq, hd)
+        flat[:, 1:].view(B, h, nb * lq, hd)[:, :, :L] = t
+        return flat.as_strided((B, h * nb, 2 * lq, hd), (flat.stride(0), lq * hd, hd, 1))
+
+    @staticmethod
+    def backward(ctx, grad):
+        B, h, L, hd = ctx.shape
+        lq = grad.shape[2] // 2
+        g = grad[:, :, lq:].clone(memory_format=torch.contiguous_format)  # (B, h*nb, lq, hd): block m as its own window's block
+        g[:, :-1] += grad[:, 1:, :lq]  # block m as the memory half of window m + 1
+        return g.view(B, h, -1, hd)[:, :, :L], None, None
+
+
+def local1d_windows(t: torch.Tensor, block: int, num_blocks: int) -> torch.Tensor:
+    """t (B, h, L, hd) -> windows (B, h * num_blocks, 2 * block, hd), see _Local1DWindows."""
+    return _Local1DWindows.apply(t, block, num_blocks)
 
 
 def local2d_windows(t: torch.Tensor, layout: Layout) -> torch.Tensor:

@@ -12,6 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from imagetx.model import dmol
 from imagetx.model.attention import Attention, window_bias
 from imagetx.model.config import ModelConfig
+from imagetx.model.layers import residual_dropout_layer_norm
 from imagetx.model.layout import Layout, make_layout
 
 
@@ -75,7 +76,7 @@ class Block(nn.Module):
     def residual(self, x, fn, norm):
         if self.pre_norm:
             return x + self.drop(fn(norm(x)))
-        return norm(x + self.drop(fn(x)))
+        return residual_dropout_layer_norm(x, fn(x), norm, self.drop.p, self.training)
 
     def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
         x = self.residual(x, lambda t: self.attn(t, bias=bias), self.norm_attn)
