@@ -132,7 +132,8 @@ class Attention(nn.Module):
         nb, lq = lay.num_blocks, lay.block
         if self.kind == "local1d":
             kw, vw = local1d_windows(k, lq, nb), local1d_windows(v, lq, nb)
-            q = F.pad(q, (0, 0, 0, nb * lq - L))
+            if nb * lq != L:
+                q = F.pad(q, (0, 0, 0, nb * lq - L))
         else:
             kw, vw = local2d_windows(k, lay), local2d_windows(v, lay)
         # Heads and blocks share one batch dimension: 4D inputs with a 4D mask take the fused

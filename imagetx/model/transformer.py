@@ -67,7 +67,7 @@ class Block(nn.Module):
         self.pre_norm = config.norm == "pre"
         self.attn = Attention(config, kind, layout)
         self.cross = Attention(config, "cross") if cross else None
-        self.ffn = nn.Sequential(nn.Linear(d, config.d_ff), nn.ReLU(), nn.Linear(config.d_ff, d))
+        self.ffn = nn.Sequential(nn.Linear(d, config.d_ff), nn.ReLU(inplace=True), nn.Linear(config.d_ff, d))
         self.norm_attn = nn.LayerNorm(d)
         self.norm_cross = nn.LayerNorm(d) if cross else None
         self.norm_ffn = nn.LayerNorm(d)

@@ -1,0 +1,124 @@
+"""Sampling speed at the published CIFAR-10 config (38M parameters, local 1D, block 256).
+
+Reports, in one run on this machine:
+- milliseconds per sub-pixel of the cached decoder at batch 1 and batch 16;
+- the same step's roofline time from this machine's own measured memory bandwidth and matmul
+  peak (weights read once per step; 2 FLOPs per weight per image plus the attention over the
+  keys in the cache), and measured / roofline;
+- the full-recompute reference path (`use_cache=False`, what the reference implementation does
+  for every sub-pixel), timed on a prefix of steps, and its ratio to the cached decoder.
+- optionally (--sizes) per sub-pixel time at 32x32x3 vs 64x64x3 for local 1D and local 2D.
+
+    python benchmarks/sampling.py [--steps 256] [--slow-steps 3] [--sizes]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import matmul_peak_gflops, memory_bandwidth_gbs  # noqa: E402
+
+
+def cached_ms_per_step(model, batch: int, steps: int, start: int = 0) -> float:
+    """Median-free honest timing: total time of `steps` consecutive decoder steps / steps."""
+    from imagetx.model.decoding import IncrementalDecoder
+
+    with torch.inference_mode():
+        dec = IncrementalDecoder(model, batch)
+        prev = None
+        for k in range(start):  # reach the measured region (e.g. past the first block)
+            prev = dec.step(k, prev).argmax(-1)
+        for k in range(start, start + 8):  # warm up
+            prev = dec.step(k, prev).argmax(-1)
+        t = time.perf_counter()
+        for k in range(start + 8, start + 8 + steps):
+            prev = dec.step(k, prev).argmax(-1)
+        return 1000 * (time.perf_counter() - t) / steps
+
+
+def uncached_ms_per_step(model, steps: int, batch: int = 1) -> float:
+    """The reference path: one full forward pass per sampled sub-pixel."""
+    cfg = model.config
+    x = torch.zeros(batch, *cfg.image_size, cfg.channels, dtype=torch.long)
+    with torch.inference_mode():
+        model(x)
+        t = time.perf_counter()
+        for _ in range(steps):
+            model(x)
+        return 1000 * (time.perf_counter() - t) / steps
+
+
+def roofline_ms(model, batch: int, bandwidth_gbs: float, peak_gflops: float) -> dict:
+    cfg = model.config
+    weights = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("embed", "pos", "class_embed")))
+    weight_bytes = 4 * weights
+    keys = 2 * cfg.block_length if cfg.attention == "local1d" else cfg.seq_len
+    flops = batch * (2 * weights + cfg.n_layers * 4 * keys * cfg.attn_dim)
+    cache_bytes = batch * cfg.n_layers * 2 * keys * cfg.attn_dim * 4  # K and V read once
+    t_mem = (weight_bytes + cache_bytes) / (bandwidth_gbs * 1e9)
+    t_flop = flops / (peak_gflops * 1e9)
+    return {"ms": 1000 * max(t_mem, t_flop), "memory_ms": 1000 * t_mem, "compute_ms": 1000 * t_flop,
+            "weight_mb": weight_bytes / 1e6}
+
+
+def main() -> None:
+    from imagetx import ImageTransformer, ModelConfig
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=256, help="cached steps timed per batch size")
+    ap.add_argument("--slow-steps", type=int, default=3, help="full-recompute steps timed")
+    ap.add_argument("--sizes", action="store_true", help="also compare 32x32x3 with 64x64x3")
+    args = ap.parse_args()
+    torch.manual_seed(0)
+    bandwidth = memory_bandwidth_gbs()
+    peak = matmul_peak_gflops()
+    model = ImageTransformer(ModelConfig(dropout=0.0)).eval()  # published CIFAR-10 cat config
+    result: dict = {
+        "config": "cifar10 cat: 12 layers, d 512, 4 heads, d_ff 2048, local1d block 256",
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "torch_threads": torch.get_num_threads(),
+        "memory_bandwidth_gbs": round(bandwidth, 2),
+        "matmul_peak_gflops": round(peak, 1),
+    }
+    for batch in (1, 16):
+        ms = cached_ms_per_step(model, batch, args.steps, start=300)
+        roof = roofline_ms(model, batch, bandwidth, peak)
+        result[f"batch{batch}"] = {
+            "ms_per_subpixel_step": round(ms, 3),
+            "ms_per_image_subpixel": round(ms / batch, 3),
+            "seconds_per_image": round(ms / batch * model.config.seq_len / 1000, 2),
+            "roofline_ms": round(roof["ms"], 3),
+            "roofline_memory_ms": round(roof["memory_ms"], 3),
+            "roofline_compute_ms": round(roof["compute_ms"], 3),
+            "measured_over_roofline": round(ms / roof["ms"], 2),
+        }
+    for batch, steps in ((1, args.slow_steps), (16, 1)):
+        slow = uncached_ms_per_step(model, steps, batch)
+        result[f"batch{batch}"]["uncached_ms_per_subpixel_step"] = round(slow, 1)
+        result[f"batch{batch}"]["cached_speedup"] = round(slow / result[f"batch{batch}"]["ms_per_subpixel_step"], 1)
+    result["reference_dense_gpt_ms_per_subpixel"] = 45.0  # REFERENCE.md section 5, same machine type
+    if args.sizes:
+        sizes = {}
+        for name, extra in {
+            "local1d": dict(attention="local1d", block_length=256),
+            "local2d": dict(attention="local2d", query_shape=(8, 32), memory_flange=(8, 32)),
+        }.items():
+            row = {}
+            for hw in ((32, 32), (64, 64)):
+                m = ImageTransformer(ModelConfig(image_size=hw, dropout=0.0, n_layers=4, **extra)).eval()
+                row[f"{hw[0]}x{hw[1]}x3"] = round(cached_ms_per_step(m, 1, args.steps, start=600), 3)
+            row["ratio"] = round(row["64x64x3"] / row["32x32x3"], 3)
+            sizes[name] = row
+        result["ms_per_step_by_size_4_layers"] = sizes
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,175 @@
+"""`imagetx sample`: draw images from a checkpoint with the cached decoder and write them out."""
+
+from __future__ import annotations
+
+import math
+import os
+import sys
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+from imagetx.checkpoint import load_model
+from imagetx.distributed import select_device
+from imagetx.errors import ConfigError
+from imagetx.images import fit, read_image, save_grid, save_npz, save_png
+
+
+@dataclass
+class SampleRequest:
+    checkpoint: str | os.PathLike
+    num: int = 16
+    temperature: float = 1.0
+    label: int | None = None  # class-conditional models: one class for all; None = a balanced spread
+    seed: int = 0
+    batch_size: int = 16
+    device: str = "auto"
+    out: str | os.PathLike | None = "samples.png"  # grid PNG
+    individual: str | os.PathLike | None = None  # directory: one PNG per image
+    npz: str | os.PathLike | None = None  # uint8 (N, H, W, C) under "arr_0"
+    prime: str | os.PathLike | None = None  # image whose top rows are kept
+    prime_rows: int | None = None  # default: half the image
+    use_cache: bool = True
+    progress: bool = True
+
+
+def _notify(message: str) -> None:
+    print(f"note: {message}", file=sys.stderr)
+
+
+def _check_request(req: SampleRequest) -> None:
+    problems = []
+    if not isinstance(req.num, int) or req.num < 1:
+        problems.append(f"--num must be >= 1, got {req.num}")
+    if not isinstance(req.batch_size, int) or req.batch_size < 1:
+        problems.append(f"--batch-size must be >= 1, got {req.batch_size}")
+    if not isinstance(req.temperature, (int, float)) or math.isnan(req.temperature) or req.temperature < 0:
+        problems.append(f"--temperature must be >= 0 (0 = greedy), got {req.temperature}")
+    if req.out is None and req.individual is None and req.npz is None:
+        problems.append("nothing to write: give --out, --individual or --npz")
+    if req.prime_rows is not None and req.prime is None:
+        problems.append("--prime-rows needs --prime IMAGE")
+    if problems:
+        raise ConfigError(problems)
+
+
+def _check_writable(req: SampleRequest) -> None:
+    """Fail before sampling, not after, when an output cannot be written."""
+    targets = [Path(p).parent for p in (req.out, req.npz) if p is not None]
+    if req.individual is not None:
+        d = Path(req.individual)
+        if d.exists() and not d.is_dir():
+            raise ConfigError([f"--individual {d} exists and is not a directory"])
+        targets.append(d if d.exists() else d.parent)
+    for t in targets:
+        t = t if str(t) else Path(".")
+        if not t.exists():
+            raise ConfigError([f"output directory {t} does not exist; create it first"])
+        if not os.access(t, os.W_OK):
+            raise ConfigError([f"output directory {t} is not writable"])
+
+
+def labels_for(model, n: int, label: int | None) -> torch.Tensor | None:
+    """Labels for n images: the given class for all, or a balanced spread over the classes."""
+    k = model.config.num_classes
+    if not k:
+        if label is not None:
+            raise ConfigError(["--label given, but this model is unconditional (trained without classes)"])
+        return None
+    if label is None:
+        return torch.arange(n) % k
+    if not 0 <= label < k:
+        raise ConfigError([f"--label must be in [0, {k - 1}] for this model, got {label}"])
+    return torch.full((n,), label, dtype=torch.long)
+
+
+def prime_tensors(model, path, rows: int | None, n: int):
+    """Read a prime image (converted and resized to the model's format, with a notice) and the
+    mask keeping its top `rows` rows: uint8 (n, H, W, C) and bool of the same shape."""
+    cfg = model.config
+    H, W = cfg.image_size
+    image, notices = read_image(path, cfg.channels)
+    for note in notices:
+        _notify(note)
+    if tuple(image.shape[:2]) != (H, W):
+        _notify(f"{Path(path).name}: {image.shape[0]}x{image.shape[1]} centre-cropped and resized to {H}x{W}")
+        image = fit(image, (H, W))
+    rows = H // 2 if rows is None else rows
+    if not 1 <= rows < H:
+        raise ConfigError([f"--prime-rows must be in [1, {H - 1}] for {H}-row images, got {rows}"])
+    prime = image.expand(n, H, W, cfg.channels).clone()
+    mask = torch.zeros_like(prime, dtype=torch.bool)
+    mask[:, :rows] = True
+    return prime, mask
+
+
+def run(req: SampleRequest) -> dict:
+    """Sample req.num images and write them; returns a summary (paths, timing)."""
+    from tqdm import tqdm
+
+    _check_request(req)
+    _check_writable(req)
+    device = select_device(req.device)
+    model = load_model(req.checkpoint, device=device)
+    cfg = model.config
+    if cfg.source_size is not None:
+        raise ConfigError(["this is a super-resolution model: use `imagetx superres` with low-resolution inputs"])
+    labels = labels_for(model, req.num, req.label)
+    prime = mask = None
+    if req.prime is not None:
+        prime, mask = prime_tensors(model, req.prime, req.prime_rows, req.num)
+    generator = torch.Generator(device=device).manual_seed(req.seed)
+    batches = [range(i, min(i + req.batch_size, req.num)) for i in range(0, req.num, req.batch_size)]
+    bar = tqdm(total=len(batches) * cfg.seq_len, unit="pos", desc="sampling", file=sys.stderr,
+               disable=not req.progress, dynamic_ncols=True)
+    images = []
+    start = time.perf_counter()
+    try:
+        for idx in batches:
+            sl = slice(idx.start, idx.stop)
+            out = model.sample(
+                len(idx),
+                labels=None if labels is None else labels[sl].to(device),
+                temperature=float(req.temperature),
+                generator=generator,
+                use_cache=req.use_cache,
+                prime=None if prime is None else prime[sl],
+                prime_mask=None if mask is None else mask[sl],
+                progress=lambda done, total: bar.update(1),
+            )
+            images.append(out.cpu())
+    finally:
+        bar.close()
+    seconds = time.perf_counter() - start
+    images = torch.cat(images)
+    written = []
+    # Everything is sampled before anything is written, and each file is written atomically.
+    if req.out is not None:
+        written.append(str(save_grid(images, req.out, scale=_scale(cfg.image_size))))
+    if req.individual is not None:
+        d = Path(req.individual)
+        d.mkdir(parents=True, exist_ok=True)
+        width = len(str(req.num - 1))
+        for i, image in enumerate(images):
+            written.append(str(save_png(image, d / f"sample-{i:0{width}d}.png")))
+    if req.npz is not None:
+        written.append(str(save_npz(images, req.npz)))
+    return {
+        "checkpoint": str(req.checkpoint),
+        "images": int(images.shape[0]),
+        "image_size": list(cfg.image_size),
+        "channels": cfg.channels,
+        "temperature": float(req.temperature),
+        "seed": req.seed,
+        "labels": None if labels is None else labels.tolist(),
+        "seconds": round(seconds, 3),
+        "ms_per_position": round(1000 * seconds / (len(batches) * cfg.seq_len), 4),
+        "written": written,
+    }
+
+
+def _scale(size: tuple[int, int]) -> int:
+    """Enlarge small images in grids so they can be seen (16x16 -> 4x, 32x32 -> 2x)."""
+    return max(1, 64 // max(size))
