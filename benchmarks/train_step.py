@@ -1,0 +1,84 @@
+"""A training step at the published CIFAR-10 config: seconds, peak memory, model FLOPs utilization.
+
+12 layers, d 512, 4 heads, d_ff 2048, local 1D block 256 (512 keys), dropout 0.3, batch 4, Adam.
+Model FLOPs per step = 6 x non-embedding parameters x sub-pixels
+                     + 12 x layers x d x (keys each query may see) x sub-pixels,
+utilization = model FLOPs / seconds / the machine's own fp32 matmul peak, measured in the same run
+(before and after the steps; the higher is used). Peak memory is the process's peak resident set.
+
+    python benchmarks/train_step.py [--steps 3] [--batch 4] [--checkpointing]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+import time
+
+import torch
+
+sys.path.insert(0, os.path.dirname(__file__))
+from common import matmul_peak_gflops, peak_rss_mb  # noqa: E402
+
+
+def main() -> None:
+    from imagetx import ImageTransformer, ModelConfig
+    from imagetx.memory import use_mmap_for_large_tensors
+
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--batch", type=int, default=4)
+    ap.add_argument("--layers", type=int, default=12)
+    ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing on")
+    args = ap.parse_args()
+    use_mmap_for_large_tensors()  # as `imagetx train` does: resident memory = live tensors
+    torch.manual_seed(0)
+    peak_before = matmul_peak_gflops()
+    cfg = ModelConfig(n_layers=args.layers)  # defaults = the published CIFAR-10 cat config
+    model = ImageTransformer(cfg).train()
+    model.set_activation_checkpointing(args.checkpointing)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=True)
+    x = torch.randint(0, 256, (args.batch, *cfg.image_size, cfg.channels))
+    tokens = args.batch * cfg.seq_len
+    keys = 2 * cfg.block_length
+    non_embedding = cfg.non_embedding_params() + model.head.weight.numel()
+    model_flops = 6 * non_embedding * tokens + 12 * cfg.n_layers * cfg.d_model * keys * tokens
+
+    def step():
+        loss = model.nll(x).mean() / (cfg.num_dims * 0.6931471805599453)
+        loss.backward()
+        opt.step()
+        opt.zero_grad(set_to_none=True)
+
+    step()  # warm-up (allocations, Adam state)
+    times = []
+    for _ in range(args.steps):
+        t = time.perf_counter()
+        step()
+        times.append(time.perf_counter() - t)
+    peak_after = matmul_peak_gflops()
+    peak = max(peak_before, peak_after)
+    best = min(times)
+    result = {
+        "config": f"cifar10 cat: {cfg.n_layers} layers, d {cfg.d_model}, {cfg.n_heads} heads, d_ff {cfg.d_ff}, "
+        f"local1d block {cfg.block_length}, dropout {cfg.dropout}, batch {args.batch}",
+        "activation_checkpointing": args.checkpointing,
+        "parameters": sum(p.numel() for p in model.parameters()),
+        "non_embedding_parameters": non_embedding,
+        "torch_threads": torch.get_num_threads(),
+        "seconds_per_step": [round(t, 2) for t in times],
+        "best_seconds_per_step": round(best, 2),
+        "model_tflops_per_step": round(model_flops / 1e12, 3),
+        "achieved_gflops": round(model_flops / best / 1e9, 1),
+        "matmul_peak_gflops": [round(peak_before, 1), round(peak_after, 1)],
+        "mfu": round(model_flops / best / 1e9 / peak, 3),
+        "peak_rss_gb": round(peak_rss_mb() / 1024, 2),
+        "reference_port": {"seconds_per_step": 31, "peak_gb": 14, "mfu": 0.66},
+    }
+    print(json.dumps(result, indent=2))
+
+
+if __name__ == "__main__":
+    main()

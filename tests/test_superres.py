@@ -1,0 +1,201 @@
+"""`imagetx superres`: file and data set inputs, outputs, metrics checked against direct
+computations, and bad inputs that fail cleanly (or are skipped, in a directory)."""
+
+import math
+
+import numpy as np
+import pytest
+import torch
+from PIL import Image
+
+from imagetx import ImageTransformer
+from imagetx.checkpoint import make_checkpoint, save_checkpoint
+from imagetx.data.transforms import area_downsample
+from imagetx.errors import ConfigError, RunError
+from imagetx.superres import (
+    PSNR_CAP,
+    LowRes,
+    SuperResRequest,
+    compute_metrics,
+    consistency,
+    psnr,
+    run,
+    upscale,
+)
+
+from test_model import tiny
+
+SR = dict(attention="local1d", block_length=16, image_size=(4, 4), source_size=(2, 2), encoder_layers=1)
+
+
+def write_checkpoint(tmp_path, data=None, **kw):
+    torch.manual_seed(0)
+    cfg = tiny(**{**SR, **kw})
+    model = ImageTransformer(cfg).eval()
+    config = {"model": cfg.to_dict(), **({"data": data} if data else {})}
+    return save_checkpoint(tmp_path / "run", make_checkpoint(model=model, config=config, step=1)), model
+
+
+def rgb(h, w, seed=0):
+    return np.random.default_rng(seed).integers(0, 256, (h, w, 3), dtype=np.uint8)
+
+
+def png(path, array, mode=None):
+    Image.fromarray(array, mode).save(path)
+    return path
+
+
+def read_png(path):
+    return torch.from_numpy(np.asarray(Image.open(path)).copy())
+
+
+def test_directory_processes_good_images_and_lists_failures(tmp_path, capsys):
+    path, _ = write_checkpoint(tmp_path)
+    d = tmp_path / "in"
+    d.mkdir()
+    png(d / "a.png", rgb(2, 2))
+    png(d / "a.bmp", rgb(2, 2, seed=3))  # the same stem: both names get their suffix
+    png(d / "b.png", rgb(6, 4, seed=1))  # another size: centre-cropped to 4x4, area-resized to 2x2
+    png(d / "c.png", rgb(2, 2, seed=2)[..., 0], "L")  # grayscale for an RGB model
+    (d / "corrupt.png").write_bytes((d / "a.png").read_bytes()[:30])  # truncated
+    png(d / "small.png", rgb(1, 3))  # smaller than the 2x2 source size
+    out = tmp_path / "out"
+    summary = run(SuperResRequest(path, inputs=d, samples=2, seed=1, out=out, progress=False))
+
+    assert summary["inputs"] == ["a-bmp", "a-png", "b", "c"] and summary["samples_per_input"] == 2
+    assert summary["temperature"] == 0.9 and summary["metrics"] is None
+    assert {f["file"] for f in summary["failures"]} == {str(d / "corrupt.png"), str(d / "small.png")}
+    assert all(f["error"] and not f["error"].startswith(str(d)) for f in summary["failures"])
+    names = sorted(p.name for p in out.iterdir())
+    stems = ("a-bmp", "a-png", "b", "c")
+    assert names == sorted(["comparison.png"] + [f"{n}-sample-{k}.png" for n in stems for k in (0, 1)])
+    assert sorted(str(out / n) for n in names) == sorted(summary["written"])
+    assert read_png(out / "a-png-sample-1.png").shape == (4, 4, 3)
+    # 4 rows of (nearest, bicubic, 2 samples), no ground truth; 4x4 images enlarged 16x, padding 2
+    assert Image.open(out / "comparison.png").size == (4 * 66 + 2, 4 * 66 + 2)
+    err = capsys.readouterr().err
+    assert "b.png: 6x4 centre-cropped and area-resized" in err
+    assert "c.png: converted from L to RGB" in err
+    assert "small.png" in err and "smaller than" in err and "2 of 6 inputs skipped" in err
+
+    # the same seed gives the same samples; another seed, others
+    for seed, same in ((1, True), (2, False)):
+        run(SuperResRequest(path, inputs=d, samples=2, seed=seed, out=tmp_path / f"o{seed}", progress=False))
+        again = [(tmp_path / f"o{seed}" / n).read_bytes() for n in names]
+        assert (again == [(out / n).read_bytes() for n in names]) == same
+
+
+def test_one_file_and_class_conditional_models(tmp_path):
+    path, _ = write_checkpoint(tmp_path, num_classes=2)
+    x = png(tmp_path / "x.png", rgb(2, 2))
+    with pytest.raises(ConfigError, match="class-conditional: give --label"):
+        run(SuperResRequest(path, inputs=x, out=tmp_path / "out", progress=False))
+    summary = run(SuperResRequest(path, inputs=x, label=1, samples=3, out=tmp_path / "out", progress=False))
+    assert summary["inputs"] == ["x"] and summary["failures"] == []
+    assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
+        "comparison.png", "x-sample-0.png", "x-sample-1.png", "x-sample-2.png"]
+
+
+def test_bad_inputs_fail_before_writing(tmp_path):
+    path, _ = write_checkpoint(tmp_path)
+    out = tmp_path / "out"
+    empty = tmp_path / "empty"
+    empty.mkdir()
+    (empty / "notes.txt").write_text("not an image")
+    with pytest.raises(ConfigError, match="no image files"):
+        run(SuperResRequest(path, inputs=empty, out=out, progress=False))
+    bad = tmp_path / "bad.png"
+    bad.write_text("not an image")
+    with pytest.raises(RunError, match="bad.png: not a readable image"):
+        run(SuperResRequest(path, inputs=bad, out=out, progress=False))
+    good = png(tmp_path / "good.png", rgb(2, 2))
+    with pytest.raises(ConfigError, match="temperature must be"):
+        run(SuperResRequest(path, inputs=good, temperature=-0.5, out=out, progress=False))
+    with pytest.raises(ConfigError, match="no such file"):
+        run(SuperResRequest(path, inputs=tmp_path / "missing.png", out=out, progress=False))
+    with pytest.raises(ConfigError, match="exactly one"):
+        run(SuperResRequest(path, out=out, progress=False))
+    (tmp_path / "file").write_text("")
+    with pytest.raises(ConfigError, match="not a directory"):
+        run(SuperResRequest(path, inputs=good, out=tmp_path / "file", progress=False))
+    unconditional, _ = write_checkpoint(tmp_path / "u", source_size=None, encoder_layers=0)
+    with pytest.raises(ConfigError, match="this checkpoint is not a super-resolution model"):
+        run(SuperResRequest(unconditional, inputs=good, out=out, progress=False))
+    assert not out.exists()
+
+
+def test_metrics_are_the_direct_computations(tmp_path):
+    g = torch.Generator().manual_seed(0)
+    a = torch.randint(0, 256, (4, 4, 3), generator=g, dtype=torch.uint8)
+    assert psnr(a, a).item() == PSNR_CAP
+    b = a.clone()
+    b[0, 0, 0] = (int(a[0, 0, 0]) + 48) % 256
+    mse = (int(b[0, 0, 0]) - int(a[0, 0, 0])) ** 2 / 48
+    assert psnr(a, b).item() == pytest.approx(10 * math.log10(255**2 / mse))
+    # the ground truth explains its own area-downsampled source exactly; the truth itself scores the cap
+    _, model = write_checkpoint(tmp_path)
+    targets = torch.randint(0, 256, (3, 4, 4, 3), generator=g, dtype=torch.uint8)
+    sources = area_downsample(targets, (2, 2))
+    inputs = [LowRes(f"test-{i:05d}", sources[i], targets[i]) for i in range(3)]
+    m = compute_metrics(model, inputs, targets[:, None], upscale(sources, (4, 4), "bicubic"))
+    assert m["mean"]["consistency"] == 0.0 and m["mean"]["psnr"] == PSNR_CAP
+    assert consistency(targets[:, None], sources.flip(1)).mean() > 0
+
+
+def test_dataset_inputs_report_matches_direct_computations(tmp_path, monkeypatch):
+    data = {"name": "fake", "task": "superres", "celeba_protocol": True}
+    path, model = write_checkpoint(tmp_path, data=data)
+    g = torch.Generator().manual_seed(1)
+    targets = torch.randint(0, 256, (3, 4, 4, 3), generator=g, dtype=torch.uint8)
+    sources = area_downsample(targets, (2, 2))
+    seen = {}
+
+    def fake_dataset_for(cfg, data, split, download=None):
+        seen.update(name=data.name, split=split, celeba=data.celeba_protocol)
+        return [(targets[i], sources[i], -1) for i in range(len(targets))]
+
+    monkeypatch.setattr("imagetx.evaluate.dataset_for", fake_dataset_for)
+    out = tmp_path / "out"
+    summary = run(SuperResRequest(path, dataset="fake", num=2, samples=2, report=True, out=out, progress=False))
+    assert seen == {"name": "fake", "split": "test", "celeba": True}  # the checkpoint's protocol
+    assert summary["inputs"] == ["test-00000", "test-00001"]
+    # a fifth column: the ground truth
+    assert Image.open(out / "comparison.png").size == (5 * 66 + 2, 2 * 66 + 2)
+
+    m = summary["metrics"]
+    with torch.no_grad():
+        nll = model.nll(targets[:2], source=sources[:2])
+    bpd = (nll / (4 * 4 * 3 * math.log(2))).tolist()
+    samples = torch.stack([torch.stack([read_png(out / f"test-0000{i}-sample-{k}.png") for k in range(2)])
+                           for i in range(2)])  # (2, 2, 4, 4, 3)
+    bicubic = [np.array(Image.fromarray(sources[i].numpy()).resize((4, 4), Image.Resampling.BICUBIC))
+               for i in range(2)]
+    for i, row in enumerate(m["per_input"]):
+        assert row["bpd"] == pytest.approx(bpd[i], rel=1e-5)
+        small = area_downsample(samples[i], (2, 2)).double()
+        assert row["consistency"] == pytest.approx((small - sources[i].double()).abs().mean().item())
+        mse = ((samples[i].double() - targets[i].double()) ** 2).flatten(1).mean(1)
+        each = (10 * torch.log10(255**2 / mse)).tolist()
+        assert row["psnr_samples"] == pytest.approx(each) and row["psnr"] == pytest.approx(sum(each) / 2)
+        mse_b = ((torch.from_numpy(bicubic[i]).double() - targets[i].double()) ** 2).mean().item()
+        assert row["psnr_bicubic"] == pytest.approx(10 * math.log10(255**2 / mse_b))
+    assert m["mean"]["bpd"] == pytest.approx(sum(bpd) / 2, rel=1e-5)
+    assert m["mean"]["consistency"] == pytest.approx(sum(r["consistency"] for r in m["per_input"]) / 2)
+
+    # file inputs: no ground truth, so only the consistency error
+    png(tmp_path / "x.png", rgb(2, 2))
+    summary = run(SuperResRequest(path, inputs=tmp_path / "x.png", report=True, out=out, progress=False))
+    row = summary["metrics"]["per_input"][0]
+    assert row["bpd"] is None and row["psnr"] is None and row["psnr_bicubic"] is None
+    assert 0 <= row["consistency"] <= 255
+
+
+def test_builtin_dataset_end_to_end(tmp_path):
+    data = pytest.importorskip("imagetx.data")
+    if not hasattr(data, "load_dataset"):
+        pytest.skip("imagetx.data.load_dataset is not available")
+    path, _ = write_checkpoint(tmp_path, data={"name": "builtin", "task": "superres", "builtin_size": 4},
+                               image_size=(8, 8), source_size=(2, 2))
+    summary = run(SuperResRequest(path, dataset="builtin", num=2, report=True, out=tmp_path / "out", progress=False))
+    assert summary["inputs"] == ["test-00000", "test-00001"]
+    assert all(r["bpd"] > 0 and r["psnr_bicubic"] > 0 for r in summary["metrics"]["per_input"])
