@@ -12,11 +12,12 @@ import torch
 from PIL import Image, UnidentifiedImageError
 
 from imagetx.checkpoint import atomic_write
+from imagetx.errors import RunError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 
 
-class ImageFileError(RuntimeError):
+class ImageFileError(RunError):
     """An input image that cannot be used; the message names the file and the problem."""
 
 
@@ -89,24 +90,13 @@ def read_image(path: str | os.PathLike, channels: int) -> tuple[torch.Tensor, li
 
 
 def fit(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """uint8 (H, W, C) -> (h, w, C): centre-crop to the target aspect ratio, then area-resize
-    (Pillow's BOX filter averages whole pixels, as area interpolation does)."""
-    H, W, C = image.shape
-    h, w = size
-    if (H, W) == (h, w):
+    """uint8 (H, W, C) -> (h, w, C): centre-crop to the target aspect ratio, then resize (area
+    averaging when shrinking), as the folder and CelebA readers do."""
+    from imagetx.data.transforms import center_crop_to_aspect, resize_images
+
+    if tuple(image.shape[:2]) == tuple(size):
         return image
-    # the largest centred crop with the target aspect ratio
-    if H * w > W * h:
-        ch, cw = max(1, round(W * h / w)), W
-    else:
-        ch, cw = H, max(1, round(H * w / h))
-    top, left = (H - ch) // 2, (W - cw) // 2
-    crop = image[top : top + ch, left : left + cw]
-    pil = to_pil(crop).resize((w, h), Image.Resampling.BOX)
-    array = np.asarray(pil, dtype=np.uint8)
-    if array.ndim == 2:
-        array = array[..., None]
-    return torch.from_numpy(array.copy())
+    return resize_images(center_crop_to_aspect(image, size)[None].contiguous(), size)[0]
 
 
 def list_images(directory: str | os.PathLike) -> list[Path]:

@@ -7,6 +7,7 @@ from PIL import Image
 
 from imagetx import ImageTransformer
 from imagetx.checkpoint import make_checkpoint, save_checkpoint
+from imagetx.data import area_downsample
 from imagetx.errors import CheckpointError, ConfigError
 from imagetx.images import ImageFileError
 from imagetx.sample import SampleRequest, run
@@ -57,7 +58,8 @@ def test_prime_keeps_top_rows_and_converts_mode(tmp_path):
     run(SampleRequest(path, num=3, prime=tmp_path / "prime.png", prime_rows=2, out=None,
                       npz=tmp_path / "p.npz", progress=False))
     arr = np.load(tmp_path / "p.npz")["arr_0"]
-    expected = np.asarray(Image.fromarray(rgba, "RGBA").convert("RGB").resize((3, 5), Image.Resampling.BOX))
+    rgb = torch.from_numpy(np.asarray(Image.fromarray(rgba, "RGBA").convert("RGB")).copy())
+    expected = area_downsample(rgb[None], (5, 3))[0].numpy()  # 10x6 -> 5x3: plain 2x2 averages
     assert np.array_equal(arr[:, :2], np.broadcast_to(expected[:2], (3, 2, 3, 3)))
 
 

@@ -191,10 +191,7 @@ def test_dataset_inputs_report_matches_direct_computations(tmp_path, monkeypatch
 
 
 def test_builtin_dataset_end_to_end(tmp_path):
-    data = pytest.importorskip("imagetx.data")
-    if not hasattr(data, "load_dataset"):
-        pytest.skip("imagetx.data.load_dataset is not available")
-    path, _ = write_checkpoint(tmp_path, data={"name": "builtin", "task": "superres", "builtin_size": 4},
+    path, _ = write_checkpoint(tmp_path, data={"name": "builtin", "task": "superres", "builtin_size": 8},
                                image_size=(8, 8), source_size=(2, 2))
     summary = run(SuperResRequest(path, dataset="builtin", num=2, report=True, out=tmp_path / "out", progress=False))
     assert summary["inputs"] == ["test-00000", "test-00001"]

@@ -191,7 +191,8 @@ class ImageTransformer(nn.Module):
                 )
             if x.dtype.is_floating_point or x.dtype == torch.bool:
                 raise ValueError(f"images must be an integer tensor in [0, 255], got dtype {x.dtype}")
-            if x.numel() and (int(x.min()) < 0 or int(x.max()) > 255):
+            # value checks read the data back (a device sync, a graph break under torch.compile)
+            if x.numel() and not torch.compiler.is_compiling() and (int(x.min()) < 0 or int(x.max()) > 255):
                 raise ValueError(
                     f"image values must be in [0, 255], got [{int(x.min())}, {int(x.max())}]"
                 )
@@ -201,7 +202,9 @@ class ImageTransformer(nn.Module):
                 raise ValueError(f"this model is class-conditional: pass labels in [0, {cfg.num_classes - 1}]")
             if labels.dim() != 1 or (batch is not None and labels.shape[0] != batch):
                 raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
-            if labels.numel() and (int(labels.min()) < 0 or int(labels.max()) >= cfg.num_classes):
+            if labels.numel() and not torch.compiler.is_compiling() and (
+                int(labels.min()) < 0 or int(labels.max()) >= cfg.num_classes
+            ):
                 raise ValueError(
                     f"labels must be in [0, {cfg.num_classes - 1}], "
                     f"got [{int(labels.min())}, {int(labels.max())}]"

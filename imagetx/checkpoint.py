@@ -1,0 +1,276 @@
+"""Checkpoints: atomic save, validated load, the newest of a run, and `load_model`.
+
+A checkpoint is a dict of tensors and plain values, readable with `torch.load(weights_only=True)`:
+
+    format, format_version, imagetx_version, step,
+    model       state dict of the bare model (never DDP's `module.` or torch.compile's `_orig_mod.`),
+    optimizer, scheduler   their state dicts (None when saved without them),
+    data_position          {"epoch", "index", "dataset_size"}: where the next batch starts,
+    config                 RunConfig.to_dict(),
+    rng                    one entry per process: {"torch", "cuda", "python"} generator states,
+    world_size.
+
+Files live at RUN/checkpoints/step-00001000.pt and are written to a temporary file in the same
+directory, then renamed with os.replace: a crash never leaves a half-written checkpoint.
+"""
+
+from __future__ import annotations
+
+import os
+import random
+import re
+from collections.abc import Callable, Mapping
+from pathlib import Path
+from typing import BinaryIO
+
+import torch
+from torch import nn
+
+from imagetx.errors import CheckpointError
+from imagetx.model.config import ConfigError, ModelConfig
+
+FORMAT = "imagetx-checkpoint"
+FORMAT_VERSION = 1
+_NAME = re.compile(r"^step-(\d{8,})\.pt$")
+_WRAPPER_PREFIXES = ("module.", "_orig_mod.")
+
+
+# ---- files ---------------------------------------------------------------------------------------
+def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None]) -> Path:
+    """Write `data` (bytes, or a function writing to a binary file) to path atomically: to a
+    temporary file in the same directory, flushed to disk, then renamed over path."""
+    path = Path(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        with open(tmp, "wb") as f:
+            if isinstance(data, (bytes, bytearray)):
+                f.write(data)
+            else:
+                data(f)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise
+    try:  # make the rename itself durable
+        fd = os.open(path.parent, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
+    except OSError:
+        pass
+    return path
+
+
+def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:
+    return Path(run_dir) / "checkpoints" / f"step-{step:08d}.pt"
+
+
+def list_checkpoints(run_dir: str | os.PathLike) -> list[tuple[int, Path]]:
+    """(step, path) of every checkpoint of a run, oldest first."""
+    folder = Path(run_dir) / "checkpoints"
+    if not folder.is_dir():
+        return []
+    found = []
+    for p in folder.iterdir():
+        m = _NAME.match(p.name)
+        if m and p.is_file():
+            found.append((int(m.group(1)), p))
+    return sorted(found)
+
+
+def latest_checkpoint(run_dir: str | os.PathLike) -> Path | None:
+    """The checkpoint of the run with the highest step, or None."""
+    found = list_checkpoints(run_dir)
+    return found[-1][1] if found else None
+
+
+# ---- building and saving ---------------------------------------------------------------------------
+def unwrap_model(module: nn.Module) -> nn.Module:
+    """The bare model inside DDP (`.module`) and torch.compile (`._orig_mod`) wrappers."""
+    while True:
+        if isinstance(module, nn.parallel.DistributedDataParallel):
+            module = module.module
+        elif hasattr(module, "_orig_mod") and isinstance(module._orig_mod, nn.Module):
+            module = module._orig_mod
+        else:
+            return module
+
+
+def model_state_dict(module: nn.Module) -> dict[str, torch.Tensor]:
+    """State dict of the bare model, with any wrapper prefixes removed from the keys."""
+    state = unwrap_model(module).state_dict()
+    return {_strip_prefixes(k): v for k, v in state.items()}
+
+
+def _strip_prefixes(key: str) -> str:
+    changed = True
+    while changed:
+        changed = False
+        for prefix in _WRAPPER_PREFIXES:
+            if key.startswith(prefix):
+                key, changed = key[len(prefix):], True
+    return key
+
+
+def rng_state() -> dict:
+    """This process's generator states: torch CPU, every CUDA device, Python's `random`."""
+    version, state, gauss = random.getstate()
+    return {
+        "torch": torch.get_rng_state(),
+        "cuda": torch.cuda.get_rng_state_all() if torch.cuda.is_available() else [],
+        "python": {"version": version, "state": torch.tensor(state, dtype=torch.int64), "gauss": gauss},
+    }
+
+
+def set_rng_state(state: Mapping) -> None:
+    """Restore what rng_state() returned (CUDA states only when the device count matches)."""
+    torch.set_rng_state(state["torch"].cpu())
+    cuda = state.get("cuda") or []
+    if cuda and torch.cuda.is_available() and len(cuda) == torch.cuda.device_count():
+        torch.cuda.set_rng_state_all([s.cpu() for s in cuda])
+    py = state["python"]
+    random.setstate((py["version"], tuple(int(v) for v in py["state"].tolist()), py["gauss"]))
+
+
+def make_checkpoint(
+    *,
+    model: nn.Module,
+    config: Mapping,
+    step: int,
+    optimizer: torch.optim.Optimizer | None = None,
+    scheduler=None,
+    data_position: Mapping | None = None,
+    rng: list | None = None,
+) -> dict:
+    """Assemble a checkpoint dict. config: RunConfig.to_dict(); rng: one rng_state() per process
+    (default: this process's)."""
+    from imagetx import __version__
+
+    return {
+        "format": FORMAT,
+        "format_version": FORMAT_VERSION,
+        "imagetx_version": __version__,
+        "step": int(step),
+        "model": model_state_dict(model),
+        "optimizer": optimizer.state_dict() if optimizer is not None else None,
+        "scheduler": scheduler.state_dict() if scheduler is not None else None,
+        "data_position": dict(data_position) if data_position is not None else None,
+        "config": dict(config),
+        "rng": rng if rng is not None else [rng_state()],
+        "world_size": len(rng) if rng is not None else 1,
+    }
+
+
+def save_checkpoint(run_dir: str | os.PathLike, checkpoint: Mapping, keep: int = 0) -> Path:
+    """Write RUN/checkpoints/step-XXXXXXXX.pt atomically; then delete all but the newest `keep`
+    checkpoints (0: keep all). The file just written is never deleted."""
+    path = checkpoint_path(run_dir, checkpoint["step"])
+    path.parent.mkdir(parents=True, exist_ok=True)
+    atomic_write(path, lambda f: torch.save(dict(checkpoint), f))
+    if keep > 0:
+        older = [p for _, p in list_checkpoints(run_dir) if p != path]
+        for p in older[: max(len(older) - (keep - 1), 0)]:
+            p.unlink(missing_ok=True)
+    return path
+
+
+# ---- loading -------------------------------------------------------------------------------------
+def resolve_checkpoint(path: str | os.PathLike) -> Path:
+    """A checkpoint file, or a run directory (-> its newest checkpoint). Raises CheckpointError."""
+    path = Path(path)
+    if path.is_dir():
+        latest = latest_checkpoint(path)
+        if latest is None:
+            raise CheckpointError(f"{path}: no checkpoints in {path / 'checkpoints'}")
+        return latest
+    if not path.exists():
+        raise CheckpointError(f"{path}: no such checkpoint file")
+    return path
+
+
+def load_checkpoint(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -> dict:
+    """Read and check a checkpoint (a file, or a run directory: its newest).
+
+    Raises CheckpointError (one line naming the file) when it is missing, truncated, not an
+    imagetx checkpoint, or from a newer format."""
+    path = resolve_checkpoint(path)
+    try:
+        with open(path, "rb"):
+            pass
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    try:
+        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
+    except Exception as exc:  # damage shows as RuntimeError, OSError, EOFError, UnpicklingError...
+        text = str(exc)
+        if "Unsupported global" in text:
+            raise CheckpointError(
+                f"{path}: not an imagetx checkpoint (it holds Python objects, not plain tensors and values)"
+            ) from None
+        if "WeightsUnpickler error:" in text:  # torch's explanation wraps the actual reason
+            text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
+        detail = " ".join(text.split())[:200] or type(exc).__name__
+        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt: {detail})") from None
+    if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
+        raise CheckpointError(f"{path}: not an imagetx checkpoint (no '{FORMAT}' marker)")
+    version = ckpt.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise CheckpointError(
+            f"{path}: checkpoint format {version!r} is newer than this imagetx reads "
+            f"({FORMAT_VERSION}); upgrade imagetx"
+        )
+    missing = [k for k in ("step", "model", "config") if k not in ckpt]
+    config = ckpt.get("config")
+    if not missing and not (isinstance(config, dict) and isinstance(config.get("model"), dict)):
+        missing.append("config.model")
+    if missing:
+        raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
+    return ckpt
+
+
+def read_config(path: str | os.PathLike) -> dict:
+    """The run configuration (RunConfig.to_dict()) stored in a checkpoint, without reading its
+    tensors into memory."""
+    return load_checkpoint(path, mmap=True)["config"]
+
+
+def model_from_checkpoint(ckpt: Mapping, path: str | os.PathLike = "checkpoint", device="cpu") -> nn.Module:
+    """Build the model a loaded checkpoint describes and load its weights (strictly)."""
+    from imagetx.model.transformer import ImageTransformer
+
+    try:
+        config = ModelConfig.from_dict(dict(ckpt["config"]["model"]))
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{path}: its model config is not valid for this imagetx: {exc}") from None
+    model = ImageTransformer(config)
+    state = {_strip_prefixes(k): v for k, v in ckpt["model"].items()}
+    expected = model.state_dict()
+    missing = sorted(set(expected) - set(state))
+    unexpected = sorted(set(state) - set(expected))
+    shapes = [
+        f"{k} {tuple(state[k].shape)} vs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in state and tuple(state[k].shape) != tuple(v.shape)
+    ]
+    if missing or unexpected or shapes:
+        parts = []
+        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+            if items:
+                more = f" and {len(items) - 3} more" if len(items) > 3 else ""
+                parts.append(f"{label}: {', '.join(items[:3])}{more}")
+        raise CheckpointError(f"{path}: weights do not match its model config ({'; '.join(parts)})")
+    model.load_state_dict(state)
+    return model.to(device)
+
+
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+    """Load an ImageTransformer from a checkpoint file (or a run directory: its newest checkpoint),
+    with the checkpoint's config, on `device`, in eval mode, ready for `nll` and `sample`.
+
+    Raises CheckpointError for a missing, truncated, foreign or incompatible file."""
+    path = resolve_checkpoint(path)
+    ckpt = load_checkpoint(path, map_location=device)
+    return model_from_checkpoint(ckpt, path, device).eval()

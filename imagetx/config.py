@@ -1,0 +1,385 @@
+"""The configuration of a training run: dataclasses, TOML in and out, `--set` overrides, validation.
+
+One precedence rule, lowest first: dataclass defaults < `--config FILE.toml` < explicit CLI flags
+< repeated `--set section.key=value`. `RunConfig()` itself is the quickstart setup (builtin data,
+16x16 RGB, a small model), so `imagetx train` with no arguments works offline.
+"""
+
+from __future__ import annotations
+
+import difflib
+import math
+import os
+import types
+import typing
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any
+
+import tomli_w
+
+try:
+    import tomllib
+except ModuleNotFoundError:  # Python 3.10
+    import tomli as tomllib
+
+from imagetx.model.config import ConfigError, ModelConfig
+
+TASKS = ("generate", "superres")
+OPTIMIZERS = ("adam", "adamw")
+SCHEDULES = ("rsqrt", "cosine", "constant")
+PRECISIONS = ("auto", "fp32", "bf16")
+
+
+def quickstart_model() -> ModelConfig:
+    """The small model `imagetx train` uses without a config: 16x16 RGB, local 1D attention."""
+    return ModelConfig(
+        image_size=(16, 16),
+        channels=3,
+        attention="local1d",
+        n_layers=3,
+        d_model=96,
+        n_heads=4,
+        d_ff=384,
+        dropout=0.0,
+        block_length=192,
+        num_classes=0,
+    )
+
+
+@dataclass
+class DataConfig:
+    """Where the images come from. The image size and channel count are the model's."""
+
+    name: str = "builtin"  # a name from imagetx.data.DATASETS
+    data_dir: str | None = None  # the data set's directory (None: the loader's default location)
+    download: bool = False  # fetch through torchvision where it can
+    task: str = "generate"  # "generate" (unconditional or class-conditional) or "superres"
+    celeba_protocol: bool = False  # superres: crop CelebA at (40, 20) to 138x138 before resizing
+    builtin_size: int | tuple[int, int] | None = None  # builtin only: render size before resizing (None: the model's)
+    num_workers: int = 0  # DataLoader worker processes (0: load in the training process)
+    eval_split: str = "test"  # split used for the periodic held-out bits/dim
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        if self.task not in TASKS:
+            p.append(f"data.task must be one of {', '.join(TASKS)}; got {self.task!r}")
+        size = self.builtin_size
+        if size is not None and min((size, size) if isinstance(size, int) else size) < 8:
+            p.append(f"data.builtin_size must be at least 8 (pixels), got {size!r}")
+        if self.num_workers < 0:
+            p.append(f"data.num_workers must be >= 0, got {self.num_workers}")
+        try:
+            from imagetx.data import DATASETS
+        except ImportError:  # the data package is optional for checking a config file's shape
+            DATASETS = None
+        if DATASETS is not None and self.name not in DATASETS:
+            p.append(f"data.name must be one of {', '.join(DATASETS)}; got {self.name!r}")
+        return p
+
+
+@dataclass
+class TrainConfig:
+    """Optimisation, precision, logging and checkpointing of `imagetx train`."""
+
+    out: str = "runs/quickstart"  # run directory: config.toml, metrics.jsonl, checkpoints/, samples/
+    device: str = "auto"  # "auto" (CUDA if present, else CPU), "cpu", "cuda" or "cuda:N"
+    seed: int = 0  # model init and data order; process r also seeds dropout with seed + r
+    batch_size: int = 16  # images per process per micro-batch
+    max_steps: int = 600  # optimizer steps
+    max_minutes: float = 0.0  # stop cleanly with a checkpoint after this long (0: no limit)
+    optimizer: str = "adam"  # "adam" (as published) or "adamw"
+    lr: float = 2e-3  # peak learning rate, reached at the end of the warmup
+    betas: tuple[float, float] = (0.9, 0.98)
+    eps: float = 1e-9
+    weight_decay: float = 0.0
+    schedule: str = "rsqrt"  # "rsqrt" (linear warmup, then step^-0.5), "cosine" or "constant"
+    warmup_steps: int = 100
+    grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
+    grad_accum: int = 1  # micro-batches per optimizer step
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16"
+    compile: bool | str = "auto"  # torch.compile: "auto" (CUDA only), true or false
+    activation_checkpointing: bool = False  # recompute activations in backward: less memory
+    log_every: int = 10  # steps between metrics.jsonl rows
+    eval_every: int = 300  # steps between held-out bits/dim evaluations (0: never)
+    eval_images: int = 200  # test images per evaluation (0: the whole split)
+    sample_every: int = 300  # steps between sample grids (0: never)
+    sample_count: int = 16  # images per sample grid
+    checkpoint_every: int = 100  # steps between checkpoints (one is always written at the end)
+    keep_checkpoints: int = 3  # most recent checkpoints kept (0: keep all)
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        device = self.device
+        if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
+            p.append(f"train.device must be auto, cpu, cuda or cuda:N; got {device!r}")
+        if not self.out:
+            p.append("train.out must name a directory")
+        for name in ("batch_size", "max_steps", "grad_accum", "log_every"):
+            if getattr(self, name) < 1:
+                p.append(f"train.{name} must be >= 1, got {getattr(self, name)}")
+        for name in (
+            "warmup_steps", "eval_every", "eval_images", "sample_every", "sample_count",
+            "checkpoint_every", "keep_checkpoints",
+        ):
+            if getattr(self, name) < 0:
+                p.append(f"train.{name} must be >= 0, got {getattr(self, name)}")
+        for name in ("max_minutes", "weight_decay", "grad_clip"):
+            v = getattr(self, name)
+            if not (math.isfinite(v) and v >= 0):
+                p.append(f"train.{name} must be >= 0, got {v}")
+        if not (math.isfinite(self.lr) and self.lr > 0):
+            p.append(f"train.lr must be > 0, got {self.lr}")
+        if not all(0.0 <= b < 1.0 for b in self.betas):
+            p.append(f"train.betas must both be in [0, 1), got {list(self.betas)}")
+        if not self.eps > 0:
+            p.append(f"train.eps must be > 0, got {self.eps}")
+        if self.optimizer not in OPTIMIZERS:
+            p.append(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
+        if self.schedule not in SCHEDULES:
+            p.append(f"train.schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
+        if self.precision not in PRECISIONS:
+            p.append(f"train.precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+        if not (isinstance(self.compile, bool) or self.compile == "auto"):
+            p.append(f"train.compile must be true, false or \"auto\"; got {self.compile!r}")
+        return p
+
+
+@dataclass
+class RunConfig:
+    """Everything `imagetx train` needs. The defaults are the quickstart setup."""
+
+    model: ModelConfig = field(default_factory=quickstart_model)
+    data: DataConfig = field(default_factory=DataConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+
+    def problems(self) -> list[str]:
+        p = self.model.problems() + self.data.problems() + self.train.problems()
+        superres = self.model.source_size is not None
+        if self.data.task == "superres" and not superres:
+            p.append('data.task is "superres" but model.source_size is not set')
+        if self.data.task == "generate" and superres:
+            p.append('model.source_size is set (an encoder-decoder) but data.task is not "superres"')
+        if self.data.celeba_protocol and self.data.task != "superres":
+            p.append('data.celeba_protocol applies only to data.task = "superres"')
+        return p
+
+    def validate(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+
+    def to_dict(self) -> dict:
+        """Plain nested dict (lists for tuples, None kept), as stored in checkpoints."""
+        out = {"model": self.model.to_dict()}
+        for name in ("data", "train"):
+            section = getattr(self, name)
+            out[name] = {f.name: _plain(getattr(section, f.name)) for f in fields(section)}
+        return out
+
+    @classmethod
+    def from_dict(cls, d: Mapping, source: str = "config") -> "RunConfig":
+        """Strict: unknown sections or keys and wrongly typed values raise ConfigError."""
+        return resolve_config(layers=[(source, d)])
+
+    def to_toml(self) -> str:
+        lines = ["# imagetx run configuration (resolved); reuse it with: imagetx train --config THIS_FILE"]
+        for section, values in self.to_dict().items():
+            lines += ["", f"[{section}]"]
+            # TOML has no null: a None value is written by leaving the key out (it is the default)
+            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+        return "\n".join(lines) + "\n"
+
+
+SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
+
+
+# ---- loading and overrides ----------------------------------------------------------------------
+def read_toml(path: str | os.PathLike) -> dict:
+    """Read a TOML file; a missing or malformed file raises ConfigError naming it."""
+    try:
+        with open(path, "rb") as f:
+            return tomllib.load(f)
+    except FileNotFoundError:
+        raise ConfigError([f"config file {path} does not exist"]) from None
+    except OSError as exc:
+        raise ConfigError([f"cannot read config file {path}: {exc.strerror}"]) from None
+    except tomllib.TOMLDecodeError as exc:
+        raise ConfigError([f"config file {path} is not valid TOML: {exc}"]) from None
+
+
+def parse_set(item: str) -> tuple[str, Any]:
+    """`section.key=value` -> ("section.key", value). The value is read as a TOML literal
+    (`8`, `1e-3`, `true`, `[16, 16]`, `"x"`) and otherwise taken as a plain string (`cuda:1`)."""
+    key, sep, text = item.partition("=")
+    key = key.strip()
+    if not sep or key.count(".") != 1 or not all(key.split(".")):
+        raise ConfigError([f"--set expects section.key=value (e.g. train.lr=1e-3), got {item!r}"])
+    try:
+        value = tomllib.loads(f"v = {text.strip()}")["v"]
+    except tomllib.TOMLDecodeError:
+        value = text.strip()
+    return key, value
+
+
+def load_config(
+    path: str | os.PathLike | None = None,
+    flags: Mapping[str, Any] | None = None,
+    sets: Iterable[str] = (),
+    base: Mapping | None = None,
+) -> RunConfig:
+    """Resolve a run configuration: defaults < base (a resumed checkpoint's config) < the TOML
+    file at `path` < `flags` ({"train.out": ..., } from explicit CLI flags; None values ignored)
+    < `sets` ("section.key=value" strings). Raises ConfigError listing every problem."""
+    layers: list[tuple[str, Mapping]] = []
+    if base is not None:
+        layers.append(("the checkpoint's config", base))
+    if path is not None:
+        layers.append((str(path), read_toml(path)))
+    nested: dict[str, dict] = {}
+    for key, value in (flags or {}).items():
+        if value is not None:
+            section, name = key.split(".")
+            nested.setdefault(section, {})[name] = value
+    if nested:
+        layers.append(("command-line flags", nested))
+    problems: list[str] = []
+    set_layer: dict[str, dict] = {}
+    for item in sets:
+        try:
+            key, value = parse_set(item)
+        except ConfigError as exc:
+            problems += exc.problems
+            continue
+        section, name = key.split(".")
+        set_layer.setdefault(section, {})[name] = value
+    if set_layer:
+        layers.append(("--set", set_layer))
+    return resolve_config(layers, problems)
+
+
+def resolve_config(layers: list[tuple[str, Mapping]], problems: list[str] | None = None) -> RunConfig:
+    """Merge (source, nested dict) layers over the defaults, type-check and validate."""
+    problems = list(problems or [])
+    defaults = RunConfig().to_dict()
+    merged = {section: dict(values) for section, values in defaults.items()}
+    for source, layer in layers:
+        if not isinstance(layer, Mapping):
+            problems.append(f"{source}: expected a table of sections, got {type(layer).__name__}")
+            continue
+        for section, values in layer.items():
+            if section not in SECTIONS:
+                problems.append(f"unknown section [{section}] in {source}{_suggest(section, SECTIONS)}")
+                continue
+            if not isinstance(values, Mapping):
+                problems.append(f"[{section}] in {source} must be a table, got {values!r}")
+                continue
+            for key, value in values.items():
+                if key not in merged[section]:
+                    known = merged[section]
+                    problems.append(f"unknown key {section}.{key} in {source}{_suggest(key, known, section)}")
+                    continue
+                merged[section][key] = value
+
+    sections: dict[str, Any] = {}
+    for section, cls in SECTIONS.items():
+        hints = typing.get_type_hints(cls)
+        values = {}
+        for key, value in merged[section].items():
+            checked, problem = _check_type(value, hints[key], f"{section}.{key}")
+            if problem:
+                problems.append(problem)
+            else:
+                values[key] = checked
+        if cls is ModelConfig:
+            try:
+                sections[section] = ModelConfig(**values)
+            except ConfigError as exc:
+                problems += exc.problems
+        else:
+            sections[section] = cls(**values)
+    if "model" in sections:
+        config = RunConfig(**sections)
+        problems += [p for p in config.problems() if p not in problems]
+    else:
+        problems += [p for p in sections["data"].problems() + sections["train"].problems()]
+    if problems:
+        raise ConfigError(problems)
+    return config
+
+
+def save_config(config: RunConfig, path: str | os.PathLike) -> None:
+    """Write the config as TOML, atomically."""
+    from imagetx.checkpoint import atomic_write
+
+    atomic_write(path, config.to_toml().encode())
+
+
+# ---- helpers ------------------------------------------------------------------------------------
+def _plain(value):
+    return list(value) if isinstance(value, tuple) else value
+
+
+def _toml_value(v) -> str:
+    """One TOML value; arrays of scalars on one line (`[16, 16]`)."""
+    if isinstance(v, (list, tuple)):
+        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
+    return tomli_w.dumps({"v": v})[len("v = "):].strip()
+
+
+def _suggest(key: str, known: Iterable[str], section: str | None = None) -> str:
+    close = difflib.get_close_matches(key, list(known), n=1)
+    if not close:
+        return ""
+    return f"; did you mean {section + '.' if section else ''}{close[0]}?"
+
+
+_NOUNS = {int: "integer", float: "number", str: "string", bool: "boolean"}
+
+
+def _describe_type(hint) -> str:
+    if typing.get_origin(hint) is tuple:
+        args = typing.get_args(hint)
+        return f"a list of {len(args)} {_NOUNS.get(args[0], 'value')}s"
+    if hint is bool:
+        return "true or false"
+    noun = _NOUNS.get(hint, getattr(hint, "__name__", str(hint)))
+    return f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"
+
+
+def _check_type(value, hint, key: str) -> tuple[Any, str | None]:
+    """-> (value converted to the field's type, None) or (None, a problem naming the key)."""
+    origin, args = typing.get_origin(hint), typing.get_args(hint)
+    if origin in (typing.Union, types.UnionType):
+        if value is None and type(None) in args:
+            return None, None
+        for arg in args:
+            if arg is not type(None):
+                checked, problem = _check_type(value, arg, key)
+                if problem is None:
+                    return checked, None
+        names = " or ".join(_describe_type(a) for a in args if a is not type(None))
+        return None, f"{key} must be {names}, got {value!r}"
+    problem = f"{key} must be {_describe_type(hint)}, got {value!r}"
+    if origin is tuple:
+        if not isinstance(value, (list, tuple)) or len(value) != len(args):
+            return None, problem
+        out = []
+        for v, a in zip(value, args):
+            checked, bad = _check_type(v, a, key)
+            if bad:
+                return None, problem
+            out.append(checked)
+        return tuple(out), None
+    if hint is bool:
+        ok = isinstance(value, bool)
+    elif hint is int:
+        ok = isinstance(value, int) and not isinstance(value, bool)
+    elif hint is float:
+        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
+        value = float(value) if ok else value
+    elif hint is str:
+        ok = isinstance(value, str)
+    else:
+        raise TypeError(f"no type check for {hint!r} ({key})")
+    return (value, None) if ok else (None, problem)

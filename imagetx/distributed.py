@@ -1,0 +1,134 @@
+"""Devices and processes: device selection, torchrun / DDP set-up, rank helpers.
+
+Under `torchrun` every process reads RANK, WORLD_SIZE and LOCAL_RANK from the environment and
+joins one process group: NCCL on CUDA, gloo on CPU. Without torchrun everything here is a no-op
+for a single process, so library code calls these helpers unconditionally.
+"""
+
+from __future__ import annotations
+
+import os
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import timedelta
+
+import torch
+import torch.distributed as dist
+
+from imagetx.model.config import ConfigError
+
+# Rank 0 alone draws the periodic sample grids while the others wait at the next collective;
+# a large model's grid can take far longer than the default 10 minutes.
+TIMEOUT = timedelta(minutes=120)
+
+
+@dataclass(frozen=True)
+class Dist:
+    """Where this process sits: its rank among world_size processes and its device."""
+
+    rank: int = 0
+    world_size: int = 1
+    local_rank: int = 0
+    device: torch.device = field(default_factory=lambda: torch.device("cpu"))
+
+    @property
+    def is_main(self) -> bool:
+        """Only the main process logs, writes files and shows progress."""
+        return self.rank == 0
+
+    @property
+    def is_distributed(self) -> bool:
+        return self.world_size > 1
+
+
+def env_ranks() -> tuple[int, int, int]:
+    """(rank, world_size, local_rank) as torchrun sets them; (0, 1, 0) without torchrun."""
+    get = os.environ.get
+    return int(get("RANK", 0)), int(get("WORLD_SIZE", 1)), int(get("LOCAL_RANK", 0))
+
+
+def select_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
+    """"auto" (CUDA if available, else CPU), "cpu", "cuda" (this process's local GPU under
+    torchrun) or "cuda:N". Raises ConfigError for a device this machine does not have."""
+    has_cuda = torch.cuda.is_available()
+    if spec == "auto":
+        spec = "cuda" if has_cuda else "cpu"
+    if spec == "cpu":
+        return torch.device("cpu")
+    if spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit()):
+        if not has_cuda:
+            raise ConfigError([f"device {spec!r} requested but CUDA is not available here; use cpu or auto"])
+        index = int(spec[5:]) if ":" in spec else local_rank
+        if index >= torch.cuda.device_count():
+            raise ConfigError(
+                [f"device cuda:{index} requested but this machine has {torch.cuda.device_count()} GPU(s)"]
+            )
+        return torch.device("cuda", index)
+    raise ConfigError([f"device must be auto, cpu, cuda or cuda:N; got {spec!r}"])
+
+
+def setup(device: str = "auto") -> Dist:
+    """Pick this process's device and, under torchrun, join the process group (NCCL for CUDA,
+    gloo for CPU). Reuses a process group that already exists."""
+    rank, world_size, local_rank = env_ranks()
+    dev = select_device(device, local_rank)
+    if world_size > 1 and not dist.is_initialized():
+        if dev.type == "cuda":
+            torch.cuda.set_device(dev)
+        dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=TIMEOUT)
+    if dist.is_initialized():
+        rank, world_size = dist.get_rank(), dist.get_world_size()
+    return Dist(rank=rank, world_size=world_size, local_rank=local_rank, device=dev)
+
+
+@contextmanager
+def distributed(device: str = "auto") -> Iterator[Dist]:
+    """setup() for the duration of a block; leaves the process group only if it joined it."""
+    joined = not dist.is_initialized()
+    ctx = setup(device)
+    try:
+        yield ctx
+    finally:
+        if joined and dist.is_initialized():
+            dist.destroy_process_group()
+
+
+def is_distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
+    """Sum a tensor over all processes, in place; returns it."""
+    if is_distributed():
+        dist.all_reduce(tensor, op=dist.ReduceOp.SUM)
+    return tensor
+
+
+def all_gather_object(obj) -> list:
+    """Every process's `obj`, in rank order (a one-element list without a process group)."""
+    if not is_distributed():
+        return [obj]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, obj)
+    return out
+
+
+def broadcast_object(obj, src: int = 0):
+    """The main process's `obj` on every process."""
+    if not is_distributed():
+        return obj
+    box = [obj]
+    dist.broadcast_object_list(box, src=src)
+    return box[0]
+
+
+def barrier() -> None:
+    if is_distributed():
+        dist.barrier()
+
+
+def shard(n: int, rank: int, world_size: int) -> range:
+    """This process's contiguous share of range(n): every index exactly once over all
+    processes, no padding (unlike DistributedSampler); shares differ in size by at most one."""
+    return range(rank * n // world_size, (rank + 1) * n // world_size)

@@ -1,0 +1,148 @@
+"""Checkpoints: atomic writes, weights-only round trips, the newest, and clear errors."""
+
+from __future__ import annotations
+
+import random
+
+import pytest
+import torch
+
+from imagetx.checkpoint import (
+    atomic_write,
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    load_model,
+    make_checkpoint,
+    rng_state,
+    save_checkpoint,
+    set_rng_state,
+)
+from imagetx.config import RunConfig, load_config
+from imagetx.errors import CheckpointError
+from imagetx.model.transformer import ImageTransformer
+
+TINY = [
+    "model.image_size=[4, 4]", "model.n_layers=1", "model.d_model=16", "model.n_heads=2",
+    "model.d_ff=32", "model.block_length=8",
+]
+
+
+def tiny_config(*extra: str) -> RunConfig:
+    return load_config(sets=[*TINY, *extra])
+
+
+def trained_state(config: RunConfig):
+    torch.manual_seed(0)
+    model = ImageTransformer(config.model)
+    opt = torch.optim.Adam(model.parameters(), lr=1e-3)
+    sched = torch.optim.lr_scheduler.LambdaLR(opt, lambda i: 1.0 / (i + 1))
+    x = torch.randint(0, 256, (2, 4, 4, 3))
+    model.nll(x).mean().backward()
+    opt.step()
+    sched.step()
+    return model, opt, sched, x
+
+
+def test_round_trip_weights_only_and_load_model(tmp_path):
+    config = tiny_config()
+    model, opt, sched, x = trained_state(config)
+    ckpt = make_checkpoint(
+        model=model, config=config.to_dict(), step=5, optimizer=opt, scheduler=sched,
+        data_position={"epoch": 1, "index": 3, "dataset_size": 10},
+    )
+    path = save_checkpoint(tmp_path, ckpt)
+    assert path == tmp_path / "checkpoints" / "step-00000005.pt"
+    raw = torch.load(path, weights_only=True)
+    assert raw["step"] == 5 and raw["data_position"]["index"] == 3
+    assert RunConfig.from_dict(raw["config"]) == config
+    opt2 = torch.optim.Adam(model.parameters(), lr=1e-3)
+    opt2.load_state_dict(raw["optimizer"])
+    loaded = load_model(path)
+    assert not loaded.training and loaded.config == config.model
+    model.eval()
+    with torch.no_grad():
+        assert torch.equal(loaded.nll(x), model.nll(x))
+    assert load_model(tmp_path).config == config.model  # a run directory means its newest
+
+
+def test_compiled_or_wrapped_models_are_saved_unwrapped(tmp_path):
+    config = tiny_config()
+    model = ImageTransformer(config.model)
+    compiled = torch.compile(model)  # wrapping is free; nothing compiles until it is called
+    assert any(k.startswith("_orig_mod.") for k in compiled.state_dict())
+    ckpt = make_checkpoint(model=compiled, config=config.to_dict(), step=1)
+    assert set(ckpt["model"]) == set(model.state_dict())
+    ckpt["model"] = {f"module.{k}": v for k, v in ckpt["model"].items()}  # as DDP would name them
+    load_model(save_checkpoint(tmp_path, ckpt))
+
+
+def test_keep_last_k_and_latest(tmp_path):
+    config = tiny_config()
+    model = ImageTransformer(config.model)
+    for step in (1, 2, 10, 3, 11):
+        save_checkpoint(tmp_path, make_checkpoint(model=model, config=config.to_dict(), step=step), keep=3)
+    assert [s for s, _ in list_checkpoints(tmp_path)] == [3, 10, 11]
+    (tmp_path / "checkpoints" / ".step-00000099.pt.tmp-1").write_bytes(b"partial")
+    assert latest_checkpoint(tmp_path).name == "step-00000011.pt"
+    assert latest_checkpoint(tmp_path / "elsewhere") is None
+
+
+def test_atomic_write_keeps_old_file_when_writing_fails(tmp_path):
+    path = tmp_path / "file.bin"
+    atomic_write(path, b"old")
+
+    def explode(f):
+        f.write(b"half")
+        raise RuntimeError("disk full")
+
+    with pytest.raises(RuntimeError):
+        atomic_write(path, explode)
+    assert path.read_bytes() == b"old"
+    assert [p.name for p in tmp_path.iterdir()] == ["file.bin"]
+
+
+def test_rng_state_round_trip():
+    state = rng_state()
+    a = (torch.rand(3), random.random())
+    set_rng_state(state)
+    b = (torch.rand(3), random.random())
+    assert torch.equal(a[0], b[0]) and a[1] == b[1]
+
+
+def one_line_error(path, match: str):
+    with pytest.raises(CheckpointError) as info:
+        load_model(path)
+    message = str(info.value)
+    assert "\n" not in message and str(path) in message and match in message, message
+
+
+def test_bad_files_give_one_clear_line(tmp_path):
+    config = tiny_config()
+    model = ImageTransformer(config.model)
+    good = save_checkpoint(tmp_path / "run", make_checkpoint(model=model, config=config.to_dict(), step=1))
+    data = good.read_bytes()
+
+    one_line_error(tmp_path / "missing.pt", "no such checkpoint file")
+    (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
+    one_line_error(tmp_path / "truncated.pt", "truncated or corrupt")
+    (tmp_path / "noise.pt").write_bytes(bytes(range(256)) * 10)
+    one_line_error(tmp_path / "noise.pt", "truncated or corrupt")
+    torch.save({"state_dict": model.state_dict()}, tmp_path / "foreign.pt")
+    one_line_error(tmp_path / "foreign.pt", "not an imagetx checkpoint")
+    torch.save(model, tmp_path / "pickled.pt")
+    one_line_error(tmp_path / "pickled.pt", "not an imagetx checkpoint")
+    newer = dict(torch.load(good, weights_only=True), format_version=99)
+    torch.save(newer, tmp_path / "newer.pt")
+    one_line_error(tmp_path / "newer.pt", "upgrade imagetx")
+    other = dict(torch.load(good, weights_only=True))
+    other["config"] = tiny_config("model.n_layers=2").to_dict()  # weights of another architecture
+    torch.save(other, tmp_path / "other.pt")
+    one_line_error(tmp_path / "other.pt", "missing: blocks.1.")
+    bad_config = dict(torch.load(good, weights_only=True))
+    bad_config["config"] = {"model": {"n_layers": 0}}
+    torch.save(bad_config, tmp_path / "badconfig.pt")
+    one_line_error(tmp_path / "badconfig.pt", "model.n_layers must be a positive integer")
+    (tmp_path / "empty").mkdir()
+    one_line_error(tmp_path / "empty", "no checkpoints")
+    assert load_checkpoint(good)["step"] == 1  # the good file is untouched by all of this

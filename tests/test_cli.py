@@ -1,0 +1,112 @@
+"""The command line: argument handling, exit codes and one-line errors (CliRunner, in process)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+from typer.testing import CliRunner
+
+from imagetx.checkpoint import latest_checkpoint
+from imagetx.cli import app
+from imagetx.evaluate import evaluate_bpd
+
+TINY = [
+    "model.image_size=[8, 8]", "model.channels=1", "model.n_layers=1", "model.d_model=16",
+    "model.n_heads=2", "model.d_ff=32", "model.block_length=16", "train.batch_size=4", "train.log_every=1", "train.eval_every=0", "train.sample_every=2",
+    "train.sample_count=2", "train.checkpoint_every=0",
+]
+
+
+def invoke(*args: str):
+    return CliRunner().invoke(app, [str(a) for a in args])
+
+
+def sets(*items: str) -> list[str]:
+    return [a for s in (*TINY, *items) for a in ("--set", s)]
+
+
+def one_error_line(result, code: int, text: str):
+    assert result.exit_code == code, (result.exit_code, result.output, result.exception)
+    lines = result.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], result.stderr
+    assert "Traceback" not in result.output
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("cli") / "run"
+    result = invoke("train", "--out", out, "--max-steps", 2, "--device", "cpu", *sets())
+    assert result.exit_code == 0, result.output
+    return out
+
+
+def test_help_lists_every_command():
+    result = invoke("--help")
+    assert result.exit_code == 0
+    for command in ("train", "eval-bpd", "sample", "superres"):
+        assert command in result.output
+    for command in ("train", "eval-bpd", "sample", "superres"):
+        assert invoke(command, "--help").exit_code == 0
+
+
+def test_train_writes_a_run(run_dir):
+    assert (run_dir / "config.toml").exists() and (run_dir / "metrics.jsonl").exists()
+    assert latest_checkpoint(run_dir).name == "step-00000002.pt"
+    assert (run_dir / "samples" / "step-00000002.png").exists()
+
+
+def test_usage_errors_exit_2(tmp_path):
+    one_error_line(invoke("train", "--out", tmp_path / "a", "--set", "train.lrr=1"), 2, "unknown key train.lrr")
+    one_error_line(invoke("train", "--out", tmp_path / "a", "--set", "train.lr=-1"), 2, "train.lr must be > 0")
+    one_error_line(invoke("train", "--set", "lr"), 2, "--set expects section.key=value")
+    one_error_line(invoke("train", "--config", tmp_path / "none.toml"), 2, "none.toml does not exist")
+    one_error_line(invoke("train", "--device", "cuda:7", "--out", tmp_path / "a", *sets("train.max_steps=1")),
+                   2, "cuda:7")
+    assert invoke("train", "--bogus").exit_code == 2
+    assert invoke("eval-bpd", "x.pt", "--limit", "0").exit_code == 2
+    assert not (tmp_path / "a").exists()
+
+
+def test_runtime_errors_exit_1(run_dir, tmp_path):
+    one_error_line(invoke("train", "--out", run_dir, *sets()), 1, "is not empty")
+    one_error_line(invoke("eval-bpd", tmp_path / "missing.pt"), 1, "no such checkpoint file")
+    truncated = tmp_path / "truncated.pt"
+    truncated.write_bytes(latest_checkpoint(run_dir).read_bytes()[:1000])
+    one_error_line(invoke("eval-bpd", truncated), 1, "truncated or corrupt")
+    missing = invoke("train", "--out", tmp_path / "c", "--dataset", "cifar10", "--data-dir", tmp_path / "none", *sets())
+    assert missing.exit_code == 1 and "Traceback" not in missing.output
+    assert missing.stderr.startswith("error: cifar10 not found in") and "cifar-10-batches-py" in missing.stderr
+    assert not any((tmp_path / "c").iterdir())  # nothing but an empty directory: a retry works
+    one_error_line(invoke("sample", tmp_path / "missing.pt", "--out", tmp_path / "o.png"), 1, "no such checkpoint file")
+    one_error_line(invoke("superres", tmp_path / "missing.pt", "--dataset", "builtin", "--out", tmp_path / "o"), 1,
+                   "no such checkpoint file")
+
+
+def test_eval_bpd_json_and_table(run_dir):
+    from imagetx.checkpoint import load_model
+    from imagetx.evaluate import dataset_for
+    from imagetx.config import RunConfig
+
+    result = invoke("eval-bpd", run_dir, "--limit", 5, "--batch-size", 2, "--device", "cpu", "--json")
+    assert result.exit_code == 0, result.output
+    report = json.loads(result.stdout)
+    assert {"bpd", "images", "dataset", "split"} <= set(report)
+    assert report["images"] == 5 and report["split"] == "test"
+    model = load_model(latest_checkpoint(run_dir))
+    config = RunConfig.from_dict(__import__("torch").load(latest_checkpoint(run_dir), weights_only=True)["config"])
+    direct = evaluate_bpd(model, dataset_for(config.model, config.data, "test"), batch_size=5, limit=5)
+    assert report["bpd"] == pytest.approx(direct["bpd"], rel=1e-6)
+    table = invoke("eval-bpd", run_dir, "--limit", 5, "--device", "cpu")
+    assert table.exit_code == 0 and "bits/dim" in table.stdout and f"{report['bpd']:.4f}" in table.stdout
+
+
+def test_resume_auto_continues_the_run(run_dir):
+    result = invoke("train", "--out", run_dir, "--resume", "auto", "--max-steps", 3, "--device", "cpu")
+    assert result.exit_code == 0, result.output
+    assert latest_checkpoint(run_dir).name == "step-00000003.pt"
+    one_error_line(
+        invoke("train", "--out", run_dir, "--resume", "auto", "--set", "model.n_layers=3"), 2,
+        "architecture comes from the checkpoint",
+    )

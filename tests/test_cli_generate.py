@@ -1,0 +1,58 @@
+"""`imagetx sample` and `imagetx superres` from the command line: outputs, exit codes, one-line errors."""
+
+from __future__ import annotations
+
+import json
+
+import numpy as np
+from PIL import Image
+
+from test_cli import invoke, one_error_line
+from test_sample import write_checkpoint as write_generator
+from test_superres import SR, rgb
+from test_superres import write_checkpoint as write_superres
+
+
+def test_sample_writes_what_it_prints(tmp_path):
+    path, _ = write_generator(tmp_path, attention="local1d", block_length=4, num_classes=2)
+    grid, npz = tmp_path / "g.png", tmp_path / "s.npz"
+    result = invoke("sample", path, "-n", 3, "--seed", 1, "--out", grid, "--npz", npz, "--label", 1)
+    assert result.exit_code == 0, result.output
+    assert result.stdout.split() == [str(grid), str(npz)]
+    assert np.load(npz)["arr_0"].shape == (3, 5, 3, 3)
+    result = invoke("sample", path, "-n", 2, "--out", grid, "--json", "--temperature", 0)
+    summary = json.loads(result.stdout)
+    assert summary["labels"] == [0, 1] and summary["temperature"] == 0.0
+
+
+def test_sample_errors_are_one_line(tmp_path):
+    path, _ = write_generator(tmp_path, attention="local1d", block_length=4)
+    one_error_line(invoke("sample", path, "--temperature", -1, "--out", tmp_path / "a.png"), 2, "temperature")
+    one_error_line(invoke("sample", tmp_path / "missing.pt"), 1, "missing.pt")
+    one_error_line(invoke("sample", path, "--label", 3, "--out", tmp_path / "a.png"), 2, "unconditional")
+    (tmp_path / "bad.png").write_bytes(b"not a png")
+    one_error_line(invoke("sample", path, "--prime", tmp_path / "bad.png", "--out", tmp_path / "a.png"), 1, "bad.png")
+    assert not (tmp_path / "a.png").exists()
+
+
+def test_superres_directory_with_a_bad_file(tmp_path):
+    path, _ = write_superres(tmp_path, **SR)
+    inputs = tmp_path / "in"
+    inputs.mkdir()
+    for i in range(2):
+        Image.fromarray(rgb(2, 2, seed=i)).save(inputs / f"img{i}.png")
+    (inputs / "broken.png").write_bytes(b"\x89PNG\r\n\x1a\nbroken")
+    out = tmp_path / "out"
+    result = invoke("superres", path, "--input", inputs, "--samples", 2, "--out", out, "--report")
+    assert result.exit_code == 0, result.output
+    assert (out / "comparison.png").exists() and (out / "img1-sample-1.png").exists()
+    assert "broken.png" in result.stderr and "1 input(s) failed" in result.stderr
+    assert "consistency" in result.stdout
+
+
+def test_superres_refuses_an_unconditional_checkpoint(tmp_path):
+    path, _ = write_generator(tmp_path, attention="local1d", block_length=4)
+    Image.fromarray(rgb(2, 2)).save(tmp_path / "x.png")
+    one_error_line(invoke("superres", path, "--input", tmp_path / "x.png", "--out", tmp_path / "o"), 2,
+                   "not a super-resolution model")
+    assert not (tmp_path / "o").exists()

@@ -1,0 +1,112 @@
+"""Run configuration: precedence, `--set` parsing, strict keys and types, every shipped config."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from imagetx.config import RunConfig, load_config, parse_set, save_config, tomllib
+from imagetx.model.config import ConfigError
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
+
+
+def write(tmp_path, text: str) -> Path:
+    path = tmp_path / "run.toml"
+    path.write_text(text)
+    return path
+
+
+def test_defaults_are_valid_and_round_trip_through_toml(tmp_path):
+    config = RunConfig()
+    config.validate()
+    save_config(config, tmp_path / "config.toml")
+    assert load_config(tmp_path / "config.toml") == config
+    assert RunConfig.from_dict(config.to_dict()) == config
+
+
+def test_precedence_defaults_file_flags_set(tmp_path):
+    path = write(tmp_path, "[train]\nlr = 1e-4\nbatch_size = 4\nseed = 7\n[model]\nn_layers = 2\n")
+    config = load_config(
+        path,
+        flags={"train.batch_size": 8, "train.seed": None, "train.out": "somewhere"},
+        sets=["train.batch_size=9", "model.image_size=[8, 8]"],
+    )
+    assert config.train.lr == 1e-4  # file over default
+    assert config.train.seed == 7  # a flag left at None does not override
+    assert config.train.out == "somewhere"  # flag over default
+    assert config.train.batch_size == 9  # --set over flag over file
+    assert config.model.n_layers == 2 and config.model.image_size == (8, 8)
+    assert config.train.max_steps == RunConfig().train.max_steps
+
+
+def test_set_values_are_toml_literals_or_strings():
+    assert parse_set("train.lr=3e-4") == ("train.lr", 3e-4)
+    assert parse_set("train.compile=false") == ("train.compile", False)
+    assert parse_set("model.query_shape=[4, 8]") == ("model.query_shape", [4, 8])
+    assert parse_set("train.device=cuda:1") == ("train.device", "cuda:1")
+    assert parse_set('data.data_dir="/a b"') == ("data.data_dir", "/a b")
+    assert load_config(sets=["train.max_minutes=5"]).train.max_minutes == 5.0  # int -> float field
+    for bad in ("train.lr", "lr=1", "a.b.c=1", ".x=1"):
+        with pytest.raises(ConfigError, match="section.key=value"):
+            parse_set(bad)
+
+
+def test_every_problem_is_reported_and_names_its_key(tmp_path):
+    path = write(tmp_path, "[trian]\nlr = 1\n[train]\nlrr = 1\nbatch_size = 0\n")
+    with pytest.raises(ConfigError) as info:
+        load_config(path, sets=["model.n_heads=5", "train.precision=fp8", "data.num_workers=true"])
+    problems = info.value.problems
+    text = "\n".join(problems)
+    assert "unknown section [trian]" in text and "did you mean train?" in text
+    assert "unknown key train.lrr" in text and "did you mean train.lr?" in text
+    assert "train.batch_size must be >= 1" in text
+    assert "must be divisible by model.n_heads (5)" in text
+    assert "train.precision must be one of auto, fp32, bf16" in text
+    assert "data.num_workers must be an integer, got True" in text
+    assert len(problems) == 6
+
+
+def test_wrong_types_and_cross_section_problems():
+    with pytest.raises(ConfigError, match=r"model.image_size must be a list of 2 integers, got \[16\]"):
+        load_config(sets=["model.image_size=[16]"])
+    with pytest.raises(ConfigError, match="train.lr must be a number, got 'fast'"):
+        load_config(sets=["train.lr=fast"])
+    with pytest.raises(ConfigError, match=r"data.task is \"superres\" but model.source_size is not set"):
+        load_config(sets=['data.task="superres"'])
+    config = load_config(sets=["data.task=superres", "model.source_size=[4, 4]", "model.encoder_layers=1"])
+    assert config.model.source_size == (4, 4)
+
+
+def test_missing_or_malformed_file(tmp_path):
+    with pytest.raises(ConfigError, match="does not exist"):
+        load_config(tmp_path / "nope.toml")
+    with pytest.raises(ConfigError, match="not valid TOML"):
+        load_config(write(tmp_path, "[train\n"))
+
+
+SHIPPED = [
+    "quickstart", "fashion_mnist", "cifar10", "cifar10_dmol", "cifar10_2d",
+    "imagenet32", "imagenet64_1d", "imagenet64_2d",
+]
+
+
+def test_every_shipped_config_loads_validates_and_sets_every_key():
+    found = sorted(p.stem for p in CONFIGS.glob("*.toml"))
+    assert set(SHIPPED) <= set(found)
+    all_keys = {s: set(v) for s, v in RunConfig().to_dict().items()}
+    for stem in found:
+        path = CONFIGS / f"{stem}.toml"
+        load_config(path).validate()
+        raw = tomllib.loads(path.read_text())
+        for section, keys in all_keys.items():
+            optional = {"data_dir", "builtin_size", "source_size"}  # None: left out of TOML
+            missing = keys - set(raw.get(section, {})) - optional
+            assert not missing, f"{path.name} leaves [{section}] {sorted(missing)} implicit"
+        text = path.read_text()
+        assert f"train --config configs/{stem}.toml" in text.split("[model]")[0], f"{path.name}: no launch command"
+
+
+def test_quickstart_file_is_the_default():
+    assert load_config(CONFIGS / "quickstart.toml") == RunConfig()

@@ -1,0 +1,97 @@
+"""Devices, sharding, and 2-process gloo runs on CPU under torchrun."""
+
+from __future__ import annotations
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+import torch
+
+from imagetx import evaluate, train
+from imagetx.checkpoint import latest_checkpoint, load_checkpoint
+from imagetx.config import load_config
+from imagetx.distributed import select_device, shard
+from imagetx.model.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+TINY = [
+    "model.image_size=[8, 8]", "model.channels=1", "model.n_layers=1", "model.d_model=16",
+    "model.n_heads=2", "model.d_ff=32", "model.block_length=16", "model.dropout=0.0",
+    "train.warmup_steps=2", "train.log_every=1", "train.eval_every=0",
+    "train.sample_every=0", "train.checkpoint_every=0", "train.device=cpu",
+]
+
+
+def test_select_device():
+    assert select_device("auto") == torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    assert select_device("cpu") == torch.device("cpu")
+    with pytest.raises(ConfigError, match="device must be auto, cpu, cuda or cuda:N"):
+        select_device("tpu")
+    if not torch.cuda.is_available():
+        with pytest.raises(ConfigError, match="CUDA is not available"):
+            select_device("cuda:0")
+
+
+def test_shards_cover_every_index_once_without_padding():
+    for n in (0, 1, 5, 7, 64):
+        for world in (1, 2, 3, 8):
+            parts = [list(shard(n, r, world)) for r in range(world)]
+            assert sum(parts, []) == list(range(n))
+            assert max(map(len, parts)) - min(map(len, parts)) <= 1
+
+
+CHILD = """
+import json, sys
+import torch.distributed as dist
+from imagetx import evaluate, train
+from imagetx.config import load_config
+from imagetx.distributed import distributed
+
+ckpt, out, result_file, sets = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
+with distributed("cpu") as ctx:  # joins the gloo group from torchrun's environment
+    assert dist.get_world_size() == 2 and ctx.world_size == 2
+    bpd = evaluate.run(ckpt, limit=7, batch_size=2, device="cpu", progress=False)
+    summary = train.run(load_config(sets=sets + [f"train.out={out}"]))
+    if ctx.is_main:
+        with open(result_file, "w") as f:
+            json.dump({"eval": bpd, "train": summary}, f)
+"""
+
+
+def test_two_gloo_processes_match_one(tmp_path):
+    # a checkpoint to evaluate, from a short single-process run
+    base = tmp_path / "base"
+    train.run(load_config(sets=[*TINY, "train.batch_size=4", "train.max_steps=2", f"train.out={base}"]))
+    ckpt = latest_checkpoint(base)
+    one = evaluate.run(ckpt, limit=7, batch_size=3, device="cpu", progress=False)
+
+    child = tmp_path / "child.py"
+    child.write_text(CHILD)
+    result = tmp_path / "result.json"
+    sets = [*TINY, "train.batch_size=2", "train.max_steps=3"]  # 2 processes x 2 = one process x 4
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+    proc = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+         str(child), str(ckpt), str(tmp_path / "ddp"), str(result), json.dumps(sets)],
+        cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
+    )
+    assert proc.returncode == 0, proc.stderr[-4000:]
+    two = json.loads(result.read_text())
+
+    # evaluation: every image counted once, the same number as one process
+    assert two["eval"]["images"] == one["images"] == 7
+    assert two["eval"]["bpd"] == pytest.approx(one["bpd"], rel=1e-9)
+
+    # training: the same global batch gives the same losses as one process
+    single = tmp_path / "single"
+    train.run(load_config(sets=[*TINY, "train.batch_size=4", "train.max_steps=3", f"train.out={single}"]))
+    losses = lambda run: [json.loads(l)["loss"] for l in (run / "metrics.jsonl").read_text().splitlines()]  # noqa: E731
+    assert losses(tmp_path / "ddp") == pytest.approx(losses(single), rel=1e-5)  # rank 0 wrote each row once
+    ddp_ckpt = load_checkpoint(latest_checkpoint(tmp_path / "ddp"))
+    assert ddp_ckpt["world_size"] == 2 and len(ddp_ckpt["rng"]) == 2
+    assert set(ddp_ckpt["model"]) == set(load_checkpoint(latest_checkpoint(single))["model"])  # no "module."
+    assert ddp_ckpt["data_position"] == {"epoch": 0, "index": 12, "dataset_size": 20000}

@@ -1,0 +1,85 @@
+"""Exact bits/dim: equal to a direct computation from the model's logits, for every kind of model."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from torch.utils.data import Dataset
+
+from imagetx.errors import RunError
+from imagetx.evaluate import evaluate_bpd
+from imagetx.model.config import ModelConfig
+from imagetx.model.transformer import ImageTransformer
+
+TINY = dict(image_size=(3, 4), channels=3, n_layers=1, d_model=16, n_heads=2, d_ff=32, block_length=8, dropout=0.2)
+
+
+class Images(Dataset):
+    """In-memory items (image, label) or, with a source size, (target, source, label)."""
+
+    def __init__(self, n: int, image_size, channels=3, num_classes=0, source_size=None, seed=0):
+        g = torch.Generator().manual_seed(seed)
+        self.x = torch.randint(0, 256, (n, *image_size, channels), generator=g, dtype=torch.uint8)
+        self.x[:, 0] = 17  # some structure, so the model is not uniform
+        self.labels = torch.randint(0, max(num_classes, 1), (n,), generator=g) if num_classes else None
+        self.source = None
+        if source_size is not None:
+            self.source = torch.randint(0, 256, (n, *source_size, channels), generator=g, dtype=torch.uint8)
+        self.num_classes, self.image_size, self.channels = num_classes, tuple(image_size), channels
+        self.description, self.split = "random test images", "test"
+
+    def __len__(self):
+        return len(self.x)
+
+    def __getitem__(self, i):
+        label = int(self.labels[i]) if self.labels is not None else -1
+        return (self.x[i], self.source[i], label) if self.source is not None else (self.x[i], label)
+
+
+def direct_bpd(model, ds: Images, n: int) -> float:
+    """Sum of -log softmax(logits)[value] over every sub-pixel of the first n images, in float64."""
+    model.eval()
+    labels = ds.labels[:n] if ds.labels is not None else None
+    source = ds.source[:n] if ds.source is not None else None
+    with torch.no_grad():
+        logits = model(ds.x[:n], labels=labels, source=source).double()  # (n, H, W, C, 256)
+    logp = torch.log_softmax(logits, dim=-1).gather(-1, ds.x[:n].long()[..., None])
+    return -logp.sum().item() / (n * model.config.num_dims * math.log(2))
+
+
+@pytest.mark.parametrize(
+    "extra",
+    [{}, dict(num_classes=3), dict(source_size=(2, 2), encoder_layers=1), dict(attention="local2d", query_shape=(2, 4))],
+    ids=["unconditional", "class-conditional", "super-resolution", "local2d"],
+)
+def test_bpd_equals_direct_computation_from_logits(extra):
+    torch.manual_seed(0)
+    model = ImageTransformer(ModelConfig(**{**TINY, **extra})).train()
+    ds = Images(10, TINY["image_size"], num_classes=extra.get("num_classes", 0), source_size=extra.get("source_size"))
+    result = evaluate_bpd(model, ds, batch_size=3, limit=7)
+    assert model.training  # the caller's mode is restored
+    assert result["images"] == 7 and result["split"] == "test" and result["dataset"] == "random test images"
+    assert result["bpd"] == pytest.approx(direct_bpd(model, ds, 7), rel=1e-6)
+    assert result["nll_nats"] == pytest.approx(result["bpd"] * 36 * math.log(2), rel=1e-12)
+    again = evaluate_bpd(model, ds, batch_size=7, limit=7)  # eval mode: no dropout, deterministic
+    assert again["bpd"] == pytest.approx(result["bpd"], rel=1e-6)
+    assert evaluate_bpd(model, ds, batch_size=4)["images"] == 10
+
+
+def test_dmol_bpd_is_the_sum_of_model_nll():
+    torch.manual_seed(0)
+    model = ImageTransformer(ModelConfig(**{**TINY, "output": "dmol", "num_mixtures": 2})).eval()
+    ds = Images(5, TINY["image_size"])
+    with torch.no_grad():
+        nll = model.nll(ds.x).double().sum().item()
+    assert evaluate_bpd(model, ds, batch_size=2)["bpd"] == pytest.approx(nll / (5 * 36 * math.log(2)), rel=1e-6)
+
+
+def test_data_that_cannot_feed_the_model_is_a_clear_error():
+    model = ImageTransformer(ModelConfig(**{**TINY, "num_classes": 3}))
+    with pytest.raises(RunError, match="class-conditional .* has no labels"):
+        evaluate_bpd(model, Images(4, TINY["image_size"]))
+    with pytest.raises(RunError, match=r"has 4x4 images but the model expects \(3, 4\)"):
+        evaluate_bpd(ImageTransformer(ModelConfig(**TINY)), Images(4, (4, 4)))

@@ -1,0 +1,219 @@
+"""Training runs: the run directory, exact resume after SIGKILL, SIGINT, NaN, time limits, bad dirs."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+
+from imagetx import train
+from imagetx.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from imagetx.config import RunConfig, load_config
+from imagetx.errors import RunError
+from imagetx.model.config import ConfigError
+
+ROOT = Path(__file__).resolve().parents[1]
+
+# A model small enough that a step takes milliseconds, on 8x8 grayscale builtin shapes.
+TINY = [
+    "model.image_size=[8, 8]", "model.channels=1", "model.n_layers=1", "model.d_model=16",
+    "model.n_heads=2", "model.d_ff=32", "model.block_length=16", "model.dropout=0.1",
+    "train.batch_size=4", "train.warmup_steps=3", "train.log_every=1",
+    "train.eval_every=0", "train.sample_every=0", "train.checkpoint_every=5", "train.keep_checkpoints=0",
+]
+
+
+def tiny(out: Path, *extra: str) -> RunConfig:
+    return load_config(sets=[*TINY, f"train.out={out}", *extra])
+
+
+def rows(run_dir: Path, key: str = "loss") -> list[dict]:
+    lines = (run_dir / "metrics.jsonl").read_text().splitlines()
+    return [r for r in map(json.loads, lines) if key in r]
+
+
+def curve(run_dir: Path) -> list[tuple]:
+    """The deterministic part of the training rows (not the timings)."""
+    return [(r["step"], r["loss"], r["train_bpd"], r["lr"], r["grad_norm"], r["epoch"]) for r in rows(run_dir)]
+
+
+def script(tmp_path: Path, body: str) -> Path:
+    """A Python script that runs imagetx in a child process; `slow` makes each step take 20 ms
+    longer so that signals land mid-run."""
+    path = tmp_path / "child.py"
+    path.write_text(
+        "import sys, time\n"
+        "import imagetx.train as T\n"
+        "step = T.Trainer.train_step\n"
+        "def slow(self, stream):\n"
+        "    time.sleep(0.02)\n"
+        "    return step(self, stream)\n"
+        "T.Trainer.train_step = slow\n" + body
+    )
+    return path
+
+
+def start(path: Path) -> subprocess.Popen:
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}  # this source tree, whatever is installed
+    return subprocess.Popen(
+        [sys.executable, str(path)], cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
+    )
+
+
+def wait_for(predicate, proc, timeout=120.0):
+    deadline = time.monotonic() + timeout
+    while not predicate():
+        assert proc.poll() is None, proc.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+
+
+def test_schedule_warmup_then_rsqrt_cosine_constant():
+    f = train.lr_factor
+    assert [f(s, "rsqrt", 4, 100) for s in (1, 2, 4)] == [0.25, 0.5, 1.0]
+    assert f(16, "rsqrt", 4, 100) == 0.5  # step^-0.5 after the peak
+    assert f(1, "rsqrt", 0, 100) == 1.0 and f(4, "rsqrt", 0, 100) == 0.5
+    assert f(4, "cosine", 4, 104) == 1.0 and f(54, "cosine", 4, 104) == pytest.approx(0.5)
+    assert f(104, "cosine", 4, 104) == pytest.approx(0.0, abs=1e-12)
+    assert f(50, "constant", 4, 100) == 1.0
+
+
+def test_data_order_visits_every_image_once_per_epoch():
+    order = train.DataOrder(10, seed=3)
+    seen, epoch, index = [], 0, 0
+    for _ in range(5):  # 5 steps of 4 = two epochs exactly, crossing the boundary mid-step
+        idx, epoch, index = order.take(epoch, index, 4)
+        seen += idx
+    assert (epoch, index) == (2, 0)
+    assert sorted(seen[:10]) == list(range(10)) and sorted(seen[10:]) == list(range(10))
+    assert seen[:10] != seen[10:]  # a new permutation each epoch
+
+
+def test_a_run_writes_a_self_describing_directory(tmp_path):
+    out = tmp_path / "run"
+    config = tiny(
+        out, "train.max_steps=6", "train.eval_every=3", "train.eval_images=8", "train.sample_every=6",
+        "train.sample_count=4", "train.checkpoint_every=2", "train.keep_checkpoints=2", "train.log_every=2",
+    )
+    summary = train.run(config)
+    assert summary["status"] == "completed" and summary["step"] == 6
+    assert load_config(out / "config.toml") == config
+    assert [s for s, _ in list_checkpoints(out)] == [4, 6]
+    assert [p.name for p in (out / "samples").iterdir()] == ["step-00000006.png"]
+    train_rows = rows(out)
+    assert [r["step"] for r in train_rows] == [2, 4, 6]
+    for r in train_rows:
+        assert {"loss", "train_bpd", "lr", "grad_norm", "images_per_sec"} <= set(r)
+        assert 0 < r["loss"] < 9 and r["images_per_sec"] > 0
+    evals = rows(out, "eval_bpd")
+    assert [(r["step"], r["eval_images"], r["eval_split"]) for r in evals] == [(3, 8, "test"), (6, 8, "test")]
+    assert summary["eval_bpd"] == evals[-1]["eval_bpd"]
+    ckpt = load_checkpoint(out / "checkpoints" / "step-00000006.pt")
+    assert ckpt["data_position"] == {"epoch": 0, "index": 24, "dataset_size": 20000}
+    assert RunConfig.from_dict(ckpt["config"]) == config
+
+
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
+    extra = ["train.max_steps=24", "train.grad_accum=2", "train.grad_clip=0.5"]
+    straight = tmp_path / "straight"
+    train.run(tiny(straight, *extra))
+
+    killed = tmp_path / "killed"
+    child = script(
+        tmp_path,
+        "from imagetx.config import load_config\n"
+        f"T.run(load_config(sets={[*TINY, f'train.out={killed}', *extra]!r}))\n",
+    )
+    proc = start(child)
+    wait_for(lambda: (killed / "checkpoints" / "step-00000010.pt").exists(), proc)
+    time.sleep(0.06)  # a few more steps, logged but never checkpointed
+    proc.kill()
+    proc.communicate()
+    assert proc.returncode == -signal.SIGKILL
+    steps = [s for s, _ in list_checkpoints(killed)]
+    assert steps and max(steps) < 24, steps
+
+    summary = train.run(tiny(killed, *extra), resume="auto")
+    assert summary["step"] == 24
+    assert curve(killed) == curve(straight)
+    a = load_checkpoint(latest_checkpoint(straight))
+    b = load_checkpoint(latest_checkpoint(killed))
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert a["data_position"] == b["data_position"]
+
+
+def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path):
+    out = tmp_path / "run"
+    child = script(
+        tmp_path,
+        "from imagetx.cli import app\n"
+        f"sys.argv = ['imagetx', 'train', '--out', {str(out)!r}, '--max-steps', '100000']"
+        f" + [a for s in {TINY!r} for a in ('--set', s)]\n"
+        "app()\n",
+    )
+    proc = start(child)
+    wait_for(lambda: (out / "checkpoints" / "step-00000005.pt").exists(), proc)
+    time.sleep(0.05)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err[-3000:]
+    assert "SIGINT: stopping after this step" in err and "Traceback" not in err
+    step = load_checkpoint(latest_checkpoint(out))["step"]
+    assert step >= 5 and step == rows(out)[-1]["step"]
+    assert f"interrupted at step {step}" in err
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    calls = {"n": 0}
+    forward = train.Objective.forward
+
+    def poisoned(self, *args, **kwargs):
+        calls["n"] += 1
+        nll = forward(self, *args, **kwargs)
+        return nll * float("nan") if calls["n"] == 8 else nll
+
+    monkeypatch.setattr(train.Objective, "forward", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(RunError, match=r"loss is nan at step 8: training stopped") as info:
+        train.run(tiny(out, "train.max_steps=20"))
+    assert "step-00000005.pt" in str(info.value)
+    assert [s for s, _ in list_checkpoints(out)] == [5]
+    assert rows(out)[-1]["step"] == 7
+    assert all(math.isfinite(r["loss"]) for r in rows(out))
+
+
+def test_time_limit_stops_cleanly_with_a_checkpoint(tmp_path):
+    summary = train.run(tiny(tmp_path / "run", "train.max_steps=100000", "train.max_minutes=0.0001"))
+    assert summary["status"] == "time_limit" and train.EXIT_STATUS["time_limit"] == 0
+    assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["step"] == summary["step"] < 100000
+
+
+def test_output_directory_is_never_overwritten(tmp_path):
+    out = tmp_path / "run"
+    out.mkdir()
+    (out / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match="is not empty .* --resume auto"):
+        train.run(tiny(out, "train.max_steps=1"))
+    assert os.listdir(out) == ["notes.txt"]
+    blocker = tmp_path / "file"
+    blocker.write_text("")
+    with pytest.raises(RunError, match="cannot write to the output directory"):
+        train.run(tiny(blocker / "run", "train.max_steps=1"))
+
+
+def test_resume_keeps_the_architecture_and_can_extend_a_run(tmp_path):
+    out = tmp_path / "run"
+    train.run(tiny(out, "train.max_steps=3"))
+    with pytest.raises(ConfigError, match=r"model.n_layers = 2 \(checkpoint: 1\)"):
+        train.run(tiny(out, "train.max_steps=6", "model.n_layers=2"), resume="auto")
+    summary = train.run(tiny(out, "train.max_steps=6"), resume="auto")
+    assert summary["step"] == 6 and [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]
