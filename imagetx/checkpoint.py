@@ -165,7 +165,7 @@ def make_checkpoint(
 
 
 def save_checkpoint(run_dir: str | os.PathLike, checkpoint: Mapping, keep: int = 0) -> Path:
-    """Write RUN/checkpoints/step-XXXXXXXX.pt atomically; then delete all but the newest `keep`
+    """Write RUN/checkpoints/step-NNNNNNNN.pt atomically; then delete all but the newest `keep`
     checkpoints (0: keep all). The file just written is never deleted."""
     path = checkpoint_path(run_dir, checkpoint["step"])
     path.parent.mkdir(parents=True, exist_ok=True)

@@ -53,6 +53,11 @@ def grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, scale:
     return g.permute(1, 2, 0).contiguous()
 
 
+def display_scale(size: tuple[int, int]) -> int:
+    """How much to enlarge small images in grids so they can be seen (16x16 -> 4x, 32x32 -> 2x)."""
+    return max(1, 64 // max(size))
+
+
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, scale: int = 1) -> Path:
     return save_png(grid(images, nrow=nrow, scale=scale), path)
 

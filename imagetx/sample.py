@@ -14,7 +14,7 @@ import torch
 from imagetx.checkpoint import load_model
 from imagetx.distributed import select_device
 from imagetx.errors import ConfigError
-from imagetx.images import fit, read_image, save_grid, save_npz, save_png
+from imagetx.images import display_scale, fit, read_image, save_grid, save_npz, save_png
 
 
 @dataclass
@@ -147,7 +147,7 @@ def run(req: SampleRequest) -> dict:
     written = []
     # Everything is sampled before anything is written, and each file is written atomically.
     if req.out is not None:
-        written.append(str(save_grid(images, req.out, scale=_scale(cfg.image_size))))
+        written.append(str(save_grid(images, req.out, scale=display_scale(cfg.image_size))))
     if req.individual is not None:
         d = Path(req.individual)
         d.mkdir(parents=True, exist_ok=True)
@@ -168,8 +168,3 @@ def run(req: SampleRequest) -> dict:
         "ms_per_position": round(1000 * seconds / (len(batches) * cfg.seq_len), 4),
         "written": written,
     }
-
-
-def _scale(size: tuple[int, int]) -> int:
-    """Enlarge small images in grids so they can be seen (16x16 -> 4x, 32x32 -> 2x)."""
-    return max(1, 64 // max(size))

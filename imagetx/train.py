@@ -6,8 +6,8 @@ The run directory describes itself:
     RUN/metrics.jsonl               one JSON object per line: training rows
                                     {step, loss, train_bpd, lr, grad_norm, images_per_sec, epoch, ...}
                                     and held-out rows {step, eval_bpd, eval_images, eval_split}
-    RUN/checkpoints/step-XXXXXXXX.pt
-    RUN/samples/step-XXXXXXXX.png   sample grids from a fixed generator (comparable across steps)
+    RUN/checkpoints/step-NNNNNNNN.pt
+    RUN/samples/step-NNNNNNNN.png   sample grids from a fixed generator (comparable across steps)
 
 The loss is the training objective in bits/dim: mean NLL of the batch / (H*W*C * ln 2). `loss` is
 the loss of that step's batch, `train_bpd` its mean over the steps since the previous row; the
@@ -50,6 +50,7 @@ from imagetx.checkpoint import (
 from imagetx.config import RunConfig, save_config
 from imagetx.distributed import Dist, all_gather_object, all_reduce_sum, broadcast_object, distributed
 from imagetx.errors import RunError
+from imagetx.images import display_scale, save_grid
 from imagetx.evaluate import LN2, batches, check_compatible, dataset_for, describe, evaluate_bpd, unpack
 from imagetx.model.config import ConfigError, ModelConfig
 from imagetx.model.transformer import ImageTransformer
@@ -382,8 +383,6 @@ class Trainer:
         sample and target for super-resolution)."""
         if not self.ctx.is_main:
             return None
-        from torchvision.utils import make_grid, save_image
-
         cfg, n = self.config.model, self.t.sample_count
         labels = source = targets = None
         if cfg.num_classes:
@@ -401,17 +400,16 @@ class Trainer:
                 images = self.model.sample(n, labels=labels, source=source, generator=generator).cpu()
         finally:
             self.model.train(was_training)
-        to_float = lambda x: x.permute(0, 3, 1, 2).float() / 255.0  # noqa: E731  (N, C, H, W)
-        if targets is not None:
+        nrow = None
+        if targets is not None:  # rows of (source enlarged, sample, ground truth)
             H, W = cfg.image_size
-            up = torch.nn.functional.interpolate(to_float(source.cpu()), size=(H, W), mode="nearest")
-            tiles = torch.stack([up, to_float(images), to_float(targets)], dim=1).flatten(0, 1)  # (3n, C, H, W)
-            grid = make_grid(tiles, nrow=3 * max(1, int(math.sqrt(n / 3))), padding=1, pad_value=1.0)
-        else:
-            grid = make_grid(to_float(images), nrow=max(1, round(math.sqrt(n))), padding=1, pad_value=1.0)
+            up = torch.nn.functional.interpolate(source.cpu().permute(0, 3, 1, 2).float(), size=(H, W), mode="nearest")
+            up = up.to(torch.uint8).permute(0, 2, 3, 1)  # (n, H, W, C)
+            images = torch.stack([up, images, targets.cpu().to(torch.uint8)], dim=1).flatten(0, 1)  # (3n, H, W, C)
+            nrow = 3 * max(1, int(math.sqrt(n / 3)))
         path = self.run_dir / "samples" / f"step-{self.step:08d}.png"
         path.parent.mkdir(exist_ok=True)
-        atomic_write(path, lambda f: save_image(grid, f, format="PNG"))
+        save_grid(images, path, nrow=nrow, scale=display_scale(cfg.image_size))
         return path
 
     # ---- the loop --------------------------------------------------------------------------------

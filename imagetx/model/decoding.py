@@ -184,12 +184,6 @@ def draw(out: torch.Tensor, config, temperature: float, generator=None) -> torch
     return torch.multinomial(probs, 1, generator=generator)[:, 0]
 
 
-def _positions(model):
-    """Per generation step: index into the flattened image: (B, L) for categorical (a sub-pixel)
-    or (B, H*W, C) rows for DMOL (a pixel)."""
-    return model.order.tolist()
-
-
 def generate(
     model, n, labels=None, source=None, temperature=1.0, generator=None, use_cache=True,
     prime=None, prime_mask=None, progress=None,
@@ -214,7 +208,7 @@ def generate(
     model.eval()
     try:
         flat = x.view(n, cfg.seq_len, -1)  # (n, L, 1) categorical or (n, L, C) DMOL, grid order
-        steps = _positions(model)
+        steps = model.order.tolist()  # generation step -> grid position
         decoder = IncrementalDecoder(model, n, labels, source) if use_cache else None
         prev = None
         for k, g in enumerate(steps):
