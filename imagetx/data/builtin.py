@@ -1,6 +1,8 @@
-"""The built-in procedural data set: one coloured shape per image on a plain, graded or striped
+"""The built-in procedural data set: one coloured shape per image on a plain, banded or striped
 background. Needs no files, is bit-identical for a seed, and is simple enough that a small model
-trained on a CPU for minutes produces recognisable samples.
+trained on a CPU for minutes produces recognisable samples: colours come from a palette (channel
+levels in steps of 51), gradients are four bands and stripes are hard, so each channel takes few
+distinct values and a 256-way softmax has little to learn beyond the shapes themselves.
 """
 
 from __future__ import annotations
@@ -17,6 +19,11 @@ _SPLIT_STREAMS = {"train": 0, "test": 1}
 # every image.
 _PARAMS = 20
 _CHUNK = 1024
+
+
+def _palette(rgb: np.ndarray) -> np.ndarray:
+    """Snap channel values in [0, 255] to the palette levels 0, 51, ..., 255."""
+    return np.round(rgb / 51.0) * 51.0
 
 
 def _hsv_to_rgb(h: np.ndarray, s: np.ndarray, v: np.ndarray) -> np.ndarray:
@@ -71,10 +78,10 @@ def _render(u: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndar
     # High contrast: a bright saturated shape on a dark background or a deep one on a light one.
     sat = np.where(dark, 0.35 + 0.65 * u[:, 6], 0.6 + 0.4 * u[:, 6])
     val = np.where(dark, 0.85 + 0.15 * u[:, 7], 0.3 + 0.3 * u[:, 7])
-    fg = _hsv_to_rgb(u[:, 5], sat, val) * 255.0  # (B, 3)
+    fg = _palette(_hsv_to_rgb(u[:, 5], sat, val) * 255.0)  # (B, 3)
     base = np.where(dark, 0.0, 175.0)[:, None]
-    bg1 = base + 80.0 * u[:, 8:11]  # (B, 3)
-    bg2 = base + 80.0 * u[:, 11:14]
+    bg1 = _palette(base + 80.0 * u[:, 8:11])  # (B, 3)
+    bg2 = _palette(base + 80.0 * u[:, 11:14])
 
     ys = np.arange(height, dtype=np.float32)[None, :, None] + 0.5  # (1, H, 1) pixel centres
     xs = np.arange(width, dtype=np.float32)[None, None, :] + 0.5  # (1, 1, W)
@@ -89,16 +96,17 @@ def _render(u: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndar
 
     graded, striped = (style >= 0.5) & (style < 0.85), style >= 0.85
     if graded.any():
-        t[graded] = np.clip(0.5 + projection(graded) / side, 0.0, 1.0)
+        t[graded] = np.round(3.0 * np.clip(0.5 + projection(graded) / side, 0.0, 1.0)) / 3.0  # 4 bands
     if striped.any():
         period, phase = side * (0.2 + 0.15 * u[striped, 16]), 2 * np.pi * u[striped, 17]
-        t[striped] = 0.5 + 0.5 * np.sin(2 * np.pi * projection(striped) / period[:, None, None] + phase[:, None, None])
+        wave = np.sin(2 * np.pi * projection(striped) / period[:, None, None] + phase[:, None, None])
+        t[striped] = (wave > 0).astype(np.float32)  # hard stripes
 
     full = (len(u), height, width)
     dx = np.broadcast_to(xs - cx[:, None, None], full)  # (B, H, W)
     dy = np.broadcast_to(ys - cy[:, None, None], full)
     sdf = _shape_sdf(kind, dx, dy, r)
-    coverage = np.clip(0.5 - sdf, 0.0, 1.0)[..., None]  # one-pixel antialiased edge
+    coverage = np.round(2.0 * np.clip(0.5 - sdf, 0.0, 1.0))[..., None] / 2.0  # edge pixels half covered
 
     # In place, to keep passes over the (B, H, W, 3) floats few: background, then blend the shape.
     image = t[..., None] * (bg2 - bg1)[:, None, None, :]  # (B, H, W, 3)
