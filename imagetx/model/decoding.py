@@ -29,9 +29,8 @@ class FullCache:
     def __init__(self, B, h, hd, layout: Layout, like: torch.Tensor):
         self.k = like.new_zeros(B, h, layout.seq_len, hd)
         self.v = like.new_zeros(B, h, layout.seq_len, hd)
-        self.n = 0
 
-    def attend(self, q, k, v, step: int):
+    def attend(self, q, k, v, step: int, internal: int):
         self.k[:, :, step] = k[:, :, 0]
         self.v[:, :, step] = v[:, :, 0]
         return F.scaled_dot_product_attention(q, self.k[:, :, : step + 1], self.v[:, :, : step + 1])
@@ -46,7 +45,7 @@ class Local1DCache:
         self.v = like.new_zeros(B, h, 2 * self.lq, hd)
         self.mask = window_mask  # (nb, lq, 2lq)
 
-    def attend(self, q, k, v, step: int):
+    def attend(self, q, k, v, step: int, internal: int):
         b, i = divmod(step, self.lq)
         if i == 0 and b > 0:  # a new block: the current block becomes the memory
             self.k[:, :, : self.lq] = self.k[:, :, self.lq :]
@@ -154,10 +153,7 @@ class IncrementalDecoder:
 
             def self_attention(t, attn=attn, cache=cache):
                 q, kk, vv = (_heads(u, h) for u in attn.qkv(t).chunk(3, dim=-1))
-                if isinstance(cache, Local2DCache):
-                    o = cache.attend(q, kk, vv, k, internal)
-                else:
-                    o = cache.attend(q, kk, vv, k)
+                o = cache.attend(q, kk, vv, k, internal)  # every cache: (step, internal position)
                 return attn.out(o.transpose(1, 2).reshape(self.batch, 1, -1))
 
             x = block.residual(x, self_attention, block.norm_attn)
