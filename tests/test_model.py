@@ -56,8 +56,9 @@ VARIANTS = [
     ("local1d", "categorical", dict(block_length=5, num_classes=4)),
     ("local2d", "dmol", dict(query_shape=(2, 2), memory_flange=(1, 1), num_classes=3)),
     ("local1d", "categorical", dict(block_length=6, source_size=(2, 1), encoder_layers=1)),
-    ("local2d", "categorical", dict(query_shape=(2, 4), memory_flange=(2, 2), source_size=(3, 2), encoder_layers=2)),
-    ("full", "dmol", dict(source_size=(2, 2), encoder_layers=1, num_classes=2)),
+    ("local2d", "categorical", dict(query_shape=(2, 4), memory_flange=(2, 2), source_size=(3, 2), encoder_layers=2,
+                                    source_skip=True)),
+    ("full", "dmol", dict(source_size=(2, 2), encoder_layers=1, num_classes=2, source_skip=True)),
     ("local1d", "categorical", dict(block_length=4, norm="pre", positional="learned", channels=1, image_size=(4, 5))),
 ]
 
@@ -233,3 +234,23 @@ def test_config_round_trips_through_a_dict():
     cfg = tiny("local2d", query_shape=(2, 4), memory_flange=(1, 3), source_size=(2, 1), encoder_layers=1)
     again = ModelConfig.from_dict(cfg.to_dict())
     assert again == cfg
+
+
+@pytest.mark.parametrize("output", ["categorical", "dmol"])
+def test_source_skip_reads_the_low_res_value_covering_each_position(output):
+    # 6x4 image from a 3x2 source: every source pixel covers a 2x2 block of the image
+    cfg = tiny("local2d", output, query_shape=(2, 2), memory_flange=(1, 1), image_size=(6, 4),
+               source_size=(3, 2), encoder_layers=1, source_skip=True)
+    model = ImageTransformer(cfg)
+    per = cfg.tokens_per_pixel
+    valid = model.layout.valid
+    rows, cols = model.layout.row_of[valid], model.layout.col_of[valid]
+    index = model.source_index[valid]
+    if output == "categorical":
+        channel = cols % cfg.channels
+        assert torch.equal(index % cfg.channels, channel)
+        index = index // cfg.channels
+        assert torch.equal(model.source_offset[valid], channel * 256)
+    assert torch.equal(index, (rows // 2) * 2 + (cols // per) // 2)
+    with pytest.raises(ConfigError, match="source_skip needs model.source_size"):
+        ModelConfig(source_skip=True)

@@ -46,6 +46,9 @@ class ModelConfig:
     norm: str = "post"  # "post" (as published) or "pre" LayerNorm
     source_size: tuple[int, int] | None = None  # (h, w) low-res input: makes an encoder-decoder
     encoder_layers: int = 0  # full-attention encoder layers (super-resolution only)
+    # super-resolution only: also add, at every decoder position, an embedding of the low-res
+    # value that covers it (a local path beside the cross-attention; not in the paper)
+    source_skip: bool = False
 
     def __post_init__(self):
         for name in ("image_size", "query_shape", "memory_flange", "source_size"):
@@ -160,6 +163,10 @@ class ModelConfig:
                 )
         elif self.encoder_layers:
             p.append("model.encoder_layers is set but model.source_size is not; set both or neither")
+        if not isinstance(self.source_skip, bool):
+            p.append(f"model.source_skip must be true or false, got {self.source_skip!r}")
+        elif self.source_skip and self.source_size is None:
+            p.append("model.source_skip needs model.source_size (a super-resolution model)")
         return p
 
     def validate(self) -> None:

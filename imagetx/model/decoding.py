@@ -110,7 +110,7 @@ class IncrementalDecoder:
         self.layout = model.layout
         p = next(model.parameters())
         like = torch.empty(0, device=p.device, dtype=p.dtype)
-        self.cls, memory = model.condition(labels, source)
+        self.cond, memory = model.condition(labels, source)  # (B, 1 or Lp, d) or None
         self.caches, self.cross_kv = [], []
         h, hd = cfg.n_heads, cfg.head_dim
         for block in model.blocks:
@@ -139,9 +139,10 @@ class IncrementalDecoder:
             x = m.embed(prev.long() + m.input_offset[k - 1]) * m.scale
         else:
             x = m.embed(prev.float() / 127.5 - 1.0)
+        internal = self.gen_to_internal[k]
         x = x + m.pos(m.gen_to_internal[k : k + 1])
-        if self.cls is not None:
-            x = x + self.cls[:, 0]
+        if self.cond is not None:
+            x = x + self.cond[:, internal if self.cond.shape[1] > 1 else 0]
         return x[:, None, :]  # (B, 1, d)
 
     def step(self, k: int, prev=None) -> torch.Tensor:

@@ -155,6 +155,9 @@ class ImageTransformer(nn.Module):
         self.pos = PositionEncoding2D(config.positional, d, layout.row_of, layout.col_of)
         self.class_embed = _embedding(config.num_classes, d) if config.num_classes else None
         self.encoder = SourceEncoder(config) if config.source_size is not None else None
+        self.source_embed = None
+        if config.source_skip:
+            self._init_source_skip(config)
         cross = self.encoder is not None
         self.drop = nn.Dropout(config.dropout)
         self.blocks = nn.ModuleList(
@@ -165,6 +168,23 @@ class ImageTransformer(nn.Module):
         if layout.window_mask is not None:
             self.register_buffer("window_mask", layout.window_mask, persistent=False)
         self._bias_cache: dict = {}
+
+    def _init_source_skip(self, config: ModelConfig) -> None:
+        """The low-res value covering each internal position: its source sub-pixel (categorical,
+        embedded like the inputs) or source pixel (DMOL, a linear map of its channels)."""
+        (H, W), (h, w), C = config.image_size, config.source_size, config.channels
+        per = config.tokens_per_pixel
+        row = self.layout.row_of.clamp(max=H - 1)  # padded 2D positions: any valid index will do
+        col = (self.layout.col_of // per).clamp(max=W - 1)
+        pixel = (row * h // H) * w + col * w // W  # (Lp,) source pixel
+        if config.output == "categorical":
+            channel = self.layout.col_of % C
+            self.register_buffer("source_index", pixel * C + channel, persistent=False)
+            self.register_buffer("source_offset", channel * 256, persistent=False)
+            self.source_embed = _embedding(256 * C, config.d_model)
+        else:
+            self.register_buffer("source_index", pixel, persistent=False)
+            self.source_embed = nn.Linear(C, config.d_model, bias=False)
 
     # ---- helpers ----------------------------------------------------------------------------
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
@@ -177,6 +197,8 @@ class ImageTransformer(nn.Module):
             n -= self.embed.weight.numel()
             if self.class_embed is not None:
                 n -= self.class_embed.weight.numel()
+            if isinstance(self.source_embed, nn.Embedding):
+                n -= self.source_embed.weight.numel()
         return n
 
     def check_inputs(self, x=None, labels=None, source=None, batch: int | None = None) -> None:
@@ -238,10 +260,24 @@ class ImageTransformer(nn.Module):
         return self._bias_cache[key]
 
     def condition(self, labels=None, source=None):
-        """-> (class embedding (B, 1, d) or None, encoder memory (B, S, d) or None)."""
-        cls = self.class_embed(labels.long())[:, None, :] if self.class_embed is not None else None
+        """-> (cond, memory): cond is added to the decoder input at every position: the class
+        embedding (B, 1, d), plus with source_skip the covering low-res value's embedding, making
+        it (B, Lp, d) in internal layout; None for neither. memory: encoder output (B, S, d) or None.
+        """
+        cond = None
+        if self.class_embed is not None:  # scaled like the token embeddings: on par with them from the start
+            cond = self.class_embed(labels.long())[:, None, :] * self.scale
         memory = self.encoder(source) if self.encoder is not None else None
-        return cls, memory
+        if self.source_embed is not None:
+            B = source.shape[0]
+            if self.config.output == "categorical":
+                tokens = source.reshape(B, -1).long()[:, self.source_index] + self.source_offset
+                skip = self.source_embed(tokens) * self.scale
+            else:
+                pixels = source.reshape(B, -1, self.config.channels)[:, self.source_index]
+                skip = self.source_embed(pixels.float() / 127.5 - 1.0)
+            cond = skip if cond is None else cond + skip
+        return cond, memory
 
     def embed_inputs(self, x: torch.Tensor) -> torch.Tensor:
         """x (B, H, W, C) -> decoder inputs in generation order (B, L, d), shifted right by one."""
@@ -271,10 +307,10 @@ class ImageTransformer(nn.Module):
         The output at a position depends only on positions before it in generation order.
         """
         self.check_inputs(x, labels, source)
-        cls, memory = self.condition(labels, source)
+        cond, memory = self.condition(labels, source)
         h = self.to_internal(self.embed_inputs(x)) + self.pos()
-        if cls is not None:
-            h = h + cls
+        if cond is not None:
+            h = h + cond
         h = self.drop(h)
         device = h.device.type
         compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
