@@ -1,8 +1,9 @@
-"""The built-in procedural data set: one coloured shape per image on a plain, banded or striped
-background. Needs no files, is bit-identical for a seed, and is simple enough that a small model
-trained on a CPU for minutes produces recognisable samples: colours come from a palette (channel
-levels in steps of 51), gradients are four bands and stripes are hard, so each channel takes few
-distinct values and a 256-way softmax has little to learn beyond the shapes themselves.
+"""The built-in procedural data set: one coloured shape per image on a background of one colour
+or of two tones split at a horizon. Needs no files, is bit-identical for a seed, and is simple
+enough that a small model trained on a CPU for minutes produces recognisable samples: colours come
+from a palette (channel levels in steps of 51), edges are hard, and shapes are large and near the
+centre, so each channel takes few distinct values and the model has little to learn beyond the
+shapes themselves.
 """
 
 from __future__ import annotations
@@ -70,9 +71,10 @@ def _render(u: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndar
     u = u.astype(np.float32)  # float32 throughout: twice as fast, and ample for 8-bit pixels
     side = min(height, width)
     kind = np.minimum((u[:, 0] * len(KINDS)).astype(np.int64), len(KINDS) - 1)
-    r = side * (0.22 + 0.18 * u[:, 1])
-    cx = r + 1 + np.maximum(width - 2 * r - 2, 0) * u[:, 2]  # a 1-pixel margin where it fits
-    cy = r + 1 + np.maximum(height - 2 * r - 2, 0) * u[:, 3]
+    r = side * (0.3 + 0.12 * u[:, 1])
+    # Near the centre: the centre moves by up to a tenth of the side each way.
+    cx = width / 2 + 0.2 * side * (u[:, 2] - 0.5)
+    cy = height / 2 + 0.2 * side * (u[:, 3] - 0.5)
     dark = u[:, 4] < 0.5
 
     # High contrast: a bright saturated shape on a dark background or a deep one on a light one.
@@ -85,28 +87,18 @@ def _render(u: np.ndarray, height: int, width: int) -> tuple[np.ndarray, np.ndar
 
     ys = np.arange(height, dtype=np.float32)[None, :, None] + 0.5  # (1, H, 1) pixel centres
     xs = np.arange(width, dtype=np.float32)[None, None, :] + 0.5  # (1, 1, W)
-    # Background mix t in [0, 1]: 50% solid, 35% linear gradient, 15% soft stripes.
-    style = u[:, 14]
-    angle = np.where(style < 0.85, 2 * np.pi * u[:, 15], np.floor(u[:, 15] * 4) * (np.pi / 4))
-    t = np.zeros((len(u), height, width), dtype=np.float32)
-
-    def projection(m: np.ndarray) -> np.ndarray:  # (b, H, W) signed pixel offsets along angle
-        a = angle[m][:, None, None]
-        return (xs - width / 2) * np.cos(a) + (ys - height / 2) * np.sin(a)
-
-    graded, striped = (style >= 0.5) & (style < 0.85), style >= 0.85
-    if graded.any():
-        t[graded] = np.round(3.0 * np.clip(0.5 + projection(graded) / side, 0.0, 1.0)) / 3.0  # 4 bands
-    if striped.any():
-        period, phase = side * (0.2 + 0.15 * u[striped, 16]), 2 * np.pi * u[striped, 17]
-        wave = np.sin(2 * np.pi * projection(striped) / period[:, None, None] + phase[:, None, None])
-        t[striped] = (wave > 0).astype(np.float32)  # hard stripes
+    # Background: 60% one colour, 40% two tones split at a horizon (a row between 30% and 70% of
+    # the height): t = 0 above it (bg1), 1 below (bg2).
+    two_tone = u[:, 14] >= 0.6
+    horizon = np.where(two_tone, height * (0.3 + 0.4 * u[:, 15]), np.inf)
+    t = (ys >= horizon[:, None, None]).astype(np.float32)  # (B, H, 1)
+    t = np.broadcast_to(t, (len(u), height, width))
 
     full = (len(u), height, width)
     dx = np.broadcast_to(xs - cx[:, None, None], full)  # (B, H, W)
     dy = np.broadcast_to(ys - cy[:, None, None], full)
     sdf = _shape_sdf(kind, dx, dy, r)
-    coverage = np.round(2.0 * np.clip(0.5 - sdf, 0.0, 1.0))[..., None] / 2.0  # edge pixels half covered
+    coverage = (sdf < 0).astype(np.float32)[..., None]  # crisp edges: a pixel is shape or background
 
     # In place, to keep passes over the (B, H, W, 3) floats few: background, then blend the shape.
     image = t[..., None] * (bg2 - bg1)[:, None, None, :]  # (B, H, W, 3)
