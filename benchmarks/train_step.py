@@ -6,7 +6,10 @@ Model FLOPs per step = 6 x non-embedding parameters x sub-pixels
 utilization = model FLOPs / seconds / the machine's own fp32 matmul peak, measured in the same run
 (before and after the steps; the higher is used). Peak memory is the process's peak resident set.
 
-    python benchmarks/train_step.py [--steps 3] [--batch 4] [--checkpointing]
+    python benchmarks/train_step.py [--steps 3] [--batch 4] [--checkpointing] [--compile]
+
+--compile runs the loss through torch.compile (Inductor's fused C++ kernels on CPU), as
+`imagetx train --set train.compile=true` does; its one-off compile time is reported apart.
 """
 
 from __future__ import annotations
@@ -32,6 +35,7 @@ def main() -> None:
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing on")
+    ap.add_argument("--compile", action="store_true", help="torch.compile the loss (as train.compile=true)")
     args = ap.parse_args()
     use_mmap_for_large_tensors()  # so the peak resident set is the live tensors, not heap fragments
     torch.manual_seed(0)
@@ -46,13 +50,17 @@ def main() -> None:
     non_embedding = cfg.non_embedding_params() + model.head.weight.numel()
     model_flops = 6 * non_embedding * tokens + 12 * cfg.n_layers * cfg.d_model * keys * tokens
 
+    nll = torch.compile(model.nll) if args.compile else model.nll
+
     def step():
-        loss = model.nll(x).mean() / (cfg.num_dims * 0.6931471805599453)
+        loss = nll(x).mean() / (cfg.num_dims * 0.6931471805599453)
         loss.backward()
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    step()  # warm-up (allocations, Adam state)
+    t = time.perf_counter()
+    step()  # warm-up (allocations, Adam state; compilation with --compile)
+    first_step = time.perf_counter() - t
     times = []
     for _ in range(args.steps):
         t = time.perf_counter()
@@ -65,6 +73,8 @@ def main() -> None:
         "config": f"cifar10 cat: {cfg.n_layers} layers, d {cfg.d_model}, {cfg.n_heads} heads, d_ff {cfg.d_ff}, "
         f"local1d block {cfg.block_length}, dropout {cfg.dropout}, batch {args.batch}",
         "activation_checkpointing": args.checkpointing,
+        "compile": args.compile,
+        "first_step_seconds": round(first_step, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
         "non_embedding_parameters": non_embedding,
         "torch_threads": torch.get_num_threads(),
