@@ -19,13 +19,9 @@ class _ResidualDropoutLayerNorm(torch.autograd.Function):
     def forward(ctx, x, f, weight, bias, p: float, eps: float):
         keep = None
         if p > 0:
-            # A bool mask (1 byte per element instead of 4) drawn directly, and the scaled masked
-            # add in one pass: x + f * keep / (1 - p)
-            keep = torch.empty_like(f, dtype=torch.bool).bernoulli_(1.0 - p)
-            s = torch.addcmul(x, f, keep, value=1.0 / (1.0 - p))
-        else:
-            s = x + f
-        y, _, rstd = torch.native_layer_norm(s, (x.shape[-1],), weight, bias, eps)
+            keep = torch.rand_like(f) >= p  # bool: 1 byte per element instead of 4
+            f = f * keep / (1.0 - p)
+        y, _, rstd = torch.native_layer_norm(x + f, (x.shape[-1],), weight, bias, eps)
         ctx.p = p
         ctx.save_for_backward(y, rstd, weight, bias, keep)
         return y
@@ -43,7 +39,7 @@ class _ResidualDropoutLayerNorm(torch.autograd.Function):
             [True, True, True],
         )
         grad_s = grad_xhat * rstd
-        grad_f = grad_s if keep is None else torch.mul(grad_s, keep).mul_(1.0 / (1.0 - ctx.p))
+        grad_f = grad_s if keep is None else grad_s * keep / (1.0 - ctx.p)
         return grad_s, grad_f, grad_w, grad_b, None, None
 
 
