@@ -19,6 +19,7 @@ from imagetx.model.config import ConfigError
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
+    "model.attention=local1d", "model.num_classes=0",  # the quickstart defaults are full and class-conditional
     "model.image_size=[8, 8]", "model.channels=1", "model.n_layers=1", "model.d_model=16",
     "model.n_heads=2", "model.d_ff=32", "model.block_length=16", "model.dropout=0.0",
     "train.warmup_steps=2", "train.log_every=1", "train.eval_every=0",
