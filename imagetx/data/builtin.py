@@ -1,9 +1,8 @@
 """The built-in procedural data set: one coloured shape per image on a background of one colour
-or of two tones split at a horizon. Needs no files, is bit-identical for a seed, and is simple
-enough that a small model trained on a CPU for minutes produces recognisable samples: colours come
-from a palette (channel levels in steps of 51), edges are hard, and shapes are large and near the
-centre, so each channel takes few distinct values and the model has little to learn beyond the
-shapes themselves.
+or of two tones split at a horizon. Needs no files and is bit-identical for a seed. It is made
+for a small model learning on a CPU in minutes: colours come from a palette (channel levels in
+steps of 51), edges are hard, and shapes are large and near the centre, so each channel takes
+few distinct values and the model has little to learn beyond the shapes themselves.
 """
 
 from __future__ import annotations
