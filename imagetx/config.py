@@ -32,10 +32,10 @@ PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def quickstart_model() -> ModelConfig:
-    """The small model `imagetx train` uses without a config: 16x16 RGB shapes, one class per
-    kind, full causal attention (the whole 768-sub-pixel prefix: cheaper than local blocks here)."""
+    """The small model `imagetx train` uses without a config: 12x12 RGB shapes, one class per
+    kind, full causal attention (the whole 432-sub-pixel prefix: cheaper than local blocks here)."""
     return ModelConfig(
-        image_size=(16, 16),
+        image_size=(12, 12),
         channels=3,
         attention="full",
         n_layers=3,
@@ -43,7 +43,7 @@ def quickstart_model() -> ModelConfig:
         n_heads=2,
         d_ff=384,
         dropout=0.0,
-        block_length=192,
+        block_length=144,
         num_classes=6,
     )
 
@@ -87,7 +87,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" (CUDA if present, else CPU), "cpu", "cuda" or "cuda:N"
     seed: int = 0  # model init and data order; process r also seeds dropout with seed + r
     batch_size: int = 8  # images per process per micro-batch
-    max_steps: int = 1200  # optimizer steps
+    max_steps: int = 2600  # optimizer steps
     max_minutes: float = 9.5  # stop cleanly with a checkpoint after this long (0: no limit)
     optimizer: str = "adam"  # "adam" (as published) or "adamw"
     lr: float = 2e-3  # peak learning rate, reached at the end of the warmup
@@ -102,11 +102,11 @@ class TrainConfig:
     compile: bool | str = "auto"  # torch.compile: "auto" (CUDA only), true or false
     activation_checkpointing: bool = False  # recompute activations in backward: less memory
     log_every: int = 10  # steps between metrics.jsonl rows
-    eval_every: int = 400  # steps between held-out bits/dim evaluations (0: never)
+    eval_every: int = 650  # steps between held-out bits/dim evaluations (0: never)
     eval_images: int = 200  # test images per evaluation (0: the whole split)
-    sample_every: int = 400  # steps between sample grids (0: never)
+    sample_every: int = 650  # steps between sample grids (0: never)
     sample_count: int = 36  # images per sample grid
-    checkpoint_every: int = 200  # steps between checkpoints (one is always written at the end)
+    checkpoint_every: int = 650  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 3  # most recent checkpoints kept (0: keep all)
 
     def problems(self) -> list[str]:
