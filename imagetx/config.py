@@ -2,7 +2,7 @@
 
 One precedence rule, lowest first: dataclass defaults < `--config FILE.toml` < explicit CLI flags
 < repeated `--set section.key=value`. `RunConfig()` itself is the quickstart setup (builtin data,
-16x16 RGB, a small model), so `imagetx train` with no arguments works offline.
+12x12 RGB, a small model), so `imagetx train` with no arguments works offline.
 """
 
 from __future__ import annotations
