@@ -130,7 +130,7 @@ class IncrementalDecoder:
         self.gen_to_internal = model.gen_to_internal.tolist()
         self.batch = batch
 
-    def _input(self, k: int, prev) -> torch.Tensor:
+    def _input(self, k: int, internal: int, prev) -> torch.Tensor:
         m = self.model
         B, d = self.batch, self.cfg.d_model
         if k == 0:
@@ -139,7 +139,6 @@ class IncrementalDecoder:
             x = m.embed(prev.long() + m.input_offset[k - 1]) * m.scale
         else:
             x = m.embed(prev.float() / 127.5 - 1.0)
-        internal = self.gen_to_internal[k]
         x = x + m.pos(m.gen_to_internal[k : k + 1])
         if self.cond is not None:
             x = x + self.cond[:, internal if self.cond.shape[1] > 1 else 0]
@@ -148,7 +147,7 @@ class IncrementalDecoder:
     def step(self, k: int, prev=None) -> torch.Tensor:
         m, h = self.model, self.cfg.n_heads
         internal = self.gen_to_internal[k]
-        x = self._input(k, prev)
+        x = self._input(k, internal, prev)
         for block, cache, cross_kv in zip(m.blocks, self.caches, self.cross_kv):
             attn = block.attn
 
