@@ -58,6 +58,88 @@ def local1d_windows(t: torch.Tensor, block: int, num_blocks: int) -> torch.Tenso
     return _Local1DWindows.apply(t, block, num_blocks)
 
 
+_flash_forward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
+_flash_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
+
+
+def _block_views(qkv: torch.Tensor, heads: int, block: int):
+    """qkv (B, L, 3 * h * hd) -> q, k, v as (B * nb, h, block, hd) views, no copy: every block of
+    every image is one batch entry, so block m's previous block is entry m - 1."""
+    B, L, three_a = qkv.shape
+    t = qkv.view(B * (L // block), block, 3, heads, three_a // (3 * heads))
+    return tuple(t[:, :, i].transpose(1, 2) for i in range(3))
+
+
+class _Local1DFlash(torch.autograd.Function):
+    """Local 1D attention on CPU straight from the fused qkv projection, with no copies.
+
+    A query block attends to its own block causally and to the whole previous block. The two
+    halves are separate flash-attention calls on strided views of qkv (own block: entries m with
+    is_causal; previous block: queries of entry m, keys of entry m - 1) merged by their
+    log-sum-exps. The first block of each image has no previous block: its log-sum-exp there is
+    -inf. The backward runs the flash backward of each half with the merged output and
+    log-sum-exp, which is exactly that half's share of the gradient (the split used by ring
+    attention); +inf in place of the log-sum-exp gives the excluded half zero weight.
+    Replaces the window copies, the additive mask and the layout copies around them.
+    """
+
+    @staticmethod
+    def forward(ctx, qkv, heads: int, block: int):
+        B, L, three_a = qkv.shape
+        n = B * (L // block)
+        scale = (three_a // (3 * heads)) ** -0.5
+        q, k, v = _block_views(qkv, heads, block)
+        o, lse = _flash_forward(q, k, v, 0.0, True, scale=scale)  # o: (n, h, block, hd), memory (n, block, h, hd)
+        first = None
+        if n > 1:
+            o_prev, lse_prev = _flash_forward(q[1:], k[:-1], v[:-1], 0.0, False, scale=scale)
+            first = (torch.arange(1, n, device=qkv.device) % (L // block) == 0).view(-1, 1, 1)
+            lse_prev = lse_prev.masked_fill(first, float("-inf"))
+            merged = torch.logaddexp(lse[1:], lse_prev)
+            o[1:].lerp_(o_prev, torch.exp(lse_prev - merged).unsqueeze(-1))  # weights of the two halves
+            lse[1:] = merged
+        ctx.save_for_backward(qkv, o, lse, first)
+        ctx.heads, ctx.block, ctx.scale = heads, block, scale
+        return o.transpose(1, 2).reshape(B, L, three_a // 3)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qkv, o, lse, first = ctx.saved_tensors
+        heads, block, scale = ctx.heads, ctx.block, ctx.scale
+        B, L, three_a = qkv.shape
+        n = B * (L // block)
+        q, k, v = _block_views(qkv, heads, block)
+        g = grad.reshape(n, block, heads, -1).transpose(1, 2)
+        dq, dk, dv = _flash_backward(g, q, k, v, o, lse, 0.0, True, scale=scale)
+        out = torch.empty_like(qkv)
+        gq, gk, gv = _block_views(out, heads, block)
+        if n == 1:
+            for dst, src in ((gq, dq), (gk, dk), (gv, dv)):
+                dst.copy_(src)
+            return out, None, None
+        lse_prev = lse[1:].masked_fill(first, float("inf"))
+        dq_p, dk_p, dv_p = _flash_backward(g[1:], q[1:], k[:-1], v[:-1], o[1:], lse_prev, 0.0, False, scale=scale)
+        # Both halves' shares summed straight into the gradient of qkv: the queries of entry m
+        # also attended to entry m - 1; the keys and values of entry m also served entry m + 1.
+        torch.add(dq[1:], dq_p, out=gq[1:])
+        gq[:1].copy_(dq[:1])
+        for dst, own, prev in ((gk, dk, dk_p), (gv, dv, dv_p)):
+            torch.add(own[:-1], prev, out=dst[:-1])
+            dst[-1:].copy_(own[-1:])
+        return out, None, None
+
+
+def local1d_flash(qkv: torch.Tensor, heads: int, block: int) -> torch.Tensor:
+    """Local 1D causal attention from qkv (B, L, 3 * h * hd) -> (B, L, h * hd), see _Local1DFlash.
+    L need not divide into blocks (the tail is padded)."""
+    L = qkv.shape[1]
+    pad = -L % block
+    if pad:
+        qkv = F.pad(qkv, (0, 0, 0, pad))
+    o = _Local1DFlash.apply(qkv.contiguous(), heads, block)
+    return o[:, :L] if pad else o
+
+
 def local2d_windows(t: torch.Tensor, layout: Layout) -> torch.Tensor:
     """t (B, h, Lp, hd) in block-raster layout -> windows (B, h * num_blocks, kh*kw, hd)."""
     B, h, _, hd = t.shape
@@ -109,12 +191,15 @@ class Attention(nn.Module):
         window mask (1, heads * blocks, block, window), shared by all layers (see window_bias).
         """
         B, L, _ = x.shape
+        p = self.dropout if self.training else 0.0
         if self.kind == "cross":
             q = self._heads(self.q(x))
             k, v = (self._heads(t) for t in self.kv(memory).chunk(2, dim=-1))
         else:
-            q, k, v = (self._heads(t) for t in self.qkv(x).chunk(3, dim=-1))
-        p = self.dropout if self.training else 0.0
+            qkv = self.qkv(x)
+            if self._use_local1d_flash(qkv, p):
+                return self.out(local1d_flash(qkv, self.n_heads, self.layout.block))
+            q, k, v = (self._heads(t) for t in qkv.chunk(3, dim=-1))
         if self.kind in ("cross", "bidirectional"):
             o = _sdpa(q, k, v, dropout=p)
         elif self.use_dense_reference:
@@ -125,6 +210,13 @@ class Attention(nn.Module):
             o = self._blocked(q, k, v, p, bias)
         o = o.transpose(1, 2).reshape(B, L, -1)  # (B, L, h*hd)
         return self.out(o)
+
+    def _use_local1d_flash(self, qkv: torch.Tensor, p: float) -> bool:
+        """The copy-free local 1D path: CPU, float32, no attention dropout, flash kernels present."""
+        return (
+            self.kind == "local1d" and not self.use_dense_reference and p == 0.0
+            and qkv.device.type == "cpu" and qkv.dtype == torch.float32 and _flash_backward is not None
+        )
 
     def _blocked(self, q, k, v, p, bias):
         lay = self.layout
