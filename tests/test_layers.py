@@ -1,7 +1,7 @@
 import torch
 from torch import nn
 
-from imagetx.model.layers import residual_dropout_layer_norm
+from imagetx.model.layers import FeedForward, dropout, keep_mask, residual_dropout_layer_norm
 
 
 def test_memory_lean_residual_layer_norm_matches_autograd():
@@ -18,11 +18,11 @@ def test_memory_lean_residual_layer_norm_matches_autograd():
         torch.manual_seed(1)
         y = residual_dropout_layer_norm(x, f, norm, p, training=True)
         grads = torch.autograd.grad(y, (x, f, norm.weight, norm.bias), gy)
-        keep = y.new_ones(y.shape, dtype=torch.bool)
+        keep, scale = y.new_ones(y.shape), 1.0
         if p:
             torch.manual_seed(1)
-            keep = torch.rand_like(f) >= p
-        ref = norm(x + f * keep / (1 - p))
+            keep, scale = keep_mask(f, p)
+        ref = norm(x + f * keep * scale)
         ref_grads = torch.autograd.grad(ref, (x, f, norm.weight, norm.bias), gy)
         torch.testing.assert_close(y, ref)
         for a, b in zip(grads, ref_grads):
@@ -30,3 +30,53 @@ def test_memory_lean_residual_layer_norm_matches_autograd():
     # evaluation: plain LayerNorm(x + f)
     y = residual_dropout_layer_norm(x, f, norm, 0.3, training=False)
     torch.testing.assert_close(y, norm(x + f))
+
+
+def test_keep_mask_rate_and_scale():
+    torch.manual_seed(0)
+    like = torch.empty(1000, 1001)  # numel not a multiple of the 4 masks per random draw
+    for p in (0.1, 0.3, 0.5):
+        keep, scale = keep_mask(like, p)
+        assert keep.dtype == torch.uint8 and keep.shape == like.shape and set(keep.unique().tolist()) <= {0, 1}
+        rate = keep.double().mean().item()
+        assert abs(rate - (1 - p)) < 0.004  # about 8 standard deviations at 1e6 draws
+        assert abs(scale * (1 - p) - 1) < 1e-4  # p is used to 1/65536
+        lanes = keep.view(-1)[:1000 * 1000].view(-1, 4).double().mean(0)  # each 16-bit lane of a draw
+        assert (lanes - (1 - p)).abs().max() < 0.008
+    a, _ = keep_mask(like, 0.3)
+    b, _ = keep_mask(like, 0.3)
+    assert not torch.equal(a, b)  # fresh bits every call
+    torch.manual_seed(5)
+    c, _ = keep_mask(like, 0.3)
+    torch.manual_seed(5)
+    assert torch.equal(c, keep_mask(like, 0.3)[0])  # reproducible from the seed
+
+
+def test_dropout_scales_kept_values_and_their_gradients():
+    torch.manual_seed(0)
+    x = torch.randn(64, 33, requires_grad=True)
+    y = dropout(x, 0.25, training=True)
+    kept = y != 0
+    assert 0.6 < kept.float().mean() < 0.9
+    torch.testing.assert_close(y[kept], x[kept] / (1 - 0.25), rtol=1e-4, atol=0)
+    (g,) = torch.autograd.grad(y.sum(), x)
+    torch.testing.assert_close(g[kept], torch.full_like(g[kept], 1 / (1 - 0.25)), rtol=1e-4, atol=0)
+    assert (g[~kept] == 0).all()
+    assert dropout(x, 0.25, training=False) is x
+
+
+def test_feed_forward_matches_autograd():
+    torch.manual_seed(0)
+    ffn = FeedForward(8, 20).double()
+    x = torch.randn(2, 7, 8, dtype=torch.float64, requires_grad=True)
+    gy = torch.randn(2, 7, 8, dtype=torch.float64)
+    y = ffn(x)
+    grads = torch.autograd.grad(y, (x, *ffn.parameters()), gy)
+    first, _, second = ffn
+    ref = second(torch.relu(first(x)))
+    ref_grads = torch.autograd.grad(ref, (x, *ffn.parameters()), gy)
+    torch.testing.assert_close(y, ref)
+    for a, b in zip(grads, ref_grads):
+        torch.testing.assert_close(a, b)
+    with torch.no_grad():
+        torch.testing.assert_close(ffn(x), ref)

@@ -12,7 +12,7 @@ from torch.utils.checkpoint import checkpoint
 from imagetx.model import dmol
 from imagetx.model.attention import Attention, window_bias
 from imagetx.model.config import ModelConfig
-from imagetx.model.layers import residual_dropout_layer_norm
+from imagetx.model.layers import Dropout, FeedForward, residual_dropout_layer_norm
 from imagetx.model.layout import Layout, make_layout
 
 
@@ -67,11 +67,11 @@ class Block(nn.Module):
         self.pre_norm = config.norm == "pre"
         self.attn = Attention(config, kind, layout)
         self.cross = Attention(config, "cross") if cross else None
-        self.ffn = nn.Sequential(nn.Linear(d, config.d_ff), nn.ReLU(inplace=True), nn.Linear(config.d_ff, d))
+        self.ffn = FeedForward(d, config.d_ff)
         self.norm_attn = nn.LayerNorm(d)
         self.norm_cross = nn.LayerNorm(d) if cross else None
         self.norm_ffn = nn.LayerNorm(d)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
 
     def residual(self, x, fn, norm):
         if self.pre_norm:
@@ -106,7 +106,7 @@ class SourceEncoder(nn.Module):
         idx = torch.arange(h * cols)
         self.pos = PositionEncoding2D(config.positional, d, idx // cols, idx % cols)
         self.register_buffer("channel_offset", (idx % C) * 256, persistent=False)
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(Block(config, "bidirectional") for _ in range(config.encoder_layers))
         self.final_norm = nn.LayerNorm(d) if config.norm == "pre" else nn.Identity()
 
@@ -159,7 +159,7 @@ class ImageTransformer(nn.Module):
         if config.source_skip:
             self._init_source_skip(config)
         cross = self.encoder is not None
-        self.drop = nn.Dropout(config.dropout)
+        self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(
             Block(config, config.attention, layout, cross=cross) for _ in range(config.n_layers)
         )
