@@ -3,10 +3,15 @@
 12 layers, d 512, 4 heads, d_ff 2048, local 1D block 256 (512 keys), dropout 0.3, batch 4, Adam.
 Model FLOPs per step = 6 x non-embedding parameters x sub-pixels
                      + 12 x layers x d x (keys each query may see) x sub-pixels,
-utilization = model FLOPs / seconds / the machine's own fp32 matmul peak, measured in the same run
-(before and after the steps; the higher is used). Peak memory is the process's peak resident set.
+utilization = model FLOPs / best seconds / the machine's own fp32 matmul peak, measured in the same
+run before, between and after the steps. The highest of those measurements is used: on a shared
+machine whose speed drifts, that errs towards a lower utilization, never a higher one. Peak memory
+is the process's peak resident set.
 
-    python benchmarks/train_step.py [--steps 3] [--batch 4] [--checkpointing] [--compile]
+    python benchmarks/train_step.py [--steps 3] [--batch 4] [--checkpointing] [--compile] [--allocator system]
+
+Like the `imagetx` command, it restarts itself with tcmalloc or jemalloc preloaded when one is
+installed (see imagetx/memory.py); --allocator system measures with the C library's malloc.
 
 --compile runs the loss through torch.compile (Inductor's fused C++ kernels on CPU), as
 `imagetx train --set train.compile=true` does; its one-off compile time is reported apart.
@@ -28,7 +33,7 @@ from common import matmul_peak_gflops, peak_rss_mb  # noqa: E402
 
 def main() -> None:
     from imagetx import ImageTransformer, ModelConfig
-    from imagetx.memory import use_mmap_for_large_tensors
+    from imagetx.memory import allocator_in_use, restart_with_fast_allocator, use_mmap_for_large_tensors
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--steps", type=int, default=3)
@@ -36,10 +41,14 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing on")
     ap.add_argument("--compile", action="store_true", help="torch.compile the loss (as train.compile=true)")
+    ap.add_argument("--allocator", choices=("auto", "system"), default="auto",
+                    help="auto: restart with tcmalloc or jemalloc preloaded when installed")
     args = ap.parse_args()
+    if args.allocator == "auto":
+        restart_with_fast_allocator()
     use_mmap_for_large_tensors()  # so the peak resident set is the live tensors, not heap fragments
     torch.manual_seed(0)
-    peak_before = matmul_peak_gflops()
+    peaks = [matmul_peak_gflops()]
     cfg = ModelConfig(n_layers=args.layers)  # defaults = the published CIFAR-10 cat config
     model = ImageTransformer(cfg).train()
     model.set_activation_checkpointing(args.checkpointing)
@@ -66,14 +75,15 @@ def main() -> None:
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-    peak_after = matmul_peak_gflops()
-    peak = max(peak_before, peak_after)
+        peaks.append(matmul_peak_gflops())
+    peak = max(peaks)
     best = min(times)
     result = {
         "config": f"cifar10 cat: {cfg.n_layers} layers, d {cfg.d_model}, {cfg.n_heads} heads, d_ff {cfg.d_ff}, "
         f"local1d block {cfg.block_length}, dropout {cfg.dropout}, batch {args.batch}",
         "activation_checkpointing": args.checkpointing,
         "compile": args.compile,
+        "allocator": allocator_in_use(),
         "first_step_seconds": round(first_step, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
         "non_embedding_parameters": non_embedding,
@@ -82,7 +92,8 @@ def main() -> None:
         "best_seconds_per_step": round(best, 2),
         "model_tflops_per_step": round(model_flops / 1e12, 3),
         "achieved_gflops": round(model_flops / best / 1e9, 1),
-        "matmul_peak_gflops": [round(peak_before, 1), round(peak_after, 1)],
+        "matmul_peak_gflops": round(peak, 1),
+        "matmul_peak_samples": [round(p, 1) for p in peaks],
         "mfu": round(model_flops / best / 1e9 / peak, 3),
         "peak_rss_gb": round(peak_rss_mb() / 1024, 2),
         "reference_port": {"seconds_per_step": 31, "peak_gb": 14, "mfu": 0.66},

@@ -266,5 +266,18 @@ def _print_superres_report(metrics: dict) -> None:
     Console(file=sys.stdout).print(table)
 
 
-if __name__ == "__main__":
+_COMPUTE_COMMANDS = {"train", "eval-bpd", "sample", "superres"}
+
+
+def main() -> None:
+    """The console script: the compute commands first restart once with tcmalloc or jemalloc
+    preloaded when one is installed (see imagetx.memory; IMAGETX_ALLOCATOR=system to keep malloc)."""
+    if len(sys.argv) > 1 and sys.argv[1] in _COMPUTE_COMMANDS:
+        from imagetx.memory import restart_with_fast_allocator
+
+        restart_with_fast_allocator()
     app()
+
+
+if __name__ == "__main__":
+    main()

@@ -51,6 +51,7 @@ from imagetx.config import RunConfig, save_config
 from imagetx.distributed import Dist, all_gather_object, all_reduce_sum, broadcast_object, distributed
 from imagetx.errors import RunError
 from imagetx.images import display_scale, save_grid
+from imagetx.memory import allocator_in_use, find_fast_allocator
 from imagetx.evaluate import LN2, batches, check_compatible, dataset_for, describe, evaluate_bpd, unpack
 from imagetx.model.config import ConfigError, ModelConfig
 from imagetx.model.transformer import ImageTransformer
@@ -559,10 +560,17 @@ class Trainer:
         what = f"resuming from {resumed} (step {self.step})" if resumed else "starting a new run"
         print(
             f"{what} in {self.run_dir}: {n_params / 1e6:.2f}M parameters, {ctx.world_size} process(es) on "
-            f"{self.device.type}, {len(self.train_set)} training images ({describe(self.train_set)[0]}), "
+            f"{self.device.type} (memory allocator: {allocator_in_use()}), "
+            f"{len(self.train_set)} training images ({describe(self.train_set)[0]}), "
             f"{t.batch_size * t.grad_accum * ctx.world_size} images per step",
             file=sys.stderr, flush=True,
         )
+        if self.device.type == "cpu" and allocator_in_use() == "system" and find_fast_allocator() is None:
+            print(
+                "note: CPU training is 15-20% faster with tcmalloc: install libtcmalloc-minimal4 "
+                "(Debian/Ubuntu) and the imagetx command preloads it",
+                file=sys.stderr, flush=True,
+            )
 
     def report(self, summary: dict) -> None:
         text = {
