@@ -567,7 +567,7 @@ class Trainer:
         )
         if self.device.type == "cpu" and allocator_in_use() == "system" and find_fast_allocator() is None:
             print(
-                "note: CPU training is 15-20% faster with tcmalloc: install libtcmalloc-minimal4 "
+                "note: CPU training is 10-15% faster with tcmalloc: install libtcmalloc-minimal4 "
                 "(Debian/Ubuntu) and the imagetx command preloads it",
                 file=sys.stderr, flush=True,
             )
