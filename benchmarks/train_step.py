@@ -8,7 +8,7 @@ run before, between and after the steps. The highest of those measurements is us
 machine whose speed drifts, that errs towards a lower utilization, never a higher one. Peak memory
 is the process's peak resident set.
 
-    python benchmarks/train_step.py [--steps 3] [--batch 4] [--checkpointing] [--compile] [--allocator system]
+    python benchmarks/train_step.py [--steps 5] [--batch 4] [--checkpointing] [--compile] [--allocator system]
 
 Like the `imagetx` command, it restarts itself with tcmalloc or jemalloc preloaded when one is
 installed (see imagetx/memory.py); --allocator system measures with the C library's malloc.
@@ -36,7 +36,7 @@ def main() -> None:
     from imagetx.memory import allocator_in_use, restart_with_fast_allocator, use_mmap_for_large_tensors
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--steps", type=int, default=3)
+    ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing on")
