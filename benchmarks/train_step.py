@@ -46,7 +46,8 @@ def main() -> None:
     args = ap.parse_args()
     if args.allocator == "auto":
         restart_with_fast_allocator()
-    use_mmap_for_large_tensors()  # so the peak resident set is the live tensors, not heap fragments
+    if allocator_in_use() == "system":
+        use_mmap_for_large_tensors()  # so glibc's peak resident set is the live tensors, not heap fragments
     torch.manual_seed(0)
     peaks = [matmul_peak_gflops()]
     cfg = ModelConfig(n_layers=args.layers)  # defaults = the published CIFAR-10 cat config

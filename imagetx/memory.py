@@ -68,7 +68,10 @@ def restart_with_fast_allocator() -> None:
     argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]  # orig_argv keeps `-m module`
     sys.stdout.flush()
     sys.stderr.flush()
-    os.execve(sys.executable, [sys.executable, *argv[1:]], env)
+    try:
+        os.execve(sys.executable, [sys.executable, *argv[1:]], env)
+    except OSError:  # cannot restart (unusual sandboxes): run on with the C library's malloc
+        return
 
 
 def use_mmap_for_large_tensors(threshold_bytes: int = 1 << 20) -> bool:

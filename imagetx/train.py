@@ -51,8 +51,8 @@ from imagetx.config import RunConfig, save_config
 from imagetx.distributed import Dist, all_gather_object, all_reduce_sum, broadcast_object, distributed
 from imagetx.errors import RunError
 from imagetx.images import display_scale, save_grid
-from imagetx.memory import allocator_in_use, find_fast_allocator
 from imagetx.evaluate import LN2, batches, check_compatible, dataset_for, describe, evaluate_bpd, unpack
+from imagetx.memory import allocator_in_use, find_fast_allocator
 from imagetx.model.config import ConfigError, ModelConfig
 from imagetx.model.transformer import ImageTransformer
 

@@ -106,6 +106,15 @@ def test_fast_attention_equals_dense_reference(attention, output, extra):
         assert err <= 5e-5 * scale, f"{name}: gradient differs by {err:.3g} (scale {scale:.3g})"
 
 
+@pytest.mark.parametrize("extra", [dict(block_length=7), dict(block_length=5, num_classes=4)])
+def test_windowed_local1d_equals_dense_reference(extra, monkeypatch):
+    # the window-and-mask path that CUDA, autocast and attention dropout use instead of the CPU flash split
+    from imagetx.model.attention import Attention
+
+    monkeypatch.setattr(Attention, "_use_local1d_flash", lambda self, qkv, p: False)
+    test_fast_attention_equals_dense_reference("local1d", "categorical", extra)
+
+
 def test_dense_masks_follow_the_published_geometry():
     # local 1D, lq 256 over 32x32x3: every query sees at most 512 keys, block 0 only itself
     cfg = ModelConfig(image_size=(32, 32), channels=3, attention="local1d", block_length=256)

@@ -100,7 +100,7 @@ class _Local1DFlash(torch.autograd.Function):
             lse[1:] = merged
         ctx.save_for_backward(qkv, o, lse, first)
         ctx.heads, ctx.block, ctx.scale = heads, block, scale
-        return o.transpose(1, 2).reshape(B, L, three_a // 3)
+        return o.transpose(1, 2).reshape(B, L, three_a // 3)  # (B, L, h * hd), a view when o is (n, block, h, hd) in memory
 
     @staticmethod
     def backward(ctx, grad):
@@ -109,7 +109,7 @@ class _Local1DFlash(torch.autograd.Function):
         B, L, three_a = qkv.shape
         n = B * (L // block)
         q, k, v = _block_views(qkv, heads, block)
-        g = grad.reshape(n, block, heads, -1).transpose(1, 2)
+        g = grad.reshape(n, block, heads, -1).transpose(1, 2)  # (n, h, block, hd)
         dq, dk, dv = _flash_backward(g, q, k, v, o, lse, 0.0, True, scale=scale)
         out = torch.empty_like(qkv)
         gq, gk, gv = _block_views(out, heads, block)
@@ -212,7 +212,9 @@ class Attention(nn.Module):
         return self.out(o)
 
     def _use_local1d_flash(self, qkv: torch.Tensor, p: float) -> bool:
-        """The copy-free local 1D path: CPU, float32, no attention dropout, flash kernels present."""
+        """The copy-free local 1D path: CPU, float32, no attention dropout, flash kernels present.
+        Otherwise (CUDA, autocast, attention dropout) local 1D runs through the windows and mask
+        of _blocked."""
         return (
             self.kind == "local1d" and not self.use_dense_reference and p == 0.0
             and qkv.device.type == "cpu" and qkv.dtype == torch.float32 and _flash_backward is not None
