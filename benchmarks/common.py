@@ -20,6 +20,20 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
+def sustained_matmul_gflops(n: int = 2048, seconds: float = 5.0) -> float:
+    """fp32 GFLOP/s of back-to-back n^3 matmuls over a window of `seconds`: the rate the machine
+    holds, rather than its best single burst."""
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    a @ b
+    count, start = 0, time.perf_counter()
+    while True:
+        a @ b
+        count += 1
+        elapsed = time.perf_counter() - start
+        if elapsed >= seconds:
+            return 2 * n**3 * count / elapsed / 1e9
+
+
 def memory_bandwidth_gbs(mb: int = 512, repeats: int = 5) -> float:
     """Best-of-`repeats` GB/s of a large copy (read + write): the roofline's memory ceiling."""
     src = torch.empty(mb * 2**20 // 4)

@@ -4,9 +4,14 @@
 Model FLOPs per step = 6 x non-embedding parameters x sub-pixels
                      + 12 x layers x d x (keys each query may see) x sub-pixels,
 utilization = model FLOPs / best seconds / the machine's own fp32 matmul peak, measured in the same
-run before, between and after the steps. The highest of those measurements is used: on a shared
-machine whose speed drifts, that errs towards a lower utilization, never a higher one. Peak memory
-is the process's peak resident set.
+run. Peak memory is the process's peak resident set.
+
+The peak is the highest sustained rate of back-to-back 2048^3 matmuls over 5-second windows, one
+window before the steps and one after each (`--peak-window`). On a shared machine whose speed
+drifts by 10-20% from second to second, the best single matmul catches bursts that no 20-second
+step can hold, so the best step is compared with the best window rather than with the best
+burst. The best burst (best of 5 single matmuls at each point) and the utilization against it
+are reported too: `matmul_burst_gflops`, `mfu_vs_burst`.
 
     python benchmarks/train_step.py [--steps 5] [--batch 4] [--checkpointing] [--compile] [--allocator system]
 
@@ -28,7 +33,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import matmul_peak_gflops, peak_rss_mb  # noqa: E402
+from common import matmul_peak_gflops, peak_rss_mb, sustained_matmul_gflops  # noqa: E402
 
 
 def main() -> None:
@@ -41,6 +46,7 @@ def main() -> None:
     ap.add_argument("--layers", type=int, default=12)
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing on")
     ap.add_argument("--compile", action="store_true", help="torch.compile the loss (as train.compile=true)")
+    ap.add_argument("--peak-window", type=float, default=5.0, help="seconds per sustained matmul peak window")
     ap.add_argument("--allocator", choices=("auto", "system"), default="auto",
                     help="auto: restart with tcmalloc or jemalloc preloaded when installed")
     args = ap.parse_args()
@@ -49,7 +55,13 @@ def main() -> None:
     if allocator_in_use() == "system":
         use_mmap_for_large_tensors()  # so glibc's peak resident set is the live tensors, not heap fragments
     torch.manual_seed(0)
-    peaks = [matmul_peak_gflops()]
+    peaks, bursts = [], []
+
+    def measure_peak():
+        bursts.append(matmul_peak_gflops())
+        peaks.append(sustained_matmul_gflops(seconds=args.peak_window))
+
+    measure_peak()
     cfg = ModelConfig(n_layers=args.layers)  # defaults = the published CIFAR-10 cat config
     model = ImageTransformer(cfg).train()
     model.set_activation_checkpointing(args.checkpointing)
@@ -76,8 +88,8 @@ def main() -> None:
         t = time.perf_counter()
         step()
         times.append(time.perf_counter() - t)
-        peaks.append(matmul_peak_gflops())
-    peak = max(peaks)
+        measure_peak()
+    peak, burst = max(peaks), max(bursts)
     best = min(times)
     result = {
         "config": f"cifar10 cat: {cfg.n_layers} layers, d {cfg.d_model}, {cfg.n_heads} heads, d_ff {cfg.d_ff}, "
@@ -96,6 +108,9 @@ def main() -> None:
         "matmul_peak_gflops": round(peak, 1),
         "matmul_peak_samples": [round(p, 1) for p in peaks],
         "mfu": round(model_flops / best / 1e9 / peak, 3),
+        "matmul_burst_gflops": round(burst, 1),
+        "matmul_burst_samples": [round(p, 1) for p in bursts],
+        "mfu_vs_burst": round(model_flops / best / 1e9 / burst, 3),
         "peak_rss_gb": round(peak_rss_mb() / 1024, 2),
         "reference_port": {"seconds_per_step": 31, "peak_gb": 14, "mfu": 0.66},
     }
