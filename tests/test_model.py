@@ -264,3 +264,26 @@ def test_source_skip_reads_the_low_res_value_covering_each_position(output):
     assert torch.equal(index, (rows // 2) * 2 + (cols // per) // 2)
     with pytest.raises(ConfigError, match="source_skip needs model.source_size"):
         ModelConfig(source_skip=True)
+
+
+@pytest.mark.parametrize("batch,image_size,block", [
+    (1, (4, 5), 64),  # one block in all: no previous block anywhere
+    (3, (4, 5), 64),  # one block per image, several images
+    (1, (4, 5), 12),  # 60 sub-pixels: 5 full blocks
+    (3, (5, 5), 16),  # 75 sub-pixels: the last block padded
+])
+def test_local1d_attention_layer_equals_dense_reference(batch, image_size, block):
+    from imagetx.model.attention import Attention
+
+    torch.manual_seed(2)
+    cfg = tiny("local1d", image_size=image_size, block_length=block)
+    layer = Attention(cfg, "local1d", make_layout(cfg))
+    x = torch.randn(batch, cfg.seq_len, cfg.d_model, requires_grad=True)
+    gy = torch.randn(batch, cfg.seq_len, cfg.d_model)
+    results = []
+    for dense in (False, True):
+        layer.use_dense_reference = dense
+        y = layer(x)
+        results.append((y, *torch.autograd.grad(y, (x, layer.qkv.weight), gy)))
+    for fast, ref in zip(*results):
+        torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
