@@ -2,7 +2,9 @@
 
 Each pattern has a fast path (blocked: every query block attends to a fixed window of keys,
 so cost grows linearly with the image) and the dense reference (one (Lp, Lp) boolean mask built
-from the definitions, see layout.dense_mask), which the tests hold the fast path to.
+from the definitions, see layout.dense_mask), which the tests hold the fast paths to. Local 1D
+has two fast paths: on CPU in float32, two flash-attention calls straight on the qkv projection
+(_Local1DFlash); elsewhere, the key windows and an additive mask (_blocked).
 """
 
 from __future__ import annotations
