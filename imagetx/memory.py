@@ -40,7 +40,7 @@ def allocator_in_use(env=None) -> str:
     """"tcmalloc", "jemalloc" or "system": the allocator that LD_PRELOAD gives this process."""
     preload = (os.environ if env is None else env).get("LD_PRELOAD", "")
     for name, kind in _LIBRARIES.items():
-        if f"lib{name}." in preload or f"lib{name}-" in preload:
+        if f"lib{name}" in preload:  # also its variants, e.g. libtcmalloc_minimal_debug.so.4
             return kind
     return "system"
 
@@ -61,15 +61,15 @@ def fast_allocator_env(env=None) -> dict | None:
 
 def restart_with_fast_allocator() -> None:
     """Replace this process with itself, same arguments, tcmalloc or jemalloc preloaded; returns
-    only when fast_allocator_env has nothing to do. Call it before any work starts."""
+    only when fast_allocator_env has nothing to do or the restart fails. Call it before any work
+    starts."""
     env = fast_allocator_env()
     if env is None:
         return
-    argv = getattr(sys, "orig_argv", None) or [sys.executable, *sys.argv]  # orig_argv keeps `-m module`
     sys.stdout.flush()
     sys.stderr.flush()
-    try:
-        os.execve(sys.executable, [sys.executable, *argv[1:]], env)
+    try:  # orig_argv keeps the interpreter's own options, e.g. `-m imagetx.cli`
+        os.execve(sys.executable, [sys.executable, *sys.orig_argv[1:]], env)
     except OSError:  # cannot restart (unusual sandboxes): run on with the C library's malloc
         return
 
