@@ -1,5 +1,15 @@
 import os
 import sys
 
+from hypothesis import HealthCheck, settings
+
 # tests import helpers from each other (e.g. tiny model configs in test_model.py)
 sys.path.insert(0, os.path.dirname(__file__))
+
+# Property tests draw model geometries with Hypothesis. The default profile is deterministic (the
+# same examples on every run, no example database) so CI cannot flake; IMAGETX_HYPOTHESIS=thorough
+# draws ten times as many, fresh ones each run, to search the configuration space harder.
+_common = dict(deadline=None, print_blob=True, suppress_health_check=[HealthCheck.too_slow, HealthCheck.data_too_large])
+settings.register_profile("ci", derandomize=True, database=None, **_common)
+settings.register_profile("thorough", max_examples=10 * settings.default.max_examples, **_common)
+settings.load_profile(os.environ.get("IMAGETX_HYPOTHESIS", "ci"))

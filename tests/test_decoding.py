@@ -4,23 +4,18 @@ import pytest
 import torch
 
 from imagetx import ImageTransformer
-from imagetx.model.decoding import teacher_forced_outputs
 
-from test_model import VARIANTS, in_generation_order, inputs, tiny
+from model_properties import check_cache_equals_full_pass, check_same_samples_with_and_without_cache, in_generation_order
+from model_properties import model_inputs as inputs
+from test_model import VARIANTS, tiny
 
 
+# Hand-picked variants, kept as fixed examples beside the configurations test_properties.py draws.
 @pytest.mark.parametrize("attention,output,extra", VARIANTS)
 def test_cached_conditionals_equal_the_full_forward_pass(attention, output, extra):
     torch.manual_seed(2)
     cfg = tiny(attention, output, **extra)
-    model = ImageTransformer(cfg).eval()
-    x, labels, source = inputs(cfg, seed=5)
-    with torch.inference_mode():
-        full = in_generation_order(model, model(x, labels, source))
-    cached = teacher_forced_outputs(model, x, labels, source)
-    torch.testing.assert_close(cached, full.reshape(cached.shape), rtol=1e-4, atol=1e-4)
-    if output == "categorical":  # the distributions themselves, at every step
-        torch.testing.assert_close(cached.softmax(-1), full.reshape(cached.shape).softmax(-1), rtol=0, atol=1e-4)
+    check_cache_equals_full_pass(ImageTransformer(cfg).eval(), *inputs(cfg, seed=5))
 
 
 @pytest.mark.parametrize("attention,output,extra", VARIANTS[:8])
@@ -28,14 +23,11 @@ def test_same_seed_same_images_with_and_without_cache(attention, output, extra):
     torch.manual_seed(3)
     cfg = tiny(attention, output, **extra)
     model = ImageTransformer(cfg).eval()
-    _, labels, source = inputs(cfg, B=2)
+    _, labels, source = inputs(cfg, batch=2)
+    check_same_samples_with_and_without_cache(model, labels, source, seed=7)
     a = model.sample(2, labels, source, generator=torch.Generator().manual_seed(7))
-    b = model.sample(2, labels, source, generator=torch.Generator().manual_seed(7), use_cache=False)
-    c = model.sample(2, labels, source, generator=torch.Generator().manual_seed(7))
-    assert a.dtype == torch.uint8 and a.shape == (2, *cfg.image_size, cfg.channels)
-    assert torch.equal(a, b) and torch.equal(a, c)
-    d = model.sample(2, labels, source, generator=torch.Generator().manual_seed(8))
-    assert not torch.equal(a, d)
+    assert torch.equal(a, model.sample(2, labels, source, generator=torch.Generator().manual_seed(7)))
+    assert not torch.equal(a, model.sample(2, labels, source, generator=torch.Generator().manual_seed(8)))
 
 
 @pytest.mark.parametrize("output", ["categorical", "dmol"])

@@ -8,6 +8,8 @@ import torch
 
 from imagetx import ConfigError, ImageTransformer, ModelConfig
 from imagetx.model.layout import make_layout
+from model_properties import check_dependencies, check_fast_equals_dense, windows_as_dense
+from model_properties import model_inputs as inputs
 
 TINY = dict(n_layers=2, d_model=32, n_heads=2, d_ff=48, dropout=0.0)
 
@@ -26,28 +28,6 @@ def tiny(attention="local1d", output="categorical", image_size=(5, 3), channels=
     return ModelConfig(**cfg)
 
 
-def inputs(cfg, B=2, seed=0):
-    g = torch.Generator().manual_seed(seed)
-    H, W = cfg.image_size
-    x = torch.randint(0, 256, (B, H, W, cfg.channels), generator=g)
-    labels = torch.randint(0, cfg.num_classes, (B,), generator=g) if cfg.num_classes else None
-    source = None
-    if cfg.source_size:
-        source = torch.randint(0, 256, (B, *cfg.source_size, cfg.channels), generator=g)
-    return x, labels, source
-
-
-def in_generation_order(model, out):
-    B = out.shape[0]
-    return out.reshape(B, model.config.seq_len, -1)[:, model.order]
-
-
-def set_dense(model, flag):
-    for m in model.modules():
-        if hasattr(m, "use_dense_reference"):
-            m.use_dense_reference = flag
-
-
 VARIANTS = [
     (att, out, extra)
     for att, extra in PATTERNS
@@ -63,56 +43,33 @@ VARIANTS = [
 ]
 
 
+# Hand-picked variants, kept as fixed examples beside the configurations test_properties.py draws.
 @pytest.mark.parametrize("attention,output,extra", VARIANTS)
 def test_no_information_from_the_future(attention, output, extra):
     torch.manual_seed(0)
     cfg = tiny(attention, output, **extra)
-    model = ImageTransformer(cfg).eval()
-    x, labels, source = inputs(cfg)
-    base = in_generation_order(model, model(x, labels, source))
-    L = cfg.seq_len
-    per_pos = cfg.channels if output == "categorical" else 1
-    for k in sorted({0, 1, L // 3, L // 2, L - 2, L - 1}):
-        flat = x.clone().view(x.shape[0], L, -1)
-        g = int(model.order[k])
-        flat[:, g] = (flat[:, g] + 77) % 256  # change the sub-pixel (or every channel of the pixel)
-        out = in_generation_order(model, model(flat.view_as(x), labels, source))
-        assert torch.equal(out[:, : k + 1], base[:, : k + 1]), f"position {k} leaked into earlier outputs"
-        if k + 1 < L:  # and the very next position does see it
-            assert not torch.allclose(out[:, k + 1], base[:, k + 1])
-    assert per_pos >= 1
+    check_dependencies(ImageTransformer(cfg).eval(), *inputs(cfg, batch=1))
 
 
 @pytest.mark.parametrize("attention,output,extra", VARIANTS)
 def test_fast_attention_equals_dense_reference(attention, output, extra):
     torch.manual_seed(1)
     cfg = tiny(attention, output, **extra)
-    model = ImageTransformer(cfg).train()  # dropout is 0: train mode exercises the same paths
-    x, labels, source = inputs(cfg, seed=3)
-    results = []
-    for dense in (False, True):
-        set_dense(model, dense)
-        model.zero_grad()
-        nll = model.nll(x, labels, source)
-        nll.sum().backward()
-        grads = {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
-        results.append((nll.detach(), grads))
-    (a, ga), (b, gb) = results
-    torch.testing.assert_close(a, b, rtol=1e-5, atol=1e-4)
-    assert ga.keys() == gb.keys() and len(ga) > 5
-    for name in ga:
-        scale = float(gb[name].abs().max()) + 1e-12  # float32 summation order differs
-        err = float((ga[name] - gb[name]).abs().max())
-        assert err <= 5e-5 * scale, f"{name}: gradient differs by {err:.3g} (scale {scale:.3g})"
+    check_fast_equals_dense(ImageTransformer(cfg), *inputs(cfg, seed=3))
 
 
-@pytest.mark.parametrize("extra", [dict(block_length=7), dict(block_length=5, num_classes=4)])
-def test_windowed_local1d_equals_dense_reference(extra, monkeypatch):
-    # the window-and-mask path that CUDA, autocast and attention dropout use instead of the CPU flash split
-    from imagetx.model.attention import Attention
-
-    monkeypatch.setattr(Attention, "_use_local1d_flash", lambda self, qkv, p: False)
-    test_fast_attention_equals_dense_reference("local1d", "categorical", extra)
+@pytest.mark.parametrize("attention,extra", PATTERNS)
+def test_training_after_a_forward_pass_in_inference_mode(attention, extra):
+    # constant tensors cached by the first forward (the attention mask) must not be inference
+    # tensors, or a model evaluated before its first training step cannot be trained
+    torch.manual_seed(1)
+    cfg = tiny(attention, **extra)
+    model = ImageTransformer(cfg)
+    x, _, _ = inputs(cfg)
+    with torch.inference_mode():
+        model(x)
+    model.nll(x).sum().backward()
+    assert all(p.grad is not None for p in model.blocks.parameters())
 
 
 def test_dense_masks_follow_the_published_geometry():
@@ -131,29 +88,6 @@ def test_dense_masks_follow_the_published_geometry():
     assert int(mask[last_query].sum()) == 8 * 48 + 8 * 16 + 128
     # the fast path's windows describe exactly the same pattern, key for key
     assert torch.equal(windows_as_dense(lay), mask)
-
-
-def windows_as_dense(lay):
-    """Map the local2d window mask back to (Lp, Lp) internal indices."""
-    qh, qw = lay.query_shape
-    fh, fw = lay.flange
-    Hp, Wp = lay.padded_grid
-    kh, kw = fh + qh, qw + 2 * fw
-    nbw = Wp // qw
-    dense = torch.zeros(lay.internal_len, lay.internal_len, dtype=torch.bool)
-    grid_to_internal = torch.full((Hp, Wp), -1, dtype=torch.long)
-    grid_to_internal[lay.row_of, lay.col_of] = torch.arange(lay.internal_len)
-    for blk in range(lay.num_blocks):
-        bi, bj = divmod(blk, nbw)
-        r = bi * qh - fh + torch.arange(kh)[:, None].expand(kh, kw).reshape(-1)
-        c = bj * qw - fw + torch.arange(kw)[None, :].expand(kh, kw).reshape(-1)
-        inside = (r >= 0) & (r < Hp) & (c >= 0) & (c < Wp)
-        keys = grid_to_internal[r.clamp(0, Hp - 1), c.clamp(0, Wp - 1)]
-        m = lay.window_mask[blk] & inside[None, :]
-        queries = blk * lay.block + torch.arange(lay.block)
-        for qi in range(lay.block):
-            dense[queries[qi], keys[m[qi]]] = True
-    return dense
 
 
 @pytest.mark.parametrize("extra", [p[1] for p in PATTERNS if p[0] == "local2d"])
@@ -175,7 +109,7 @@ def test_uniform_logits_give_exactly_8_bits_per_dim():
     with torch.no_grad():
         model.head.weight.zero_()
         model.head.bias.zero_()
-    x, _, _ = inputs(cfg, B=3)
+    x, _, _ = inputs(cfg, batch=3)
     bpd = model.nll(x).double() / (cfg.num_dims * math.log(2))
     torch.testing.assert_close(bpd, torch.full((3,), 8.0, dtype=torch.float64), rtol=0, atol=1e-6)
 

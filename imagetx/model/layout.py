@@ -18,7 +18,7 @@ definitions in REFERENCE.md and is the reference every fast path is tested again
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -58,6 +58,19 @@ class Layout:
     query_shape: tuple[int, int] = (0, 0)
     flange: tuple[int, int] = (0, 0)
     padded_grid: tuple[int, int] = (0, 0)
+    # The model moves hidden states between three orders with two separate maps: generation
+    # order -> internal layout at the input, internal layout -> grid (raster) order at the
+    # output. Each map may be skipped only when it is itself the identity: local 2D with no
+    # padding has an identity generation map (the internal layout *is* block-raster order) but,
+    # with two or more blocks per row, not an identity grid map.
+    generation_is_internal: bool = field(init=False)  # generation position k is internal position k
+    grid_is_internal: bool = field(init=False)  # grid position g is internal position g
+
+    def __post_init__(self):
+        same_length = self.internal_len == self.seq_len
+        identity = torch.arange(self.seq_len)
+        self.generation_is_internal = same_length and bool(torch.equal(self.gen_to_internal, identity))
+        self.grid_is_internal = same_length and bool(torch.equal(self.grid_to_internal, identity))
 
     @property
     def seq_len(self) -> int:

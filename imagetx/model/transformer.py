@@ -139,9 +139,6 @@ class ImageTransformer(nn.Module):
         self.register_buffer("order", order, persistent=False)
         self.register_buffer("grid_to_internal", layout.grid_to_internal, persistent=False)
         self.register_buffer("gen_to_internal", layout.gen_to_internal, persistent=False)
-        self.identity_layout = layout.internal_len == config.seq_len and bool(
-            torch.equal(layout.gen_to_internal, torch.arange(config.seq_len))
-        )
         if config.output == "categorical":
             # the input at generation step k is sub-pixel order[k-1]: embed it with its channel's rows
             offset = (order % C) * 256
@@ -256,7 +253,10 @@ class ImageTransformer(nn.Module):
             return None
         key = (self.window_mask.device, dtype)
         if key not in self._bias_cache:
-            self._bias_cache = {key: window_bias(self.window_mask, self.config.n_heads, dtype)}
+            # a normal tensor even when first built under inference mode (an evaluation before
+            # the first training step): autograd saves it for the backward of later steps
+            with torch.inference_mode(False):
+                self._bias_cache = {key: window_bias(self.window_mask, self.config.n_heads, dtype)}
         return self._bias_cache[key]
 
     def condition(self, labels=None, source=None):
@@ -292,7 +292,8 @@ class ImageTransformer(nn.Module):
         return torch.cat([start, emb], dim=1)
 
     def to_internal(self, h_gen: torch.Tensor) -> torch.Tensor:
-        if self.identity_layout:
+        """(B, L, d) in generation order -> (B, Lp, d) in internal layout (zeros at padding)."""
+        if self.layout.generation_is_internal:
             return h_gen
         B, _, d = h_gen.shape
         h = h_gen.new_zeros(B, self.layout.internal_len, d)
@@ -321,7 +322,7 @@ class ImageTransformer(nn.Module):
             else:
                 h = block(h, memory, bias)
         h = self.final_norm(h)
-        if not self.identity_layout:
+        if not self.layout.grid_is_internal:
             h = h[:, self.grid_to_internal]  # (B, L, d) grid order
         out = self.head(h)
         B, (H, W) = x.shape[0], self.config.image_size

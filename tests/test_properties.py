@@ -1,0 +1,192 @@
+"""The defining properties of the model, for every geometry: Hypothesis draws the configurations.
+
+A property shown on sizes someone picked is an example, not a proof: the local 2D self-leak of
+exact tilings went unseen because every hand-picked size left a padded edge. Each test here
+draws whole model configurations (image sizes 1-9 by 1-9, 1 or 3 channels, every attention
+pattern with blocks that tile the grid exactly, leave a padded edge, span a whole row or more than
+the grid, flanges wider than their block, categorical and DMOL outputs, class-conditional and
+super-resolution models with and without source_skip) and checks, for each:
+
+- the full dependency graph: no output sees its own input or a later one in generation order,
+  and every output after the first sees an earlier one;
+- the fast attention paths equal the dense reference, in likelihood and gradients;
+- the cached decoder equals the full forward pass at every step;
+- the same seed gives identical samples with and without the cache;
+- bits/dim from model.nll equals the value read off the model's own outputs.
+
+The examples are the same on every run (see conftest.py); IMAGETX_HYPOTHESIS=thorough draws ten
+times as many fresh ones.
+"""
+
+from __future__ import annotations
+
+import pytest
+import torch
+from hypothesis import event, given, note, settings
+from hypothesis import strategies as st
+
+from imagetx import ImageTransformer, ModelConfig
+from model_properties import (
+    check_bits_per_dim,
+    check_cache_equals_full_pass,
+    check_dependencies,
+    check_fast_equals_dense,
+    check_masks,
+    check_same_samples_with_and_without_cache,
+    model_inputs,
+)
+
+_BUDGET = settings().max_examples / 100  # 1 in the default profile, 10 when thorough
+
+
+def examples(n: int) -> settings:
+    return settings(max_examples=max(1, int(n * _BUDGET)))
+
+
+def _divisors(n: int) -> list[int]:
+    return [d for d in range(1, n + 1) if n % d == 0]
+
+
+def extent(n: int, smallest: int = 1) -> st.SearchStrategy[int]:
+    """A block or flange extent along an axis of length n: one that divides n (an exact tiling),
+    any one (often a padded edge), n itself (one block spans the axis), or more than n."""
+    return st.one_of(
+        st.sampled_from([d for d in _divisors(n) if d >= smallest] or [n]),
+        st.integers(smallest, n),
+        st.just(n),
+        st.integers(n + 1, n + 3),
+    )
+
+
+@st.composite
+def model_configs(draw, attention=None, max_side: int = 9) -> ModelConfig:
+    attention = attention or draw(st.sampled_from(["local1d", "local2d", "full"]))
+    output = draw(st.sampled_from(["categorical", "dmol"]))
+    channels = draw(st.sampled_from([1, 3]))
+    H, W = draw(st.integers(1, max_side)), draw(st.integers(1, max_side))
+    rows, cols = H, W * (channels if output == "categorical" else 1)
+    cfg = dict(
+        image_size=(H, W), channels=channels, attention=attention, output=output,
+        n_layers=draw(st.integers(1, 2)), d_model=16, n_heads=draw(st.sampled_from([1, 2])), d_ff=24,
+        dropout=0.0, num_mixtures=draw(st.integers(1, 3)),
+        norm=draw(st.sampled_from(["post", "pre"])), positional=draw(st.sampled_from(["sinusoidal", "learned"])),
+    )
+    if attention == "local1d":
+        cfg["block_length"] = draw(extent(rows * cols))
+    if attention == "local2d":
+        cfg["query_shape"] = (draw(extent(rows)), draw(extent(cols)))
+        cfg["memory_flange"] = (draw(extent(rows, 0)), draw(extent(cols, 0)))
+    kind = draw(st.sampled_from(["unconditional", "classes", "superres"]))
+    if kind == "classes":
+        cfg["num_classes"] = draw(st.integers(1, 3))
+    if kind == "superres":
+        cfg["source_size"] = (draw(st.integers(1, H)), draw(st.integers(1, W)))
+        cfg["encoder_layers"] = 1
+        cfg["source_skip"] = draw(st.booleans())
+        if draw(st.booleans()):
+            cfg["num_classes"] = 2
+    config = ModelConfig(**cfg)
+    note(f"config: {config}")
+    event(f"{attention}, {output}, {kind}")
+    event(f"sequence length {'<= 16' if rows * cols <= 16 else '17-64' if rows * cols <= 64 else '> 64'}")
+    if attention == "local2d":
+        (qh, qw), (fh, fw) = cfg["query_shape"], cfg["memory_flange"]
+        exact = rows % min(qh, rows) == 0 and cols % min(qw, cols) == 0
+        event(f"local2d: {'exact tiling' if exact else 'padded edge'}, "
+              f"{'2+ blocks per row' if qw < cols else 'one block per row'}"
+              f"{', flange wider than the block' if fw > qw or fh > qh else ''}")
+    if attention == "local1d":
+        event(f"local1d: block {'divides' if (rows * cols) % min(cfg['block_length'], rows * cols) == 0 else 'does not divide'} the sequence")
+    return config
+
+
+def build(config: ModelConfig, seed: int = 0) -> ImageTransformer:
+    torch.manual_seed(seed)
+    return ImageTransformer(config).eval()
+
+
+PATTERNS = ["local1d", "local2d", "full"]
+
+
+@pytest.mark.parametrize("attention", PATTERNS)
+@examples(40)
+@given(data=st.data())
+def test_no_output_sees_its_own_input_or_a_later_one(attention, data):
+    config = data.draw(model_configs(attention))
+    model = build(config)
+    check_masks(model)
+    check_dependencies(model, *model_inputs(config, batch=1))
+
+
+@examples(25)
+@given(config=model_configs(attention="local2d", max_side=16))
+def test_no_output_sees_its_own_input_or_a_later_one_on_larger_local2d_grids(config):
+    model = build(config)
+    check_masks(model)
+    check_dependencies(model, *model_inputs(config, batch=1), shifts=(77,))
+
+
+@pytest.mark.parametrize("attention", PATTERNS)
+@examples(25)
+@given(data=st.data())
+def test_fast_paths_equal_the_dense_reference(attention, data):
+    config = data.draw(model_configs(attention))
+    model = build(config, seed=1)
+    check_fast_equals_dense(model, *model_inputs(config, seed=3))
+
+
+@pytest.mark.parametrize("attention", PATTERNS)
+@examples(25)
+@given(data=st.data())
+def test_cached_decoder_equals_the_full_forward_pass(attention, data):
+    config = data.draw(model_configs(attention))
+    model = build(config, seed=2)
+    check_cache_equals_full_pass(model, *model_inputs(config, seed=5))
+
+
+@pytest.mark.parametrize("attention", PATTERNS)
+@examples(15)
+@given(data=st.data(), seed=st.integers(0, 2**31 - 1))
+def test_same_seed_gives_the_same_samples_with_and_without_cache(attention, data, seed):
+    config = data.draw(model_configs(attention))
+    model = build(config, seed=3)
+    _, labels, source = model_inputs(config, batch=2, seed=seed)
+    check_same_samples_with_and_without_cache(model, labels, source, seed=seed)
+
+
+@pytest.mark.parametrize("attention", PATTERNS)
+@examples(25)
+@given(data=st.data())
+def test_bits_per_dim_equal_the_model_outputs(attention, data):
+    config = data.draw(model_configs(attention))
+    model = build(config, seed=4)
+    check_bits_per_dim(model, *model_inputs(config, batch=3, seed=6))
+
+
+# The geometries an outside check found leaking (issue: local 2D self-leak on exact tilings), kept
+# as fixed examples beside the drawn ones: every property, each of them.
+REPORTED = [
+    dict(image_size=(4, 4), channels=1, query_shape=(2, 2), memory_flange=(1, 1)),
+    dict(image_size=(4, 4), channels=1, query_shape=(2, 2), memory_flange=(1, 1), n_layers=2),
+    dict(image_size=(4, 4), channels=3, query_shape=(2, 4), memory_flange=(1, 2)),
+    dict(image_size=(4, 4), channels=3, query_shape=(2, 6), memory_flange=(1, 3)),
+    dict(image_size=(4, 4), channels=3, query_shape=(2, 6), memory_flange=(1, 3), n_layers=2,
+         source_size=(2, 2), encoder_layers=1),
+    dict(image_size=(6, 4), channels=1, query_shape=(3, 2), memory_flange=(2, 1), n_layers=2, num_classes=3),
+    dict(image_size=(8, 8), channels=3, query_shape=(4, 12), memory_flange=(2, 6)),
+    dict(image_size=(5, 4), channels=3, query_shape=(2, 6), memory_flange=(1, 3)),
+    dict(image_size=(4, 5), channels=3, query_shape=(2, 6), memory_flange=(1, 3)),
+]
+
+
+@pytest.mark.parametrize("geometry", REPORTED, ids=lambda g: "x".join(map(str, (*g["image_size"], g["channels"]))))
+def test_reported_geometries(geometry):
+    config = ModelConfig(**{**dict(attention="local2d", n_layers=1, d_model=32, n_heads=2, d_ff=48, dropout=0.0), **geometry})
+    model = build(config)
+    check_masks(model)
+    check_dependencies(model, *model_inputs(config, batch=1))
+    check_fast_equals_dense(model, *model_inputs(config, seed=3))
+    check_cache_equals_full_pass(model, *model_inputs(config, seed=5))
+    _, labels, source = model_inputs(config, batch=4, seed=7)
+    check_same_samples_with_and_without_cache(model, labels, source, seed=7)
+    check_bits_per_dim(model, *model_inputs(config, batch=3, seed=6))
