@@ -174,6 +174,18 @@ def test_bad_inputs_name_the_problem():
         model(x, labels, source=x)
 
 
+@pytest.mark.parametrize("field,value,allowed", [
+    ("query_shape", (0, 2), ">= 1"), ("query_shape", (2, True), ">= 1"), ("query_shape", (2,), ">= 1"),
+    ("memory_flange", (-1, 0), ">= 0"), ("memory_flange", (1.5, 2), ">= 0"),
+    ("block_length", 0, "positive"), ("block_length", True, "positive"),
+])
+def test_block_shapes_no_model_can_use_name_the_field_and_range(field, value, allowed):
+    with pytest.raises(ConfigError) as err:
+        ModelConfig(attention="local2d", **{field: value})
+    assert len(err.value.problems) == 1
+    assert f"model.{field}" in err.value.problems[0] and allowed in err.value.problems[0]
+
+
 def test_config_round_trips_through_a_dict():
     cfg = tiny("local2d", query_shape=(2, 4), memory_flange=(1, 3), source_size=(2, 1), encoder_layers=1)
     again = ModelConfig.from_dict(cfg.to_dict())

@@ -23,7 +23,10 @@ class ModelConfig:
     """Architecture of an Image Transformer. Defaults are the published CIFAR-10 "cat" setup.
 
     Block sizes are in units of the sequence grid (rows x sub-pixel columns): for the categorical
-    output a row holds W*C sub-pixels, for DMOL a row holds W pixels.
+    output a row holds W*C sub-pixels, for DMOL a row holds W pixels. Any block_length and
+    query_shape >= 1 and memory_flange >= 0 is valid: one larger than the grid acts as the whole
+    axis (a single block; a flange reaching the image's edge). tests/test_properties.py proves
+    the no-leak, cache and dense-reference properties over that whole range.
     """
 
     image_size: tuple[int, int] = (32, 32)  # (H, W) of the generated image
@@ -102,11 +105,9 @@ class ModelConfig:
 
         def pair(name, minimum):
             v = getattr(self, name)
-            if not (isinstance(v, tuple) and len(v) == 2 and all(isinstance(i, int) for i in v)):
-                p.append(f"model.{name} must be two integers, got {v!r}")
-                return False
-            if min(v) < minimum:
-                p.append(f"model.{name} must be >= {minimum} in both dimensions, got {v!r}")
+            ints = isinstance(v, tuple) and len(v) == 2 and all(isinstance(i, int) and not isinstance(i, bool) for i in v)
+            if not ints or min(v) < minimum:
+                p.append(f"model.{name} must be two integers >= {minimum} (rows, columns), got {v!r}")
                 return False
             return True
 
