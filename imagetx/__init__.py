@@ -5,4 +5,4 @@ from imagetx.model.transformer import ImageTransformer
 from imagetx.checkpoint import load_model  # noqa: E402  (needs the model classes above)
 
 __all__ = ["ConfigError", "ModelConfig", "ImageTransformer", "load_model"]
-__version__ = "0.1.0"
+__version__ = "0.1.1"

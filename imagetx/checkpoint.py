@@ -17,6 +17,7 @@ directory, then renamed with os.replace: a crash never leaves a half-written che
 from __future__ import annotations
 
 import os
+import warnings
 import random
 import re
 from collections.abc import Callable, Mapping
@@ -263,7 +264,23 @@ def model_from_checkpoint(ckpt: Mapping, path: str | os.PathLike = "checkpoint",
                 parts.append(f"{label}: {', '.join(items[:3])}{more}")
         raise CheckpointError(f"{path}: weights do not match its model config ({'; '.join(parts)})")
     model.load_state_dict(state)
+    _warn_if_trained_reading_its_targets(ckpt, model, path)
     return model.to(device)
+
+
+def _warn_if_trained_reading_its_targets(ckpt: Mapping, model: nn.Module, path) -> None:
+    """imagetx 0.1.0 returned the outputs of a local 2D model at the wrong positions when the
+    query blocks tile the grid exactly with two or more blocks per row: some outputs had read
+    the sub-pixel they predict. Weights trained that way learned to rely on it."""
+    layout = model.layout
+    affected = layout.kind == "local2d" and layout.generation_is_internal and not layout.grid_is_internal
+    if affected and ckpt.get("imagetx_version") in (None, "0.1.0"):
+        warnings.warn(
+            f"{path}: this local 2D model was trained with imagetx {ckpt.get('imagetx_version') or '< 0.1.1'}, "
+            "whose outputs on this block geometry read the sub-pixels they predict; its bits/dim and "
+            "samples are not valid: retrain it",
+            stacklevel=3,
+        )
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:

@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import json
 import sys
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
@@ -272,6 +273,8 @@ _COMPUTE_COMMANDS = {"train", "eval-bpd", "sample", "superres"}
 def main() -> None:
     """The console script: the compute commands first restart once with tcmalloc or jemalloc
     preloaded when one is installed (see imagetx.memory; IMAGETX_ALLOCATOR=system to keep malloc)."""
+    # a warning is one line on stderr, like every other diagnostic
+    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
     if len(sys.argv) > 1 and sys.argv[1] in _COMPUTE_COMMANDS:
         from imagetx.memory import restart_with_fast_allocator
 

@@ -147,3 +147,25 @@ def test_bad_files_give_one_clear_line(tmp_path):
     (tmp_path / "empty").mkdir()
     one_line_error(tmp_path / "empty", "no checkpoints")
     assert load_checkpoint(good)["step"] == 1  # the good file is untouched by all of this
+
+
+@pytest.mark.parametrize("geometry,version,warns", [
+    (["model.query_shape=[2, 6]", "model.memory_flange=[1, 3]"], "0.1.0", True),  # exact tiling, 2 blocks per row
+    (["model.query_shape=[2, 6]", "model.memory_flange=[1, 3]"], "0.1.1", False),
+    (["model.query_shape=[3, 6]", "model.memory_flange=[1, 3]"], "0.1.0", False),  # a padded edge: was right
+    (["model.query_shape=[2, 12]", "model.memory_flange=[1, 3]"], "0.1.0", False),  # one block per row: was right
+])
+def test_loading_a_local2d_model_trained_reading_its_targets_warns(tmp_path, geometry, version, warns):
+    import warnings
+
+    config = tiny_config("model.attention=local2d", *geometry)
+    ckpt = make_checkpoint(model=ImageTransformer(config.model), config=config.to_dict(), step=1)
+    ckpt["imagetx_version"] = version
+    path = save_checkpoint(tmp_path, ckpt)
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        load_model(path)
+    messages = [str(w.message) for w in caught if "retrain" in str(w.message)]
+    assert len(messages) == int(warns)
+    if warns:
+        assert str(path) in messages[0] and "0.1.0" in messages[0]
