@@ -126,22 +126,22 @@ def test_no_output_sees_its_own_input_or_a_later_one_on_larger_local2d_grids(con
     check_dependencies(model, *model_inputs(config, batch=1), shifts=(77,))
 
 
-@pytest.mark.parametrize("attention", PATTERNS)
-@examples(25)
-@given(data=st.data())
-def test_fast_paths_equal_the_dense_reference(attention, data):
-    config = data.draw(model_configs(attention))
-    model = build(config, seed=1)
-    check_fast_equals_dense(model, *model_inputs(config, seed=3))
+# (property, model seed, input seed, images)
+ONE_PASS_CHECKS = {
+    "fast paths equal the dense reference": (check_fast_equals_dense, 1, 3, 2),
+    "cached decoder equals the full forward pass": (check_cache_equals_full_pass, 2, 5, 2),
+    "bits/dim equal the model's outputs": (check_bits_per_dim, 4, 6, 3),
+}
 
 
 @pytest.mark.parametrize("attention", PATTERNS)
+@pytest.mark.parametrize("check", ONE_PASS_CHECKS)
 @examples(25)
 @given(data=st.data())
-def test_cached_decoder_equals_the_full_forward_pass(attention, data):
+def test_property_holds(check, attention, data):
+    fn, model_seed, input_seed, images = ONE_PASS_CHECKS[check]
     config = data.draw(model_configs(attention))
-    model = build(config, seed=2)
-    check_cache_equals_full_pass(model, *model_inputs(config, seed=5))
+    fn(build(config, seed=model_seed), *model_inputs(config, batch=images, seed=input_seed))
 
 
 @pytest.mark.parametrize("attention", PATTERNS)
@@ -152,15 +152,6 @@ def test_same_seed_gives_the_same_samples_with_and_without_cache(attention, data
     model = build(config, seed=3)
     _, labels, source = model_inputs(config, batch=2, seed=seed)
     check_same_samples_with_and_without_cache(model, labels, source, seed=seed)
-
-
-@pytest.mark.parametrize("attention", PATTERNS)
-@examples(25)
-@given(data=st.data())
-def test_bits_per_dim_equal_the_model_outputs(attention, data):
-    config = data.draw(model_configs(attention))
-    model = build(config, seed=4)
-    check_bits_per_dim(model, *model_inputs(config, batch=3, seed=6))
 
 
 # The geometries an outside check found leaking (issue: local 2D self-leak on exact tilings), kept
