@@ -1,6 +1,7 @@
 """imagetx: the Image Transformer (Parmar et al., 2018) for autoregressive image generation."""
 
-from imagetx.model.config import ConfigError, ModelConfig
+from imagetx.errors import ConfigError
+from imagetx.model.config import ModelConfig
 from imagetx.model.transformer import ImageTransformer
 from imagetx.checkpoint import load_model  # noqa: E402  (needs the model classes above)
 

@@ -17,52 +17,23 @@ directory, then renamed with os.replace: a crash never leaves a half-written che
 from __future__ import annotations
 
 import os
-import warnings
 import random
 import re
-from collections.abc import Callable, Mapping
+import warnings
+from collections.abc import Mapping
 from pathlib import Path
-from typing import BinaryIO
 
 import torch
 from torch import nn
 
-from imagetx.errors import CheckpointError
-from imagetx.model.config import ConfigError, ModelConfig
+from imagetx.atomic import atomic_write
+from imagetx.errors import CheckpointError, ConfigError
+from imagetx.model.config import ModelConfig
 
 FORMAT = "imagetx-checkpoint"
 FORMAT_VERSION = 1
 _NAME = re.compile(r"^step-(\d{8,})\.pt$")
 _WRAPPER_PREFIXES = ("module.", "_orig_mod.")
-
-
-# ---- files ---------------------------------------------------------------------------------------
-def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None]) -> Path:
-    """Write `data` (bytes, or a function writing to a binary file) to path atomically: to a
-    temporary file in the same directory, flushed to disk, then renamed over path."""
-    path = Path(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
-        with open(tmp, "wb") as f:
-            if isinstance(data, (bytes, bytearray)):
-                f.write(data)
-            else:
-                data(f)
-            f.flush()
-            os.fsync(f.fileno())
-        os.replace(tmp, path)
-    except BaseException:
-        tmp.unlink(missing_ok=True)
-        raise
-    try:  # make the rename itself durable
-        fd = os.open(path.parent, os.O_RDONLY)
-        try:
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-    except OSError:
-        pass
-    return path
 
 
 def checkpoint_path(run_dir: str | os.PathLike, step: int) -> Path:

@@ -17,7 +17,8 @@ from typing import Optional
 import typer
 
 from imagetx.distributed import env_ranks
-from imagetx.errors import CheckpointError, ConfigError, RunError
+from imagetx import console
+from imagetx.errors import CheckpointError, ConfigError, DatasetError, RunError
 
 app = typer.Typer(
     name="imagetx",
@@ -28,29 +29,22 @@ app = typer.Typer(
 )
 
 
-def _error(message: str) -> None:
-    if env_ranks()[0] == 0:  # under torchrun every process fails alike; say it once
-        typer.echo(f"error: {message}", err=True)
-
-
 @contextmanager
 def _expected_failures():
     """Expected failures become `error: ...` on stderr and an exit code, never a traceback."""
-    from imagetx.data import DatasetError
-
     try:
         yield
     except ConfigError as exc:
-        _error("; ".join(exc.problems))
+        console.error("; ".join(exc.problems))
         raise typer.Exit(2) from None
     except (CheckpointError, RunError) as exc:
-        _error(str(exc))
+        console.error(str(exc))
         raise typer.Exit(1) from None
     except DatasetError as exc:  # its first line says what is wrong; the rest shows the expected tree
-        _error(str(exc))
+        console.error(str(exc))
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
-        _error("interrupted")
+        console.error("interrupted")
         raise typer.Exit(130) from None
 
 
@@ -179,11 +173,11 @@ def sample(
     Unconditional or per class, at a chosen temperature, with a fixed seed; --prime completes
     a partial image (several completions with -n).
     """
-    from imagetx.sample import SampleRequest, run
+    from imagetx.sample import SampleConfig, run
 
     if out is None and individual is None and npz is None:
         out = Path("samples.png")
-    req = SampleRequest(
+    req = SampleConfig(
         checkpoint=checkpoint, num=num, temperature=temperature, label=label, seed=seed,
         batch_size=batch_size, device=device, out=out, individual=individual, npz=npz,
         prime=prime, prime_rows=prime_rows, use_cache=not no_cache,
@@ -195,10 +189,7 @@ def sample(
         return
     for path in summary["written"]:
         typer.echo(path)
-    typer.echo(
-        f"{summary['images']} images in {summary['seconds']:.1f} s ({summary['ms_per_position']:.2f} ms per position)",
-        err=True,
-    )
+    console.note(f"{summary['images']} images in {summary['seconds']:.1f} s ({summary['ms_per_position']:.2f} ms per position)")
 
 
 @app.command()
@@ -225,9 +216,9 @@ def superres(
     notice. comparison.png shows, per input: nearest neighbour, bicubic, the samples, and the
     ground truth when known.
     """
-    from imagetx.superres import SuperResRequest, run
+    from imagetx.superres import SuperResConfig, run
 
-    req = SuperResRequest(
+    req = SuperResConfig(
         checkpoint=checkpoint, inputs=input, dataset=dataset, data_dir=data_dir, split=split, num=num,
         samples=samples, temperature=temperature, label=label, seed=seed, batch_size=batch_size,
         device=device, out=out, report=report,

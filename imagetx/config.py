@@ -23,7 +23,9 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
-from imagetx.model.config import ConfigError, ModelConfig
+from imagetx.distributed import device_problems
+from imagetx.errors import ConfigError
+from imagetx.model.config import ModelConfig
 
 TASKS = ("generate", "superres")
 OPTIMIZERS = ("adam", "adamw")
@@ -111,9 +113,7 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         p: list[str] = []
-        device = self.device
-        if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
-            p.append(f"train.device must be auto, cpu, cuda or cuda:N; got {device!r}")
+        p += device_problems(self.device, "train.device")
         if not self.out:
             p.append("train.out must name a directory")
         for name in ("batch_size", "max_steps", "grad_accum", "log_every"):
@@ -311,7 +311,7 @@ def resolve_config(layers: list[tuple[str, Mapping]], problems: list[str] | None
 
 def save_config(config: RunConfig, path: str | os.PathLike) -> None:
     """Write the config as TOML, atomically."""
-    from imagetx.checkpoint import atomic_write
+    from imagetx.atomic import atomic_write
 
     atomic_write(path, config.to_toml().encode())
 

@@ -16,7 +16,7 @@ from datetime import timedelta
 import torch
 import torch.distributed as dist
 
-from imagetx.model.config import ConfigError
+from imagetx.errors import ConfigError
 
 # Rank 0 alone draws the periodic sample grids while the others wait at the next collective;
 # a large model's grid can take far longer than the default 10 minutes.
@@ -48,24 +48,30 @@ def env_ranks() -> tuple[int, int, int]:
     return int(get("RANK", 0)), int(get("WORLD_SIZE", 1)), int(get("LOCAL_RANK", 0))
 
 
+def device_problems(spec, flag: str = "--device") -> list[str]:
+    """The one syntax check of a device name: auto, cpu, cuda or cuda:N."""
+    if isinstance(spec, str) and (spec in ("auto", "cpu", "cuda") or (spec.startswith("cuda:") and spec[5:].isdigit())):
+        return []
+    return [f"{flag} must be auto, cpu, cuda or cuda:N; got {spec!r}"]
+
+
 def select_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
     """"auto" (CUDA if available, else CPU), "cpu", "cuda" (this process's local GPU under
     torchrun) or "cuda:N". Raises ConfigError for a device this machine does not have."""
+    problems = device_problems(spec, "device")
+    if problems:
+        raise ConfigError(problems)
     has_cuda = torch.cuda.is_available()
     if spec == "auto":
         spec = "cuda" if has_cuda else "cpu"
     if spec == "cpu":
         return torch.device("cpu")
-    if spec == "cuda" or (spec.startswith("cuda:") and spec[5:].isdigit()):
-        if not has_cuda:
-            raise ConfigError([f"device {spec!r} requested but CUDA is not available here; use cpu or auto"])
-        index = int(spec[5:]) if ":" in spec else local_rank
-        if index >= torch.cuda.device_count():
-            raise ConfigError(
-                [f"device cuda:{index} requested but this machine has {torch.cuda.device_count()} GPU(s)"]
-            )
-        return torch.device("cuda", index)
-    raise ConfigError([f"device must be auto, cpu, cuda or cuda:N; got {spec!r}"])
+    if not has_cuda:
+        raise ConfigError([f"device {spec!r} requested but CUDA is not available here; use cpu or auto"])
+    index = int(spec[5:]) if ":" in spec else local_rank
+    if index >= torch.cuda.device_count():
+        raise ConfigError([f"device cuda:{index} requested but this machine has {torch.cuda.device_count()} GPU(s)"])
+    return torch.device("cuda", index)
 
 
 def setup(device: str = "auto") -> Dist:
@@ -121,11 +127,6 @@ def broadcast_object(obj, src: int = 0):
     box = [obj]
     dist.broadcast_object_list(box, src=src)
     return box[0]
-
-
-def barrier() -> None:
-    if is_distributed():
-        dist.barrier()
 
 
 def shard(n: int, rank: int, world_size: int) -> range:

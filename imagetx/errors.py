@@ -1,8 +1,16 @@
-"""Expected failures: each carries one line for the user; the CLI prints it and exits non-zero."""
+"""Every expected failure imagetx raises: each carries one line for the user (ConfigError: one
+line per problem); the CLI prints it as `error: ...` and exits 2 (ConfigError, a usage error) or
+1 (the others, runtime failures). Anything else escaping to the CLI is a bug."""
 
 from __future__ import annotations
 
-from imagetx.model.config import ConfigError
+
+class ConfigError(ValueError):
+    """An invalid configuration or argument; the message lists every problem, one per line."""
+
+    def __init__(self, problems: list[str]):
+        self.problems = list(problems)
+        super().__init__("; ".join(self.problems))
 
 
 class CheckpointError(RuntimeError):
@@ -15,4 +23,12 @@ class RunError(RuntimeError):
     non-finite loss, incompatible data)."""
 
 
-__all__ = ["CheckpointError", "ConfigError", "RunError"]
+class ImageFileError(RunError):
+    """An input image that cannot be used; the message names the file and the problem."""
+
+
+class DatasetError(Exception):
+    """Missing or malformed data. First line: the problem and what to do; then details."""
+
+
+__all__ = ["CheckpointError", "ConfigError", "DatasetError", "ImageFileError", "RunError"]

@@ -11,14 +11,10 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from imagetx.checkpoint import atomic_write
-from imagetx.errors import RunError
+from imagetx.atomic import atomic_write
+from imagetx.errors import ImageFileError
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
-
-
-class ImageFileError(RunError):
-    """An input image that cannot be used; the message names the file and the problem."""
 
 
 def to_pil(image: torch.Tensor) -> Image.Image:
@@ -56,6 +52,18 @@ def grid(images: torch.Tensor, nrow: int | None = None, padding: int = 2, scale:
 def display_scale(size: tuple[int, int]) -> int:
     """How much to enlarge small images in grids so they can be seen (16x16 -> 4x, 32x32 -> 2x)."""
     return max(1, 64 // max(size))
+
+
+def comparison_grid(nearest: torch.Tensor, bicubic: torch.Tensor, samples: torch.Tensor,
+                    targets: torch.Tensor | None = None) -> torch.Tensor:
+    """One row per input: nearest-neighbour enlargement, bicubic, the K samples, the ground truth
+    (when known) -> uint8 (H', W', C). nearest, bicubic, targets: (N, H, W, C); samples (N, K, H, W, C)."""
+    columns = [nearest[:, None], bicubic[:, None], samples]
+    if targets is not None:
+        columns.append(targets[:, None])
+    rows = torch.cat(columns, dim=1)  # (N, 2 + K (+1), H, W, C)
+    N, cols = rows.shape[:2]
+    return grid(rows.reshape(N * cols, *rows.shape[2:]), nrow=cols, scale=display_scale(tuple(rows.shape[2:4])))
 
 
 def save_grid(images: torch.Tensor, path: str | os.PathLike, nrow: int | None = None, scale: int = 1) -> Path:

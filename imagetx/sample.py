@@ -11,14 +11,53 @@ from pathlib import Path
 
 import torch
 
+from imagetx import console
 from imagetx.checkpoint import load_model
-from imagetx.distributed import select_device
+from imagetx.distributed import device_problems, select_device
 from imagetx.errors import ConfigError
 from imagetx.images import display_scale, fit, read_image, save_grid, save_npz, save_png
 
 
+def temperature_problems(temperature) -> list[str]:
+    """The one check of a sampling temperature given by a user: a finite number >= 0."""
+    t = temperature
+    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
+        return [f"--temperature must be a finite number >= 0 (0 = greedy), got {t}"]
+    return []
+
+
+def label_problems(model_config, label: int | None, required: bool = False) -> list[str]:
+    """The one check of a --label against a model: only for class-conditional models, in
+    [0, num_classes - 1], and present when `required`."""
+    k = model_config.num_classes
+    if not k:
+        return ["--label given, but this model is unconditional (trained without classes)"] if label is not None else []
+    if label is None:
+        return [f"this model is class-conditional: give --label in [0, {k - 1}]"] if required else []
+    if not 0 <= label < k:
+        return [f"--label must be in [0, {k - 1}] for this model, got {label}"]
+    return []
+
+
+def output_dir_problems(directory: str | os.PathLike, flag: str) -> list[str]:
+    """Whether files can be written into `directory` (existing, or creatable). Creates nothing."""
+    d = Path(directory)
+    if d.exists():
+        if not d.is_dir():
+            return [f"{flag} {d} exists and is not a directory"]
+        return [] if os.access(d, os.W_OK | os.X_OK) else [f"output directory {d} is not writable"]
+    parent = d.absolute().parent
+    while not parent.exists():
+        parent = parent.parent
+    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
+        return [f"cannot create output directory {d}: {parent} is not a writable directory"]
+    return []
+
+
 @dataclass
-class SampleRequest:
+class SampleConfig:
+    """What `imagetx sample` does: which checkpoint, how many images, where they go."""
+
     checkpoint: str | os.PathLike
     num: int = 16
     temperature: float = 1.0
@@ -34,54 +73,42 @@ class SampleRequest:
     use_cache: bool = True
     progress: bool = True
 
-
-def _notify(message: str) -> None:
-    print(f"note: {message}", file=sys.stderr)
-
-
-def _check_request(req: SampleRequest) -> None:
-    problems = []
-    if not isinstance(req.num, int) or req.num < 1:
-        problems.append(f"--num must be >= 1, got {req.num}")
-    if not isinstance(req.batch_size, int) or req.batch_size < 1:
-        problems.append(f"--batch-size must be >= 1, got {req.batch_size}")
-    if not isinstance(req.temperature, (int, float)) or math.isnan(req.temperature) or req.temperature < 0:
-        problems.append(f"--temperature must be >= 0 (0 = greedy), got {req.temperature}")
-    if req.out is None and req.individual is None and req.npz is None:
-        problems.append("nothing to write: give --out, --individual or --npz")
-    if req.prime_rows is not None and req.prime is None:
-        problems.append("--prime-rows needs --prime IMAGE")
-    if problems:
-        raise ConfigError(problems)
-
-
-def _check_writable(req: SampleRequest) -> None:
-    """Fail before sampling, not after, when an output cannot be written."""
-    targets = [Path(p).parent for p in (req.out, req.npz) if p is not None]
-    if req.individual is not None:
-        d = Path(req.individual)
-        if d.exists() and not d.is_dir():
-            raise ConfigError([f"--individual {d} exists and is not a directory"])
-        targets.append(d if d.exists() else d.parent)
-    for t in targets:
-        t = t if str(t) else Path(".")
-        if not t.exists():
-            raise ConfigError([f"output directory {t} does not exist; create it first"])
-        if not os.access(t, os.W_OK):
-            raise ConfigError([f"output directory {t} is not writable"])
+    def problems(self) -> list[str]:
+        """Every problem with the arguments, one line each, checked before any work starts
+        (outputs that cannot be written included)."""
+        p = []
+        if not isinstance(self.num, int) or self.num < 1:
+            p.append(f"--num must be >= 1, got {self.num}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            p.append(f"--batch-size must be >= 1, got {self.batch_size}")
+        p += temperature_problems(self.temperature)
+        p += device_problems(self.device)
+        if self.out is None and self.individual is None and self.npz is None:
+            p.append("nothing to write: give --out, --individual or --npz")
+        if self.prime_rows is not None and self.prime is None:
+            p.append("--prime-rows needs --prime IMAGE")
+        for flag, path in (("--out", self.out), ("--npz", self.npz)):
+            if path is not None:
+                parent = Path(path).parent
+                if not parent.is_dir():
+                    p.append(f"output directory {parent} does not exist; create it first")
+                elif not os.access(parent, os.W_OK):
+                    p.append(f"output directory {parent} is not writable")
+        if self.individual is not None:
+            p += output_dir_problems(self.individual, "--individual")
+        return p
 
 
 def labels_for(model, n: int, label: int | None) -> torch.Tensor | None:
     """Labels for n images: the given class for all, or a balanced spread over the classes."""
+    problems = label_problems(model.config, label)
+    if problems:
+        raise ConfigError(problems)
     k = model.config.num_classes
     if not k:
-        if label is not None:
-            raise ConfigError(["--label given, but this model is unconditional (trained without classes)"])
         return None
     if label is None:
         return torch.arange(n) % k
-    if not 0 <= label < k:
-        raise ConfigError([f"--label must be in [0, {k - 1}] for this model, got {label}"])
     return torch.full((n,), label, dtype=torch.long)
 
 
@@ -92,9 +119,9 @@ def prime_tensors(model, path, rows: int | None, n: int):
     H, W = cfg.image_size
     image, notices = read_image(path, cfg.channels)
     for note in notices:
-        _notify(note)
+        console.note(note)
     if tuple(image.shape[:2]) != (H, W):
-        _notify(f"{Path(path).name}: {image.shape[0]}x{image.shape[1]} centre-cropped and resized to {H}x{W}")
+        console.note(f"{Path(path).name}: {image.shape[0]}x{image.shape[1]} centre-cropped and resized to {H}x{W}")
         image = fit(image, (H, W))
     rows = H // 2 if rows is None else rows
     if not 1 <= rows < H:
@@ -105,12 +132,14 @@ def prime_tensors(model, path, rows: int | None, n: int):
     return prime, mask
 
 
-def run(req: SampleRequest) -> dict:
-    """Sample req.num images and write them; returns a summary (paths, timing)."""
+def run(req: SampleConfig) -> dict:
+    """Sample req.num images and write them; returns a summary (paths, timing). Raises
+    ConfigError listing req.problems() before any work."""
     from tqdm import tqdm
 
-    _check_request(req)
-    _check_writable(req)
+    problems = req.problems()
+    if problems:
+        raise ConfigError(problems)
     device = select_device(req.device)
     model = load_model(req.checkpoint, device=device)
     cfg = model.config

@@ -4,14 +4,9 @@ Inputs are image files (converted and fitted to the model's source size, with a 
 held-out images of a data set, whose low-resolution versions are made exactly as in training,
 so the ground truth can be shown and scored. K samples per input are drawn with the cached
 decoder; one PNG per sample and one comparison grid are written to the output directory after
-all sampling is done. With `report`, each input gets:
-
-- bpd: conditional bits/dim of the ground truth, nll(target | source) / (H*W*C ln 2);
-- consistency: mean |area_downsample(sample) - source| in 0-255 units (0 = the sample explains
-  its input exactly), averaged over the K samples;
-- psnr, psnr_bicubic: 10 log10(255^2 / MSE) in dB of each sample (averaged over the K samples)
-  and of the bicubic upscale against the ground truth. Identical images would score infinity;
-  they score PSNR_CAP instead so averages and JSON stay finite.
+all sampling is done. With `report`, each input gets (see imagetx.metrics): the conditional
+bits/dim of its ground truth, the consistency of its samples with it, and the PSNR of the samples
+(averaged over the K samples) and of the bicubic upscale against the ground truth.
 """
 
 from __future__ import annotations
@@ -28,17 +23,21 @@ import numpy as np
 import torch
 from PIL import Image
 
-from imagetx.checkpoint import atomic_write, load_checkpoint, model_from_checkpoint, resolve_checkpoint
-from imagetx.distributed import select_device
-from imagetx.errors import ConfigError, RunError
-from imagetx.images import IMAGE_SUFFIXES, ImageFileError, fit, grid, list_images, png_bytes, read_image, to_pil
+from imagetx import console
+from imagetx.atomic import atomic_write
+from imagetx.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from imagetx.distributed import device_problems, select_device
+from imagetx.errors import ConfigError, ImageFileError, RunError
+from imagetx.images import IMAGE_SUFFIXES, comparison_grid, fit, list_images, png_bytes, read_image, to_pil
+from imagetx.metrics import compute_metrics
+from imagetx.sample import label_problems, output_dir_problems, temperature_problems
 
-LN2 = math.log(2.0)
-PSNR_CAP = 100.0  # dB reported for identical images (MSE = 0)
 
 
 @dataclass
-class SuperResRequest:
+class SuperResConfig:
+    """What `imagetx superres` does: which checkpoint, which inputs, how many samples, where."""
+
     checkpoint: str | os.PathLike
     inputs: str | os.PathLike | None = None  # an image file or a directory of images
     dataset: str | None = None  # or held-out images of a data set (ground truth known)
@@ -55,6 +54,29 @@ class SuperResRequest:
     report: bool = False
     progress: bool = True
 
+    def problems(self) -> list[str]:
+        """Every problem with the arguments, one line each, checked before any work starts."""
+        p = []
+        if (self.inputs is None) == (self.dataset is None):
+            p.append("give either --input FILE_OR_DIR or --dataset NAME (exactly one)")
+        if self.inputs is not None and not Path(self.inputs).exists():
+            p.append(f"--input {self.inputs}: no such file or directory")
+        if self.data_dir is not None and self.dataset is None:
+            p.append("--data-dir needs --dataset NAME")
+        if self.dataset is not None and (not isinstance(self.num, int) or self.num < 1):
+            p.append(f"-n/--num must be >= 1, got {self.num}")
+        if not isinstance(self.samples, int) or self.samples < 1:
+            p.append(f"--samples must be >= 1, got {self.samples}")
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            p.append(f"--batch-size must be >= 1, got {self.batch_size}")
+        p += temperature_problems(self.temperature)
+        p += device_problems(self.device)
+        if self.out is None:
+            p.append("--out DIR is required")
+        else:
+            p += output_dir_problems(self.out, "--out")
+        return p
+
 
 @dataclass
 class LowRes:
@@ -67,71 +89,9 @@ class LowRes:
     label: int | None = None
 
 
-def _notify(message: str) -> None:
-    print(f"note: {message}", file=sys.stderr)
-
-
-def _warn(message: str) -> None:
-    print(f"warning: {message}", file=sys.stderr)
-
-
-# ---- checks ---------------------------------------------------------------------------------------
-def _check_request(req: SuperResRequest) -> None:
-    problems = []
-    if (req.inputs is None) == (req.dataset is None):
-        problems.append("give either --input FILE_OR_DIR or --dataset NAME (exactly one)")
-    if req.inputs is not None and not Path(req.inputs).exists():
-        problems.append(f"--input {req.inputs}: no such file or directory")
-    if req.data_dir is not None and req.dataset is None:
-        problems.append("--data-dir needs --dataset NAME")
-    if req.dataset is not None and (not isinstance(req.num, int) or req.num < 1):
-        problems.append(f"-n/--num must be >= 1, got {req.num}")
-    if not isinstance(req.samples, int) or req.samples < 1:
-        problems.append(f"--samples must be >= 1, got {req.samples}")
-    if not isinstance(req.batch_size, int) or req.batch_size < 1:
-        problems.append(f"--batch-size must be >= 1, got {req.batch_size}")
-    t = req.temperature
-    if not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-        problems.append(f"--temperature must be a finite number >= 0 (0 = greedy), got {t}")
-    if req.out is None:
-        problems.append("--out DIR is required")
-    if problems:
-        raise ConfigError(problems)
-
-
-def check_out_dir(out: str | os.PathLike) -> None:
-    """Fail before sampling, not after, when the output directory cannot be created or written.
-    Creates nothing: the directory is made only when there is something to write."""
-    out = Path(out)
-    if out.exists():
-        if not out.is_dir():
-            raise ConfigError([f"--out {out} exists and is not a directory"])
-        if not os.access(out, os.W_OK | os.X_OK):
-            raise ConfigError([f"output directory {out} is not writable"])
-        return
-    parent = out.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        raise ConfigError([f"cannot create output directory {out}: {parent} is not a writable directory"])
-
-
-def _check_label(cfg, label: int | None, from_files: bool) -> None:
-    if not cfg.num_classes:
-        if label is not None:
-            raise ConfigError(["--label given, but this model is not class-conditional"])
-        return
-    if label is None and from_files:
-        raise ConfigError(
-            [f"this super-resolution model is class-conditional: give --label in [0, {cfg.num_classes - 1}]"]
-        )
-    if label is not None and not 0 <= label < cfg.num_classes:
-        raise ConfigError([f"--label must be in [0, {cfg.num_classes - 1}] for this model, got {label}"])
-
-
 # ---- inputs ---------------------------------------------------------------------------------------
 def read_source(path: str | os.PathLike, source_size: tuple[int, int], channels: int,
-                notify: Callable[[str], None] = _notify) -> torch.Tensor:
+                notify: Callable[[str], None] = console.note) -> torch.Tensor:
     """An image file -> uint8 (h, w, channels) at the model's source size: mode converted and
     other sizes centre-cropped and area-resized, each with a notice. Raises ImageFileError for
     an unreadable file or an image smaller than the source size."""
@@ -155,7 +115,7 @@ def _names(paths: Sequence[Path]) -> list[str]:
 
 
 def load_file_inputs(path: str | os.PathLike, cfg, label: int | None = None,
-                     notify: Callable[[str], None] = _notify) -> tuple[list[LowRes], list[dict]]:
+                     notify: Callable[[str], None] = console.note) -> tuple[list[LowRes], list[dict]]:
     """One image file, or every image directly inside a directory -> (inputs, failures).
 
     A file that cannot be used is reported on stderr and listed in failures as
@@ -180,7 +140,7 @@ def load_file_inputs(path: str | os.PathLike, cfg, label: int | None = None,
         except ImageFileError as exc:
             message = str(exc)
             error = message[len(f"{file}: "):] if message.startswith(f"{file}: ") else message
-            _warn(f"skipping {message}")
+            console.warn(f"skipping {message}")
             failures.append({"file": str(file), "error": error})
             continue
         inputs.append(LowRes(name, source, None, label))
@@ -207,7 +167,7 @@ def data_config_for(ckpt_config: dict, dataset: str, data_dir: str | None):
     return data
 
 
-def load_dataset_inputs(cfg, data, split: str, num: int, notify: Callable[[str], None] = _notify) -> list[LowRes]:
+def load_dataset_inputs(cfg, data, split: str, num: int, notify: Callable[[str], None] = console.note) -> list[LowRes]:
     """The first `num` images of a split as inputs named "test-00012", each low-resolution
     source made exactly as in training (area downsampling, or the CelebA protocol) and its
     ground truth kept. Raises DatasetError (from imagetx.data) or RunError."""
@@ -277,96 +237,7 @@ def upscale(sources: torch.Tensor, size: tuple[int, int], method: str) -> torch.
     return torch.stack(out)
 
 
-# ---- metrics ------------------------------------------------------------------------------------------
-def psnr(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
-    """uint8 (..., H, W, C) pairs -> float64 (...) PSNR in dB for 8-bit peak 255; PSNR_CAP where
-    the images are identical."""
-    mse = (a.double() - b.double()).pow(2).flatten(-3).mean(-1)
-    value = 10 * torch.log10(255.0**2 / mse)  # inf where mse == 0
-    return value.clamp(max=PSNR_CAP)
-
-
-def consistency(samples: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
-    """samples uint8 (N, K, H, W, C), sources uint8 (N, h, w, C) -> float64 (N, K): mean
-    absolute difference (0-255 units) between each area-downsampled sample and its source."""
-    from imagetx.data.transforms import area_downsample
-
-    N, K, H, W, C = samples.shape
-    small = area_downsample(samples.reshape(N * K, H, W, C), tuple(sources.shape[1:3]))
-    small = small.view(N, K, *sources.shape[1:])  # (N, K, h, w, C)
-    return (small.double() - sources[:, None].double()).abs().flatten(2).mean(-1)
-
-
-@torch.inference_mode()
-def conditional_bpd(model, targets: torch.Tensor, sources: torch.Tensor, labels: torch.Tensor | None = None,
-                    batch_size: int = 16) -> torch.Tensor:
-    """targets uint8 (N, H, W, C), sources uint8 (N, h, w, C) -> float64 (N,) bits/dim of each
-    target under the model given its source: nll / (H*W*C ln 2)."""
-    device = next(model.parameters()).device
-    out = []
-    for start in range(0, targets.shape[0], batch_size):
-        sl = slice(start, start + batch_size)
-        nll = model.nll(targets[sl].to(device), labels=None if labels is None else labels[sl].to(device),
-                        source=sources[sl].to(device))  # (B,) nats
-        out.append(nll.double().cpu())
-    return torch.cat(out) / (model.config.num_dims * LN2)
-
-
-def _mean(values: list) -> float | None:
-    values = [v for v in values if v is not None]
-    return float(sum(values) / len(values)) if values else None
-
-
-def compute_metrics(model, inputs: Sequence[LowRes], samples: torch.Tensor, bicubic: torch.Tensor,
-                    labels: torch.Tensor | None = None, batch_size: int = 16) -> dict:
-    """Per-input and mean metrics (see the module docstring). samples uint8 (N, K, H, W, C),
-    bicubic uint8 (N, H, W, C). Metrics needing the ground truth are None for file inputs.
-    -> {"per_input": [{"input", "bpd", "consistency", "psnr", "psnr_samples", "psnr_bicubic"}],
-        "mean": {"bpd", "consistency", "psnr", "psnr_bicubic"}, "psnr_cap": PSNR_CAP}"""
-    sources = torch.stack([x.source for x in inputs])
-    cons = consistency(samples, sources)  # (N, K)
-    known = [i for i, x in enumerate(inputs) if x.target is not None]
-    bpd = {}
-    psnr_s, psnr_b = {}, {}
-    if known:
-        targets = torch.stack([inputs[i].target for i in known])
-        idx = torch.tensor(known)
-        bpd = dict(zip(known, conditional_bpd(model, targets, sources[idx],
-                                              None if labels is None else labels[idx], batch_size).tolist()))
-        psnr_s = dict(zip(known, psnr(samples[idx], targets[:, None]).tolist()))  # (n, K)
-        psnr_b = dict(zip(known, psnr(bicubic[idx], targets).tolist()))
-    rows = []
-    for i, x in enumerate(inputs):
-        rows.append({
-            "input": x.name,
-            "bpd": bpd.get(i),
-            "consistency": float(cons[i].mean()),
-            "psnr": _mean(psnr_s[i]) if i in psnr_s else None,
-            "psnr_samples": psnr_s.get(i),
-            "psnr_bicubic": psnr_b.get(i),
-        })
-    mean = {k: _mean([r[k] for r in rows]) for k in ("bpd", "consistency", "psnr", "psnr_bicubic")}
-    return {"per_input": rows, "mean": mean, "psnr_cap": PSNR_CAP}
-
-
 # ---- outputs ------------------------------------------------------------------------------------------
-def comparison_grid(nearest: torch.Tensor, bicubic: torch.Tensor, samples: torch.Tensor,
-                    targets: torch.Tensor | None = None) -> torch.Tensor:
-    """One row per input: nearest-neighbour enlargement, bicubic, the K samples, the ground truth
-    (when known) -> uint8 (H', W', C). nearest, bicubic, targets: (N, H, W, C); samples (N, K, H, W, C)."""
-    columns = [nearest[:, None], bicubic[:, None], samples]
-    if targets is not None:
-        columns.append(targets[:, None])
-    rows = torch.cat(columns, dim=1)  # (N, 2 + K (+1), H, W, C)
-    N, cols = rows.shape[:2]
-    return grid(rows.reshape(N * cols, *rows.shape[2:]), nrow=cols, scale=_scale(tuple(rows.shape[2:4])))
-
-
-def _scale(size: tuple[int, int]) -> int:
-    """Enlarge small images in grids so they can be seen (16x16 -> 4x, 32x32 -> 2x)."""
-    return max(1, 64 // max(size))
-
-
 def write_outputs(out: str | os.PathLike, names: Sequence[str], samples: torch.Tensor,
                   comparison: torch.Tensor) -> list[str]:
     """Write NAME-sample-K.png for every sample and comparison.png into out (created if needed).
@@ -388,14 +259,15 @@ def write_outputs(out: str | os.PathLike, names: Sequence[str], samples: torch.T
 
 
 # ---- the command ----------------------------------------------------------------------------------------
-def run(req: SuperResRequest) -> dict:
+def run(req: SuperResConfig) -> dict:
     """Super-resolve req's inputs and write the samples and a comparison grid; returns a summary:
     {"checkpoint", "inputs" (names), "samples_per_input", "temperature", "seed", "image_size",
     "source_size", "written", "failures", "metrics" (None without report), "seconds" (sampling)}."""
     from tqdm import tqdm
 
-    _check_request(req)
-    check_out_dir(req.out)
+    problems = req.problems()
+    if problems:
+        raise ConfigError(problems)
     device = select_device(req.device)
     path = resolve_checkpoint(req.checkpoint)
     ckpt = load_checkpoint(path, map_location=device)
@@ -404,7 +276,9 @@ def run(req: SuperResRequest) -> dict:
     if cfg.source_size is None:
         raise ConfigError([f"this checkpoint is not a super-resolution model (no model.source_size): "
                            f"{path}; use `imagetx sample` for unconditional sampling"])
-    _check_label(cfg, req.label, from_files=req.inputs is not None)
+    problems = label_problems(cfg, req.label, required=req.inputs is not None)
+    if problems:
+        raise ConfigError(problems)
 
     failures: list[dict] = []
     if req.inputs is not None:
@@ -438,7 +312,7 @@ def run(req: SuperResRequest) -> dict:
     if failures:
         listed = "; ".join(f"{Path(f['file']).name}: {f['error']}" for f in failures[:3])
         more = f"; and {len(failures) - 3} more" if len(failures) > 3 else ""
-        _warn(f"{len(failures)} of {len(failures) + len(inputs)} inputs skipped: {listed}{more}")
+        console.warn(f"{len(failures)} of {len(failures) + len(inputs)} inputs skipped: {listed}{more}")
     return {
         "checkpoint": str(path),
         "inputs": [x.name for x in inputs],

@@ -12,16 +12,8 @@ from imagetx import ImageTransformer
 from imagetx.checkpoint import make_checkpoint, save_checkpoint
 from imagetx.data.transforms import area_downsample
 from imagetx.errors import ConfigError, RunError
-from imagetx.superres import (
-    PSNR_CAP,
-    LowRes,
-    SuperResRequest,
-    compute_metrics,
-    consistency,
-    psnr,
-    run,
-    upscale,
-)
+from imagetx.metrics import PSNR_CAP, compute_metrics, consistency, psnr
+from imagetx.superres import LowRes, SuperResConfig, run, upscale
 
 from test_model import tiny
 
@@ -60,7 +52,7 @@ def test_directory_processes_good_images_and_lists_failures(tmp_path, capsys):
     (d / "corrupt.png").write_bytes((d / "a.png").read_bytes()[:30])  # truncated
     png(d / "small.png", rgb(1, 3))  # smaller than the 2x2 source size
     out = tmp_path / "out"
-    summary = run(SuperResRequest(path, inputs=d, samples=2, seed=1, out=out, progress=False))
+    summary = run(SuperResConfig(path, inputs=d, samples=2, seed=1, out=out, progress=False))
 
     assert summary["inputs"] == ["a-bmp", "a-png", "b", "c"] and summary["samples_per_input"] == 2
     assert summary["temperature"] == 0.9 and summary["metrics"] is None
@@ -80,7 +72,7 @@ def test_directory_processes_good_images_and_lists_failures(tmp_path, capsys):
 
     # the same seed gives the same samples; another seed, others
     for seed, same in ((1, True), (2, False)):
-        run(SuperResRequest(path, inputs=d, samples=2, seed=seed, out=tmp_path / f"o{seed}", progress=False))
+        run(SuperResConfig(path, inputs=d, samples=2, seed=seed, out=tmp_path / f"o{seed}", progress=False))
         again = [(tmp_path / f"o{seed}" / n).read_bytes() for n in names]
         assert (again == [(out / n).read_bytes() for n in names]) == same
 
@@ -89,8 +81,8 @@ def test_one_file_and_class_conditional_models(tmp_path):
     path, _ = write_checkpoint(tmp_path, num_classes=2)
     x = png(tmp_path / "x.png", rgb(2, 2))
     with pytest.raises(ConfigError, match="class-conditional: give --label"):
-        run(SuperResRequest(path, inputs=x, out=tmp_path / "out", progress=False))
-    summary = run(SuperResRequest(path, inputs=x, label=1, samples=3, out=tmp_path / "out", progress=False))
+        run(SuperResConfig(path, inputs=x, out=tmp_path / "out", progress=False))
+    summary = run(SuperResConfig(path, inputs=x, label=1, samples=3, out=tmp_path / "out", progress=False))
     assert summary["inputs"] == ["x"] and summary["failures"] == []
     assert sorted(p.name for p in (tmp_path / "out").iterdir()) == [
         "comparison.png", "x-sample-0.png", "x-sample-1.png", "x-sample-2.png"]
@@ -103,24 +95,24 @@ def test_bad_inputs_fail_before_writing(tmp_path):
     empty.mkdir()
     (empty / "notes.txt").write_text("not an image")
     with pytest.raises(ConfigError, match="no image files"):
-        run(SuperResRequest(path, inputs=empty, out=out, progress=False))
+        run(SuperResConfig(path, inputs=empty, out=out, progress=False))
     bad = tmp_path / "bad.png"
     bad.write_text("not an image")
     with pytest.raises(RunError, match="bad.png: not a readable image"):
-        run(SuperResRequest(path, inputs=bad, out=out, progress=False))
+        run(SuperResConfig(path, inputs=bad, out=out, progress=False))
     good = png(tmp_path / "good.png", rgb(2, 2))
     with pytest.raises(ConfigError, match="temperature must be"):
-        run(SuperResRequest(path, inputs=good, temperature=-0.5, out=out, progress=False))
+        run(SuperResConfig(path, inputs=good, temperature=-0.5, out=out, progress=False))
     with pytest.raises(ConfigError, match="no such file"):
-        run(SuperResRequest(path, inputs=tmp_path / "missing.png", out=out, progress=False))
+        run(SuperResConfig(path, inputs=tmp_path / "missing.png", out=out, progress=False))
     with pytest.raises(ConfigError, match="exactly one"):
-        run(SuperResRequest(path, out=out, progress=False))
+        run(SuperResConfig(path, out=out, progress=False))
     (tmp_path / "file").write_text("")
     with pytest.raises(ConfigError, match="not a directory"):
-        run(SuperResRequest(path, inputs=good, out=tmp_path / "file", progress=False))
+        run(SuperResConfig(path, inputs=good, out=tmp_path / "file", progress=False))
     unconditional, _ = write_checkpoint(tmp_path / "u", source_size=None, encoder_layers=0)
     with pytest.raises(ConfigError, match="this checkpoint is not a super-resolution model"):
-        run(SuperResRequest(unconditional, inputs=good, out=out, progress=False))
+        run(SuperResConfig(unconditional, inputs=good, out=out, progress=False))
     assert not out.exists()
 
 
@@ -156,7 +148,7 @@ def test_dataset_inputs_report_matches_direct_computations(tmp_path, monkeypatch
 
     monkeypatch.setattr("imagetx.evaluate.dataset_for", fake_dataset_for)
     out = tmp_path / "out"
-    summary = run(SuperResRequest(path, dataset="fake", num=2, samples=2, report=True, out=out, progress=False))
+    summary = run(SuperResConfig(path, dataset="fake", num=2, samples=2, report=True, out=out, progress=False))
     assert seen == {"name": "fake", "split": "test", "celeba": True}  # the checkpoint's protocol
     assert summary["inputs"] == ["test-00000", "test-00001"]
     # a fifth column: the ground truth
@@ -184,7 +176,7 @@ def test_dataset_inputs_report_matches_direct_computations(tmp_path, monkeypatch
 
     # file inputs: no ground truth, so only the consistency error
     png(tmp_path / "x.png", rgb(2, 2))
-    summary = run(SuperResRequest(path, inputs=tmp_path / "x.png", report=True, out=out, progress=False))
+    summary = run(SuperResConfig(path, inputs=tmp_path / "x.png", report=True, out=out, progress=False))
     row = summary["metrics"]["per_input"][0]
     assert row["bpd"] is None and row["psnr"] is None and row["psnr_bicubic"] is None
     assert 0 <= row["consistency"] <= 255
@@ -193,6 +185,6 @@ def test_dataset_inputs_report_matches_direct_computations(tmp_path, monkeypatch
 def test_builtin_dataset_end_to_end(tmp_path):
     path, _ = write_checkpoint(tmp_path, data={"name": "builtin", "task": "superres", "builtin_size": 8},
                                image_size=(8, 8), source_size=(2, 2))
-    summary = run(SuperResRequest(path, dataset="builtin", num=2, report=True, out=tmp_path / "out", progress=False))
+    summary = run(SuperResConfig(path, dataset="builtin", num=2, report=True, out=tmp_path / "out", progress=False))
     assert summary["inputs"] == ["test-00000", "test-00001"]
     assert all(r["bpd"] > 0 and r["psnr_bicubic"] > 0 for r in summary["metrics"]["per_input"])

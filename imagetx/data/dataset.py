@@ -11,11 +11,8 @@ import torch
 from PIL import Image
 from torch.utils.data import Dataset
 
+from imagetx.errors import DatasetError
 from imagetx.data.transforms import center_crop_to_aspect, convert_channels, resize_images
-
-
-class DatasetError(Exception):
-    """Missing or malformed data. First line: the problem and what to do; then details."""
 
 
 GRAY_MODES = frozenset({"1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F"})

@@ -4,18 +4,12 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass, fields
 
+from imagetx.errors import ConfigError
+
 ATTENTIONS = ("local1d", "local2d", "full")
 OUTPUTS = ("categorical", "dmol")
 POSITIONALS = ("sinusoidal", "learned")
 NORMS = ("post", "pre")
-
-
-class ConfigError(ValueError):
-    """An invalid configuration; the message lists every problem, one per line."""
-
-    def __init__(self, problems: list[str]):
-        self.problems = list(problems)
-        super().__init__("; ".join(self.problems))
 
 
 @dataclass
