@@ -264,8 +264,9 @@ _COMPUTE_COMMANDS = {"train", "eval-bpd", "sample", "superres"}
 def main() -> None:
     """The console script: the compute commands first restart once with tcmalloc or jemalloc
     preloaded when one is installed (see imagetx.memory; IMAGETX_ALLOCATOR=system to keep malloc)."""
-    # a warning is one line on stderr, like every other diagnostic
-    warnings.formatwarning = lambda message, *args, **kwargs: f"warning: {message}\n"
+    # library warnings (a skipped file in a data set, an outdated checkpoint) are one line on
+    # stderr, like every other diagnostic
+    warnings.showwarning = lambda message, *args, **kwargs: console.warn(str(message))
     if len(sys.argv) > 1 and sys.argv[1] in _COMPUTE_COMMANDS:
         from imagetx.memory import restart_with_fast_allocator
 
