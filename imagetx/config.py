@@ -24,7 +24,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from imagetx.distributed import device_problems
-from imagetx.errors import ConfigError
+from imagetx.errors import ConfigError, raise_problems
 from imagetx.model.config import ModelConfig
 
 TASKS = ("generate", "superres")
@@ -166,9 +166,7 @@ class RunConfig:
         return p
 
     def validate(self) -> None:
-        problems = self.problems()
-        if problems:
-            raise ConfigError(problems)
+        raise_problems(self.problems())
 
     def to_dict(self) -> dict:
         """Plain nested dict (lists for tuples, None kept), as stored in checkpoints."""

@@ -13,6 +13,13 @@ class ConfigError(ValueError):
         super().__init__("; ".join(self.problems))
 
 
+def raise_problems(problems: list[str]) -> None:
+    """Raise one ConfigError listing every problem, if there are any (the end of every
+    `problems()` check: configs, command arguments)."""
+    if problems:
+        raise ConfigError(problems)
+
+
 class CheckpointError(RuntimeError):
     """A checkpoint that is missing, truncated, not from imagetx, or incompatible with this version.
     The message names the file and what is wrong."""
@@ -31,4 +38,4 @@ class DatasetError(Exception):
     """Missing or malformed data. First line: the problem and what to do; then details."""
 
 
-__all__ = ["CheckpointError", "ConfigError", "DatasetError", "ImageFileError", "RunError"]
+__all__ = ["CheckpointError", "ConfigError", "DatasetError", "ImageFileError", "RunError", "raise_problems"]

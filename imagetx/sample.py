@@ -14,7 +14,7 @@ import torch
 from imagetx import console
 from imagetx.checkpoint import load_model
 from imagetx.distributed import device_problems, select_device
-from imagetx.errors import ConfigError
+from imagetx.errors import ConfigError, raise_problems
 from imagetx.images import display_scale, fit, read_image, save_grid, save_npz, save_png
 
 
@@ -101,9 +101,7 @@ class SampleConfig:
 
 def labels_for(model, n: int, label: int | None) -> torch.Tensor | None:
     """Labels for n images: the given class for all, or a balanced spread over the classes."""
-    problems = label_problems(model.config, label)
-    if problems:
-        raise ConfigError(problems)
+    raise_problems(label_problems(model.config, label))
     k = model.config.num_classes
     if not k:
         return None
@@ -137,9 +135,7 @@ def run(req: SampleConfig) -> dict:
     ConfigError listing req.problems() before any work."""
     from tqdm import tqdm
 
-    problems = req.problems()
-    if problems:
-        raise ConfigError(problems)
+    raise_problems(req.problems())
     device = select_device(req.device)
     model = load_model(req.checkpoint, device=device)
     cfg = model.config

@@ -27,7 +27,7 @@ from imagetx import console
 from imagetx.atomic import atomic_write
 from imagetx.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
 from imagetx.distributed import device_problems, select_device
-from imagetx.errors import ConfigError, ImageFileError, RunError
+from imagetx.errors import ConfigError, ImageFileError, RunError, raise_problems
 from imagetx.images import IMAGE_SUFFIXES, comparison_grid, fit, list_images, png_bytes, read_image, to_pil
 from imagetx.metrics import compute_metrics
 from imagetx.sample import label_problems, output_dir_problems, temperature_problems
@@ -265,9 +265,7 @@ def run(req: SuperResConfig) -> dict:
     "source_size", "written", "failures", "metrics" (None without report), "seconds" (sampling)}."""
     from tqdm import tqdm
 
-    problems = req.problems()
-    if problems:
-        raise ConfigError(problems)
+    raise_problems(req.problems())
     device = select_device(req.device)
     path = resolve_checkpoint(req.checkpoint)
     ckpt = load_checkpoint(path, map_location=device)
@@ -276,9 +274,7 @@ def run(req: SuperResConfig) -> dict:
     if cfg.source_size is None:
         raise ConfigError([f"this checkpoint is not a super-resolution model (no model.source_size): "
                            f"{path}; use `imagetx sample` for unconditional sampling"])
-    problems = label_problems(cfg, req.label, required=req.inputs is not None)
-    if problems:
-        raise ConfigError(problems)
+    raise_problems(label_problems(cfg, req.label, required=req.inputs is not None))
 
     failures: list[dict] = []
     if req.inputs is not None:
