@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 import math
 import os
+import warnings
 from pathlib import Path
 
 import numpy as np
@@ -77,29 +78,62 @@ def save_npz(images: torch.Tensor, path: str | os.PathLike) -> Path:
     return atomic_write(path, buf.getvalue())
 
 
+_WIDE_GRAY = ("I;16", "I;16B", "I;16L", "I;16N", "I")  # 16- and 32-bit integer grayscale
+
+
+def pil_to_tensor(image: Image.Image, channels: int) -> tuple[torch.Tensor, str | None]:
+    """A Pillow image of any mode -> uint8 (H, W, channels) and a notice saying what was
+    converted (None when nothing was).
+
+    Values keep their meaning: 16-bit grayscale is scaled to 8 bits (65535 -> 255), not clipped;
+    floating-point grayscale in [0, 1] is scaled to [0, 255]; transparency (RGBA, LA, PA, palette
+    with a transparent colour) is composited onto white; palette, CMYK and other modes convert
+    through Pillow; RGB -> gray is Pillow's "L" (ITU-R 601-2).
+    """
+    mode = image.mode
+    target = "L" if channels == 1 else "RGB"
+    steps = []
+    if mode in _WIDE_GRAY or mode == "F":
+        values = np.asarray(image, dtype=np.float64)
+        if mode == "F":
+            peak = 1.0 if values.size and values.max() <= 1.0 else 255.0
+        else:
+            peak = 65535.0 if not values.size or values.max() <= 65535 else float(values.max())
+        image = Image.fromarray(np.clip(np.round(values * (255.0 / peak)), 0, 255).astype(np.uint8), "L")
+        steps.append(f"{'16-bit' if peak == 65535.0 else 'floating-point' if mode == 'F' else 'wide'} values scaled to 8 bits")
+    elif "A" in mode or "transparency" in image.info:
+        rgba = image.convert("RGBA")
+        image = Image.alpha_composite(Image.new("RGBA", rgba.size, (255, 255, 255, 255)), rgba)
+        steps.append("transparency composited onto white")
+    if image.mode != target:
+        image = image.convert(target)
+    notice = None if mode == target else f"converted from {mode} to {target}" + (f" ({', '.join(steps)})" if steps else "")
+    array = np.asarray(image, dtype=np.uint8)
+    if array.ndim == 2:
+        array = array[..., None]
+    return torch.from_numpy(array.copy()), notice
+
+
 def read_image(path: str | os.PathLike, channels: int) -> tuple[torch.Tensor, list[str]]:
-    """Read an image file as uint8 (H, W, channels), converting the mode when needed.
+    """Read an image file as uint8 (H, W, channels), converting the mode as pil_to_tensor does.
 
     Returns the image and notices (e.g. a conversion from RGBA); raises ImageFileError for a
-    missing, unreadable or truncated file.
+    missing, unreadable, truncated or implausibly large (decompression bomb) file.
     """
     path = Path(path)
-    notices = []
     if not path.is_file():
         raise ImageFileError(f"{path}: no such file")
     try:
-        with Image.open(path) as im:
-            im.load()
-            mode = "L" if channels == 1 else "RGB"
-            if im.mode != mode:
-                notices.append(f"{path.name}: converted from {im.mode} to {mode}")
-                im = im.convert(mode)
-            array = np.asarray(im, dtype=np.uint8)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", Image.DecompressionBombWarning)
+            with Image.open(path) as im:
+                im.load()
+                image, notice = pil_to_tensor(im, channels)
+    except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
+        raise ImageFileError(f"{path}: too large to decode safely ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
         raise ImageFileError(f"{path}: not a readable image ({e})") from None
-    if array.ndim == 2:
-        array = array[..., None]
-    return torch.from_numpy(array.copy()), notices
+    return image, [] if notice is None else [f"{path.name}: {notice}"]
 
 
 def fit(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

@@ -58,7 +58,9 @@ def test_prime_keeps_top_rows_and_converts_mode(tmp_path):
     run(SampleConfig(path, num=3, prime=tmp_path / "prime.png", prime_rows=2, out=None,
                       npz=tmp_path / "p.npz", progress=False))
     arr = np.load(tmp_path / "p.npz")["arr_0"]
-    rgb = torch.from_numpy(np.asarray(Image.fromarray(rgba, "RGBA").convert("RGB")).copy())
+    # transparency is composited onto white (not dropped, which would show the hidden colours)
+    white = Image.new("RGBA", (6, 10), (255, 255, 255, 255))
+    rgb = torch.from_numpy(np.asarray(Image.alpha_composite(white, Image.fromarray(rgba, "RGBA")).convert("RGB")).copy())
     expected = area_downsample(rgb[None], (5, 3))[0].numpy()  # 10x6 -> 5x3: plain 2x2 averages
     assert np.array_equal(arr[:, :2], np.broadcast_to(expected[:2], (3, 2, 3, 3)))
 
