@@ -23,6 +23,7 @@ try:
 except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
+from imagetx.checks import seed_problems
 from imagetx.distributed import device_problems
 from imagetx.errors import ConfigError, raise_problems
 from imagetx.model.config import ModelConfig
@@ -114,6 +115,7 @@ class TrainConfig:
     def problems(self) -> list[str]:
         p: list[str] = []
         p += device_problems(self.device, "train.device")
+        p += seed_problems(self.seed, "train.seed")
         if not self.out:
             p.append("train.out must name a directory")
         for name in ("batch_size", "max_steps", "grad_accum", "log_every"):

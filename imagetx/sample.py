@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import os
 import sys
 import time
@@ -13,45 +12,10 @@ import torch
 
 from imagetx import console
 from imagetx.checkpoint import load_model
+from imagetx.checks import label_problems, output_dir_problems, output_file_problems, seed_problems, temperature_problems
 from imagetx.distributed import device_problems, select_device
 from imagetx.errors import ConfigError, raise_problems
 from imagetx.images import display_scale, fit, read_image, save_grid, save_npz, save_png
-
-
-def temperature_problems(temperature) -> list[str]:
-    """The one check of a sampling temperature given by a user: a finite number >= 0."""
-    t = temperature
-    if isinstance(t, bool) or not isinstance(t, (int, float)) or not math.isfinite(t) or t < 0:
-        return [f"--temperature must be a finite number >= 0 (0 = greedy), got {t}"]
-    return []
-
-
-def label_problems(model_config, label: int | None, required: bool = False) -> list[str]:
-    """The one check of a --label against a model: only for class-conditional models, in
-    [0, num_classes - 1], and present when `required`."""
-    k = model_config.num_classes
-    if not k:
-        return ["--label given, but this model is unconditional (trained without classes)"] if label is not None else []
-    if label is None:
-        return [f"this model is class-conditional: give --label in [0, {k - 1}]"] if required else []
-    if not 0 <= label < k:
-        return [f"--label must be in [0, {k - 1}] for this model, got {label}"]
-    return []
-
-
-def output_dir_problems(directory: str | os.PathLike, flag: str) -> list[str]:
-    """Whether files can be written into `directory` (existing, or creatable). Creates nothing."""
-    d = Path(directory)
-    if d.exists():
-        if not d.is_dir():
-            return [f"{flag} {d} exists and is not a directory"]
-        return [] if os.access(d, os.W_OK | os.X_OK) else [f"output directory {d} is not writable"]
-    parent = d.absolute().parent
-    while not parent.exists():
-        parent = parent.parent
-    if not parent.is_dir() or not os.access(parent, os.W_OK | os.X_OK):
-        return [f"cannot create output directory {d}: {parent} is not a writable directory"]
-    return []
 
 
 @dataclass
@@ -87,13 +51,10 @@ class SampleConfig:
             p.append("nothing to write: give --out, --individual or --npz")
         if self.prime_rows is not None and self.prime is None:
             p.append("--prime-rows needs --prime IMAGE")
+        p += seed_problems(self.seed)
         for flag, path in (("--out", self.out), ("--npz", self.npz)):
             if path is not None:
-                parent = Path(path).parent
-                if not parent.is_dir():
-                    p.append(f"output directory {parent} does not exist; create it first")
-                elif not os.access(parent, os.W_OK):
-                    p.append(f"output directory {parent} is not writable")
+                p += output_file_problems(path, flag)
         if self.individual is not None:
             p += output_dir_problems(self.individual, "--individual")
         return p

@@ -26,12 +26,11 @@ from PIL import Image
 from imagetx import console
 from imagetx.atomic import atomic_write
 from imagetx.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from imagetx.checks import label_problems, output_dir_problems, seed_problems, temperature_problems
 from imagetx.distributed import device_problems, select_device
 from imagetx.errors import ConfigError, ImageFileError, RunError, raise_problems
 from imagetx.images import IMAGE_SUFFIXES, comparison_grid, fit, list_images, png_bytes, read_image, to_pil
 from imagetx.metrics import compute_metrics
-from imagetx.sample import label_problems, output_dir_problems, temperature_problems
-
 
 
 @dataclass
@@ -71,6 +70,7 @@ class SuperResConfig:
             p.append(f"--batch-size must be >= 1, got {self.batch_size}")
         p += temperature_problems(self.temperature)
         p += device_problems(self.device)
+        p += seed_problems(self.seed)
         if self.out is None:
             p.append("--out DIR is required")
         else:

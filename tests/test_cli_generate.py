@@ -35,6 +35,25 @@ def test_sample_errors_are_one_line(tmp_path):
     assert not (tmp_path / "a.png").exists()
 
 
+def test_sample_values_and_paths_out_of_range_are_usage_errors(tmp_path):
+    path, _ = write_generator(tmp_path, attention="local1d", block_length=4)
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir").mkdir()
+    a = tmp_path / "a.png"
+    for args, text in [
+        (("--seed", 10**20, "--out", a), "--seed must be an integer in [0, "),
+        (("--seed", -1, "--out", a), "--seed must be an integer in [0, "),
+        (("--temperature", "inf", "--out", a), "finite"),
+        (("--temperature", "nan", "--out", a), "finite"),
+        (("--out", tmp_path / "dir"), "is a directory; give a file name"),
+        (("--out", tmp_path / "file" / "a.png"), "is a file, not a directory"),
+        (("--npz", tmp_path / "file" / "a.npz"), "is a file, not a directory"),
+        (("--device", "gpu", "--out", a), "--device must be auto, cpu, cuda or cuda:N"),
+    ]:
+        one_error_line(invoke("sample", path, *args), 2, text)
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file", "run"]  # nothing written
+
+
 def test_superres_directory_with_a_bad_file(tmp_path):
     path, _ = write_superres(tmp_path, **SR)
     inputs = tmp_path / "in"

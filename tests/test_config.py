@@ -110,3 +110,8 @@ def test_every_shipped_config_loads_validates_and_sets_every_key():
 
 def test_quickstart_file_is_the_default():
     assert load_config(CONFIGS / "quickstart.toml") == RunConfig()
+
+
+def test_a_seed_out_of_range_names_the_range():
+    with pytest.raises(ConfigError, match=r"train.seed must be an integer in \[0, 9223372036854775807\]"):
+        load_config(sets=["train.seed=100000000000000000000"])
