@@ -8,7 +8,9 @@ value), 130 after Ctrl-C (a checkpoint is saved first), 143 after SIGTERM.
 from __future__ import annotations
 
 import json
+import os
 import sys
+import traceback
 import warnings
 from contextlib import contextmanager
 from pathlib import Path
@@ -29,23 +31,53 @@ app = typer.Typer(
 )
 
 
+def _one_line(exc: BaseException) -> str:
+    """The user-facing line of an exception. One re-raised from a DataLoader worker carries the
+    worker's whole traceback in its message: its last line is the original message."""
+    text = str(exc)
+    if "Original Traceback" in text:
+        last = text.strip().splitlines()[-1]
+        text = last.split(": ", 1)[1] if ": " in last else last
+    if isinstance(exc, OSError) and exc.strerror:  # disk full, permission denied, is a directory...
+        where = exc.filename if exc.filename is not None else ""
+        text = f"{where}: {exc.strerror}" if where else exc.strerror
+    return text
+
+
 @contextmanager
 def _expected_failures():
-    """Expected failures become `error: ...` on stderr and an exit code, never a traceback."""
+    """The CLI's one error boundary. Expected failures become one `error: ...` line on stderr and
+    an exit code, never a traceback: 2 for usage (ConfigError), 1 at runtime (a checkpoint, data
+    set, image or file that cannot be used, the disk full), 130 on Ctrl-C. Anything else is a bug:
+    its traceback is shown with a line asking to report it. IMAGETX_DEBUG=1 shows the traceback
+    of every failure."""
+    debug = os.environ.get("IMAGETX_DEBUG", "") not in ("", "0")
     try:
         yield
     except ConfigError as exc:
+        if debug:
+            raise
         console.error("; ".join(exc.problems))
         raise typer.Exit(2) from None
-    except (CheckpointError, RunError) as exc:
-        console.error(str(exc))
-        raise typer.Exit(1) from None
-    except DatasetError as exc:  # its first line says what is wrong; the rest shows the expected tree
-        console.error(str(exc))
+    except (CheckpointError, RunError, DatasetError, OSError) as exc:
+        if debug:
+            raise
+        # a DatasetError's first line says what is wrong; the rest shows the expected tree
+        console.error(_one_line(exc))
         raise typer.Exit(1) from None
     except KeyboardInterrupt:
+        if debug:
+            raise
         console.error("interrupted")
         raise typer.Exit(130) from None
+    except typer.Exit:
+        raise
+    except Exception:
+        if debug:
+            raise
+        traceback.print_exc()
+        console.error("this is a bug in imagetx: please report it with the traceback above and the command you ran")
+        raise typer.Exit(1) from None
 
 
 @app.command()
@@ -267,11 +299,15 @@ def main() -> None:
     # library warnings (a skipped file in a data set, an outdated checkpoint) are one line on
     # stderr, like every other diagnostic
     warnings.showwarning = lambda message, *args, **kwargs: console.warn(str(message))
-    if len(sys.argv) > 1 and sys.argv[1] in _COMPUTE_COMMANDS:
-        from imagetx.memory import restart_with_fast_allocator
+    try:
+        if len(sys.argv) > 1 and sys.argv[1] in _COMPUTE_COMMANDS:
+            from imagetx.memory import restart_with_fast_allocator
 
-        restart_with_fast_allocator()
-    app()
+            restart_with_fast_allocator()
+        app()
+    except KeyboardInterrupt:  # Ctrl-C while Python, torch or the command is still starting up
+        console.error("interrupted")
+        sys.exit(130)
 
 
 if __name__ == "__main__":

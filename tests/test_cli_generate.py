@@ -75,3 +75,31 @@ def test_superres_refuses_an_unconditional_checkpoint(tmp_path):
     one_error_line(invoke("superres", path, "--input", tmp_path / "x.png", "--out", tmp_path / "o"), 2,
                    "not a super-resolution model")
     assert not (tmp_path / "o").exists()
+
+
+def test_a_bug_shows_its_traceback_and_asks_for_a_report(tmp_path, monkeypatch):
+    import imagetx.sample
+
+    def broken(config):
+        raise ZeroDivisionError("a bug")
+
+    monkeypatch.setattr(imagetx.sample, "run", broken)
+    result = invoke("sample", tmp_path / "x.pt", "--out", tmp_path / "a.png")
+    assert result.exit_code == 1
+    assert "Traceback" in result.stderr and "ZeroDivisionError: a bug" in result.stderr
+    assert result.stderr.strip().splitlines()[-1].startswith("error: this is a bug in imagetx: please report it")
+
+
+def test_os_errors_are_one_line_and_debug_shows_tracebacks(tmp_path, monkeypatch):
+    import errno
+
+    import imagetx.sample
+
+    def disk_full(config):
+        raise OSError(errno.ENOSPC, "No space left on device", str(tmp_path / "a.png"))
+
+    monkeypatch.setattr(imagetx.sample, "run", disk_full)
+    one_error_line(invoke("sample", tmp_path / "x.pt", "--out", tmp_path / "a.png"), 1, "a.png: No space left on device")
+    monkeypatch.setenv("IMAGETX_DEBUG", "1")
+    result = invoke("sample", tmp_path / "x.pt", "--out", tmp_path / "a.png")
+    assert result.exit_code == 1 and isinstance(result.exception, OSError)
