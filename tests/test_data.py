@@ -125,6 +125,30 @@ def test_cifar_resize_and_grayscale(tmp_path):
     assert "resized to 16x16" in test.description and "grayscale" in test.description
 
 
+class _RunsCode:
+    """Pickles to a call of os.mkdir: what a hostile CIFAR batch could carry."""
+
+    def __init__(self, target):
+        self.target = str(target)
+
+    def __reduce__(self):
+        import os
+
+        return (os.mkdir, (self.target,))
+
+
+def test_a_cifar_batch_carrying_code_is_refused_not_run(tmp_path):
+    write_cifar10(tmp_path)
+    marker = tmp_path / "the-code-ran"
+    folder = tmp_path / "cifar-10-batches-py"
+    batch = pickle.loads((folder / "test_batch").read_bytes())
+    batch["labels"] = [_RunsCode(marker)] + batch["labels"][1:]
+    (folder / "test_batch").write_bytes(pickle.dumps(batch, protocol=2))
+    with pytest.raises(DatasetError, match="refusing CIFAR file .*test_batch: it asks to run posix.mkdir"):
+        load_dataset("cifar10", tmp_path, split="test")
+    assert not marker.exists()
+
+
 def test_cifar100_fine_labels(tmp_path):
     folder = tmp_path / "cifar-100-python"
     folder.mkdir()

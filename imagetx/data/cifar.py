@@ -56,10 +56,30 @@ def find_cifar(name: str, data_dir: Path) -> Path | None:
     return None
 
 
+# What a CIFAR batch holds: dicts, lists, strings, bytes, numbers and numpy arrays. Unpickling may
+# build nothing else, so a file that carries code (a pickle can call any importable function)
+# is refused instead of run.
+_ALLOWED_GLOBALS = {
+    ("numpy.core.multiarray", "_reconstruct"), ("numpy._core.multiarray", "_reconstruct"),
+    ("numpy.core.multiarray", "scalar"), ("numpy._core.multiarray", "scalar"),
+    ("numpy", "ndarray"), ("numpy", "dtype"),
+    ("_codecs", "encode"),  # how protocol 2 stores bytes (an array's data) written by Python 3
+}
+
+
+class _ArraysOnly(pickle.Unpickler):
+    def find_class(self, module: str, name: str):
+        if (module, name) in _ALLOWED_GLOBALS:
+            return super().find_class(module, name)
+        raise pickle.UnpicklingError(f"it asks to run {module}.{name}, which a CIFAR batch never does")
+
+
 def _unpickle(path: Path) -> dict:
     try:
         with open(path, "rb") as f:
-            batch = pickle.load(f, encoding="latin1")
+            batch = _ArraysOnly(f, encoding="latin1").load()
+    except pickle.UnpicklingError as exc:
+        raise DatasetError(f"refusing CIFAR file {path}: {exc}; download the data set again") from None
     except Exception as exc:  # any failure to unpickle means a corrupt or truncated file
         raise DatasetError(
             f"corrupt CIFAR file {path}: {type(exc).__name__}: {exc}; download the data set again"
