@@ -11,8 +11,10 @@ from typing import BinaryIO, Callable
 
 def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], None]) -> Path:
     """Write `data` (bytes, or a function writing to a binary file) to path atomically: to a
-    temporary file in the same directory, flushed to disk, then renamed over path."""
+    temporary file in the same directory (.NAME.tmp-PID), flushed to disk, then renamed over
+    path. Temporary files of the same name left by a killed process are removed first."""
     path = Path(path)
+    remove_stale_temporaries(path)
     tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
     try:
         with open(tmp, "wb") as f:
@@ -35,3 +37,26 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Non
     except OSError:
         pass
     return path
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # another user's process: alive
+        return True
+    return True
+
+
+def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
+    """Delete .NAME.tmp-PID files beside path whose process no longer runs (a save that was
+    killed half-way); -> the files removed. A temporary of a running process is left alone."""
+    path = Path(path)
+    removed = []
+    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+        pid = tmp.name.rsplit("-", 1)[-1]
+        if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
+            tmp.unlink(missing_ok=True)
+            removed.append(tmp)
+    return removed

@@ -169,3 +169,17 @@ def test_loading_a_local2d_model_trained_reading_its_targets_warns(tmp_path, geo
     assert len(messages) == int(warns)
     if warns:
         assert str(path) in messages[0] and "0.1.0" in messages[0]
+
+
+def test_a_temporary_left_by_a_killed_save_is_removed(tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.run([sys.executable, "-c", "import os; print(os.getpid())"], capture_output=True, text=True)
+    stale = tmp_path / f".model.pt.tmp-{int(dead.stdout)}"  # that process has exited
+    stale.write_bytes(b"half a checkpoint")
+    alive = tmp_path / ".model.pt.tmp-1"  # pid 1 runs: not ours to remove
+    alive.write_bytes(b"someone else's save")
+    atomic_write(tmp_path / "model.pt", b"whole")
+    assert (tmp_path / "model.pt").read_bytes() == b"whole"
+    assert not stale.exists() and alive.exists()
