@@ -9,6 +9,7 @@ redrawn below the line instead of being broken by it.
 from __future__ import annotations
 
 import sys
+import time
 
 from imagetx.distributed import env_ranks
 
@@ -32,3 +33,46 @@ def warn(message: str) -> None:
 
 def error(message: str) -> None:
     say("error", message)
+
+
+class _Lines:
+    """Progress for a log file: a `note:` line at most every `every` seconds and one at the end."""
+
+    def __init__(self, total: int, desc: str, unit: str, initial: int = 0, every: float = 30.0):
+        self.total, self.desc, self.unit, self.n, self.every = total, desc, unit, initial, every
+        self.start = self.last = time.monotonic()
+
+    def update(self, n: int = 1) -> None:
+        self.n += n
+        if time.monotonic() - self.last >= self.every:
+            self._say()
+
+    def _say(self) -> None:
+        self.last = time.monotonic()
+        rate = self.n / max(self.last - self.start, 1e-9)
+        note(f"{self.desc}: {self.n}/{self.total} {self.unit} ({100 * self.n / max(self.total, 1):.0f}%, {rate:.3g} {self.unit}/s)")
+
+    def close(self) -> None:
+        if self.n:
+            self._say()
+
+
+def progress(total: int, desc: str, unit: str, enabled: bool = True, initial: int = 0):
+    """A progress display on stderr with update(n) and close(): tqdm's bar on a terminal; in a
+    log file or CI a `note:` line every 30 seconds and one at the end, not carriage-return frames.
+    Nothing when not enabled or on ranks other than 0."""
+    if not enabled or env_ranks()[0] != 0:
+        return _Silent()
+    if sys.stderr.isatty():
+        from tqdm import tqdm
+
+        return tqdm(total=total, desc=desc, unit=unit, initial=initial, file=sys.stderr, dynamic_ncols=True)
+    return _Lines(total, desc, unit, initial)
+
+
+class _Silent:
+    def update(self, n: int = 1) -> None:
+        pass
+
+    def close(self) -> None:
+        pass

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import os
-import sys
 import time
 from dataclasses import dataclass
 from pathlib import Path
@@ -94,8 +93,6 @@ def prime_tensors(model, path, rows: int | None, n: int):
 def run(req: SampleConfig) -> dict:
     """Sample req.num images and write them; returns a summary (paths, timing). Raises
     ConfigError listing req.problems() before any work."""
-    from tqdm import tqdm
-
     raise_problems(req.problems())
     device = select_device(req.device)
     model = load_model(req.checkpoint, device=device)
@@ -108,8 +105,7 @@ def run(req: SampleConfig) -> dict:
         prime, mask = prime_tensors(model, req.prime, req.prime_rows, req.num)
     generator = torch.Generator(device=device).manual_seed(req.seed)
     batches = [range(i, min(i + req.batch_size, req.num)) for i in range(0, req.num, req.batch_size)]
-    bar = tqdm(total=len(batches) * cfg.seq_len, unit="pos", desc="sampling", file=sys.stderr,
-               disable=not req.progress, dynamic_ncols=True)
+    bar = console.progress(len(batches) * cfg.seq_len, "sampling", "pos", enabled=req.progress)
     images = []
     start = time.perf_counter()
     try:

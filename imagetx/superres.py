@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
@@ -263,8 +262,6 @@ def run(req: SuperResConfig) -> dict:
     """Super-resolve req's inputs and write the samples and a comparison grid; returns a summary:
     {"checkpoint", "inputs" (names), "samples_per_input", "temperature", "seed", "image_size",
     "source_size", "written", "failures", "metrics" (None without report), "seconds" (sampling)}."""
-    from tqdm import tqdm
-
     raise_problems(req.problems())
     device = select_device(req.device)
     path = resolve_checkpoint(req.checkpoint)
@@ -288,8 +285,8 @@ def run(req: SuperResConfig) -> dict:
 
     generator = torch.Generator(device=device).manual_seed(req.seed)
     total = len(inputs) * req.samples
-    bar = tqdm(total=math.ceil(total / req.batch_size) * cfg.seq_len, unit="pos", desc="super-resolving",
-               file=sys.stderr, disable=not req.progress, dynamic_ncols=True)
+    bar = console.progress(math.ceil(total / req.batch_size) * cfg.seq_len, "super-resolving", "pos",
+                           enabled=req.progress)
     start = time.perf_counter()
     try:
         samples = super_resolve(model, sources, req.samples, labels, req.temperature, generator,

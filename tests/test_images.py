@@ -66,3 +66,4 @@ def test_unreadable_files_are_a_clear_error(tmp_path):
         read_image(tmp_path / "broken.png", 3)
     with pytest.raises(ImageFileError, match="no such file"):
         read_image(tmp_path / "missing.png", 3)
+
