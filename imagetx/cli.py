@@ -18,6 +18,12 @@ from typing import Optional
 
 import typer
 
+try:  # Typer >= 0.17 carries its own copy of Click
+    from typer._click.exceptions import ClickException as _ClickException
+    from typer._click.exceptions import NoArgsIsHelpError as _NoArgsIsHelp
+except ImportError:
+    from click.exceptions import ClickException as _ClickException
+    from click.exceptions import NoArgsIsHelpError as _NoArgsIsHelp
 from imagetx.distributed import env_ranks
 from imagetx import console
 from imagetx.errors import CheckpointError, ConfigError, DatasetError, RunError
@@ -28,6 +34,7 @@ app = typer.Typer(
     no_args_is_help=True,
     add_completion=False,
     pretty_exceptions_show_locals=False,
+    rich_markup_mode=None,  # help texts render as written: "[train.out]" is text, not markup
 )
 
 
@@ -42,6 +49,13 @@ def _one_line(exc: BaseException) -> str:
         where = exc.filename if exc.filename is not None else ""
         text = f"{where}: {exc.strerror}" if where else exc.strerror
     return text
+
+
+class _Command(typer.core.TyperCommand):
+    """Usage lines name arguments plainly (`imagetx sample [OPTIONS] CHECKPOINT`), not in braces."""
+
+    def collect_usage_pieces(self, ctx) -> list[str]:
+        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in super().collect_usage_pieces(ctx)]
 
 
 @contextmanager
@@ -80,7 +94,7 @@ def _expected_failures():
         raise typer.Exit(1) from None
 
 
-@app.command()
+@app.command(cls=_Command)
 def train(
     config: Optional[Path] = typer.Option(
         None, "--config", "-c", help="TOML run configuration, e.g. configs/cifar10.toml (default: the quickstart)."
@@ -137,7 +151,7 @@ def train(
         raise typer.Exit(code)
 
 
-@app.command("eval-bpd")
+@app.command("eval-bpd", cls=_Command)
 def eval_bpd(
     checkpoint: Path = typer.Argument(..., help="Checkpoint file, or a run directory (its newest checkpoint)."),
     dataset: Optional[str] = typer.Option(None, help="Data set name (default: the one the model was trained on)."),
@@ -183,9 +197,9 @@ def eval_bpd(
     Console(file=sys.stdout).print(table)
 
 
-@app.command()
+@app.command(cls=_Command)
 def sample(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint file, or a run directory (its newest checkpoint)."),
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint file, or a run directory (its newest checkpoint)."),
     num: int = typer.Option(16, "--num", "-n", help="Number of images."),
     temperature: float = typer.Option(1.0, help="Sampling temperature (>= 0; 0 = greedy)."),
     label: Optional[int] = typer.Option(None, help="Class for class-conditional models (default: a balanced spread over classes)."),
@@ -224,9 +238,9 @@ def sample(
     console.note(f"{summary['images']} images in {summary['seconds']:.1f} s ({summary['ms_per_position']:.2f} ms per position)")
 
 
-@app.command()
+@app.command(cls=_Command)
 def superres(
-    checkpoint: Path = typer.Argument(..., help="A super-resolution checkpoint (or its run directory)."),
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="A super-resolution checkpoint (or its run directory)."),
     input: Optional[Path] = typer.Option(None, "--input", "-i", help="A low-resolution image, or a directory of images."),
     dataset: Optional[str] = typer.Option(None, help="Or: make low-resolution inputs from held-out images of this data set."),
     data_dir: Optional[str] = typer.Option(None, help="Directory holding --dataset."),
@@ -304,10 +318,18 @@ def main() -> None:
             from imagetx.memory import restart_with_fast_allocator
 
             restart_with_fast_allocator()
-        app()
-    except KeyboardInterrupt:  # Ctrl-C while Python, torch or the command is still starting up
+        code = app(standalone_mode=False, prog_name="imagetx")
+    except _ClickException as exc:  # Typer's own usage errors, in the same one-line form as ours
+        if isinstance(exc, _NoArgsIsHelp):
+            typer.echo(exc.format_message())
+        else:
+            command = " ".join(a for a in sys.argv[1:2] if not a.startswith("-"))
+            console.error(f"{exc.format_message()} (see: imagetx {command + ' ' if command else ''}--help)")
+        sys.exit(exc.exit_code)
+    except (KeyboardInterrupt, typer.Abort):  # Ctrl-C while Python, torch or the command starts up
         console.error("interrupted")
         sys.exit(130)
+    sys.exit(code if isinstance(code, int) else 0)
 
 
 if __name__ == "__main__":

@@ -111,3 +111,23 @@ def test_resume_auto_continues_the_run(run_dir):
         invoke("train", "--out", run_dir, "--resume", "auto", "--set", "model.n_layers=3"), 2,
         "architecture comes from the checkpoint",
     )
+
+
+def test_the_console_script_reports_usage_errors_in_one_line(tmp_path):
+    import os
+    import subprocess
+    import sys
+
+    env = dict(os.environ, IMAGETX_ALLOCATOR="system")
+    script = [sys.executable, "-c", "from imagetx.cli import main; main()"]
+    for args, text in [(["sample"], "Missing argument 'CHECKPOINT'"), (["sample", "x", "--bogus"], "No such option: --bogus"),
+                       (["sample", "x", "-n", "abc"], "Invalid value for '--num'")]:
+        result = subprocess.run(script + args, capture_output=True, text=True, env=env, cwd=tmp_path)
+        assert result.returncode == 2
+        lines = result.stderr.strip().splitlines()
+        assert len(lines) == 1 and lines[0].startswith("error: ") and text in lines[0], result.stderr
+        assert "see: imagetx sample --help" in lines[0]
+    help_text = subprocess.run(script + ["train", "--help"], capture_output=True, text=True, env=env).stdout
+    assert "[train.out]" in help_text and "<bool>" not in help_text  # no markup eaten, flags take no value
+    usage = subprocess.run(script + ["sample", "--help"], capture_output=True, text=True, env=env).stdout
+    assert usage.startswith("Usage: imagetx sample [OPTIONS] CHECKPOINT")
