@@ -279,10 +279,10 @@ def superres(
             typer.echo(path)
         if report and summary.get("metrics"):
             _print_superres_report(summary["metrics"])
-    if failures:
-        typer.echo(f"{len(failures)} input(s) failed:", err=True)
-        for f in failures:
-            typer.echo(f"  {f['file']}: {f['error']}", err=True)
+    if failures:  # each was named in a warning as it was skipped
+        total = len(failures) + len(summary["inputs"])
+        console.error(f"{len(failures)} of {total} inputs could not be used and were skipped; the others were written")
+        raise typer.Exit(1)
 
 
 def _print_superres_report(metrics: dict) -> None:

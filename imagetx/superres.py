@@ -302,10 +302,6 @@ def run(req: SuperResConfig) -> dict:
     metrics = compute_metrics(model, inputs, samples, bicubic, labels, req.batch_size) if req.report else None
     written = write_outputs(req.out, [x.name for x in inputs], samples,
                             comparison_grid(nearest, bicubic, samples, targets))
-    if failures:
-        listed = "; ".join(f"{Path(f['file']).name}: {f['error']}" for f in failures[:3])
-        more = f"; and {len(failures) - 3} more" if len(failures) > 3 else ""
-        console.warn(f"{len(failures)} of {len(failures) + len(inputs)} inputs skipped: {listed}{more}")
     return {
         "checkpoint": str(path),
         "inputs": [x.name for x in inputs],

@@ -68,7 +68,7 @@ def test_directory_processes_good_images_and_lists_failures(tmp_path, capsys):
     err = capsys.readouterr().err
     assert "b.png: 6x4 centre-cropped and area-resized" in err
     assert "c.png: converted from L to RGB" in err
-    assert "small.png" in err and "smaller than" in err and "2 of 6 inputs skipped" in err
+    assert "warning: skipping " in err and "small.png" in err and "smaller than" in err and "corrupt.png" in err
 
     # the same seed gives the same samples; another seed, others
     for seed, same in ((1, True), (2, False)):
