@@ -69,3 +69,20 @@ def output_file_problems(path: str | os.PathLike, flag: str) -> list[str]:
     if not os.access(parent, os.W_OK | os.X_OK):
         return [f"output directory {parent} is not writable"]
     return []
+
+
+def physical_memory_bytes() -> int | None:
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE")
+    except (ValueError, OSError, AttributeError):  # not on this platform
+        return None
+
+
+def memory_problems(nbytes: int, what: str, flag: str) -> list[str]:
+    """Whether holding `nbytes` (what a command is asked to keep in memory) fits in half this
+    machine's memory."""
+    total = physical_memory_bytes()
+    if total is not None and nbytes > total // 2:
+        return [f"{flag}: {what} would take {nbytes / 2**30:.1f} GiB of memory, more than half of this "
+                f"machine's {total / 2**30:.0f} GiB; ask for fewer per run"]
+    return []

@@ -11,7 +11,8 @@ import torch
 
 from imagetx import console
 from imagetx.checkpoint import load_model
-from imagetx.checks import label_problems, output_dir_problems, output_file_problems, seed_problems, temperature_problems
+from imagetx.checks import (label_problems, memory_problems, output_dir_problems, output_file_problems, seed_problems,
+                            temperature_problems)
 from imagetx.distributed import device_problems, select_device
 from imagetx.errors import ConfigError, raise_problems
 from imagetx.images import display_scale, fit, read_image, save_grid, save_npz, save_png
@@ -99,6 +100,8 @@ def run(req: SampleConfig) -> dict:
     cfg = model.config
     if cfg.source_size is not None:
         raise ConfigError(["this is a super-resolution model: use `imagetx superres` with low-resolution inputs"])
+    # all images are kept until every one is drawn, then written
+    raise_problems(memory_problems(req.num * cfg.num_dims, f"{req.num} images of {cfg.num_dims} bytes", "--num"))
     labels = labels_for(model, req.num, req.label)
     prime = mask = None
     if req.prime is not None:

@@ -49,6 +49,7 @@ def test_sample_values_and_paths_out_of_range_are_usage_errors(tmp_path):
         (("--out", tmp_path / "file" / "a.png"), "is a file, not a directory"),
         (("--npz", tmp_path / "file" / "a.npz"), "is a file, not a directory"),
         (("--device", "gpu", "--out", a), "--device must be auto, cpu, cuda or cuda:N"),
+        (("-n", 10**15, "--out", a), "--num: 1000000000000000 images of 45 bytes would take"),
     ]:
         one_error_line(invoke("sample", path, *args), 2, text)
     assert sorted(p.name for p in tmp_path.iterdir()) == ["dir", "file", "run"]  # nothing written
