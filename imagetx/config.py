@@ -207,6 +207,8 @@ def read_toml(path: str | os.PathLike) -> dict:
         raise ConfigError([f"cannot read config file {path}: {exc.strerror}"]) from None
     except tomllib.TOMLDecodeError as exc:
         raise ConfigError([f"config file {path} is not valid TOML: {exc}"]) from None
+    except UnicodeDecodeError as exc:
+        raise ConfigError([f"config file {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8"]) from None
 
 
 def parse_set(item: str) -> tuple[str, Any]:

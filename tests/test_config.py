@@ -115,3 +115,10 @@ def test_quickstart_file_is_the_default():
 def test_a_seed_out_of_range_names_the_range():
     with pytest.raises(ConfigError, match=r"train.seed must be an integer in \[0, 9223372036854775807\]"):
         load_config(sets=["train.seed=100000000000000000000"])
+
+
+def test_a_config_that_is_not_utf8_names_the_file(tmp_path):
+    path = tmp_path / "latin1.toml"
+    path.write_bytes('[train]\nout = "caf\xe9"\n'.encode("latin-1"))
+    with pytest.raises(ConfigError, match="latin1.toml is not UTF-8 text"):
+        load_config(path)
