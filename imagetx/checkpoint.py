@@ -227,13 +227,26 @@ def model_from_checkpoint(ckpt: Mapping, path: str | os.PathLike = "checkpoint",
         for k, v in expected.items()
         if k in state and tuple(state[k].shape) != tuple(v.shape)
     ]
-    if missing or unexpected or shapes:
+    dtypes = [
+        f"{k} {state[k].dtype} vs {v.dtype}"
+        for k, v in expected.items()
+        if k in state and state[k].dtype.is_floating_point != v.dtype.is_floating_point
+    ]
+    if missing or unexpected or shapes or dtypes:
         parts = []
-        for label, items in (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes)):
+        problems = (("missing", missing), ("unexpected", unexpected), ("wrong shape", shapes), ("wrong type", dtypes))
+        for label, items in problems:
             if items:
                 more = f" and {len(items) - 3} more" if len(items) > 3 else ""
                 parts.append(f"{label}: {', '.join(items[:3])}{more}")
         raise CheckpointError(f"{path}: weights do not match its model config ({'; '.join(parts)})")
+    bad = [k for k, v in state.items() if v.dtype.is_floating_point and not bool(torch.isfinite(v).all())]
+    if bad:
+        more = f" and {len(bad) - 3} more" if len(bad) > 3 else ""
+        raise CheckpointError(
+            f"{path}: its weights hold NaN or infinity ({', '.join(bad[:3])}{more}); it cannot be used: "
+            "take an earlier checkpoint of the run"
+        )
     model.load_state_dict(state)
     _warn_if_trained_reading_its_targets(ckpt, model, path)
     return model.to(device)

@@ -183,3 +183,16 @@ def test_a_temporary_left_by_a_killed_save_is_removed(tmp_path):
     atomic_write(tmp_path / "model.pt", b"whole")
     assert (tmp_path / "model.pt").read_bytes() == b"whole"
     assert not stale.exists() and alive.exists()
+
+
+def test_weights_that_are_not_finite_or_of_the_wrong_type_are_refused(tmp_path):
+    config = tiny_config()
+    model = ImageTransformer(config.model)
+    ckpt = make_checkpoint(model=model, config=config.to_dict(), step=1)
+    ckpt["model"]["head.weight"] = ckpt["model"]["head.weight"].clone().fill_(float("nan"))
+    with pytest.raises(CheckpointError, match=r"step-00000001.pt: its weights hold NaN or infinity \(head.weight\)"):
+        load_model(save_checkpoint(tmp_path / "a", ckpt))
+    ckpt = make_checkpoint(model=model, config=config.to_dict(), step=1)
+    ckpt["model"]["head.weight"] = ckpt["model"]["head.weight"].long()
+    with pytest.raises(CheckpointError, match=r"wrong type: head.weight torch.int64 vs torch.float32"):
+        load_model(save_checkpoint(tmp_path / "b", ckpt))
