@@ -218,7 +218,12 @@ def model_from_checkpoint(ckpt: Mapping, path: str | os.PathLike = "checkpoint",
     except (ConfigError, TypeError) as exc:
         raise CheckpointError(f"{path}: its model config is not valid for this imagetx: {exc}") from None
     model = ImageTransformer(config)
+    if not isinstance(ckpt["model"], Mapping):
+        raise CheckpointError(f"{path}: its model entry is not a dict of tensors")
     state = {_strip_prefixes(k): v for k, v in ckpt["model"].items()}
+    odd = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
+    if odd:
+        raise CheckpointError(f"{path}: its model entry holds values that are not tensors ({', '.join(odd[:3])})")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
