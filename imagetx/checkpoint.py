@@ -232,12 +232,6 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", mmap: bool = Fa
     return ckpt
 
 
-def read_config(path: str | os.PathLike) -> dict:
-    """The run configuration (RunConfig.to_dict()) stored in a checkpoint, without reading its
-    tensors into memory."""
-    return load_checkpoint(path, mmap=True)["config"]
-
-
 def stored_config(ckpt: Mapping, path: str | os.PathLike = "checkpoint") -> dict:
     """The run configuration (RunConfig.to_dict()) of a loaded checkpoint. Raises CheckpointError
     naming the first section or key that this imagetx does not know: never silently dropped."""

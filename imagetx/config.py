@@ -231,12 +231,11 @@ def load_config(
     path: str | os.PathLike | None = None,
     flags: Mapping[str, Any] | None = None,
     sets: Iterable[str] = (),
-    base: Mapping | None = None,
 ) -> RunConfig:
-    """Resolve a run configuration: defaults < base (a resumed checkpoint's config) < the TOML
-    file at `path` < `flags` ({"train.out": ..., } from explicit CLI flags; None values ignored)
-    < `sets` ("section.key=value" strings). The keys the file, flags and sets give are recorded
-    in RunConfig.explicit. Raises ConfigError listing every problem."""
+    """Resolve a run configuration: defaults < the TOML file at `path` < `flags` ({"train.out":
+    ...} from explicit CLI flags; None values ignored) < `sets` ("section.key=value" strings).
+    The keys the file, flags and sets give are recorded in RunConfig.explicit (a resumed run
+    takes the others from its checkpoint). Raises ConfigError listing every problem."""
     layers: list[tuple[str, Mapping]] = []
     if path is not None:
         layers.append((str(path), read_toml(path)))
@@ -259,7 +258,7 @@ def load_config(
         set_layer.setdefault(section, {})[name] = value
     if set_layer:
         layers.append(("--set", set_layer))
-    return resolve_config(layers, problems, base=base)
+    return resolve_config(layers, problems)
 
 
 def resolve_config(

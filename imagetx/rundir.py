@@ -14,6 +14,7 @@ file, flags, `--set`) over the checkpoint's config, so the architecture comes fr
 from __future__ import annotations
 
 import json
+import math
 import os
 from pathlib import Path
 
@@ -30,7 +31,8 @@ from imagetx.checkpoint import (
 )
 from imagetx.config import RunConfig, resolve_config, save_config
 from imagetx.errors import CheckpointError, RunError
-from imagetx.images import save_grid
+from imagetx.data.batches import batches
+from imagetx.images import display_scale, save_grid
 from imagetx.model.config import ConfigError, ModelConfig
 
 
@@ -140,9 +142,36 @@ class RunDir:
         except OSError as exc:
             raise RunError(f"cannot write a checkpoint in {self.path}: {exc.strerror or exc}") from None
 
-    def write_grid(self, images: torch.Tensor, step: int, nrow: int | None, scale: int) -> Path:
-        """images: uint8 (N, H, W, C) -> samples/step-NNNNNNNN.png."""
+    def write_samples(self, model, step: int, seed: int, count: int, eval_set, device: torch.device) -> Path:
+        """samples/step-NNNNNNNN.png: `count` samples of `model` from a generator seeded with
+        `seed`, so grids are comparable across steps (rows of source, sample and target for
+        super-resolution, whose sources are the first images of eval_set). Leaves the global
+        generators as they were."""
+        cfg, n = model.config, count
+        labels = source = targets = None
+        if cfg.num_classes:
+            labels = torch.arange(n, device=device) % cfg.num_classes
+        if cfg.source_size is not None:
+            targets, source, _ = next(batches(eval_set, iter([list(range(min(n, len(eval_set))))])))
+            n = targets.shape[0]
+            source = source.to(device)
+        devices = [device] if device.type == "cuda" else []
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                generator = torch.Generator(device).manual_seed(seed)
+                images = model.sample(n, labels=labels, source=source, generator=generator).cpu()
+        finally:
+            model.train(was_training)
+        nrow = None
+        if targets is not None:  # rows of (source enlarged, sample, ground truth)
+            H, W = cfg.image_size
+            up = torch.nn.functional.interpolate(source.cpu().permute(0, 3, 1, 2).float(), size=(H, W), mode="nearest")
+            up = up.to(torch.uint8).permute(0, 2, 3, 1)  # (n, H, W, C)
+            images = torch.stack([up, images, targets.cpu().to(torch.uint8)], dim=1).flatten(0, 1)  # (3n, H, W, C)
+            nrow = 3 * max(1, int(math.sqrt(n / 3)))
         path = self.path / "samples" / f"step-{step:08d}.png"
         path.parent.mkdir(exist_ok=True)
-        save_grid(images, path, nrow=nrow, scale=scale)
+        save_grid(images, path, nrow=nrow, scale=display_scale(cfg.image_size))
         return path

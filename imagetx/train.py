@@ -38,7 +38,6 @@ from imagetx.data.order import DataOrder, RankBatches
 from imagetx.distributed import Dist, all_gather_object, all_reduce_sum, distributed, main_first
 from imagetx.errors import RunError
 from imagetx.evaluate import LN2, evaluate_bpd
-from imagetx.images import display_scale
 from imagetx.memory import allocator_in_use, find_fast_allocator
 from imagetx.model.transformer import ImageTransformer
 from imagetx.optim import make_optimizer
@@ -75,7 +74,10 @@ def run(config: RunConfig, resume: str | os.PathLike | None = None) -> dict:
     config.validate()
     config, path, ckpt = resume_from(config, resume)
     with distributed(config.train.device) as ctx:
-        return Trainer(config, ctx).train(resume, path, ckpt)
+        trainer = Trainer(config, ctx)
+        trainer.set_up(resume, path, ckpt)
+        del ckpt  # the model and optimizer hold their own copies now
+        return trainer.train()
 
 
 class Trainer:
@@ -176,37 +178,6 @@ class Trainer:
         self.last_eval = result["bpd"]
         return result["bpd"]
 
-    def write_samples(self) -> Path | None:
-        """A grid of sample_count samples from a generator seeded with train.seed (rows of source,
-        sample and target for super-resolution)."""
-        if not self.ctx.is_main:
-            return None
-        cfg, n = self.config.model, self.t.sample_count
-        labels = source = targets = None
-        if cfg.num_classes:
-            labels = torch.arange(n, device=self.device) % cfg.num_classes
-        if cfg.source_size is not None:
-            targets, source, _ = next(batches(self.eval_set, iter([list(range(min(n, len(self.eval_set))))])))
-            n = targets.shape[0]
-            source = source.to(self.device)
-        devices = [self.device] if self.device.type == "cuda" else []
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.random.fork_rng(devices=devices):
-                generator = torch.Generator(self.device).manual_seed(self.t.seed)
-                images = self.model.sample(n, labels=labels, source=source, generator=generator).cpu()
-        finally:
-            self.model.train(was_training)
-        nrow = None
-        if targets is not None:  # rows of (source enlarged, sample, ground truth)
-            H, W = cfg.image_size
-            up = torch.nn.functional.interpolate(source.cpu().permute(0, 3, 1, 2).float(), size=(H, W), mode="nearest")
-            up = up.to(torch.uint8).permute(0, 2, 3, 1)  # (n, H, W, C)
-            images = torch.stack([up, images, targets.cpu().to(torch.uint8)], dim=1).flatten(0, 1)  # (3n, H, W, C)
-            nrow = 3 * max(1, int(math.sqrt(n / 3)))
-        return self.run_dir.write_grid(images, self.step, nrow, display_scale(cfg.image_size))
-
     # ---- the loop --------------------------------------------------------------------------------
     def train_step(self, stream) -> tuple[float, float, float]:
         """One optimizer step over grad_accum micro-batches -> (loss, grad norm, lr) on every
@@ -225,15 +196,15 @@ class Trainer:
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or float("inf"))
         return loss_sum / t.grad_accum, norm, lr
 
-    def train(self, resume: str | os.PathLike | None, ckpt_path: Path | None, ckpt: dict | None) -> dict:
-        """Run the loop from a new start or from `ckpt` (read from ckpt_path) -> the summary."""
-        t, ctx = self.t, self.ctx
+    def set_up(self, resume: str | os.PathLike | None, ckpt_path: Path | None, ckpt: dict | None) -> None:
+        """Check the run directory, load the data, build the model and optimizer (from `ckpt`,
+        read from ckpt_path, when resuming) and start config.toml and metrics.jsonl."""
+        ctx = self.ctx
         self.start = time.monotonic()
         step = int(ckpt["step"]) if ckpt is not None else None
         main_first(ctx, lambda: self.run_dir.prepare(resume, ckpt_path, step))
         self.load_data()
         self.build(ckpt)
-        del ckpt
         self.last_checkpoint, self.last_eval, self.train_bpd = ckpt_path, None, None
         self.saved_step = self.step if ckpt_path is not None else None
         if ctx.is_main:
@@ -241,6 +212,9 @@ class Trainer:
             self.run_dir.open_metrics(self.step if ckpt_path is not None else None)
             self.announce(ckpt_path)
 
+    def train(self) -> dict:
+        """The loop, until train.max_steps, the time limit or a signal -> the summary."""
+        t, ctx = self.t, self.ctx
         stream = iter(self._stream())
         per_step = t.batch_size * t.grad_accum * ctx.world_size
         self.window: list[float] = []  # losses since the last metrics row
@@ -323,7 +297,8 @@ class Trainer:
         if t.eval_every and self.eval_set is not None and (step % t.eval_every == 0 or last):
             self.evaluate()
         if t.sample_every and t.sample_count and (step % t.sample_every == 0 or last):
-            self.write_samples()
+            if self.ctx.is_main:
+                self.run_dir.write_samples(self.model, self.step, t.seed, t.sample_count, self.eval_set, self.device)
         if t.checkpoint_every and step % t.checkpoint_every == 0 and not last:
             self.save()  # the last one is written after the loop, whatever ended it
 
