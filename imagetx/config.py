@@ -48,6 +48,13 @@ def quickstart_model() -> ModelConfig:
     )
 
 
+def device_problems(device: str, key: str) -> list[str]:
+    """[] for "auto", "cpu", "cuda" or "cuda:N"; otherwise one problem naming `key`."""
+    if device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit()):
+        return []
+    return [f"{key} must be auto, cpu, cuda or cuda:N; got {device!r}"]
+
+
 @dataclass
 class DataConfig:
     """Where the images come from. The image size and channel count are the model's."""
@@ -111,9 +118,7 @@ class TrainConfig:
 
     def problems(self) -> list[str]:
         p: list[str] = []
-        device = self.device
-        if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
-            p.append(f"train.device must be auto, cpu, cuda or cuda:N; got {device!r}")
+        p += device_problems(self.device, "train.device")
         if not self.out:
             p.append("train.out must name a directory")
         for name in ("batch_size", "max_steps", "grad_accum", "log_every"):

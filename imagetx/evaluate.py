@@ -19,6 +19,7 @@ from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from imagetx.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint, unwrap_model
+from imagetx.config import device_problems
 from imagetx.data.batches import batches, check_compatible, data_config_from_checkpoint, dataset_for, describe, unpack
 from imagetx.distributed import all_reduce_sum, distributed, shard
 from imagetx.errors import ConfigError, RunError
@@ -117,10 +118,7 @@ class EvalConfig:
             p.append(f"limit must be >= 1, got {self.limit}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
             p.append(f"num_workers must be >= 0, got {self.num_workers}")
-        device = self.device
-        if not (device in ("auto", "cpu", "cuda") or (device.startswith("cuda:") and device[5:].isdigit())):
-            p.append(f"device must be auto, cpu, cuda or cuda:N; got {device!r}")
-        return p
+        return p + device_problems(self.device, "device")
 
     def validate(self) -> None:
         problems = self.problems()

@@ -258,3 +258,17 @@ def test_resume_from_a_checkpoint_with_an_unknown_key_is_a_clear_error(tmp_path)
     torch.save(ckpt, path)
     with pytest.raises(CheckpointError, match=r"unknown key data\.shuffle_buffer"):
         train.run(tiny(out, "train.max_steps=4"), resume="auto")
+
+
+def test_resume_from_a_checkpoint_path(tmp_path):
+    first = tmp_path / "first"
+    train.run(tiny(first, "train.max_steps=6"))
+    with pytest.raises(RunError, match=r"has checkpoints newer than .*step-00000005\.pt \(up to step-00000006\.pt\)"):
+        train.run(tiny(first, "train.max_steps=8"), resume=first / "checkpoints" / "step-00000005.pt")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match="belongs to another run"):
+        train.run(tiny(other, "train.max_steps=8"), resume=first)
+    summary = train.run(tiny(tmp_path / "new", "train.max_steps=8"), resume=first)
+    assert summary["step"] == 8 and [s for s, _ in list_checkpoints(tmp_path / "new")] == [8]
