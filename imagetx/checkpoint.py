@@ -203,10 +203,19 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", mmap: bool = Fa
     return ckpt
 
 
-def read_config(path: str | os.PathLike) -> dict:
-    """The run configuration (RunConfig.to_dict()) stored in a checkpoint, without reading its
-    tensors into memory."""
-    return load_checkpoint(path, mmap=True)["config"]
+def stored_config(ckpt: Mapping, path: str | os.PathLike = "checkpoint") -> dict:
+    """The run configuration (RunConfig.to_dict()) of a loaded checkpoint. Raises CheckpointError
+    naming the first section or key that this imagetx does not know: never silently dropped."""
+    from imagetx.config import RunConfig
+
+    config, known = ckpt["config"], RunConfig().to_dict()
+    for section, values in config.items():
+        if section not in known:
+            raise CheckpointError(f"{path}: its config has an unknown section [{section}]; it is not from this imagetx")
+        for key in values if isinstance(values, Mapping) else ():
+            if key not in known[section]:
+                raise CheckpointError(f"{path}: its config has an unknown key {section}.{key}; it is not from this imagetx")
+    return config
 
 
 def model_from_checkpoint(ckpt: Mapping, path: str | os.PathLike = "checkpoint", device="cpu") -> nn.Module:

@@ -127,7 +127,6 @@ def train(
     torchrun, e.g.  torchrun --nproc_per_node 8 -m imagetx.cli train --config configs/cifar10.toml
     """
     from imagetx import train as training
-    from imagetx.checkpoint import latest_checkpoint, read_config, resolve_checkpoint
     from imagetx.config import load_config
 
     flags = {
@@ -136,16 +135,8 @@ def train(
         "data.name": dataset, "data.data_dir": data_dir, "data.download": True if download else None,
     }
     with _expected_failures():
-        run_config = load_config(config, flags, set_ or [])
-        if resume is not None:
-            found = (
-                latest_checkpoint(run_config.train.out) if resume == "auto" else resolve_checkpoint(resume)
-            )
-            if found is not None:  # the checkpoint's config is the base the flags are applied to
-                if resume == "auto":
-                    flags["train.out"] = run_config.train.out
-                run_config = load_config(config, flags, set_ or [], base=read_config(found))
-        summary = training.run(run_config, resume=resume)
+        # on resume, the keys given here go over the checkpoint's config (imagetx.rundir.resume_from)
+        summary = training.run(load_config(config, flags, set_ or []), resume=resume)
     code = training.EXIT_STATUS[summary["status"]]
     if code:
         raise typer.Exit(code)
@@ -169,13 +160,14 @@ def eval_bpd(
     Under torchrun every image is counted exactly once, e.g.
     torchrun --nproc_per_node 4 -m imagetx.cli eval-bpd runs/cifar10 --json
     """
-    from imagetx import evaluate
+    from imagetx.evaluate import EvalConfig, run
 
+    eval_config = EvalConfig(
+        checkpoint=checkpoint, dataset=dataset, data_dir=data_dir, split=split, limit=limit,
+        batch_size=batch_size, device=device, download=download, num_workers=num_workers,
+    )
     with _expected_failures():
-        result = evaluate.run(
-            checkpoint, dataset=dataset, data_dir=data_dir, split=split, limit=limit,
-            batch_size=batch_size, device=device, download=download, num_workers=num_workers,
-        )
+        result = run(eval_config)
     if env_ranks()[0] != 0:
         return
     if as_json:

@@ -155,6 +155,10 @@ class RunConfig:
     model: ModelConfig = field(default_factory=quickstart_model)
     data: DataConfig = field(default_factory=DataConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
+    # the "section.key"s that a config file, flag or --set gave (load_config records them); None
+    # for a config built in Python, where every key counts as given. Resuming a run takes the
+    # other keys, the architecture first, from the checkpoint (imagetx.rundir.resume_from).
+    explicit: frozenset[str] | None = field(default=None, compare=False, repr=False)
 
     def problems(self) -> list[str]:
         p = self.model.problems() + self.data.problems() + self.train.problems()
@@ -229,14 +233,12 @@ def load_config(
     path: str | os.PathLike | None = None,
     flags: Mapping[str, Any] | None = None,
     sets: Iterable[str] = (),
-    base: Mapping | None = None,
 ) -> RunConfig:
-    """Resolve a run configuration: defaults < base (a resumed checkpoint's config) < the TOML
-    file at `path` < `flags` ({"train.out": ..., } from explicit CLI flags; None values ignored)
-    < `sets` ("section.key=value" strings). Raises ConfigError listing every problem."""
+    """Resolve a run configuration: defaults < the TOML file at `path` < `flags` ({"train.out":
+    ...} from explicit CLI flags; None values ignored) < `sets` ("section.key=value" strings).
+    The keys the file, flags and sets give are recorded in RunConfig.explicit (a resumed run
+    takes the others from its checkpoint). Raises ConfigError listing every problem."""
     layers: list[tuple[str, Mapping]] = []
-    if base is not None:
-        layers.append(("the checkpoint's config", base))
     if path is not None:
         layers.append((str(path), read_toml(path)))
     nested: dict[str, dict] = {}
@@ -261,12 +263,19 @@ def load_config(
     return resolve_config(layers, problems)
 
 
-def resolve_config(layers: list[tuple[str, Mapping]], problems: list[str] | None = None) -> RunConfig:
-    """Merge (source, nested dict) layers over the defaults, type-check and validate."""
+def resolve_config(
+    layers: list[tuple[str, Mapping]], problems: list[str] | None = None, base: Mapping | None = None
+) -> RunConfig:
+    """Merge (source, nested dict) layers over the defaults and `base` (a resumed checkpoint's
+    config), type-check and validate. RunConfig.explicit records the keys the layers give."""
     problems = list(problems or [])
     defaults = RunConfig().to_dict()
     merged = {section: dict(values) for section, values in defaults.items()}
-    for source, layer in layers:
+    explicit: set[str] = set()
+    given = [(source, layer, True) for source, layer in layers]
+    if base is not None:
+        given.insert(0, ("the checkpoint's config", base, False))
+    for source, layer, counts in given:
         if not isinstance(layer, Mapping):
             problems.append(f"{source}: expected a table of sections, got {type(layer).__name__}")
             continue
@@ -283,6 +292,8 @@ def resolve_config(layers: list[tuple[str, Mapping]], problems: list[str] | None
                     problems.append(f"unknown key {section}.{key} in {source}{_suggest(key, known, section)}")
                     continue
                 merged[section][key] = value
+                if counts:
+                    explicit.add(f"{section}.{key}")
 
     sections: dict[str, Any] = {}
     for section, cls in SECTIONS.items():
@@ -302,7 +313,7 @@ def resolve_config(layers: list[tuple[str, Mapping]], problems: list[str] | None
         else:
             sections[section] = cls(**values)
     if "model" in sections:
-        config = RunConfig(**sections)
+        config = RunConfig(**sections, explicit=frozenset(explicit))
         problems += [p for p in config.problems() if p not in problems]
     else:
         problems += [p for p in sections["data"].problems() + sections["train"].problems()]

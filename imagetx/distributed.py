@@ -129,6 +129,26 @@ def broadcast_object(obj, src: int = 0):
     return box[0]
 
 
+def main_first(ctx: Dist, fn):
+    """Run fn on the main process only and share its result with every process. If it fails, the
+    main process raises its error and the others a RunError, instead of waiting forever."""
+    from imagetx.errors import RunError
+
+    result, error = None, None
+    if ctx.is_main:
+        try:
+            result = fn()
+        except Exception as exc:
+            error = exc
+    if ctx.is_distributed:
+        result, failed = broadcast_object((result, None if error is None else str(error)))
+        if failed is not None and error is None:
+            raise RunError(f"the main process failed: {failed}")
+    if error is not None:
+        raise error
+    return result
+
+
 def shard(n: int, rank: int, world_size: int) -> range:
     """This process's contiguous share of range(n): every index exactly once over all
     processes, no padding (unlike DistributedSampler); shares differ in size by at most one."""

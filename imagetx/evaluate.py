@@ -9,106 +9,21 @@ over processes, so each image is counted exactly once.
 
 from __future__ import annotations
 
-import math
 import os
 import sys
-from collections.abc import Iterator, Sequence
+from dataclasses import dataclass
 
 import torch
-from torch.utils.data import DataLoader, Dataset
+from torch.utils.data import Dataset
 from tqdm import tqdm
 
 from imagetx.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint, unwrap_model
-from imagetx.config import DataConfig
-from imagetx.distributed import all_reduce_sum, distributed, shard
-from imagetx.errors import RunError
+from imagetx.data.batches import batches, check_compatible, data_config_from_checkpoint, dataset_for, describe, unpack
+from imagetx.distributed import all_reduce_sum, device_problems, distributed, shard
+from imagetx.errors import ConfigError, RunError
+from imagetx.metrics import bits_per_dim
 from imagetx.model.config import ModelConfig
 
-LN2 = math.log(2.0)
-
-
-# ---- data sets and batches (shared with train.py) ----------------------------------------------
-def dataset_for(model: ModelConfig, data: DataConfig, split: str, download: bool | None = None) -> Dataset:
-    """The `split` of the data set `data` names, at the model's image size and channel count;
-    wrapped as (target, source, label) items for a super-resolution model. Raises DatasetError."""
-    from imagetx.data import SuperResDataset, load_dataset
-
-    celeba_protocol = model.source_size is not None and data.celeba_protocol
-    dataset = load_dataset(
-        data.name,
-        data_dir=data.data_dir,
-        split=split,
-        image_size=None if celeba_protocol else model.image_size,  # the protocol crops native images
-        channels=model.channels,
-        download=data.download if download is None else download,
-        builtin_size=data.builtin_size,
-    )
-    if model.source_size is not None:
-        try:
-            dataset = SuperResDataset(
-                dataset, model.source_size, target_size=model.image_size, celeba_protocol=celeba_protocol
-            )
-        except ValueError as exc:
-            raise RunError(f"{dataset.description} cannot make super-resolution pairs: {exc}") from None
-    return dataset
-
-
-def describe(dataset: Dataset) -> tuple[str, str]:
-    """(description, split) of a data set, looking through wrappers such as SuperResDataset."""
-    inner = dataset
-    while not hasattr(inner, "description") and hasattr(inner, "dataset"):
-        inner = inner.dataset
-    return getattr(inner, "description", type(dataset).__name__), getattr(inner, "split", "?")
-
-
-def check_compatible(model: ModelConfig, dataset: Dataset) -> None:
-    """Raise RunError when the data set cannot feed the model (labels, size, channels)."""
-    inner = dataset
-    while not hasattr(inner, "num_classes") and hasattr(inner, "dataset"):
-        inner = inner.dataset
-    name = describe(dataset)[0]
-    classes = getattr(inner, "num_classes", 0)
-    if model.num_classes and not classes:
-        raise RunError(f"the model is class-conditional ({model.num_classes} classes) but {name} has no labels")
-    if model.num_classes and classes > model.num_classes:
-        raise RunError(f"{name} has {classes} classes but the model has model.num_classes = {model.num_classes}")
-    size, channels = getattr(inner, "image_size", None), getattr(inner, "channels", None)
-    if size is not None and tuple(size) != tuple(model.image_size) and model.source_size is None:
-        raise RunError(f"{name} has {size[0]}x{size[1]} images but the model expects {model.image_size}")
-    if channels is not None and channels != model.channels:
-        raise RunError(f"{name} has {channels} channel(s) but the model expects {model.channels}")
-
-
-def batches(
-    dataset: Dataset, index_lists: Iterator[Sequence[int]], num_workers: int = 0, seed: int = 0
-) -> Iterator[tuple]:
-    """Collated batches, one per list of indices: (images uint8 (B, H, W, C), labels long (B,)),
-    or (target, source, labels) for super-resolution items. Worker processes when num_workers > 0;
-    their seeds come from a private generator, never from the global one."""
-    if num_workers == 0 and hasattr(dataset, "get_batch"):
-        for idx in index_lists:
-            yield dataset.get_batch(list(idx))
-        return
-    loader = DataLoader(
-        dataset,
-        batch_sampler=index_lists,
-        num_workers=num_workers,
-        generator=torch.Generator().manual_seed(seed),
-        pin_memory=torch.cuda.is_available(),
-    )
-    yield from loader
-
-
-def unpack(batch: tuple, model: ModelConfig, device: torch.device) -> tuple:
-    """A collated batch -> (x, labels or None, source or None) on device, as the model takes them."""
-    if len(batch) == 3:
-        x, source, labels = batch
-    else:
-        (x, labels), source = batch, None
-    x = x.to(device, non_blocking=True)
-    labels = labels.to(device, non_blocking=True).long() if model.num_classes else None
-    source = source.to(device, non_blocking=True) if model.source_size is not None else None
-    return x, labels, source
 
 
 # ---- bits/dim ------------------------------------------------------------------------------------
@@ -168,7 +83,7 @@ def evaluate_bpd(
     images = int(round(images))
     description, split = describe(dataset)
     return {
-        "bpd": nll_sum / (images * cfg.num_dims * LN2),
+        "bpd": bits_per_dim(nll_sum / images, cfg.num_dims),
         "images": images,
         "dataset": description,
         "split": split,
@@ -177,41 +92,51 @@ def evaluate_bpd(
     }
 
 
-def run(
-    checkpoint: str | os.PathLike,
-    *,
-    dataset: str | None = None,
-    data_dir: str | None = None,
-    split: str = "test",
-    limit: int | None = None,
-    batch_size: int = 64,
-    device: str = "auto",
-    download: bool = False,
-    num_workers: int = 0,
-    progress: bool = True,
-) -> dict:
-    """`imagetx eval-bpd`: exact bits/dim of a checkpoint (a file, or a run directory: its newest)
-    on a split of the data set it was trained on, or of `dataset` / `data_dir` when given.
-    Works under torchrun. Returns evaluate_bpd()'s dict plus "checkpoint" and "step"."""
-    if batch_size < 1:
-        raise RunError(f"batch size must be >= 1, got {batch_size}")
-    if limit is not None and limit < 1:
-        raise RunError(f"limit must be >= 1, got {limit}")
-    path = resolve_checkpoint(checkpoint)
-    with distributed(device) as ctx:
+@dataclass
+class EvalConfig:
+    """What `imagetx eval-bpd` measures: a checkpoint (a file, or a run directory: its newest) on
+    a split of the data set it was trained on, or of `dataset` / `data_dir` when given."""
+
+    checkpoint: str | os.PathLike
+    dataset: str | None = None  # default: the data set the model was trained on
+    data_dir: str | None = None
+    split: str = "test"
+    limit: int | None = None  # evaluate only the first N images (None: all)
+    batch_size: int = 64  # images per forward pass, per process
+    device: str = "auto"  # "auto", "cpu", "cuda" or "cuda:N"
+    download: bool = False  # fetch the data set through torchvision if missing
+    num_workers: int = 0  # DataLoader worker processes
+    progress: bool = True  # a progress bar on stderr
+
+    def problems(self) -> list[str]:
+        p: list[str] = []
+        if not isinstance(self.batch_size, int) or self.batch_size < 1:
+            p.append(f"batch size must be >= 1, got {self.batch_size}")
+        if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
+            p.append(f"limit must be >= 1, got {self.limit}")
+        if not isinstance(self.num_workers, int) or self.num_workers < 0:
+            p.append(f"num_workers must be >= 0, got {self.num_workers}")
+        return p + device_problems(self.device, "device")
+
+    def validate(self) -> None:
+        problems = self.problems()
+        if problems:
+            raise ConfigError(problems)
+
+
+def run(config: EvalConfig) -> dict:
+    """`imagetx eval-bpd`: exact bits/dim of a checkpoint on a data set split. Works under
+    torchrun. Returns evaluate_bpd()'s dict plus "checkpoint" and "step". Raises ConfigError for
+    an invalid config, CheckpointError, DatasetError or RunError."""
+    config.validate()
+    path = resolve_checkpoint(config.checkpoint)
+    with distributed(config.device) as ctx:
         ckpt = load_checkpoint(path)
         model = model_from_checkpoint(ckpt, path, ctx.device).eval()
-        saved = dict(ckpt["config"].get("data") or {})
-        data = DataConfig(**{k: v for k, v in saved.items() if k in DataConfig.__dataclass_fields__})
-        if dataset is not None:
-            data.name = dataset
-            data.data_dir = None
-        if data_dir is not None:
-            data.data_dir = data_dir
-        data.download = download
-        ds = dataset_for(model.config, data, split)
+        data = data_config_from_checkpoint(ckpt, path, config.dataset, config.data_dir, config.download)
+        ds = dataset_for(model.config, data, config.split)
         result = evaluate_bpd(
-            model, ds, batch_size=batch_size, limit=limit, device=ctx.device,
-            num_workers=num_workers, progress=progress,
+            model, ds, batch_size=config.batch_size, limit=config.limit, device=ctx.device,
+            num_workers=config.num_workers, progress=config.progress,
         )
     return {**result, "checkpoint": str(path), "step": int(ckpt["step"])}

@@ -151,26 +151,11 @@ def load_file_inputs(path: str | os.PathLike, cfg, label: int | None = None,
     return inputs, failures
 
 
-def data_config_for(ckpt_config: dict, dataset: str, data_dir: str | None):
-    """The checkpoint's data settings with the data set (and directory) the user named; the
-    CelebA protocol and builtin size only carry over for the data set it was trained on."""
-    from imagetx.config import DataConfig
-
-    saved = dict(ckpt_config.get("data") or {})
-    data = DataConfig(**{k: v for k, v in saved.items() if k in DataConfig.__dataclass_fields__})
-    if dataset != data.name:
-        data = DataConfig(name=dataset)
-    if data_dir is not None:
-        data.data_dir = data_dir
-    data.download = False
-    return data
-
-
 def load_dataset_inputs(cfg, data, split: str, num: int, notify: Callable[[str], None] = console.note) -> list[LowRes]:
     """The first `num` images of a split as inputs named "test-00012", each low-resolution
     source made exactly as in training (area downsampling, or the CelebA protocol) and its
     ground truth kept. Raises DatasetError (from imagetx.data) or RunError."""
-    from imagetx.evaluate import dataset_for
+    from imagetx.data.batches import dataset_for
 
     dataset = dataset_for(cfg, data, split, download=False)
     n = len(dataset)
@@ -277,7 +262,9 @@ def run(req: SuperResConfig) -> dict:
     if req.inputs is not None:
         inputs, failures = load_file_inputs(req.inputs, cfg, req.label)
     else:
-        data = data_config_for(ckpt["config"], req.dataset, req.data_dir)
+        from imagetx.data.batches import data_config_from_checkpoint
+
+        data = data_config_from_checkpoint(ckpt, path, req.dataset, req.data_dir)
         inputs = load_dataset_inputs(cfg, data, req.split, req.num)
     del ckpt
     sources = torch.stack([x.source for x in inputs])  # (N, h, w, C)

@@ -1,13 +1,10 @@
-"""`imagetx train`: one `run(config)` that trains, evaluates, samples and checkpoints.
+"""`imagetx train`: one `run(config)` that trains, evaluates, samples and checkpoints: the loop.
 
-The run directory describes itself:
-
-    RUN/config.toml                 the resolved configuration
-    RUN/metrics.jsonl               one JSON object per line: training rows
-                                    {step, loss, train_bpd, lr, grad_norm, images_per_sec, epoch, ...}
-                                    and held-out rows {step, eval_bpd, eval_images, eval_split}
-    RUN/checkpoints/step-NNNNNNNN.pt
-    RUN/samples/step-NNNNNNNN.png   sample grids from a fixed generator (comparable across steps)
+What it writes and how a run resumes live in imagetx.rundir (config.toml, metrics.jsonl,
+checkpoints/, samples/), the optimizer and schedule in imagetx.optim, the order images are read
+in in imagetx.data.order, Ctrl-C / SIGTERM handling in imagetx.signals. metrics.jsonl holds
+training rows {step, loss, train_bpd, lr, grad_norm, images_per_sec, epoch, ...} and held-out
+rows {step, eval_bpd, eval_images, eval_split}.
 
 The loss is the training objective in bits/dim: mean NLL of the batch / (H*W*C * ln 2). `loss` is
 the loss of that step's batch, `train_bpd` its mean over the steps since the previous row; the
@@ -20,13 +17,11 @@ schedule, data position (epoch and index into that epoch's permutation) and ever
 
 from __future__ import annotations
 
-import json
 import math
 import os
 import random
 import signal
 import sys
-import threading
 import time
 from contextlib import nullcontext
 from pathlib import Path
@@ -36,53 +31,22 @@ from torch import nn
 from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
-from imagetx.checkpoint import (
-    atomic_write,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    make_checkpoint,
-    resolve_checkpoint,
-    rng_state,
-    save_checkpoint,
-    set_rng_state,
-)
-from imagetx.config import RunConfig, save_config
-from imagetx.distributed import Dist, all_gather_object, all_reduce_sum, broadcast_object, distributed
+from imagetx import console
+from imagetx.checkpoint import make_checkpoint, rng_state, set_rng_state
+from imagetx.config import RunConfig
+from imagetx.data.batches import batches, check_compatible, dataset_for, describe, unpack
+from imagetx.data.order import DataOrder, RankBatches
+from imagetx.distributed import Dist, all_gather_object, all_reduce_sum, distributed, main_first
 from imagetx.errors import RunError
-from imagetx.images import display_scale, save_grid
-from imagetx.evaluate import LN2, batches, check_compatible, dataset_for, describe, evaluate_bpd, unpack
+from imagetx.evaluate import evaluate_bpd
+from imagetx.metrics import bits_per_dim
 from imagetx.memory import allocator_in_use, find_fast_allocator
-from imagetx.model.config import ConfigError, ModelConfig
 from imagetx.model.transformer import ImageTransformer
+from imagetx.optim import make_optimizer
+from imagetx.rundir import RunDir, resume_from
+from imagetx.signals import StopSignals
 
 EXIT_STATUS = {"completed": 0, "time_limit": 0, "interrupted": 130, "terminated": 143}
-
-
-# ---- schedule and optimizer ----------------------------------------------------------------------
-def lr_factor(step: int, schedule: str, warmup_steps: int, max_steps: int) -> float:
-    """Multiplier of train.lr at optimizer step `step` (1-based): a linear warmup to 1 over
-    warmup_steps, then "rsqrt" (sqrt(warmup / step), as published), "cosine" (to 0 at max_steps)
-    or "constant"."""
-    if step <= warmup_steps:
-        return step / warmup_steps
-    if schedule == "rsqrt":
-        return math.sqrt(max(warmup_steps, 1) / step)
-    if schedule == "cosine":
-        progress = (step - warmup_steps) / max(max_steps - warmup_steps, 1)
-        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
-    return 1.0
-
-
-def make_optimizer(model: nn.Module, config: RunConfig):
-    """(optimizer, scheduler) as configured; the scheduler is stepped once per optimizer step."""
-    t = config.train
-    cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
-    optimizer = cls(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
-    scheduler = torch.optim.lr_scheduler.LambdaLR(
-        optimizer, lambda i: lr_factor(i + 1, t.schedule, t.warmup_steps, t.max_steps)
-    )
-    return optimizer, scheduler
 
 
 class Objective(nn.Module):
@@ -96,97 +60,13 @@ class Objective(nn.Module):
         return self.model.nll(x, labels=labels, source=source)
 
 
-# ---- data order ----------------------------------------------------------------------------------
-class DataOrder:
-    """The order training images are visited in: epoch e is a permutation of range(n) drawn from
-    (seed, e). A position (epoch, index) says where the next batch starts, so a resumed run reads
-    exactly the images the uninterrupted one would have read."""
-
-    def __init__(self, n: int, seed: int):
-        self.n, self.seed = n, seed
-        self._cache: tuple[int, torch.Tensor] | None = None
-
-    def permutation(self, epoch: int) -> torch.Tensor:
-        if self._cache is None or self._cache[0] != epoch:
-            g = torch.Generator().manual_seed(self.seed * 1_000_003 + epoch)
-            self._cache = (epoch, torch.randperm(self.n, generator=g))
-        return self._cache[1]
-
-    def take(self, epoch: int, index: int, count: int) -> tuple[list[int], int, int]:
-        """The next `count` indices from (epoch, index), running into the next epochs as needed
-        -> (indices, epoch, index) with the position after them."""
-        out: list[int] = []
-        while len(out) < count:
-            part = self.permutation(epoch)[index : index + count - len(out)].tolist()
-            out += part
-            index += len(part)
-            if index >= self.n:
-                epoch, index = epoch + 1, 0
-        return out, epoch, index
-
-
-class RankBatches:
-    """Infinite micro-batches of indices for one process, starting at a data position: each
-    optimizer step takes the next batch_size * grad_accum * world_size indices; process r takes
-    its contiguous slice and splits it into grad_accum micro-batches."""
-
-    def __init__(self, order: DataOrder, epoch: int, index: int, batch_size: int, grad_accum: int, ctx: Dist):
-        self.order, self.start = order, (epoch, index)
-        self.batch_size, self.grad_accum, self.ctx = batch_size, grad_accum, ctx
-
-    def __iter__(self):
-        epoch, index = self.start
-        per_rank = self.batch_size * self.grad_accum
-        while True:
-            idx, epoch, index = self.order.take(epoch, index, per_rank * self.ctx.world_size)
-            mine = idx[self.ctx.rank * per_rank : (self.ctx.rank + 1) * per_rank]
-            for a in range(self.grad_accum):
-                yield mine[a * self.batch_size : (a + 1) * self.batch_size]
-
-
-# ---- signals -------------------------------------------------------------------------------------
-class StopSignals:
-    """Turns the first SIGINT / SIGTERM into a request to stop after the current step (the run
-    then saves a checkpoint); a second one acts as usual."""
-
-    def __init__(self, announce: bool):
-        self.received: int | None = None
-        self.announce = announce
-        self._old: dict[int, object] = {}
-
-    def __enter__(self):
-        if threading.current_thread() is threading.main_thread():
-            for sig in (signal.SIGINT, signal.SIGTERM):
-                self._old[sig] = signal.signal(sig, self._handle)
-        return self
-
-    def _handle(self, signum, frame):
-        self.received = signum
-        self._restore()
-        if self.announce:
-            print(
-                f"\n{signal.Signals(signum).name}: stopping after this step and saving a checkpoint "
-                "(send it again to quit at once)",
-                file=sys.stderr,
-                flush=True,
-            )
-
-    def _restore(self):
-        for sig, handler in self._old.items():
-            signal.signal(sig, handler)
-        self._old = {}
-
-    def __exit__(self, *exc):
-        self._restore()
-
-
 # ---- the run -------------------------------------------------------------------------------------
 def run(config: RunConfig, resume: str | os.PathLike | None = None) -> dict:
     """Train as `config` says; under torchrun, one process per GPU (or CPU process) with DDP.
 
     resume: None (the output directory must be new or empty), "auto" (continue from the newest
     checkpoint in train.out if there is one) or a checkpoint path. The architecture comes from
-    the checkpoint; a config whose model section differs raises ConfigError.
+    the checkpoint, as with `imagetx train --resume`: see imagetx.rundir.resume_from.
 
     Returns a summary {"status": "completed" | "time_limit" | "interrupted" | "terminated",
     "step", "run_dir", "checkpoint", "train_bpd", "eval_bpd", "minutes"}; EXIT_STATUS maps the
@@ -194,73 +74,24 @@ def run(config: RunConfig, resume: str | os.PathLike | None = None) -> dict:
     non-finite loss, CheckpointError for an unreadable checkpoint, DatasetError for missing data.
     """
     config.validate()
+    config, path, ckpt = resume_from(config, resume)
     with distributed(config.train.device) as ctx:
-        return Trainer(config, ctx, resume).train()
-
-
-def _main_first(ctx: Dist, fn):
-    """Run fn on the main process only and share its result with every process. If it fails, the
-    main process raises its error and the others a RunError, instead of waiting forever."""
-    result, error = None, None
-    if ctx.is_main:
-        try:
-            result = fn()
-        except Exception as exc:
-            error = exc
-    if ctx.is_distributed:
-        result, failed = broadcast_object((result, None if error is None else str(error)))
-        if failed is not None and error is None:
-            raise RunError(f"the main process failed: {failed}")
-    if error is not None:
-        raise error
-    return result
+        trainer = Trainer(config, ctx)
+        trainer.set_up(resume, path, ckpt)
+        del ckpt  # the model and optimizer hold their own copies now
+        return trainer.train()
 
 
 class Trainer:
     """One training run on one process: set-up, the loop, and the files rank 0 writes."""
 
-    def __init__(self, config: RunConfig, ctx: Dist, resume):
+    def __init__(self, config: RunConfig, ctx: Dist):
         self.config, self.ctx = config, ctx
         self.t = config.train
-        self.run_dir = Path(self.t.out)
+        self.run_dir = RunDir(self.t.out)
         self.device = ctx.device
-        self.resume = resume
 
     # ---- set-up --------------------------------------------------------------------------------
-    def prepare_run_dir(self) -> Path | None:
-        """On the main process: check the output directory and find the checkpoint to resume."""
-        out = self.run_dir
-        ckpt = None
-        if self.resume is not None and str(self.resume) != "auto":
-            ckpt = resolve_checkpoint(self.resume)
-            newer = [p for s, p in list_checkpoints(out) if p.resolve() != ckpt.resolve() and s > _step_of(ckpt)]
-            if newer:
-                raise RunError(
-                    f"{out} has checkpoints newer than {ckpt} (up to {newer[-1].name}); resume from the "
-                    "newest with --resume auto, or choose another --out"
-                )
-            own_run = ckpt.resolve().parent.parent == out.resolve()
-            if not own_run and out.exists() and (not out.is_dir() or any(out.iterdir())):
-                raise RunError(
-                    f"{out} is not empty and {ckpt} belongs to another run; continue a run from one of "
-                    "its own checkpoints, or start from this one in a new --out"
-                )
-        elif self.resume is not None:
-            ckpt = latest_checkpoint(out)
-        if self.resume is None and out.exists() and (not out.is_dir() or any(out.iterdir())):
-            raise RunError(
-                f"{out} is not empty (it holds an earlier run); pass --resume auto to continue it, "
-                "or choose another --out"
-            )
-        try:  # leaves at most an empty directory behind if the run fails before it starts
-            out.mkdir(parents=True, exist_ok=True)
-            probe = out / f".write-test-{os.getpid()}"
-            probe.write_bytes(b"")
-            probe.unlink()
-        except OSError as exc:
-            raise RunError(f"cannot write to the output directory {out}: {exc.strerror or exc}") from None
-        return ckpt
-
     def load_data(self):
         model, data = self.config.model, self.config.data
         need_eval = self.t.eval_every > 0 or (self.t.sample_every > 0 and model.source_size is not None)
@@ -271,7 +102,7 @@ class Trainer:
             return train_set, eval_set
 
         if self.ctx.is_distributed and data.download:
-            _main_first(self.ctx, lambda: load(True) and None)  # one process downloads, then all read
+            main_first(self.ctx, lambda: load(True) and None)  # one process downloads, then all read
         self.train_set, self.eval_set = load(data.download and not self.ctx.is_distributed)
         check_compatible(model, self.train_set)
 
@@ -321,37 +152,9 @@ class Trainer:
         self.epoch, self.index = epoch, index
 
     def note(self, text: str) -> None:
-        if self.ctx.is_main:
-            tqdm.write(f"note: {text}", file=sys.stderr)
-
-    def check_resumed_model(self, ckpt: dict, path: Path) -> None:
-        saved = ModelConfig.from_dict(dict(ckpt["config"]["model"])).to_dict()
-        mine = self.config.model.to_dict()
-        diffs = [f"model.{k} = {mine[k]!r} (checkpoint: {saved[k]!r})" for k in mine if mine[k] != saved.get(k)]
-        if diffs:
-            raise ConfigError(
-                [f"the architecture comes from the checkpoint {path}; the config differs: {d}" for d in diffs]
-            )
+        console.note(text)
 
     # ---- files -----------------------------------------------------------------------------------
-    def open_metrics(self, resumed_step: int | None):
-        path = self.run_dir / "metrics.jsonl"
-        kept: list[str] = []
-        if resumed_step is not None and path.exists():
-            # rows written after the checkpoint (before a crash) are written again by this run
-            for line in path.read_text().splitlines():
-                try:
-                    row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a row cut off by a crash
-                if isinstance(row, dict) and row.get("step", 0) <= resumed_step:
-                    kept.append(line)
-        atomic_write(path, "".join(f"{line}\n" for line in kept).encode())
-        self.metrics = open(path, "a", buffering=1)
-
-    def log(self, row: dict) -> None:
-        self.metrics.write(json.dumps(row) + "\n")
-
     def save(self) -> Path | None:
         """Checkpoint the current step (a collective: every process contributes its generators)."""
         rng = all_gather_object(rng_state())
@@ -363,10 +166,7 @@ class Trainer:
             scheduler=self.scheduler, rng=rng,
             data_position={"epoch": self.epoch, "index": self.index, "dataset_size": len(self.train_set)},
         )
-        try:
-            path = save_checkpoint(self.run_dir, ckpt, keep=self.t.keep_checkpoints)
-        except OSError as exc:
-            raise RunError(f"cannot write a checkpoint in {self.run_dir}: {exc.strerror or exc}") from None
+        path = self.run_dir.save_checkpoint(ckpt, keep=self.t.keep_checkpoints)
         self.last_checkpoint = path
         return path
 
@@ -374,44 +174,10 @@ class Trainer:
         limit = self.t.eval_images or None
         result = evaluate_bpd(self.model, self.eval_set, self.t.batch_size, limit=limit, device=self.device)
         if self.ctx.is_main:
-            self.log({"step": self.step, "eval_bpd": result["bpd"], "eval_images": result["images"],
+            self.run_dir.log({"step": self.step, "eval_bpd": result["bpd"], "eval_images": result["images"],
                       "eval_split": result["split"]})
         self.last_eval = result["bpd"]
         return result["bpd"]
-
-    def write_samples(self) -> Path | None:
-        """A grid of sample_count samples from a generator seeded with train.seed (rows of source,
-        sample and target for super-resolution)."""
-        if not self.ctx.is_main:
-            return None
-        cfg, n = self.config.model, self.t.sample_count
-        labels = source = targets = None
-        if cfg.num_classes:
-            labels = torch.arange(n, device=self.device) % cfg.num_classes
-        if cfg.source_size is not None:
-            targets, source, _ = next(batches(self.eval_set, iter([list(range(min(n, len(self.eval_set))))])))
-            n = targets.shape[0]
-            source = source.to(self.device)
-        devices = [self.device] if self.device.type == "cuda" else []
-        was_training = self.model.training
-        self.model.eval()
-        try:
-            with torch.random.fork_rng(devices=devices):
-                generator = torch.Generator(self.device).manual_seed(self.t.seed)
-                images = self.model.sample(n, labels=labels, source=source, generator=generator).cpu()
-        finally:
-            self.model.train(was_training)
-        nrow = None
-        if targets is not None:  # rows of (source enlarged, sample, ground truth)
-            H, W = cfg.image_size
-            up = torch.nn.functional.interpolate(source.cpu().permute(0, 3, 1, 2).float(), size=(H, W), mode="nearest")
-            up = up.to(torch.uint8).permute(0, 2, 3, 1)  # (n, H, W, C)
-            images = torch.stack([up, images, targets.cpu().to(torch.uint8)], dim=1).flatten(0, 1)  # (3n, H, W, C)
-            nrow = 3 * max(1, int(math.sqrt(n / 3)))
-        path = self.run_dir / "samples" / f"step-{self.step:08d}.png"
-        path.parent.mkdir(exist_ok=True)
-        save_grid(images, path, nrow=nrow, scale=display_scale(cfg.image_size))
-        return path
 
     # ---- the loop --------------------------------------------------------------------------------
     def train_step(self, stream) -> tuple[float, float, float]:
@@ -425,30 +191,31 @@ class Trainer:
             sync = a == t.grad_accum - 1 or not self.ctx.is_distributed
             with (nullcontext() if sync else self.objective.no_sync()), self.autocast():
                 nll = self.objective(x, labels=labels, source=source)
-                loss = nll.float().mean() / (cfg.num_dims * LN2)
+                loss = bits_per_dim(nll.float().mean(), cfg.num_dims)
             (loss / t.grad_accum).backward()
             loss_sum += loss.detach()
         norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or float("inf"))
         return loss_sum / t.grad_accum, norm, lr
 
-    def train(self) -> dict:
-        t, ctx = self.t, self.ctx
+    def set_up(self, resume: str | os.PathLike | None, ckpt_path: Path | None, ckpt: dict | None) -> None:
+        """Check the run directory, load the data, build the model and optimizer (from `ckpt`,
+        read from ckpt_path, when resuming) and start config.toml and metrics.jsonl."""
+        ctx = self.ctx
         self.start = time.monotonic()
-        ckpt_path = _main_first(ctx, self.prepare_run_dir)
-        ckpt = None
-        if ckpt_path is not None:
-            ckpt = load_checkpoint(ckpt_path)
-            self.check_resumed_model(ckpt, ckpt_path)
+        step = int(ckpt["step"]) if ckpt is not None else None
+        main_first(ctx, lambda: self.run_dir.prepare(resume, ckpt_path, step))
         self.load_data()
         self.build(ckpt)
-        del ckpt
         self.last_checkpoint, self.last_eval, self.train_bpd = ckpt_path, None, None
         self.saved_step = self.step if ckpt_path is not None else None
         if ctx.is_main:
-            save_config(self.config, self.run_dir / "config.toml")
-            self.open_metrics(self.step if ckpt_path is not None else None)
+            self.run_dir.write_config(self.config)
+            self.run_dir.open_metrics(self.step if ckpt_path is not None else None)
             self.announce(ckpt_path)
 
+    def train(self) -> dict:
+        """The loop, until train.max_steps, the time limit or a signal -> the summary."""
+        t, ctx = self.t, self.ctx
         stream = iter(self._stream())
         per_step = t.batch_size * t.grad_accum * ctx.world_size
         self.window: list[float] = []  # losses since the last metrics row
@@ -474,7 +241,7 @@ class Trainer:
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.step += 1
-                    self.epoch, self.index = self._advance(per_step)
+                    self.epoch, self.index = self.order.advance(self.epoch, self.index, per_step)
                     self.window.append(loss_value)
                     self.window_time += time.perf_counter() - tick
                     last = self.step == t.max_steps
@@ -490,10 +257,10 @@ class Trainer:
                     self.save()
         finally:
             self.bar.close()
-            if ctx.is_main and hasattr(self, "metrics"):
-                self.metrics.close()
+            if ctx.is_main:
+                self.run_dir.close()
         summary = {
-            "status": status, "step": self.step, "run_dir": str(self.run_dir),
+            "status": status, "step": self.step, "run_dir": str(self.run_dir.path),
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "train_bpd": self.train_bpd, "eval_bpd": self.last_eval,
             "minutes": (time.monotonic() - self.start) / 60,
@@ -513,7 +280,7 @@ class Trainer:
             return
         self.train_bpd = sum(self.window) / len(self.window)
         if self.ctx.is_main:
-            self.log({
+            self.run_dir.log({
                 "step": self.step, "loss": loss, "train_bpd": self.train_bpd, "lr": lr, "grad_norm": norm,
                 "images_per_sec": speed, "epoch": self.epoch, "elapsed_s": round(time.monotonic() - self.start, 3),
             })
@@ -531,14 +298,10 @@ class Trainer:
         if t.eval_every and self.eval_set is not None and (step % t.eval_every == 0 or last):
             self.evaluate()
         if t.sample_every and t.sample_count and (step % t.sample_every == 0 or last):
-            self.write_samples()
+            if self.ctx.is_main:
+                self.run_dir.write_samples(self.model, self.step, t.seed, t.sample_count, self.eval_set, self.device)
         if t.checkpoint_every and step % t.checkpoint_every == 0 and not last:
             self.save()  # the last one is written after the loop, whatever ended it
-
-    def _advance(self, count: int) -> tuple[int, int]:
-        """The data position after `count` more images (without materialising them)."""
-        total = self.epoch * self.order.n + self.index + count
-        return total // self.order.n, total % self.order.n
 
     def _stream(self):
         ds = self.train_set
@@ -559,7 +322,7 @@ class Trainer:
         n_params = sum(p.numel() for p in self.model.parameters())
         what = f"resuming from {resumed} (step {self.step})" if resumed else "starting a new run"
         print(
-            f"{what} in {self.run_dir}: {n_params / 1e6:.2f}M parameters, {ctx.world_size} process(es) on "
+            f"{what} in {self.run_dir.path}: {n_params / 1e6:.2f}M parameters, {ctx.world_size} process(es) on "
             f"{self.device.type} (memory allocator: {allocator_in_use()}), "
             f"{len(self.train_set)} training images ({describe(self.train_set)[0]}), "
             f"{t.batch_size * t.grad_accum * ctx.world_size} images per step",
@@ -582,11 +345,3 @@ class Trainer:
             f"{text} at step {summary['step']}{bpd}; checkpoint {summary['checkpoint']}",
             file=sys.stderr, flush=True,
         )
-
-
-def _step_of(path: Path) -> int:
-    name = Path(path).name
-    try:
-        return int(name.removeprefix("step-").removesuffix(".pt"))
-    except ValueError:
-        return -1

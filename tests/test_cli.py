@@ -87,7 +87,7 @@ def test_runtime_errors_exit_1(run_dir, tmp_path):
 
 def test_eval_bpd_json_and_table(run_dir):
     from imagetx.checkpoint import load_model
-    from imagetx.evaluate import dataset_for
+    from imagetx.data.batches import dataset_for
     from imagetx.config import RunConfig
 
     result = invoke("eval-bpd", run_dir, "--limit", 5, "--batch-size", 2, "--device", "cpu", "--json")
@@ -131,3 +131,13 @@ def test_the_console_script_reports_usage_errors_in_one_line(tmp_path):
     assert "[train.out]" in help_text and "<bool>" not in help_text  # no markup eaten, flags take no value
     usage = subprocess.run(script + ["sample", "--help"], capture_output=True, text=True, env=env).stdout
     assert usage.startswith("Usage: imagetx sample [OPTIONS] CHECKPOINT")
+
+
+def test_eval_bpd_rejects_an_unknown_key_in_the_checkpoint(run_dir, tmp_path):
+    import torch
+
+    ckpt = torch.load(latest_checkpoint(run_dir), weights_only=True)
+    ckpt["config"]["data"]["shuffle_buffer"] = 64
+    path = tmp_path / "step-00000002.pt"
+    torch.save(ckpt, path)
+    one_error_line(invoke("eval-bpd", path, "--limit", 2, "--device", "cpu"), 1, "unknown key data.shuffle_buffer")

@@ -55,7 +55,7 @@ from imagetx.distributed import distributed
 ckpt, out, result_file, sets = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 with distributed("cpu") as ctx:  # joins the gloo group from torchrun's environment
     assert dist.get_world_size() == 2 and ctx.world_size == 2
-    bpd = evaluate.run(ckpt, limit=7, batch_size=2, device="cpu", progress=False)
+    bpd = evaluate.run(evaluate.EvalConfig(ckpt, limit=7, batch_size=2, device="cpu", progress=False))
     summary = train.run(load_config(sets=sets + [f"train.out={out}"]))
     if ctx.is_main:
         with open(result_file, "w") as f:
@@ -68,7 +68,7 @@ def test_two_gloo_processes_match_one(tmp_path):
     base = tmp_path / "base"
     train.run(load_config(sets=[*TINY, "train.batch_size=4", "train.max_steps=2", f"train.out={base}"]))
     ckpt = latest_checkpoint(base)
-    one = evaluate.run(ckpt, limit=7, batch_size=3, device="cpu", progress=False)
+    one = evaluate.run(evaluate.EvalConfig(ckpt, limit=7, batch_size=3, device="cpu", progress=False))
 
     child = tmp_path / "child.py"
     child.write_text(CHILD)

@@ -8,7 +8,7 @@ import pytest
 import torch
 from torch.utils.data import Dataset
 
-from imagetx.errors import RunError
+from imagetx.errors import ConfigError, RunError
 from imagetx.evaluate import evaluate_bpd
 from imagetx.model.config import ModelConfig
 from imagetx.model.transformer import ImageTransformer
@@ -83,3 +83,13 @@ def test_data_that_cannot_feed_the_model_is_a_clear_error():
         evaluate_bpd(model, Images(4, TINY["image_size"]))
     with pytest.raises(RunError, match=r"has 4x4 images but the model expects \(3, 4\)"):
         evaluate_bpd(ImageTransformer(ModelConfig(**TINY)), Images(4, (4, 4)))
+
+
+def test_eval_config_lists_every_problem():
+    from imagetx.evaluate import EvalConfig, run
+
+    config = EvalConfig("missing.pt", limit=0, batch_size=0, num_workers=-1, device="tpu")
+    assert len(config.problems()) == 4 and all("\n" not in p for p in config.problems())
+    with pytest.raises(ConfigError) as info:
+        run(config)  # before looking for the checkpoint
+    assert info.value.problems == config.problems()

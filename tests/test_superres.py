@@ -146,7 +146,7 @@ def test_dataset_inputs_report_matches_direct_computations(tmp_path, monkeypatch
         seen.update(name=data.name, split=split, celeba=data.celeba_protocol)
         return [(targets[i], sources[i], -1) for i in range(len(targets))]
 
-    monkeypatch.setattr("imagetx.evaluate.dataset_for", fake_dataset_for)
+    monkeypatch.setattr("imagetx.data.batches.dataset_for", fake_dataset_for)
     out = tmp_path / "out"
     summary = run(SuperResConfig(path, dataset="fake", num=2, samples=2, report=True, out=out, progress=False))
     assert seen == {"name": "fake", "split": "test", "celeba": True}  # the checkpoint's protocol
@@ -188,3 +188,11 @@ def test_builtin_dataset_end_to_end(tmp_path):
     summary = run(SuperResConfig(path, dataset="builtin", num=2, report=True, out=tmp_path / "out", progress=False))
     assert summary["inputs"] == ["test-00000", "test-00001"]
     assert all(r["bpd"] > 0 and r["psnr_bicubic"] > 0 for r in summary["metrics"]["per_input"])
+
+
+def test_an_unknown_data_key_in_the_checkpoint_is_an_error_not_dropped(tmp_path):
+    from imagetx.errors import CheckpointError
+
+    path, _ = write_checkpoint(tmp_path, data={"name": "builtin", "task": "superres", "shuffle_buffer": 64})
+    with pytest.raises(CheckpointError, match=r"unknown key data\.shuffle_buffer"):
+        run(SuperResConfig(path, dataset="builtin", num=1, out=tmp_path / "out", progress=False))

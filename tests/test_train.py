@@ -17,8 +17,10 @@ import torch
 from imagetx import train
 from imagetx.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from imagetx.config import RunConfig, load_config
+from imagetx.data.order import DataOrder
 from imagetx.errors import RunError
 from imagetx.model.config import ConfigError
+from imagetx.optim import lr_factor
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -78,7 +80,7 @@ def wait_for(predicate, proc, timeout=120.0):
 
 
 def test_schedule_warmup_then_rsqrt_cosine_constant():
-    f = train.lr_factor
+    f = lr_factor
     assert [f(s, "rsqrt", 4, 100) for s in (1, 2, 4)] == [0.25, 0.5, 1.0]
     assert f(16, "rsqrt", 4, 100) == 0.5  # step^-0.5 after the peak
     assert f(1, "rsqrt", 0, 100) == 1.0 and f(4, "rsqrt", 0, 100) == 0.5
@@ -88,7 +90,7 @@ def test_schedule_warmup_then_rsqrt_cosine_constant():
 
 
 def test_data_order_visits_every_image_once_per_epoch():
-    order = train.DataOrder(10, seed=3)
+    order = DataOrder(10, seed=3)
     seen, epoch, index = [], 0, 0
     for _ in range(5):  # 5 steps of 4 = two epochs exactly, crossing the boundary mid-step
         idx, epoch, index = order.take(epoch, index, 4)
@@ -218,3 +220,55 @@ def test_resume_keeps_the_architecture_and_can_extend_a_run(tmp_path):
         train.run(tiny(out, "train.max_steps=6", "model.n_layers=2"), resume="auto")
     summary = train.run(tiny(out, "train.max_steps=6"), resume="auto")
     assert summary["step"] == 6 and [r["step"] for r in rows(out)] == [1, 2, 3, 4, 5, 6]
+
+
+def test_resume_from_python_adopts_the_checkpoint_like_the_cli(tmp_path):
+    from typer.testing import CliRunner
+
+    from imagetx.cli import app
+
+    first = tmp_path / "python"
+    train.run(tiny(first, "train.max_steps=3"))
+    second = tmp_path / "cli"
+    train.run(tiny(second, "train.max_steps=3"))
+    # the quickstart model (full attention, 3 layers, RGB) differs from the checkpoint's, but no
+    # model key is given: the architecture and the other settings come from the checkpoint
+    config = load_config(sets=[f"train.out={first}", "train.max_steps=5"])
+    assert config.model != tiny(first).model
+    summary = train.run(config, resume="auto")
+    args = ["train", "--out", str(second), "--resume", "auto", "--set", "train.max_steps=5"]
+    result = CliRunner().invoke(app, args)
+    assert summary["step"] == 5 and result.exit_code == 0, result.output
+    a, b = load_checkpoint(latest_checkpoint(first)), load_checkpoint(latest_checkpoint(second))
+    expected = tiny(first, "train.max_steps=5").to_dict()
+    assert a["config"] == expected and {**b["config"], "train": {**b["config"]["train"], "out": str(first)}} == expected
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert curve(first) == curve(second)
+
+
+def test_resume_from_a_checkpoint_with_an_unknown_key_is_a_clear_error(tmp_path):
+    from imagetx.errors import CheckpointError
+
+    out = tmp_path / "run"
+    train.run(tiny(out, "train.max_steps=2"))
+    path = latest_checkpoint(out)
+    ckpt = load_checkpoint(path)
+    ckpt["config"]["data"]["shuffle_buffer"] = 64
+    torch.save(ckpt, path)
+    with pytest.raises(CheckpointError, match=r"unknown key data\.shuffle_buffer"):
+        train.run(tiny(out, "train.max_steps=4"), resume="auto")
+
+
+def test_resume_from_a_checkpoint_path(tmp_path):
+    first = tmp_path / "first"
+    train.run(tiny(first, "train.max_steps=6"))
+    with pytest.raises(RunError, match=r"has checkpoints newer than .*step-00000005\.pt \(up to step-00000006\.pt\)"):
+        train.run(tiny(first, "train.max_steps=8"), resume=first / "checkpoints" / "step-00000005.pt")
+    other = tmp_path / "other"
+    other.mkdir()
+    (other / "notes.txt").write_text("mine")
+    with pytest.raises(RunError, match="belongs to another run"):
+        train.run(tiny(other, "train.max_steps=8"), resume=first)
+    summary = train.run(tiny(tmp_path / "new", "train.max_steps=8"), resume=first)
+    assert summary["step"] == 8 and [s for s, _ in list_checkpoints(tmp_path / "new")] == [8]

@@ -1,0 +1,40 @@
+"""The optimizer and the learning-rate schedule of `imagetx train`.
+
+`make_optimizer` builds Adam or AdamW from `train.*` and a LambdaLR scheduler stepped once per
+optimizer step; `lr_factor` is the schedule itself: a linear warmup, then rsqrt (as published),
+cosine or constant.
+"""
+
+from __future__ import annotations
+
+import math
+
+import torch
+from torch import nn
+
+from imagetx.config import RunConfig
+
+
+def lr_factor(step: int, schedule: str, warmup_steps: int, max_steps: int) -> float:
+    """Multiplier of train.lr at optimizer step `step` (1-based): a linear warmup to 1 over
+    warmup_steps, then "rsqrt" (sqrt(warmup / step), as published), "cosine" (to 0 at max_steps)
+    or "constant"."""
+    if step <= warmup_steps:
+        return step / warmup_steps
+    if schedule == "rsqrt":
+        return math.sqrt(max(warmup_steps, 1) / step)
+    if schedule == "cosine":
+        progress = (step - warmup_steps) / max(max_steps - warmup_steps, 1)
+        return 0.5 * (1.0 + math.cos(math.pi * min(progress, 1.0)))
+    return 1.0
+
+
+def make_optimizer(model: nn.Module, config: RunConfig):
+    """(optimizer, scheduler) as configured; the scheduler is stepped once per optimizer step."""
+    t = config.train
+    cls = torch.optim.AdamW if t.optimizer == "adamw" else torch.optim.Adam
+    optimizer = cls(model.parameters(), lr=t.lr, betas=tuple(t.betas), eps=t.eps, weight_decay=t.weight_decay)
+    scheduler = torch.optim.lr_scheduler.LambdaLR(
+        optimizer, lambda i: lr_factor(i + 1, t.schedule, t.warmup_steps, t.max_steps)
+    )
+    return optimizer, scheduler

@@ -1,0 +1,177 @@
+"""The run directory of `imagetx train`, and resuming a run from one of its checkpoints.
+
+    RUN/config.toml                 the resolved configuration
+    RUN/metrics.jsonl               one JSON object per line (training and held-out rows)
+    RUN/checkpoints/step-NNNNNNNN.pt
+    RUN/samples/step-NNNNNNNN.png   sample grids from a fixed generator (comparable across steps)
+
+`resume_from` is the one place a resumed run is resolved: it finds the checkpoint (`--resume
+auto` or a path), loads it once and returns the config to use: the keys the user gave (a config
+file, flags, `--set`) over the checkpoint's config, so the architecture comes from the checkpoint.
+`RunDir` checks the directory before a run and writes its files (only the main process does).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+from pathlib import Path
+
+import torch
+
+from imagetx.atomic import atomic_write
+from imagetx.checkpoint import (
+    latest_checkpoint,
+    list_checkpoints,
+    load_checkpoint,
+    resolve_checkpoint,
+    save_checkpoint,
+    stored_config,
+)
+from imagetx.config import RunConfig, resolve_config, save_config
+from imagetx.errors import CheckpointError, ConfigError, RunError
+from imagetx.data.batches import batches
+from imagetx.images import display_scale, save_grid
+from imagetx.model.config import ModelConfig
+
+
+def resume_from(config: RunConfig, resume: str | os.PathLike | None) -> tuple[RunConfig, Path | None, dict | None]:
+    """The checkpoint a run continues from and the config to continue with -> (config, path,
+    checkpoint); (config, None, None) for a new run or `resume="auto"` in a directory without
+    checkpoints.
+
+    resume: None, "auto" (the newest checkpoint in config.train.out) or a checkpoint path (a run
+    directory: its newest). The config is the checkpoint's, with the keys `config.explicit` names
+    over it (every key for a config built in Python); "auto" keeps config.train.out. A given model
+    key that differs from the checkpoint's raises ConfigError: the architecture comes from the
+    checkpoint. Raises CheckpointError for an unreadable checkpoint or one with unknown keys."""
+    if resume is None:
+        return config, None, None
+    auto = str(resume) == "auto"
+    path = latest_checkpoint(config.train.out) if auto else resolve_checkpoint(resume)
+    if path is None:
+        return config, None, None
+    ckpt = load_checkpoint(path)
+    saved = {section: dict(values) for section, values in stored_config(ckpt, path).items()}
+    try:  # the model keys an older checkpoint lacks take today's defaults, as when loading its weights
+        saved["model"] = ModelConfig.from_dict(saved["model"]).to_dict()
+    except (ConfigError, TypeError) as exc:
+        raise CheckpointError(f"{path}: its model config is not valid for this imagetx: {exc}") from None
+    mine = config.to_dict()
+    given = {f"{s}.{k}" for s, values in mine.items() for k in values} if config.explicit is None else config.explicit
+    given = given | {"train.out"} if auto else given
+    layer: dict[str, dict] = {}
+    for key in sorted(given):
+        section, name = key.split(".")
+        layer.setdefault(section, {})[name] = mine[section][name]
+    resumed = resolve_config([("your settings", layer)], base=saved)
+    model = resumed.model.to_dict()
+    diffs = [f"model.{k} = {model[k]!r} (checkpoint: {saved['model'][k]!r})" for k in model if model[k] != saved["model"][k]]
+    if diffs:
+        raise ConfigError([f"the architecture comes from the checkpoint {path}; the config differs: {d}" for d in diffs])
+    return resumed, path, ckpt
+
+
+class RunDir:
+    """The files of one run. Only the main process calls the methods that write."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        self.metrics = None
+
+    def prepare(self, resume: str | os.PathLike | None, checkpoint: Path | None, step: int | None) -> None:
+        """Check that the run may write here (a new or empty directory, or the run `checkpoint`
+        at `step` belongs to) and that the directory is writable; create it. Raises RunError."""
+        out = self.path
+        nonempty = out.exists() and (not out.is_dir() or any(out.iterdir()))
+        if resume is None and nonempty:
+            raise RunError(
+                f"{out} is not empty (it holds an earlier run); pass --resume auto to continue it, "
+                "or choose another --out"
+            )
+        if checkpoint is not None and str(resume) != "auto":
+            newer = [p for s, p in list_checkpoints(out) if p.resolve() != checkpoint.resolve() and s > step]
+            if newer:
+                raise RunError(
+                    f"{out} has checkpoints newer than {checkpoint} (up to {newer[-1].name}); resume from "
+                    "the newest with --resume auto, or choose another --out"
+                )
+            if checkpoint.resolve().parent.parent != out.resolve() and nonempty:
+                raise RunError(
+                    f"{out} is not empty and {checkpoint} belongs to another run; continue a run from one of "
+                    "its own checkpoints, or start from this one in a new --out"
+                )
+        try:  # leaves at most an empty directory behind if the run fails before it starts
+            out.mkdir(parents=True, exist_ok=True)
+            probe = out / f".write-test-{os.getpid()}"
+            probe.write_bytes(b"")
+            probe.unlink()
+        except OSError as exc:
+            raise RunError(f"cannot write to the output directory {out}: {exc.strerror or exc}") from None
+
+    def write_config(self, config: RunConfig) -> None:
+        save_config(config, self.path / "config.toml")
+
+    def open_metrics(self, resumed_step: int | None) -> None:
+        """Start metrics.jsonl, keeping a resumed run's rows up to its checkpoint: rows written
+        after it (before a crash) are written again by this run."""
+        path = self.path / "metrics.jsonl"
+        kept: list[str] = []
+        if resumed_step is not None and path.exists():
+            for line in path.read_text().splitlines():
+                try:
+                    row = json.loads(line)
+                except json.JSONDecodeError:
+                    continue  # a row cut off by a crash
+                if isinstance(row, dict) and row.get("step", 0) <= resumed_step:
+                    kept.append(line)
+        atomic_write(path, "".join(f"{line}\n" for line in kept).encode())
+        self.metrics = open(path, "a", buffering=1)
+
+    def log(self, row: dict) -> None:
+        self.metrics.write(json.dumps(row) + "\n")
+
+    def close(self) -> None:
+        if self.metrics is not None:
+            self.metrics.close()
+
+    def save_checkpoint(self, ckpt: dict, keep: int) -> Path:
+        try:
+            return save_checkpoint(self.path, ckpt, keep=keep)
+        except OSError as exc:
+            raise RunError(f"cannot write a checkpoint in {self.path}: {exc.strerror or exc}") from None
+
+    def write_samples(self, model, step: int, seed: int, count: int, eval_set, device: torch.device) -> Path:
+        """samples/step-NNNNNNNN.png: `count` samples of `model` from a generator seeded with
+        `seed`, so grids are comparable across steps (rows of source, sample and target for
+        super-resolution, whose sources are the first images of eval_set). Leaves the global
+        generators as they were."""
+        cfg, n = model.config, count
+        labels = source = targets = None
+        if cfg.num_classes:
+            labels = torch.arange(n, device=device) % cfg.num_classes
+        if cfg.source_size is not None:
+            targets, source, _ = next(batches(eval_set, iter([list(range(min(n, len(eval_set))))])))
+            n = targets.shape[0]
+            source = source.to(device)
+        devices = [device] if device.type == "cuda" else []
+        was_training = model.training
+        model.eval()
+        try:
+            with torch.random.fork_rng(devices=devices):
+                generator = torch.Generator(device).manual_seed(seed)
+                images = model.sample(n, labels=labels, source=source, generator=generator).cpu()
+        finally:
+            model.train(was_training)
+        nrow = None
+        if targets is not None:  # rows of (source enlarged, sample, ground truth)
+            H, W = cfg.image_size
+            up = torch.nn.functional.interpolate(source.cpu().permute(0, 3, 1, 2).float(), size=(H, W), mode="nearest")
+            up = up.to(torch.uint8).permute(0, 2, 3, 1)  # (n, H, W, C)
+            images = torch.stack([up, images, targets.cpu().to(torch.uint8)], dim=1).flatten(0, 1)  # (3n, H, W, C)
+            nrow = 3 * max(1, int(math.sqrt(n / 3)))
+        path = self.path / "samples" / f"step-{step:08d}.png"
+        path.parent.mkdir(exist_ok=True)
+        save_grid(images, path, nrow=nrow, scale=display_scale(cfg.image_size))
+        return path
