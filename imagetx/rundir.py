@@ -33,6 +33,7 @@ from imagetx.config import RunConfig, resolve_config, save_config
 from imagetx.errors import CheckpointError, ConfigError, RunError
 from imagetx.data.batches import batches
 from imagetx.images import display_scale, save_grid
+from imagetx.lock import RunLock
 from imagetx.model.config import ModelConfig
 
 
@@ -79,12 +80,15 @@ class RunDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         self.metrics = None
+        self.lock = RunLock(self.path)  # held by the main process from prepare() to unlock()
 
     def prepare(self, resume: str | os.PathLike | None, checkpoint: Path | None, step: int | None) -> None:
         """Check that the run may write here (a new or empty directory, or the run `checkpoint`
         at `step` belongs to) and that the directory is writable; create it. Raises RunError."""
         out = self.path
-        nonempty = out.exists() and (not out.is_dir() or any(out.iterdir()))
+        if out.exists() and not out.is_dir():
+            raise RunError(f"--out {out} is a file; name the run's directory (a new one, or an earlier run's)")
+        nonempty = out.exists() and any(p.name != self.lock.path.name for p in out.iterdir())
         if resume is None and nonempty:
             raise RunError(
                 f"{out} is not empty (it holds an earlier run); pass --resume auto to continue it, "
@@ -109,6 +113,10 @@ class RunDir:
             probe.unlink()
         except OSError as exc:
             raise RunError(f"cannot write to the output directory {out}: {exc.strerror or exc}") from None
+        self.lock.acquire()  # one trainer per run directory: a second one stops here with one line
+
+    def unlock(self) -> None:
+        self.lock.release()
 
     def write_config(self, config: RunConfig) -> None:
         save_config(config, self.path / "config.toml")

@@ -77,9 +77,12 @@ def run(config: RunConfig, resume: str | os.PathLike | None = None) -> dict:
     config, path, ckpt = resume_from(config, resume)
     with distributed(config.train.device) as ctx:
         trainer = Trainer(config, ctx)
-        trainer.set_up(resume, path, ckpt)
-        del ckpt  # the model and optimizer hold their own copies now
-        return trainer.train()
+        try:
+            trainer.set_up(resume, path, ckpt)
+            del ckpt  # the model and optimizer hold their own copies now
+            return trainer.train()
+        finally:
+            trainer.run_dir.unlock()
 
 
 class Trainer:

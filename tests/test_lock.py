@@ -41,3 +41,21 @@ def test_a_second_process_is_refused_and_a_killed_holder_releases_it(tmp_path):
     lock.release()
     with RunLock(tmp_path):  # and again, after a clean release
         pass
+
+
+def test_a_second_trainer_on_a_run_gets_one_line(tmp_path):
+    from test_cli import invoke, one_error_line, sets
+
+    out = tmp_path / "run"
+    holder = subprocess.Popen([sys.executable, "-c", HOLD, str(out)], stdout=subprocess.PIPE, text=True)
+    try:
+        assert holder.stdout.readline().strip() == "locked"
+        one_error_line(invoke("train", "--out", out, "--resume", "auto", "--max-steps", 1, *sets()), 1,
+                       f"is in use by process {holder.pid}")
+        assert [p.name for p in out.iterdir()] == [".lock"]  # the trainer wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    result = invoke("train", "--out", out, "--resume", "auto", "--max-steps", 1, *sets())
+    assert result.exit_code == 0, result.output  # the killed holder's lock is taken over
+    assert not (out / ".lock").exists()
