@@ -227,6 +227,14 @@ def model_from_checkpoint(ckpt: Mapping, path: str | os.PathLike = "checkpoint",
     except (ConfigError, TypeError) as exc:
         raise CheckpointError(f"{path}: its model config is not valid for this imagetx: {exc}") from None
     model = ImageTransformer(config)
+    load_weights(model, ckpt, path)
+    _warn_if_trained_reading_its_targets(ckpt, model, path)
+    return model.to(device)
+
+
+def load_weights(model: nn.Module, ckpt: Mapping, path: str | os.PathLike = "checkpoint") -> None:
+    """Load a checkpoint's weights into `model` after checking them: every tensor present, of the
+    right shape and kind, finite. Raises CheckpointError naming the tensors otherwise."""
     if not isinstance(ckpt["model"], Mapping):
         raise CheckpointError(f"{path}: its model entry is not a dict of tensors")
     state = {_strip_prefixes(k): v for k, v in ckpt["model"].items()}
@@ -262,8 +270,18 @@ def model_from_checkpoint(ckpt: Mapping, path: str | os.PathLike = "checkpoint",
             "take an earlier checkpoint of the run"
         )
     model.load_state_dict(state)
-    _warn_if_trained_reading_its_targets(ckpt, model, path)
-    return model.to(device)
+
+
+
+def check_resumable(ckpt: Mapping, path: str | os.PathLike = "checkpoint") -> None:
+    """A checkpoint training can continue from holds optimizer and scheduler state and its step.
+    Raises CheckpointError saying what is missing and what the file is still good for."""
+    missing = [k for k in ("optimizer", "scheduler") if not isinstance(ckpt.get(k), Mapping)]
+    if missing:
+        raise CheckpointError(
+            f"{path}: holds no {' or '.join(missing)} state, so training cannot continue from it "
+            "(it still serves eval-bpd and sample)"
+        )
 
 
 def _warn_if_trained_reading_its_targets(ckpt: Mapping, model: nn.Module, path) -> None:

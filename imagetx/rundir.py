@@ -21,8 +21,9 @@ from pathlib import Path
 import torch
 
 from imagetx.atomic import atomic_write
+from imagetx import console
 from imagetx.checkpoint import (
-    latest_checkpoint,
+    check_resumable,
     list_checkpoints,
     load_checkpoint,
     resolve_checkpoint,
@@ -50,10 +51,14 @@ def resume_from(config: RunConfig, resume: str | os.PathLike | None) -> tuple[Ru
     if resume is None:
         return config, None, None
     auto = str(resume) == "auto"
-    path = latest_checkpoint(config.train.out) if auto else resolve_checkpoint(resume)
-    if path is None:
-        return config, None, None
-    ckpt = load_checkpoint(path)
+    if auto:
+        path, ckpt = _newest_resumable(config.train.out)
+        if path is None:
+            return config, None, None
+    else:
+        path = resolve_checkpoint(resume)
+        ckpt = load_checkpoint(path)
+        check_resumable(ckpt, path)
     saved = {section: dict(values) for section, values in stored_config(ckpt, path).items()}
     try:  # the model keys an older checkpoint lacks take today's defaults, as when loading its weights
         saved["model"] = ModelConfig.from_dict(saved["model"]).to_dict()
@@ -72,6 +77,29 @@ def resume_from(config: RunConfig, resume: str | os.PathLike | None) -> tuple[Ru
     if diffs:
         raise ConfigError([f"the architecture comes from the checkpoint {path}; the config differs: {d}" for d in diffs])
     return resumed, path, ckpt
+
+
+def _newest_resumable(out) -> tuple[Path | None, dict | None]:
+    """The newest checkpoint of a run that loads and can be resumed, and its contents; a newer one
+    that cannot is named in a warning, with the command that resumes from the one chosen."""
+    skipped = []
+    for _, path in reversed(list_checkpoints(out)):
+        try:
+            ckpt = load_checkpoint(path)
+            check_resumable(ckpt, path)
+        except CheckpointError as exc:
+            console.warn(str(exc))
+            skipped.append(path)
+            continue
+        if skipped:
+            console.warn(
+                f"resuming from {path.name}, the newest checkpoint that can be resumed, not {skipped[0].name} "
+                f"(the same as: imagetx train --out {out} --resume {path})"
+            )
+        return path, ckpt
+    if skipped:
+        raise CheckpointError(f"none of the {len(skipped)} checkpoints in {Path(out) / 'checkpoints'} can be resumed")
+    return None, None
 
 
 class RunDir:

@@ -32,12 +32,12 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from imagetx import console
-from imagetx.checkpoint import make_checkpoint, rng_state, set_rng_state
+from imagetx.checkpoint import load_weights, make_checkpoint, rng_state, set_rng_state
 from imagetx.config import RunConfig
 from imagetx.data.batches import batches, check_compatible, dataset_for, describe, unpack
 from imagetx.data.order import DataOrder, RankBatches
 from imagetx.distributed import Dist, all_gather_object, all_reduce_sum, distributed, main_first
-from imagetx.errors import RunError
+from imagetx.errors import CheckpointError, RunError
 from imagetx.evaluate import evaluate_bpd
 from imagetx.metrics import bits_per_dim
 from imagetx.memory import allocator_in_use, find_fast_allocator
@@ -109,12 +109,12 @@ class Trainer:
         self.train_set, self.eval_set = load(data.download and not self.ctx.is_distributed)
         check_compatible(model, self.train_set)
 
-    def build(self, ckpt: dict | None):
+    def build(self, ckpt: dict | None, ckpt_path: Path | None = None):
         cfg, t, ctx = self.config, self.t, self.ctx
         torch.manual_seed(t.seed)  # identical initial weights on every process and world size
         self.model = model = ImageTransformer(cfg.model).to(self.device)
         if ckpt is not None:
-            model.load_state_dict(ckpt["model"])
+            load_weights(model, ckpt, ckpt_path)
         model.set_activation_checkpointing(t.activation_checkpointing)
         objective: nn.Module = Objective(model)
         if ctx.is_distributed:
@@ -130,8 +130,11 @@ class Trainer:
         torch.manual_seed(t.seed + ctx.rank)  # dropout differs across processes
         random.seed(t.seed + ctx.rank)
         if ckpt is not None:
-            self.optimizer.load_state_dict(ckpt["optimizer"])
-            self.scheduler.load_state_dict(ckpt["scheduler"])
+            try:
+                self.optimizer.load_state_dict(ckpt["optimizer"])
+                self.scheduler.load_state_dict(ckpt["scheduler"])
+            except (ValueError, KeyError, TypeError, RuntimeError) as exc:
+                raise CheckpointError(f"{ckpt_path}: its optimizer state does not fit the model ({exc})") from None
             self.step = int(ckpt["step"])
             pos = ckpt.get("data_position") or {}
             epoch, index = int(pos.get("epoch", 0)), int(pos.get("index", 0))
@@ -208,7 +211,7 @@ class Trainer:
         step = int(ckpt["step"]) if ckpt is not None else None
         main_first(ctx, lambda: self.run_dir.prepare(resume, ckpt_path, step))
         self.load_data()
-        self.build(ckpt)
+        self.build(ckpt, ckpt_path)
         self.last_checkpoint, self.last_eval, self.train_bpd = ckpt_path, None, None
         self.saved_step = self.step if ckpt_path is not None else None
         if ctx.is_main:

@@ -18,7 +18,7 @@ from imagetx import train
 from imagetx.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from imagetx.config import RunConfig, load_config
 from imagetx.data.order import DataOrder
-from imagetx.errors import RunError
+from imagetx.errors import CheckpointError, RunError
 from imagetx.model.config import ConfigError
 from imagetx.optim import lr_factor
 
@@ -272,3 +272,32 @@ def test_resume_from_a_checkpoint_path(tmp_path):
         train.run(tiny(other, "train.max_steps=8"), resume=first)
     summary = train.run(tiny(tmp_path / "new", "train.max_steps=8"), resume=first)
     assert summary["step"] == 8 and [s for s, _ in list_checkpoints(tmp_path / "new")] == [8]
+
+
+def test_resume_auto_falls_back_from_a_corrupt_newest_checkpoint(tmp_path, capsys):
+    out = tmp_path / "run"
+    train.run(tiny(out, "train.max_steps=4", "train.checkpoint_every=2", "train.keep_checkpoints=0"))
+    (newest := latest_checkpoint(out)).write_bytes(newest.read_bytes()[:500])  # cut off by a crash
+    capsys.readouterr()
+    summary = train.run(tiny(out, "train.max_steps=6", "train.checkpoint_every=2", "train.keep_checkpoints=0"),
+                        resume="auto")
+    err = capsys.readouterr().err
+    assert summary["status"] == "completed" and summary["step"] == 6
+    assert f"{newest}: not a readable checkpoint" in err
+    assert "resuming from step-00000002.pt, the newest checkpoint that can be resumed, not step-00000004.pt" in err
+    assert f"--resume {out / 'checkpoints' / 'step-00000002.pt'}" in err
+
+
+def test_resume_from_a_checkpoint_that_cannot_continue_is_one_clear_error(tmp_path):
+    out = tmp_path / "run"
+    train.run(tiny(out, "train.max_steps=2"))
+    path = latest_checkpoint(out)
+    ckpt = torch.load(path, weights_only=True)
+    for key, change, message in [
+        ("optimizer", None, "holds no optimizer state, so training cannot continue from it"),
+        ("model", lambda m: {k: (v[:1] if k == "head.weight" else v) for k, v in m.items()}, "wrong shape: head.weight"),
+    ]:
+        broken = dict(ckpt, **{key: change(ckpt[key]) if change else None})
+        torch.save(broken, tmp_path / "broken.pt")
+        with pytest.raises(CheckpointError, match=message):
+            train.run(tiny(tmp_path / f"new-{key}", "train.max_steps=3"), resume=tmp_path / "broken.pt")
