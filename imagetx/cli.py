@@ -117,6 +117,9 @@ def train(
     dataset: Optional[str] = typer.Option(None, help="Data set name, e.g. cifar10, fashion-mnist [data.name]."),
     data_dir: Optional[str] = typer.Option(None, help="Directory holding the data set [data.data_dir]."),
     download: bool = typer.Option(False, "--download", help="Fetch the data set through torchvision if missing."),
+    show_config: bool = typer.Option(
+        False, "--show-config", help="Print the resolved configuration (TOML, with --resume the resumed one) and exit."
+    ),
 ) -> None:
     """Train an Image Transformer; write config.toml, metrics.jsonl, checkpoints and sample grids.
 
@@ -136,7 +139,13 @@ def train(
     }
     with _expected_failures():
         # on resume, the keys given here go over the checkpoint's config (imagetx.rundir.resume_from)
-        summary = training.run(load_config(config, flags, set_ or []), resume=resume)
+        resolved = load_config(config, flags, set_ or [])
+        if show_config:
+            from imagetx.rundir import resume_from
+
+            typer.echo(resume_from(resolved, resume)[0].to_toml(), nl=False)
+            return
+        summary = training.run(resolved, resume=resume)
     code = training.EXIT_STATUS[summary["status"]]
     if code:
         raise typer.Exit(code)
@@ -144,7 +153,7 @@ def train(
 
 @app.command("eval-bpd", cls=_Command)
 def eval_bpd(
-    checkpoint: Path = typer.Argument(..., help="Checkpoint file, or a run directory (its newest checkpoint)."),
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint file, or a run directory (its newest checkpoint)."),
     dataset: Optional[str] = typer.Option(None, help="Data set name (default: the one the model was trained on)."),
     data_dir: Optional[str] = typer.Option(None, help="Directory holding the data set."),
     split: str = typer.Option("test", help="Split to evaluate."),

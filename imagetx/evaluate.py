@@ -9,6 +9,7 @@ over processes, so each image is counted exactly once.
 
 from __future__ import annotations
 
+import math
 import os
 import sys
 from dataclasses import dataclass
@@ -138,5 +139,10 @@ def run(config: EvalConfig) -> dict:
         result = evaluate_bpd(
             model, ds, batch_size=config.batch_size, limit=config.limit, device=ctx.device,
             num_workers=config.num_workers, progress=config.progress,
+        )
+    if not math.isfinite(result["bpd"]):  # and JSON has no NaN: never print one
+        raise RunError(
+            f"{path}: bits/dim on {result['dataset']} is {result['bpd']} (the model's outputs are not finite "
+            "on these images): this checkpoint cannot be evaluated"
         )
     return {**result, "checkpoint": str(path), "step": int(ckpt["step"])}

@@ -323,22 +323,26 @@ class Trainer:
         )
 
     def announce(self, resumed: Path | None) -> None:
-        t, ctx = self.t, self.ctx
-        print(self.config.to_toml(), file=sys.stderr)
+        """A short summary of the run before the first step (the full config: RUN/config.toml, or
+        `imagetx train --show-config`)."""
+        t, ctx, m = self.t, self.ctx, self.config.model
         n_params = sum(p.numel() for p in self.model.parameters())
         what = f"resuming from {resumed} (step {self.step})" if resumed else "starting a new run"
+        bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         print(
-            f"{what} in {self.run_dir.path}: {n_params / 1e6:.2f}M parameters, {ctx.world_size} process(es) on "
-            f"{self.device.type} (memory allocator: {allocator_in_use()}), "
-            f"{len(self.train_set)} training images ({describe(self.train_set)[0]}), "
-            f"{t.batch_size * t.grad_accum * ctx.world_size} images per step",
+            f"{what} in {self.run_dir.path} (config: {self.run_dir.path / 'config.toml'})\n"
+            f"  model: {m.attention} attention, {m.n_layers} layers, d {m.d_model}, {m.output} output, "
+            f"{n_params / 1e6:.2f}M parameters\n"
+            f"  data: {len(self.train_set)} training images ({describe(self.train_set)[0]}), "
+            f"{t.batch_size * t.grad_accum * ctx.world_size} images per step, {t.max_steps} steps\n"
+            f"  compute: {ctx.world_size} process(es) on {self.device.type}, "
+            f"{'bf16 autocast' if bf16 else 'fp32'}, memory allocator {allocator_in_use()}",
             file=sys.stderr, flush=True,
         )
         if self.device.type == "cpu" and allocator_in_use() == "system" and find_fast_allocator() is None:
-            print(
-                "note: CPU training is 10-15% faster with tcmalloc: install libtcmalloc-minimal4 "
-                "(Debian/Ubuntu) and the imagetx command preloads it",
-                file=sys.stderr, flush=True,
+            console.note(
+                "CPU training is 10-15% faster with tcmalloc: install libtcmalloc-minimal4 "
+                "(Debian/Ubuntu) and the imagetx command preloads it"
             )
 
     def report(self, summary: dict) -> None:

@@ -26,6 +26,7 @@ from imagetx.data import (
 )
 from imagetx.data import builtin
 from imagetx.data.transforms import resize_images, rgb_to_gray
+from imagetx.errors import ConfigError
 
 RNG = np.random.default_rng(0)
 
@@ -329,7 +330,7 @@ def test_imagenet_missing_and_corrupt(tmp_path):
     (tmp_path / "val_data.npz").write_bytes(b"not a zip file")
     with pytest.raises(DatasetError, match="val_data.npz"):
         load_dataset("imagenet32", tmp_path, split="test")
-    with pytest.raises(DatasetError, match="unknown split"):
+    with pytest.raises(ConfigError, match="unknown split"):
         load_dataset("imagenet32", tmp_path, split="validation")
 
 
@@ -480,9 +481,9 @@ def test_builtin_dataset_splits():
 
 def test_unknown_names_and_splits():
     assert "builtin" in DATASETS and "fashion-mnist" in DATASETS and len(DATASETS) == 9
-    with pytest.raises(DatasetError, match="unknown data set"):
+    with pytest.raises(ConfigError, match="unknown data set"):
         load_dataset("svhn")
-    with pytest.raises(DatasetError, match="unknown split 'valid' for cifar10"):
+    with pytest.raises(ConfigError, match="unknown split 'valid' for cifar10"):
         load_dataset("cifar10", split="valid")
     with pytest.raises(DatasetError, match="channels"):
         load_dataset("builtin", channels=2)

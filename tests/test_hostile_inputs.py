@@ -158,3 +158,27 @@ def test_out_of_range_sample_values_are_usage_errors(files, tmp_path_factory, mo
     root, gen, _ = files
     out = tmp_path_factory.mktemp("o")
     check_refused(monkeypatch, capsys, root, ["sample", gen, flag, value, "--out", out / "a.png"], codes=(1, 2))
+
+
+def test_an_empty_data_set_is_an_error_before_training(tmp_path, monkeypatch, capsys):
+    from test_data import write_idx
+
+    empty = (np.zeros((0, 28, 28), np.uint8), np.zeros((0,), np.uint8))
+    write_idx(tmp_path / "data", {"train": empty, "t10k": empty}, gz=False)
+    args = ["train", "--dataset", "mnist", "--data-dir", tmp_path / "data", "--out", tmp_path / "run",
+            "--set", "model.image_size=[8, 8]", "--set", "model.channels=1", "--set", "model.num_classes=0",
+            "--set", "model.n_layers=1", "--set", "model.d_model=16", "--set", "model.d_ff=16"]
+    check_refused(monkeypatch, capsys, tmp_path, args, codes=(1,), text="has no images")
+
+
+def test_evaluation_refuses_a_result_that_is_not_finite(tmp_path, monkeypatch, capsys):
+    import torch
+
+    path, model = write_generator(tmp_path, attention="local1d", block_length=4, image_size=(4, 4))
+    ckpt = torch.load(path, weights_only=True)
+    ckpt["model"]["head.weight"] = torch.full_like(ckpt["model"]["head.weight"], 3e38)  # finite, overflows
+    ckpt["config"]["data"] = {"name": "builtin"}
+    torch.save(ckpt, path)
+    check_refused(monkeypatch, capsys, tmp_path, ["eval-bpd", path, "--limit", 4, "--json"], codes=(1,),
+                  text="cannot be evaluated")
+    assert capsys.readouterr().out == ""  # no JSON with a NaN in it

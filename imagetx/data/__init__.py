@@ -16,6 +16,7 @@ from imagetx.data import cifar as _cifar
 from imagetx.data import idx as _idx
 from imagetx.data.celeba import TREE as _CELEBA_TREE
 from imagetx.data.celeba import find_celeba, load_celeba
+from imagetx.errors import ConfigError
 from imagetx.data.dataset import DatasetError, ImageDataset, LazyImageDataset, in_memory
 from imagetx.data.folder import load_folder
 from imagetx.data.imagenet import load_imagenet
@@ -100,13 +101,13 @@ def load_dataset(
     None keeps the native count. download: fetch with torchvision where it can (CIFAR, MNIST,
     Fashion-MNIST, CelebA) when the files are absent. seed and builtin_size only affect "builtin".
     Returns an ImageDataset whose items are (uint8 (H, W, C), int label or -1).
-    Raises DatasetError for unknown names/splits and missing or malformed data.
+    Raises ConfigError for an unknown name or split, DatasetError for missing or malformed data.
     """
-    if name not in DATASETS:
-        raise DatasetError(f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}")
+    if name not in DATASETS:  # a usage error in every command (exit 2)
+        raise ConfigError([f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}"])
     splits = _SPLITS.get(name, ("train", "test"))
     if split not in splits:
-        raise DatasetError(f"unknown split {split!r} for {name}; choose one of {', '.join(splits)}")
+        raise ConfigError([f"unknown split {split!r} for {name}; choose one of {', '.join(splits)}"])
     image_size = _size(image_size, "image_size")
     if channels not in (None, 1, 3):
         raise DatasetError(f"channels must be 1 or 3, got {channels!r}")

@@ -17,7 +17,7 @@ from torch.utils.data import DataLoader, Dataset
 
 from imagetx.checkpoint import stored_config
 from imagetx.config import DataConfig
-from imagetx.errors import RunError
+from imagetx.errors import DatasetError, RunError
 from imagetx.model.config import ModelConfig
 
 
@@ -36,6 +36,8 @@ def dataset_for(model: ModelConfig, data: DataConfig, split: str, download: bool
         download=data.download if download is None else download,
         builtin_size=data.builtin_size,
     )
+    if len(dataset) == 0:  # an empty split would make training spin forever and bits/dim 0/0
+        raise DatasetError(f"{dataset.description} has no images: give a data set with images in its {split} split")
     if model.source_size is not None:
         try:
             dataset = SuperResDataset(
