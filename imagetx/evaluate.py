@@ -11,13 +11,12 @@ from __future__ import annotations
 
 import math
 import os
-import sys
 from dataclasses import dataclass
 
 import torch
 from torch.utils.data import Dataset
-from tqdm import tqdm
 
+from imagetx import console
 from imagetx.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint, unwrap_model
 from imagetx.data.batches import batches, check_compatible, data_config_from_checkpoint, dataset_for, describe, unpack
 from imagetx.distributed import all_reduce_sum, device_problems, distributed, shard
@@ -62,10 +61,7 @@ def evaluate_bpd(
     totals = torch.zeros(2, dtype=torch.float64, device=device)  # (nll_sum, images)
     was_training = model.training
     model.eval()
-    bar = tqdm(
-        total=n, desc="eval bpd", unit="img", file=sys.stderr, leave=False,
-        disable=not (progress and rank == 0), dynamic_ncols=True,
-    )
+    bar = console.progress(n, "eval bpd", "img", enabled=progress and rank == 0)
     try:
         with torch.inference_mode(), torch.autocast(device.type, enabled=False):
             for batch in batches(dataset, iter(chunks), num_workers):
