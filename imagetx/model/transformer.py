@@ -78,11 +78,20 @@ class Block(nn.Module):
             return x + self.drop(fn(norm(x)))
         return residual_dropout_layer_norm(x, fn(x), norm, self.drop.p, self.training)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.residual(x, lambda t: self.attn(t, bias=bias), self.norm_attn)
+    def forward(self, x: torch.Tensor, memory=None, bias=None, cache=None) -> torch.Tensor:
+        """x float (B, L, d) -> (B, L, d); memory, bias: see Attention.forward. cache: decoding
+        one position, (self-attention cache, cross-attention MemoryCache or None), see
+        Block.make_cache."""
+        self_cache, cross_cache = cache if cache is not None else (None, None)
+        x = self.residual(x, lambda t: self.attn(t, bias=bias, cache=self_cache), self.norm_attn)
         if self.cross is not None:
-            x = self.residual(x, lambda t: self.cross(t, memory), self.norm_cross)
+            x = self.residual(x, lambda t: self.cross(t, memory, cache=cross_cache), self.norm_cross)
         return self.residual(x, self.ffn, self.norm_ffn)
+
+    def make_cache(self, batch: int, like, position, window_mask=None, memory=None) -> tuple:
+        """The caches that decode `batch` images one position at a time through forward()."""
+        cross = self.cross.memory_cache(memory) if self.cross is not None else None
+        return self.attn.make_cache(batch, like, position, window_mask), cross
 
 
 def _embedding(rows: int, d: int) -> nn.Embedding:
@@ -188,16 +197,6 @@ class ImageTransformer(nn.Module):
         """Recompute each layer's activations in the backward pass (less memory, ~30% more time)."""
         self.activation_checkpointing = bool(enabled)
 
-    def num_params(self, non_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.embed.weight.numel()
-            if self.class_embed is not None:
-                n -= self.class_embed.weight.numel()
-            if isinstance(self.source_embed, nn.Embedding):
-                n -= self.source_embed.weight.numel()
-        return n
-
     def check_inputs(self, x=None, labels=None, source=None, batch: int | None = None) -> None:
         """Raise ValueError naming the problem for inputs the model cannot take."""
         cfg = self.config
@@ -275,21 +274,35 @@ class ImageTransformer(nn.Module):
                 skip = self.source_embed(tokens) * self.scale
             else:
                 pixels = source.reshape(B, -1, self.config.channels)[:, self.source_index]
-                skip = self.source_embed(pixels.float() / 127.5 - 1.0)
+                skip = self.source_embed(dmol.to_unit(pixels))
             cond = skip if cond is None else cond + skip
         return cond, memory
 
-    def embed_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, H, W, C) -> decoder inputs in generation order (B, L, d), shifted right by one."""
-        B = x.shape[0]
+    def embed_inputs(self, values: torch.Tensor, first_step: int = 0) -> torch.Tensor:
+        """Token embeddings of the decoder inputs from generation step first_step on: the input at
+        step k is the value generated at step k - 1; at step 0 the learned start vector.
+
+        values: the values at steps first_step - 1, first_step, ... (from step 0 when first_step
+        is 0): long (B, n) in [0, 255] (categorical) or (B, n, C) (DMOL), in generation order.
+        -> float (B, n, d), or (B, n + 1, d) with the start vector first when first_step is 0.
+        """
+        k = max(first_step - 1, 0)  # generation step of values[:, 0]
         if self.config.output == "categorical":
-            seq = x.reshape(B, -1).long()[:, self.order]  # (B, L) generation order
-            emb = self.embed(seq[:, :-1] + self.input_offset) * self.scale
+            emb = self.embed(values.long() + self.input_offset[k : k + values.shape[1]]) * self.scale
         else:
-            pix = x.reshape(B, -1, self.config.channels)[:, self.order]  # (B, L, C)
-            emb = self.embed(pix[:, :-1].float() / 127.5 - 1.0)
-        start = self.start.to(emb.dtype).expand(B, 1, -1)
+            emb = self.embed(dmol.to_unit(values))
+        if first_step > 0:
+            return emb
+        start = self.start.to(emb.dtype).expand(values.shape[0], 1, -1)
         return torch.cat([start, emb], dim=1)
+
+    def decoder_input(self, emb: torch.Tensor, cond=None, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (B, Lp, d) in internal layout, or (B, n, d) at internal positions
+        index long (n,) -> plus their position encodings and cond (see condition)."""
+        h = emb + self.pos(index)
+        if cond is None:
+            return h
+        return h + (cond if index is None or cond.shape[1] == 1 else cond[:, index])
 
     def to_internal(self, h_gen: torch.Tensor) -> torch.Tensor:
         """(B, L, d) in generation order -> (B, Lp, d) in internal layout (zeros at padding)."""
@@ -309,10 +322,10 @@ class ImageTransformer(nn.Module):
         """
         self.check_inputs(x, labels, source)
         cond, memory = self.condition(labels, source)
-        h = self.to_internal(self.embed_inputs(x)) + self.pos()
-        if cond is not None:
-            h = h + cond
-        h = self.drop(h)
+        values = x.reshape(x.shape[0], self.config.seq_len, -1)[:, self.order[:-1]]  # (B, L - 1, 1 or C) generation order
+        if self.config.output == "categorical":
+            values = values[..., 0]  # (B, L - 1)
+        h = self.drop(self.decoder_input(self.to_internal(self.embed_inputs(values)), cond))
         device = h.device.type
         compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
         bias = self.attention_bias(compute_dtype)
