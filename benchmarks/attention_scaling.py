@@ -12,6 +12,7 @@ in its own process so its peak memory is its own.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import subprocess
@@ -35,20 +36,22 @@ SIZES = {"32x32x3": (32, 32), "64x64x3": (64, 64)}
 def run_case(pattern: str, size: str, batch: int, repeats: int) -> dict:
     from imagetx.memory import use_mmap_for_large_tensors
     from imagetx import ImageTransformer, ModelConfig
+    from imagetx.model import reference_mode
 
     use_mmap_for_large_tensors()
     torch.manual_seed(0)
     cfg = ModelConfig(image_size=SIZES[size], n_layers=1, d_model=256, n_heads=4, d_ff=256, dropout=0.0, **PATTERNS[pattern])
     model = ImageTransformer(cfg)
     attn = model.blocks[0].attn
-    attn.use_dense_reference = pattern == "dense_mask"
+    mode = reference_mode if pattern == "dense_mask" else contextlib.nullcontext
     bias = model.attention_bias(torch.float32)
     x = torch.randn(batch, model.layout.internal_len, cfg.d_model, requires_grad=True)
     base = peak_rss_mb()
 
     def step():
-        out = attn(x, bias=bias)
-        out.sum().backward()
+        with mode():
+            out = attn(x, bias=bias)
+            out.sum().backward()
 
     step()
     times = []

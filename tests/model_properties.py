@@ -10,13 +10,11 @@ from __future__ import annotations
 
 import contextlib
 import math
-from unittest import mock
 
 import torch
 from torch import nn
 
-from imagetx.model import dmol
-from imagetx.model.attention import Attention
+from imagetx.model import dmol, reference_mode, windowed_local1d
 from imagetx.model.decoding import teacher_forced_outputs
 
 
@@ -43,12 +41,6 @@ def generation_index(model) -> torch.Tensor:
 def in_generation_order(model, out: torch.Tensor) -> torch.Tensor:
     """Model output (B, H, W, ...) in image layout -> (B, L, features) in generation order."""
     return out.reshape(out.shape[0], model.config.seq_len, -1)[:, model.order]
-
-
-def set_dense_reference(model, flag: bool) -> None:
-    for m in model.modules():
-        if isinstance(m, Attention):
-            m.use_dense_reference = flag
 
 
 class _CaptureHidden(nn.Module):
@@ -136,14 +128,6 @@ def check_dependencies(model, x, labels=None, source=None, shifts=(1, 128), chun
     assert missing.numel() == 0, f"outputs at steps {missing[:12].tolist()} depend on no earlier sub-pixel"
 
 
-@contextlib.contextmanager
-def _windowed_local1d():
-    """Send local 1D through the windows-and-mask path that CUDA, autocast and attention
-    dropout take, instead of the CPU flash split."""
-    with mock.patch.object(Attention, "_use_local1d_flash", lambda self, qkv, p: False):
-        yield
-
-
 def _loss_and_grads(model, x, labels, source):
     model.zero_grad()
     nll = model.nll(x, labels, source)
@@ -152,17 +136,17 @@ def _loss_and_grads(model, x, labels, source):
 
 
 def check_fast_equals_dense(model, x, labels=None, source=None) -> None:
-    """Every fast attention path gives the dense reference's likelihood and gradients (train mode,
-    which takes the same paths as training; the model must have no dropout)."""
+    """Every fast path gives the reference's likelihood and gradients (reference_mode: dense-mask
+    attention, plain layers; train mode, which takes the same paths as training; the model must
+    have no dropout)."""
     cfg = model.config
     assert cfg.dropout == 0 and cfg.attention_dropout == 0, "dropout would make the paths differ"
     model.train()
-    set_dense_reference(model, True)
-    ref, ref_grads = _loss_and_grads(model, x, labels, source)
-    set_dense_reference(model, False)
+    with reference_mode():
+        ref, ref_grads = _loss_and_grads(model, x, labels, source)
     paths = {"fast": contextlib.nullcontext}
     if cfg.attention == "local1d":
-        paths["windowed local 1D"] = _windowed_local1d
+        paths["windowed local 1D"] = windowed_local1d
     try:
         for name, path in paths.items():
             with path():

@@ -55,6 +55,14 @@ def test_negative_temperature_is_rejected():
         model.sample(1, temperature=-0.5)
 
 
+@pytest.mark.parametrize("output", ["categorical", "dmol"])
+@pytest.mark.parametrize("temperature", [float("inf"), float("nan"), "1.0"])
+def test_non_finite_temperature_is_rejected_naming_the_range(output, temperature):
+    model = ImageTransformer(tiny("local1d", output=output, block_length=4))
+    with pytest.raises(ValueError, match="finite number >= 0"):
+        model.sample(1, temperature=temperature)
+
+
 def test_prime_keeps_the_given_rows():
     torch.manual_seed(5)
     cfg = tiny("local2d", query_shape=(2, 4), memory_flange=(1, 2))

@@ -1,7 +1,8 @@
 import torch
 from torch import nn
 
-from imagetx.model.layers import FeedForward, dropout, keep_mask, residual_dropout_layer_norm
+from imagetx.model.kernels import keep_mask
+from imagetx.model.layers import FeedForward, dropout, residual_dropout_layer_norm
 
 
 def test_memory_lean_residual_layer_norm_matches_autograd():

@@ -1,12 +1,14 @@
 """The model's defining properties: no information from the future, fast paths equal the dense
 masked reference, normalized likelihoods, clear errors for bad inputs."""
 
+import contextlib
 import math
 
 import pytest
 import torch
 
 from imagetx import ConfigError, ImageTransformer, ModelConfig
+from imagetx.model import reference_mode
 from imagetx.model.layout import make_layout
 from model_properties import check_dependencies, check_fast_equals_dense, windows_as_dense
 from model_properties import model_inputs as inputs
@@ -227,9 +229,25 @@ def test_local1d_attention_layer_equals_dense_reference(batch, image_size, block
     x = torch.randn(batch, cfg.seq_len, cfg.d_model, requires_grad=True)
     gy = torch.randn(batch, cfg.seq_len, cfg.d_model)
     results = []
-    for dense in (False, True):
-        layer.use_dense_reference = dense
-        y = layer(x)
+    for mode in (contextlib.nullcontext, reference_mode):
+        with mode():
+            y = layer(x)
         results.append((y, *torch.autograd.grad(y, (x, layer.qkv.weight), gy)))
     for fast, ref in zip(*results):
         torch.testing.assert_close(fast, ref, rtol=1e-5, atol=1e-5)
+
+
+@pytest.mark.parametrize("missing", ["flash_forward", "flash_backward"])
+def test_local1d_without_the_private_flash_operators_takes_the_windowed_path(monkeypatch, missing):
+    """A torch without the private CPU flash operators: local 1D falls back to the windows-and-mask
+    path, which still equals the reference."""
+    from imagetx.model import kernels
+
+    torch.manual_seed(3)
+    cfg = tiny("local1d", image_size=(5, 5), block_length=16, dropout=0.0)
+    model = ImageTransformer(cfg)
+    x, _, _ = inputs(cfg)
+    monkeypatch.setattr(kernels, missing, None)
+    monkeypatch.setattr(kernels, "local1d_flash", None)  # raises if the model still tried it
+    assert not kernels.local1d_flash_applies(torch.zeros(1, 1, 3 * cfg.attn_dim), 0.0)
+    check_fast_equals_dense(model, x)

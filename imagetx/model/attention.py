@@ -2,9 +2,17 @@
 
 Each pattern has a fast path (blocked: every query block attends to a fixed window of keys,
 so cost grows linearly with the image) and the dense reference (one (Lp, Lp) boolean mask built
-from the definitions, see layout.dense_mask), which the tests hold the fast paths to. Local 1D
-has two fast paths: on CPU in float32, two flash-attention calls straight on the qkv projection
-(_Local1DFlash); elsewhere, the key windows and an additive mask (_blocked).
+from the definitions, see layout.dense_mask), which the tests hold the fast paths to and which
+`reference_mode()` (model/kernels.py) runs. Local 1D on CPU in float32 takes a third path, the
+flash split of kernels.local1d_flash; elsewhere the key windows and an additive mask (_blocked).
+
+Decoding one position at a time, each layer's attention reads and extends a key/value cache that
+holds only what its pattern can see:
+- local1d: a window of two blocks, [previous block | current block] (constant memory per image);
+- local2d: a ring of the last fh + qh grid rows (the top flange and the current block row) and
+  the current block's key window, rebuilt from the ring when a new block starts;
+- full: the whole prefix;
+- cross: the encoder's keys and values, computed once per image.
 """
 
 from __future__ import annotations
@@ -13,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from imagetx.model import kernels
 from imagetx.model.config import ModelConfig
 from imagetx.model.layout import Layout
 
@@ -60,88 +69,6 @@ def local1d_windows(t: torch.Tensor, block: int, num_blocks: int) -> torch.Tenso
     return _Local1DWindows.apply(t, block, num_blocks)
 
 
-_flash_forward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu", None)
-_flash_backward = getattr(torch.ops.aten, "_scaled_dot_product_flash_attention_for_cpu_backward", None)
-
-
-def _block_views(qkv: torch.Tensor, heads: int, block: int):
-    """qkv (B, L, 3 * h * hd) -> q, k, v as (B * nb, h, block, hd) views, no copy: every block of
-    every image is one batch entry, so block m's previous block is entry m - 1."""
-    B, L, three_a = qkv.shape
-    t = qkv.view(B * (L // block), block, 3, heads, three_a // (3 * heads))
-    return tuple(t[:, :, i].transpose(1, 2) for i in range(3))
-
-
-class _Local1DFlash(torch.autograd.Function):
-    """Local 1D attention on CPU straight from the fused qkv projection, with no copies.
-
-    A query block attends to its own block causally and to the whole previous block. The two
-    halves are separate flash-attention calls on strided views of qkv (own block: entries m with
-    is_causal; previous block: queries of entry m, keys of entry m - 1) merged by their
-    log-sum-exps. The first block of each image has no previous block: its log-sum-exp there is
-    -inf. The backward runs the flash backward of each half with the merged output and
-    log-sum-exp, which is exactly that half's share of the gradient (the split used by ring
-    attention); +inf in place of the log-sum-exp gives the excluded half zero weight.
-    Replaces the window copies, the additive mask and the layout copies around them.
-    """
-
-    @staticmethod
-    def forward(ctx, qkv, heads: int, block: int):
-        B, L, three_a = qkv.shape
-        n = B * (L // block)
-        scale = (three_a // (3 * heads)) ** -0.5
-        q, k, v = _block_views(qkv, heads, block)
-        o, lse = _flash_forward(q, k, v, 0.0, True, scale=scale)  # o: (n, h, block, hd), memory (n, block, h, hd)
-        first = None
-        if n > 1:
-            o_prev, lse_prev = _flash_forward(q[1:], k[:-1], v[:-1], 0.0, False, scale=scale)
-            first = (torch.arange(1, n, device=qkv.device) % (L // block) == 0).view(-1, 1, 1)
-            lse_prev = lse_prev.masked_fill(first, float("-inf"))
-            merged = torch.logaddexp(lse[1:], lse_prev)
-            o[1:].lerp_(o_prev, torch.exp(lse_prev - merged).unsqueeze(-1))  # weights of the two halves
-            lse[1:] = merged
-        ctx.save_for_backward(qkv, o, lse, first)
-        ctx.heads, ctx.block, ctx.scale = heads, block, scale
-        return o.transpose(1, 2).reshape(B, L, three_a // 3)  # (B, L, h * hd), a view when o is (n, block, h, hd) in memory
-
-    @staticmethod
-    def backward(ctx, grad):
-        qkv, o, lse, first = ctx.saved_tensors
-        heads, block, scale = ctx.heads, ctx.block, ctx.scale
-        B, L, three_a = qkv.shape
-        n = B * (L // block)
-        q, k, v = _block_views(qkv, heads, block)
-        g = grad.reshape(n, block, heads, -1).transpose(1, 2)  # (n, h, block, hd)
-        dq, dk, dv = _flash_backward(g, q, k, v, o, lse, 0.0, True, scale=scale)
-        out = torch.empty_like(qkv)
-        gq, gk, gv = _block_views(out, heads, block)
-        if n == 1:
-            for dst, src in ((gq, dq), (gk, dk), (gv, dv)):
-                dst.copy_(src)
-            return out, None, None
-        lse_prev = lse[1:].masked_fill(first, float("inf"))
-        dq_p, dk_p, dv_p = _flash_backward(g[1:], q[1:], k[:-1], v[:-1], o[1:], lse_prev, 0.0, False, scale=scale)
-        # Both halves' shares summed straight into the gradient of qkv: the queries of entry m
-        # also attended to entry m - 1; the keys and values of entry m also served entry m + 1.
-        torch.add(dq[1:], dq_p, out=gq[1:])
-        gq[:1].copy_(dq[:1])
-        for dst, own, prev in ((gk, dk, dk_p), (gv, dv, dv_p)):
-            torch.add(own[:-1], prev, out=dst[:-1])
-            dst[-1:].copy_(own[-1:])
-        return out, None, None
-
-
-def local1d_flash(qkv: torch.Tensor, heads: int, block: int) -> torch.Tensor:
-    """Local 1D causal attention from qkv (B, L, 3 * h * hd) -> (B, L, h * hd), see _Local1DFlash.
-    L need not divide into blocks (the tail is padded)."""
-    L = qkv.shape[1]
-    pad = -L % block
-    if pad:
-        qkv = F.pad(qkv, (0, 0, 0, pad))
-    o = _Local1DFlash.apply(qkv.contiguous(), heads, block)
-    return o[:, :L] if pad else o
-
-
 def local2d_windows(t: torch.Tensor, layout: Layout) -> torch.Tensor:
     """t (B, h, Lp, hd) in block-raster layout -> windows (B, h * num_blocks, kh*kw, hd)."""
     B, h, _, hd = t.shape
@@ -155,6 +82,95 @@ def local2d_windows(t: torch.Tensor, layout: Layout) -> torch.Tensor:
     w = g.unfold(2, fh + qh, qh).unfold(3, qw + 2 * fw, qw)  # (B, h, nbh, nbw, hd, kh, kw)
     w = w.permute(0, 1, 2, 3, 5, 6, 4)  # (B, h, nbh, nbw, kh, kw, hd)
     return w.reshape(B, h * nbh * nbw, (fh + qh) * (qw + 2 * fw), hd)
+
+
+class Position:
+    """The position being decoded, shared by all caches of a decoder: generation step and its
+    internal (layout) index."""
+
+    step: int = 0
+    internal: int = 0
+
+
+class FullCache:
+    def __init__(self, B, h, hd, layout: Layout, like: torch.Tensor, position: Position):
+        self.k = like.new_zeros(B, h, layout.seq_len, hd)
+        self.v = like.new_zeros(B, h, layout.seq_len, hd)
+        self.position = position
+
+    def attend(self, q, k, v):
+        step = self.position.step
+        self.k[:, :, step] = k[:, :, 0]
+        self.v[:, :, step] = v[:, :, 0]
+        return _sdpa(q, self.k[:, :, : step + 1], self.v[:, :, : step + 1])
+
+
+class Local1DCache:
+    """Keys and values of [previous block | current block]; the mask is the training pattern's."""
+
+    def __init__(self, B, h, hd, layout: Layout, like: torch.Tensor, position: Position, window_mask: torch.Tensor):
+        self.lq = layout.block
+        self.k = like.new_zeros(B, h, 2 * self.lq, hd)
+        self.v = like.new_zeros(B, h, 2 * self.lq, hd)
+        self.mask = window_mask  # (nb, lq, 2lq)
+        self.position = position
+
+    def attend(self, q, k, v):
+        b, i = divmod(self.position.step, self.lq)
+        if i == 0 and b > 0:  # a new block: the current block becomes the memory
+            self.k[:, :, : self.lq] = self.k[:, :, self.lq :]
+            self.v[:, :, : self.lq] = self.v[:, :, self.lq :]
+        self.k[:, :, self.lq + i] = k[:, :, 0]
+        self.v[:, :, self.lq + i] = v[:, :, 0]
+        return _sdpa(q, self.k, self.v, mask=self.mask[b, i][None])
+
+
+class Local2DCache:
+    """A ring of the last fh + qh rows of keys/values (padded by fw columns either side) and the
+    key window of the current query block."""
+
+    def __init__(self, B, h, hd, layout: Layout, like: torch.Tensor, position: Position, window_mask: torch.Tensor):
+        (self.qh, self.qw), (self.fh, self.fw) = layout.query_shape, layout.flange
+        Wp = layout.padded_grid[1]
+        self.nbw = Wp // self.qw
+        self.kh, self.kw = self.fh + self.qh, self.qw + 2 * self.fw
+        self.R = self.kh
+        self.lq = layout.block
+        self.ring_k = like.new_zeros(B, h, self.R, Wp + 2 * self.fw, hd)
+        self.ring_v = like.new_zeros(B, h, self.R, Wp + 2 * self.fw, hd)
+        self.win_k = like.new_zeros(B, h, self.kh * self.kw, hd)
+        self.win_v = like.new_zeros(B, h, self.kh * self.kw, hd)
+        self.mask = window_mask  # (nb, lq, kh*kw)
+        self.position = position
+        self.block = -1
+
+    def attend(self, q, k, v):
+        blk, i = divmod(self.position.internal, self.lq)
+        bi, bj = divmod(blk, self.nbw)
+        qr, qc = divmod(i, self.qw)
+        if blk != self.block:  # gather the new block's window from the ring
+            self.block = blk
+            slots = [(bi * self.qh + r) % self.R for r in range(self.kh)]  # padded rows -> ring rows
+            c0 = bj * self.qw
+            B, h, _, _, hd = self.ring_k.shape
+            for win, ring in ((self.win_k, self.ring_k), (self.win_v, self.ring_v)):
+                w = ring[:, :, slots, c0 : c0 + self.kw]  # (B, h, kh, kw, hd)
+                win.copy_(w.reshape(B, h, self.kh * self.kw, hd))
+        slot = (self.fh + qr) * self.kw + (self.fw + qc)
+        ring_row = (bi * self.qh + qr + self.fh) % self.R
+        ring_col = bj * self.qw + qc + self.fw
+        self.win_k[:, :, slot] = k[:, :, 0]
+        self.win_v[:, :, slot] = v[:, :, 0]
+        self.ring_k[:, :, ring_row, ring_col] = k[:, :, 0]
+        self.ring_v[:, :, ring_row, ring_col] = v[:, :, 0]
+        return _sdpa(q, self.win_k, self.win_v, mask=self.mask[blk, i][None])
+
+
+class MemoryCache:
+    """Cross-attention's keys and values of the encoder output (B, h, S, hd), computed once."""
+
+    def __init__(self, k: torch.Tensor, v: torch.Tensor):
+        self.k, self.v = k, v
 
 
 class Attention(nn.Module):
@@ -172,7 +188,6 @@ class Attention(nn.Module):
         self.n_heads = config.n_heads
         self.head_dim = config.head_dim
         self.dropout = config.attention_dropout
-        self.use_dense_reference = False  # tests switch this on to run the dense masked path
         if kind == "cross":
             self.q = nn.Linear(d, a, bias=False)
             self.kv = nn.Linear(d, 2 * a, bias=False)
@@ -186,41 +201,51 @@ class Attention(nn.Module):
         B, L, _ = t.shape
         return t.view(B, L, self.n_heads, self.head_dim).transpose(1, 2)  # (B, h, L, hd)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
+    def memory_cache(self, memory: torch.Tensor) -> MemoryCache:
+        """Cross-attention: encoder output (B, S, d) -> its keys and values, for decoding."""
+        return MemoryCache(*(self._heads(t) for t in self.kv(memory).chunk(2, dim=-1)))
+
+    def make_cache(self, batch: int, like: torch.Tensor, position: Position, window_mask=None):
+        """An empty self-attention cache of this layer's pattern for `batch` images decoded at
+        `position`; window_mask: the local patterns' bool (blocks, block, window)."""
+        args = (batch, self.n_heads, self.head_dim, self.layout, like, position)
+        if self.kind == "full":
+            return FullCache(*args)
+        return (Local1DCache if self.kind == "local1d" else Local2DCache)(*args, window_mask)
+
+    def forward(self, x: torch.Tensor, memory=None, bias=None, cache=None) -> torch.Tensor:
         """x float (B, Lp, d) in internal layout -> (B, Lp, d).
 
         memory: encoder output (B, S, d) for cross-attention. bias: the local patterns' additive
         window mask (1, heads * blocks, block, window), shared by all layers (see window_bias).
+        cache: decoding one position, x (B, 1, d) at cache.position: the keys and values before
+        it come from the cache (make_cache, memory_cache), which this call extends.
         """
         B, L, _ = x.shape
         p = self.dropout if self.training else 0.0
         if self.kind == "cross":
             q = self._heads(self.q(x))
-            k, v = (self._heads(t) for t in self.kv(memory).chunk(2, dim=-1))
+            kv = cache if cache is not None else self.memory_cache(memory)
+            o = _sdpa(q, kv.k, kv.v, dropout=p)
         else:
             qkv = self.qkv(x)
-            if self._use_local1d_flash(qkv, p):
-                return self.out(local1d_flash(qkv, self.n_heads, self.layout.block))
+            if cache is None and self.kind == "local1d" and kernels.local1d_flash_applies(qkv, p):
+                return self.out(kernels.local1d_flash(qkv, self.n_heads, self.layout.block))
             q, k, v = (self._heads(t) for t in qkv.chunk(3, dim=-1))
-        if self.kind in ("cross", "bidirectional"):
-            o = _sdpa(q, k, v, dropout=p)
-        elif self.use_dense_reference:
-            o = _sdpa(q, k, v, mask=self.dense_mask().to(x.device), dropout=p)
-        elif self.kind == "full":
-            o = _sdpa(q, k, v, dropout=p, causal=True)
-        else:
-            o = self._blocked(q, k, v, p, bias)
+            o = self._attend(q, k, v, p, bias, cache)
         o = o.transpose(1, 2).reshape(B, L, -1)  # (B, L, h*hd)
         return self.out(o)
 
-    def _use_local1d_flash(self, qkv: torch.Tensor, p: float) -> bool:
-        """The copy-free local 1D path: CPU, float32, no attention dropout, flash kernels present.
-        Otherwise (CUDA, autocast, attention dropout) local 1D runs through the windows and mask
-        of _blocked."""
-        return (
-            self.kind == "local1d" and not self.use_dense_reference and p == 0.0
-            and qkv.device.type == "cpu" and qkv.dtype == torch.float32 and _flash_backward is not None
-        )
+    def _attend(self, q, k, v, p, bias, cache):
+        if cache is not None:
+            return cache.attend(q, k, v)
+        if self.kind == "bidirectional":
+            return _sdpa(q, k, v, dropout=p)
+        if not kernels.enabled():
+            return _sdpa(q, k, v, mask=self.dense_mask().to(q.device), dropout=p)
+        if self.kind == "full":
+            return _sdpa(q, k, v, dropout=p, causal=True)
+        return self._blocked(q, k, v, p, bias)
 
     def _blocked(self, q, k, v, p, bias):
         lay = self.layout
@@ -234,7 +259,7 @@ class Attention(nn.Module):
             kw, vw = local2d_windows(k, lay), local2d_windows(v, lay)
         # Heads and blocks share one batch dimension: 4D inputs with a 4D mask take the fused
         # (flash) kernel on CPU, which keeps no (query x key) probabilities for the backward.
-        q = q.reshape(B, h * nb, lq, hd)
+        q = q.reshape(B, h * nb, lq, hd)  # (B, h*nb, lq, hd)
         o = _sdpa(q, kw, vw, mask=bias, dropout=p)  # (B, h*nb, lq, hd)
         return o.view(B, h, nb * lq, hd)[:, :, :L]
 

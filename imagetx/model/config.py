@@ -83,10 +83,6 @@ class ModelConfig:
         return self.attn_dim // self.n_heads
 
     @property
-    def is_conditional_on_source(self) -> bool:
-        return self.source_size is not None
-
-    @property
     def dmol_params(self) -> int:
         """Numbers per pixel of a DMOL output: per mixture a logit, C means, C log-scales and
         C*(C-1)/2 channel coupling coefficients."""

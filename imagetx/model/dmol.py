@@ -23,6 +23,8 @@ Everything is computed in float32 whatever the dtype of the parameters.
 
 from __future__ import annotations
 
+import math
+
 import torch
 import torch.nn.functional as F
 
@@ -68,8 +70,9 @@ def _check_x(x: torch.Tensor, params: torch.Tensor, channels: int) -> None:
         raise ValueError(f"x must hold integer values in [0, 255], got dtype {x.dtype}")
 
 
-def _scale(x: torch.Tensor) -> torch.Tensor:
-    """Integer values in [0, 255] -> float32 in [-1, 1]; the one place this mapping is written."""
+def to_unit(x: torch.Tensor) -> torch.Tensor:
+    """Values in [0, 255] (any dtype) -> float32 in [-1, 1]; the one place this mapping is
+    written (the likelihood, the sampler and the model's DMOL inputs use it)."""
     return x.float() / 127.5 - 1.0
 
 
@@ -88,7 +91,7 @@ def _edges(v: torch.Tensor) -> torch.Tensor:
     The upper edge of v is _edges(v + 1); v + 0.5 and (v + 1) - 0.5 are exact, so every path that
     computes an edge gets the same float, adjacent bins share it and the 256 bins telescope to 1.
     """
-    return (v.float() - 0.5) / 127.5 - 1.0
+    return to_unit(v.float() - 0.5)
 
 
 def _bin_log_prob(t_lo: torch.Tensor, t_hi: torch.Tensor, open_lo: torch.Tensor, open_hi: torch.Tensor) -> torch.Tensor:
@@ -142,7 +145,7 @@ def dmol_nll(params: torch.Tensor, x: torch.Tensor, channels: int, num_mixtures:
     _check_x(x, params, channels)
     x = x.long()
     log_weights, means, log_scales, coeffs = _unpack(params, channels, num_mixtures)
-    x_scaled = _scale(x)
+    x_scaled = to_unit(x)
     mu = torch.stack([_coupled_mean(means, coeffs, x_scaled, c) for c in range(channels)], dim=-2)  # (..., C, M)
     log_p = _value_log_prob(x.unsqueeze(-1), mu, log_scales)  # (..., C, M)
     return -torch.logsumexp(log_weights + log_p.sum(dim=-2), dim=-1)
@@ -159,7 +162,7 @@ def dmol_log_probs(params: torch.Tensor, x: torch.Tensor, channels: int, num_mix
     _check_x(x, params, channels)
     x = x.long()
     log_weights, means, log_scales, coeffs = _unpack(params, channels, num_mixtures)
-    x_scaled = _scale(x)
+    x_scaled = to_unit(x)
     mu = torch.stack([_coupled_mean(means, coeffs, x_scaled, c) for c in range(channels)], dim=-2)  # (..., C, M)
     table = _value_table(mu, log_scales)  # (..., C, M, 256)
     index = x[..., None, None].expand(*mu.shape, 1)  # (..., C, M, 1)
@@ -169,8 +172,16 @@ def dmol_log_probs(params: torch.Tensor, x: torch.Tensor, channels: int, num_mix
     return _conditional(log_weights.unsqueeze(-2) + prefix, table)  # (..., C, 256)
 
 
-def _draw(log_p: torch.Tensor, temperature: float, generator: torch.Generator | None) -> torch.Tensor:
-    """log_p (N, 256) -> long (N,) drawn from softmax(log_p / temperature); argmax at 0."""
+def check_temperature(temperature) -> None:
+    """Raise ValueError unless temperature is a finite number >= 0 (0 = greedy)."""
+    if not isinstance(temperature, (int, float)) or not math.isfinite(temperature) or temperature < 0:
+        raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
+
+
+def sample_softmax(log_p: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
+    """Unnormalized log-probabilities float (N, K) -> long (N,) drawn from softmax(log_p /
+    temperature); argmax at temperature 0. The one temperature sampler: the categorical output's
+    logits and each DMOL channel's conditional go through it."""
     if temperature == 0:
         return log_p.argmax(dim=-1)
     probs = torch.softmax(log_p / temperature, dim=-1)
@@ -191,8 +202,7 @@ def dmol_sample(
     dmol_log_probs(params, x)[..., c, :] / temperature evaluated on the channels drawn before it;
     temperature 0 takes the argmax of each conditional. Deterministic for a fixed generator.
     """
-    if not temperature >= 0:  # also rejects NaN
-        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    check_temperature(temperature)
     lead = params.shape[:-1]
     log_weights, means, log_scales, coeffs = _unpack(params.reshape(-1, params.shape[-1]), channels, num_mixtures)
     n, m = log_weights.shape
@@ -202,8 +212,8 @@ def dmol_sample(
     for c in range(channels):
         mu = _coupled_mean(means, coeffs, x_scaled, c)  # (N, M)
         table = _value_table(mu, log_scales[:, c])  # (N, M, 256)
-        v = _draw(_conditional(log_weights + prefix, table), temperature, generator)  # (N,)
+        v = sample_softmax(_conditional(log_weights + prefix, table), temperature, generator)  # (N,)
         x[:, c] = v
-        x_scaled[:, c] = _scale(v)
+        x_scaled[:, c] = to_unit(v)
         prefix = prefix + table.gather(-1, v[:, None, None].expand(n, m, 1)).squeeze(-1)
     return x.reshape(*lead, channels)

@@ -1,4 +1,4 @@
-"""The Image Transformer: embeddings, 2D position encodings, layers, the model and its likelihood."""
+"""The Image Transformer: the layer, the super-resolution encoder, the model and its likelihood."""
 
 from __future__ import annotations
 
@@ -14,45 +14,7 @@ from imagetx.model.attention import Attention, window_bias
 from imagetx.model.config import ModelConfig
 from imagetx.model.layers import Dropout, FeedForward, residual_dropout_layer_norm
 from imagetx.model.layout import Layout, make_layout
-
-
-def sinusoid(pos: torch.Tensor, dim: int) -> torch.Tensor:
-    """pos long (N,) -> float (N, dim): sin and cos halves, timescales 1 .. 1e4 (as in tensor2tensor)."""
-    nt = dim // 2
-    inv = torch.exp(-math.log(1e4) * torch.arange(nt, dtype=torch.float64) / max(nt - 1, 1))
-    angles = pos.double()[:, None] * inv[None, :]  # (N, nt)
-    out = torch.cat([angles.sin(), angles.cos()], dim=1)
-    return F.pad(out, (0, dim - 2 * nt)).float()
-
-
-class PositionEncoding2D(nn.Module):
-    """Row and "column x channel" encodings of every position, added once before the first layer.
-
-    Sinusoidal: half of the d dimensions encode the row, the other half the column. Learned: one
-    table per axis (full width), summed.
-    """
-
-    def __init__(self, kind: str, d: int, row_of: torch.Tensor, col_of: torch.Tensor):
-        super().__init__()
-        self.kind = kind
-        if kind == "sinusoidal":
-            half = d // 2
-            table = torch.cat([sinusoid(row_of, half), sinusoid(col_of, d - half)], dim=1)
-            self.register_buffer("table", table, persistent=False)  # (Lp, d)
-        else:
-            self.register_buffer("row_of", row_of.clone(), persistent=False)
-            self.register_buffer("col_of", col_of.clone(), persistent=False)
-            self.rows = nn.Parameter(torch.randn(int(row_of.max()) + 1, d) * d**-0.5)
-            self.cols = nn.Parameter(torch.randn(int(col_of.max()) + 1, d) * d**-0.5)
-
-    def forward(self, index: torch.Tensor | None = None) -> torch.Tensor:
-        """-> float (Lp, d), or (len(index), d) for the given internal positions."""
-        if self.kind == "sinusoidal":
-            return self.table if index is None else self.table[index]
-        r, c = self.row_of, self.col_of
-        if index is not None:
-            r, c = r[index], c[index]
-        return self.rows[r] + self.cols[c]
+from imagetx.model.position import PositionEncoding2D
 
 
 class Block(nn.Module):
@@ -78,11 +40,20 @@ class Block(nn.Module):
             return x + self.drop(fn(norm(x)))
         return residual_dropout_layer_norm(x, fn(x), norm, self.drop.p, self.training)
 
-    def forward(self, x: torch.Tensor, memory: torch.Tensor | None = None, bias: torch.Tensor | None = None) -> torch.Tensor:
-        x = self.residual(x, lambda t: self.attn(t, bias=bias), self.norm_attn)
+    def forward(self, x: torch.Tensor, memory=None, bias=None, cache=None) -> torch.Tensor:
+        """x float (B, L, d) -> (B, L, d); memory, bias: see Attention.forward. cache: decoding
+        one position, (self-attention cache, cross-attention MemoryCache or None), see
+        Block.make_cache."""
+        self_cache, cross_cache = cache if cache is not None else (None, None)
+        x = self.residual(x, lambda t: self.attn(t, bias=bias, cache=self_cache), self.norm_attn)
         if self.cross is not None:
-            x = self.residual(x, lambda t: self.cross(t, memory), self.norm_cross)
+            x = self.residual(x, lambda t: self.cross(t, memory, cache=cross_cache), self.norm_cross)
         return self.residual(x, self.ffn, self.norm_ffn)
+
+    def make_cache(self, batch: int, like, position, window_mask=None, memory=None) -> tuple:
+        """The caches that decode `batch` images one position at a time through forward()."""
+        cross = self.cross.memory_cache(memory) if self.cross is not None else None
+        return self.attn.make_cache(batch, like, position, window_mask), cross
 
 
 def _embedding(rows: int, d: int) -> nn.Embedding:
@@ -188,16 +159,6 @@ class ImageTransformer(nn.Module):
         """Recompute each layer's activations in the backward pass (less memory, ~30% more time)."""
         self.activation_checkpointing = bool(enabled)
 
-    def num_params(self, non_embedding: bool = False) -> int:
-        n = sum(p.numel() for p in self.parameters())
-        if non_embedding:
-            n -= self.embed.weight.numel()
-            if self.class_embed is not None:
-                n -= self.class_embed.weight.numel()
-            if isinstance(self.source_embed, nn.Embedding):
-                n -= self.source_embed.weight.numel()
-        return n
-
     def check_inputs(self, x=None, labels=None, source=None, batch: int | None = None) -> None:
         """Raise ValueError naming the problem for inputs the model cannot take."""
         cfg = self.config
@@ -275,21 +236,35 @@ class ImageTransformer(nn.Module):
                 skip = self.source_embed(tokens) * self.scale
             else:
                 pixels = source.reshape(B, -1, self.config.channels)[:, self.source_index]
-                skip = self.source_embed(pixels.float() / 127.5 - 1.0)
+                skip = self.source_embed(dmol.to_unit(pixels))
             cond = skip if cond is None else cond + skip
         return cond, memory
 
-    def embed_inputs(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, H, W, C) -> decoder inputs in generation order (B, L, d), shifted right by one."""
-        B = x.shape[0]
+    def embed_inputs(self, values: torch.Tensor, first_step: int = 0) -> torch.Tensor:
+        """Token embeddings of the decoder inputs from generation step first_step on: the input at
+        step k is the value generated at step k - 1; at step 0 the learned start vector.
+
+        values: the values at steps first_step - 1, first_step, ... (from step 0 when first_step
+        is 0): long (B, n) in [0, 255] (categorical) or (B, n, C) (DMOL), in generation order.
+        -> float (B, n, d), or (B, n + 1, d) with the start vector first when first_step is 0.
+        """
+        k = max(first_step - 1, 0)  # generation step of values[:, 0]
         if self.config.output == "categorical":
-            seq = x.reshape(B, -1).long()[:, self.order]  # (B, L) generation order
-            emb = self.embed(seq[:, :-1] + self.input_offset) * self.scale
+            emb = self.embed(values.long() + self.input_offset[k : k + values.shape[1]]) * self.scale
         else:
-            pix = x.reshape(B, -1, self.config.channels)[:, self.order]  # (B, L, C)
-            emb = self.embed(pix[:, :-1].float() / 127.5 - 1.0)
-        start = self.start.to(emb.dtype).expand(B, 1, -1)
+            emb = self.embed(dmol.to_unit(values))
+        if first_step > 0:
+            return emb
+        start = self.start.to(emb.dtype).expand(values.shape[0], 1, -1)
         return torch.cat([start, emb], dim=1)
+
+    def decoder_input(self, emb: torch.Tensor, cond=None, index: torch.Tensor | None = None) -> torch.Tensor:
+        """Token embeddings (B, Lp, d) in internal layout, or (B, n, d) at internal positions
+        index long (n,) -> plus their position encodings and cond (see condition)."""
+        h = emb + self.pos(index)
+        if cond is None:
+            return h
+        return h + (cond if index is None or cond.shape[1] == 1 else cond[:, index])
 
     def to_internal(self, h_gen: torch.Tensor) -> torch.Tensor:
         """(B, L, d) in generation order -> (B, Lp, d) in internal layout (zeros at padding)."""
@@ -309,10 +284,10 @@ class ImageTransformer(nn.Module):
         """
         self.check_inputs(x, labels, source)
         cond, memory = self.condition(labels, source)
-        h = self.to_internal(self.embed_inputs(x)) + self.pos()
-        if cond is not None:
-            h = h + cond
-        h = self.drop(h)
+        values = x.reshape(x.shape[0], self.config.seq_len, -1)[:, self.order[:-1]]  # (B, L - 1, 1 or C) generation order
+        if self.config.output == "categorical":
+            values = values[..., 0]  # (B, L - 1)
+        h = self.drop(self.decoder_input(self.to_internal(self.embed_inputs(values)), cond))
         device = h.device.type
         compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
         bias = self.attention_bias(compute_dtype)
