@@ -73,3 +73,11 @@ def test_prime_keeps_the_given_rows():
     out = model.sample(3, prime=prime, prime_mask=mask, generator=torch.Generator().manual_seed(0))
     assert torch.equal(out[:, :2], prime[:, :2])
     assert not torch.equal(out[:, 2:], prime[:, 2:])
+
+
+@pytest.mark.parametrize("output", ["categorical", "dmol"])
+def test_a_tiny_temperature_is_greedy_not_nan(output):
+    torch.manual_seed(6)
+    cfg = tiny("local1d", output, block_length=4)
+    model = ImageTransformer(cfg).eval()
+    assert torch.equal(model.sample(2, temperature=1e-30), model.sample(2, temperature=0.0))

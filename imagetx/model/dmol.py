@@ -184,7 +184,10 @@ def sample_softmax(log_p: torch.Tensor, temperature: float, generator: torch.Gen
     logits and each DMOL channel's conditional go through it."""
     if temperature == 0:
         return log_p.argmax(dim=-1)
-    probs = torch.softmax(log_p / temperature, dim=-1)
+    # shifted so the largest is 0 before dividing: a tiny temperature then sends the others to
+    # -inf (greedy in the limit) instead of overflowing every entry to inf and the softmax to NaN
+    shifted = log_p - log_p.max(dim=-1, keepdim=True).values
+    probs = torch.softmax(shifted / temperature, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
 
 
