@@ -336,7 +336,7 @@ class Trainer:
             f"  data: {len(self.train_set)} training images ({describe(self.train_set)[0]}), "
             f"{t.batch_size * t.grad_accum * ctx.world_size} images per step, {t.max_steps} steps\n"
             f"  compute: {ctx.world_size} process(es) on {self.device.type}, "
-            f"{'bf16 autocast' if bf16 else 'fp32'}, memory allocator {allocator_in_use()}",
+            f"{'bf16 autocast' if bf16 else 'fp32'} (memory allocator: {allocator_in_use()})",
             file=sys.stderr, flush=True,
         )
         if self.device.type == "cpu" and allocator_in_use() == "system" and find_fast_allocator() is None:

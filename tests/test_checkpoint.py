@@ -21,12 +21,9 @@ from imagetx.checkpoint import (
 from imagetx.config import RunConfig, load_config
 from imagetx.errors import CheckpointError
 from imagetx.model.transformer import ImageTransformer
+from helpers import TINY_MODEL
 
-TINY = [
-    "model.attention=local1d", "model.num_classes=0",  # the quickstart defaults are full and class-conditional
-    "model.image_size=[4, 4]", "model.n_layers=1", "model.d_model=16", "model.n_heads=2",
-    "model.d_ff=32", "model.block_length=8",
-]
+TINY = [*TINY_MODEL, "model.image_size=[4, 4]", "model.channels=3", "model.block_length=8"]
 
 
 def tiny_config(*extra: str) -> RunConfig:

@@ -11,11 +11,10 @@ from typer.testing import CliRunner
 from imagetx.checkpoint import latest_checkpoint
 from imagetx.cli import app
 from imagetx.evaluate import evaluate_bpd
+from helpers import TINY_MODEL
 
 TINY = [
-    "model.attention=local1d", "model.num_classes=0",  # the quickstart defaults are full and class-conditional
-    "model.image_size=[8, 8]", "model.channels=1", "model.n_layers=1", "model.d_model=16",
-    "model.n_heads=2", "model.d_ff=32", "model.block_length=16", "train.batch_size=4", "train.log_every=1", "train.eval_every=0", "train.sample_every=2",
+    *TINY_MODEL, "train.batch_size=4", "train.log_every=1", "train.eval_every=0", "train.sample_every=2",
     "train.sample_count=2", "train.checkpoint_every=0",
 ]
 

@@ -16,12 +16,11 @@ from imagetx.checkpoint import latest_checkpoint, load_checkpoint
 from imagetx.config import load_config
 from imagetx.distributed import select_device, shard
 from imagetx.model.config import ConfigError
+from helpers import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 TINY = [
-    "model.attention=local1d", "model.num_classes=0",  # the quickstart defaults are full and class-conditional
-    "model.image_size=[8, 8]", "model.channels=1", "model.n_layers=1", "model.d_model=16",
-    "model.n_heads=2", "model.d_ff=32", "model.block_length=16", "model.dropout=0.0",
+    *TINY_MODEL, "model.dropout=0.0",
     "train.warmup_steps=2", "train.log_every=1", "train.eval_every=0",
     "train.sample_every=0", "train.checkpoint_every=0", "train.device=cpu",
 ]

@@ -11,6 +11,7 @@ import pytest
 
 from imagetx import memory
 from imagetx.memory import allocator_in_use, fast_allocator_env, find_fast_allocator
+from helpers import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -38,9 +39,7 @@ def test_fast_allocator_env(monkeypatch):
 
 
 TINY = [
-    "model.attention=local1d", "model.num_classes=0", "model.image_size=[8, 8]", "model.channels=1",
-    "model.n_layers=1", "model.d_model=16", "model.n_heads=2", "model.d_ff=32", "model.block_length=16",
-    "train.batch_size=4", "train.max_steps=1", "train.eval_every=0", "train.sample_every=0",
+    *TINY_MODEL, "train.batch_size=4", "train.max_steps=1", "train.eval_every=0", "train.sample_every=0",
 ]
 
 

@@ -21,14 +21,13 @@ from imagetx.data.order import DataOrder
 from imagetx.errors import CheckpointError, RunError
 from imagetx.model.config import ConfigError
 from imagetx.optim import lr_factor
+from helpers import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
 
 # A model small enough that a step takes milliseconds, on 8x8 grayscale builtin shapes.
 TINY = [
-    "model.attention=local1d", "model.num_classes=0",  # the quickstart defaults are full and class-conditional
-    "model.image_size=[8, 8]", "model.channels=1", "model.n_layers=1", "model.d_model=16",
-    "model.n_heads=2", "model.d_ff=32", "model.block_length=16", "model.dropout=0.1",
+    *TINY_MODEL, "model.dropout=0.1",
     "train.batch_size=4", "train.warmup_steps=3", "train.log_every=1",
     "train.eval_every=0", "train.sample_every=0", "train.checkpoint_every=5", "train.keep_checkpoints=0",
 ]
