@@ -11,6 +11,13 @@ import os
 from pathlib import Path
 
 
+def count_problems(value, flag: str) -> list[str]:
+    """The one check of a count (images, samples, batch size): an integer >= 1."""
+    if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+        return [f"{flag} must be >= 1, got {value}"]
+    return []
+
+
 def temperature_problems(temperature) -> list[str]:
     """The one check of a sampling temperature given by a user: a finite number >= 0."""
     t = temperature

@@ -11,8 +11,8 @@ import torch
 
 from imagetx import console
 from imagetx.checkpoint import load_model
-from imagetx.checks import (label_problems, memory_problems, output_dir_problems, output_file_problems, seed_problems,
-                            temperature_problems)
+from imagetx.checks import (count_problems, label_problems, memory_problems, output_dir_problems,
+                            output_file_problems, seed_problems, temperature_problems)
 from imagetx.distributed import device_problems, select_device
 from imagetx.errors import ConfigError, raise_problems
 from imagetx.images import display_scale, fit, read_image, save_grid, save_npz, save_png
@@ -41,10 +41,7 @@ class SampleConfig:
         """Every problem with the arguments, one line each, checked before any work starts
         (outputs that cannot be written included)."""
         p = []
-        if not isinstance(self.num, int) or self.num < 1:
-            p.append(f"--num must be >= 1, got {self.num}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            p.append(f"--batch-size must be >= 1, got {self.batch_size}")
+        p += count_problems(self.num, "--num") + count_problems(self.batch_size, "--batch-size")
         p += temperature_problems(self.temperature)
         p += device_problems(self.device)
         if self.out is None and self.individual is None and self.npz is None:

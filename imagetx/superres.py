@@ -25,7 +25,7 @@ from PIL import Image
 from imagetx import console
 from imagetx.atomic import atomic_write
 from imagetx.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
-from imagetx.checks import label_problems, output_dir_problems, seed_problems, temperature_problems
+from imagetx.checks import count_problems, label_problems, output_dir_problems, seed_problems, temperature_problems
 from imagetx.distributed import device_problems, select_device
 from imagetx.errors import ConfigError, ImageFileError, RunError, raise_problems
 from imagetx.images import IMAGE_SUFFIXES, comparison_grid, fit, list_images, png_bytes, read_image, to_pil
@@ -61,12 +61,9 @@ class SuperResConfig:
             p.append(f"--input {self.inputs}: no such file or directory")
         if self.data_dir is not None and self.dataset is None:
             p.append("--data-dir needs --dataset NAME")
-        if self.dataset is not None and (not isinstance(self.num, int) or self.num < 1):
-            p.append(f"-n/--num must be >= 1, got {self.num}")
-        if not isinstance(self.samples, int) or self.samples < 1:
-            p.append(f"--samples must be >= 1, got {self.samples}")
-        if not isinstance(self.batch_size, int) or self.batch_size < 1:
-            p.append(f"--batch-size must be >= 1, got {self.batch_size}")
+        if self.dataset is not None:
+            p += count_problems(self.num, "-n/--num")
+        p += count_problems(self.samples, "--samples") + count_problems(self.batch_size, "--batch-size")
         p += temperature_problems(self.temperature)
         p += device_problems(self.device)
         p += seed_problems(self.seed)
