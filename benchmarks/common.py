@@ -8,9 +8,9 @@ import time
 import torch
 
 
-def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
-    """Best-of-`repeats` fp32 GFLOP/s of an n^3 matmul: the roofline's compute ceiling."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def matmul_peak_gflops(n: int = 2048, repeats: int = 5, dtype: torch.dtype = torch.float32) -> float:
+    """Best-of-`repeats` GFLOP/s of an n^3 matmul in `dtype`: the roofline's compute ceiling."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     best = float("inf")
     for _ in range(repeats):
@@ -20,10 +20,10 @@ def matmul_peak_gflops(n: int = 2048, repeats: int = 5) -> float:
     return 2 * n**3 / best / 1e9
 
 
-def sustained_matmul_gflops(n: int = 2048, seconds: float = 5.0) -> float:
-    """fp32 GFLOP/s of back-to-back n^3 matmuls over a window of `seconds`: the rate the machine
-    holds, rather than its best single burst."""
-    a, b = torch.randn(n, n), torch.randn(n, n)
+def sustained_matmul_gflops(n: int = 2048, seconds: float = 5.0, dtype: torch.dtype = torch.float32) -> float:
+    """GFLOP/s of back-to-back n^3 matmuls in `dtype` over a window of `seconds`: the rate the
+    machine holds, rather than its best single burst."""
+    a, b = torch.randn(n, n, dtype=dtype), torch.randn(n, n, dtype=dtype)
     a @ b
     count, start = 0, time.perf_counter()
     while True:

@@ -162,7 +162,8 @@ def eval_bpd(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     download: bool = typer.Option(False, "--download", help="Fetch the data set through torchvision if missing."),
     num_workers: int = typer.Option(0, min=0, help="DataLoader worker processes."),
-    as_json: bool = typer.Option(False, "--json", help='Print {"bpd", "images", "dataset", "split"} as JSON.'),
+    precision: str = typer.Option("fp32", help="fp32 (exact), or bf16 / auto (bf16 where native): faster, approximate, labelled so."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"bpd", "images", "dataset", "split", "precision", ...} as JSON.'),
 ) -> None:
     """Exact bits/dim of a checkpoint over a whole split: one deterministic fp32 pass in eval mode.
 
@@ -174,19 +175,22 @@ def eval_bpd(
     eval_config = EvalConfig(
         checkpoint=checkpoint, dataset=dataset, data_dir=data_dir, split=split, limit=limit,
         batch_size=batch_size, device=device, download=download, num_workers=num_workers,
+        precision=precision,
     )
     with _expected_failures():
         result = run(eval_config)
     if env_ranks()[0] != 0:
         return
     if as_json:
-        keys = ("bpd", "images", "dataset", "split", "nll_nats", "checkpoint", "step")
+        keys = ("bpd", "images", "dataset", "split", "nll_nats", "checkpoint", "step", "precision", "approximate")
         typer.echo(json.dumps({k: result[k] for k in keys}))
         return
     from rich.console import Console
     from rich.table import Table
 
-    table = Table(title="Exact bits/dim", show_header=False)
+    approximate = result["approximate"]
+    title = f"Approximate bits/dim ({result['precision']}; fp32 is exact)" if approximate else "Exact bits/dim"
+    table = Table(title=title, show_header=False)
     table.add_column(style="bold")
     table.add_column()
     table.add_row("checkpoint", f"{result['checkpoint']} (step {result['step']})")
@@ -194,7 +198,8 @@ def eval_bpd(
     table.add_row("split", str(result["split"]))
     table.add_row("images", str(result["images"]))
     table.add_row("NLL per image", f"{result['nll_nats']:.2f} nats")
-    table.add_row("bits/dim", f"[bold]{result['bpd']:.4f}[/bold]")
+    table.add_row("precision", f"{result['precision']} (approximate)" if approximate else result["precision"])
+    table.add_row("bits/dim", f"[bold]{result['bpd']:.4f}[/bold]" + (" (approximate)" if approximate else ""))
     Console(file=sys.stdout).print(table)
 
 
@@ -213,6 +218,7 @@ def sample(
     prime: Optional[Path] = typer.Option(None, help="Complete this image: its top rows are kept, the rest is sampled."),
     prime_rows: Optional[int] = typer.Option(None, help="Rows of --prime to keep (default: half)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole model at every step (the slow reference path)."),
+    precision: str = typer.Option("auto", help="auto (bf16 where the hardware has it natively), fp32 or bf16; the softmax over values stays fp32."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of the written paths."),
 ) -> None:
     """Draw images from a checkpoint with the cached decoder: a PNG grid, one PNG per image, or an npz.
@@ -227,7 +233,7 @@ def sample(
     req = SampleConfig(
         checkpoint=checkpoint, num=num, temperature=temperature, label=label, seed=seed,
         batch_size=batch_size, device=device, out=out, individual=individual, npz=npz,
-        prime=prime, prime_rows=prime_rows, use_cache=not no_cache,
+        prime=prime, prime_rows=prime_rows, use_cache=not no_cache, precision=precision,
     )
     with _expected_failures():
         summary = run(req)
@@ -236,7 +242,8 @@ def sample(
         return
     for path in summary["written"]:
         typer.echo(path)
-    console.note(f"{summary['images']} images in {summary['seconds']:.1f} s ({summary['ms_per_position']:.2f} ms per position)")
+    console.note(f"{summary['images']} images in {summary['seconds']:.1f} s "
+                 f"({summary['ms_per_position']:.2f} ms per position, {summary['precision']})")
 
 
 @app.command(cls=_Command)
@@ -255,6 +262,7 @@ def superres(
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     out: Path = typer.Option(Path("superres"), "--out", "-o", help="Output directory: one PNG per sample and comparison.png."),
     report: bool = typer.Option(False, help="Score the samples: conditional bits/dim, consistency, PSNR."),
+    precision: str = typer.Option("auto", help="Sampling precision: auto (bf16 where native), fp32 or bf16; --report's bits/dim stay fp32."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Super-resolve low-resolution images with a conditional (encoder-decoder) checkpoint.
@@ -268,7 +276,7 @@ def superres(
     req = SuperResConfig(
         checkpoint=checkpoint, inputs=input, dataset=dataset, data_dir=data_dir, split=split, num=num,
         samples=samples, temperature=temperature, label=label, seed=seed, batch_size=batch_size,
-        device=device, out=out, report=report,
+        device=device, out=out, report=report, precision=precision,
     )
     with _expected_failures():
         summary = run(req)

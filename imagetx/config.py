@@ -27,11 +27,11 @@ from imagetx.checks import seed_problems
 from imagetx.distributed import device_problems
 from imagetx.errors import ConfigError, raise_problems
 from imagetx.model.config import ModelConfig
+from imagetx.precision import precision_problems
 
 TASKS = ("generate", "superres")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("rsqrt", "cosine", "constant")
-PRECISIONS = ("auto", "fp32", "bf16")
 
 
 def quickstart_model() -> ModelConfig:
@@ -101,7 +101,7 @@ class TrainConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
     grad_accum: int = 1  # micro-batches per optimizer step
-    precision: str = "auto"  # "auto" (bf16 autocast on CUDA, fp32 on CPU), "fp32" or "bf16"
+    precision: str = "auto"  # "auto" (bf16 autocast on CUDA and on CPUs with AMX or AVX512-BF16), "fp32" or "bf16"
     compile: bool | str = "auto"  # torch.compile: "auto" (CUDA only), true or false
     activation_checkpointing: bool = False  # recompute activations in backward: less memory
     log_every: int = 10  # steps between metrics.jsonl rows
@@ -141,8 +141,7 @@ class TrainConfig:
             p.append(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
             p.append(f"train.schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
-        if self.precision not in PRECISIONS:
-            p.append(f"train.precision must be one of {', '.join(PRECISIONS)}; got {self.precision!r}")
+        p += precision_problems(self.precision, "train.precision")
         if not (isinstance(self.compile, bool) or self.compile == "auto"):
             p.append(f"train.compile must be true, false or \"auto\"; got {self.compile!r}")
         return p

@@ -16,6 +16,9 @@ from imagetx.checks import (count_problems, label_problems, memory_problems, out
 from imagetx.distributed import device_problems, select_device
 from imagetx.errors import ConfigError, raise_problems
 from imagetx.images import display_scale, fit, read_image, save_grid, save_npz, save_png
+from imagetx.model.decoding import for_decoding
+from imagetx.precision import precision_problems
+from imagetx.precision import resolve as resolve_precision
 
 
 @dataclass
@@ -36,6 +39,7 @@ class SampleConfig:
     prime_rows: int | None = None  # default: half the image
     use_cache: bool = True
     progress: bool = True
+    precision: str = "auto"  # "auto" (bf16 where the hardware has it natively), "fp32" or "bf16"
 
     def problems(self) -> list[str]:
         """Every problem with the arguments, one line each, checked before any work starts
@@ -43,7 +47,7 @@ class SampleConfig:
         p = []
         p += count_problems(self.num, "--num") + count_problems(self.batch_size, "--batch-size")
         p += temperature_problems(self.temperature)
-        p += device_problems(self.device)
+        p += device_problems(self.device) + precision_problems(self.precision)
         if self.out is None and self.individual is None and self.npz is None:
             p.append("nothing to write: give --out, --individual or --npz")
         if self.prime_rows is not None and self.prime is None:
@@ -104,6 +108,8 @@ def run(req: SampleConfig) -> dict:
     if req.prime is not None:
         prime, mask = prime_tensors(model, req.prime, req.prime_rows, req.num)
     generator = torch.Generator(device=device).manual_seed(req.seed)
+    precision = resolve_precision(req.precision, device)
+    decoder = for_decoding(model, precision.dtype, min(req.batch_size, req.num))
     batches = [range(i, min(i + req.batch_size, req.num)) for i in range(0, req.num, req.batch_size)]
     bar = console.progress(len(batches) * cfg.seq_len, "sampling", "pos", enabled=req.progress)
     images = []
@@ -111,7 +117,7 @@ def run(req: SampleConfig) -> dict:
     try:
         for idx in batches:
             sl = slice(idx.start, idx.stop)
-            out = model.sample(
+            out = decoder.sample(
                 len(idx),
                 labels=None if labels is None else labels[sl].to(device),
                 temperature=float(req.temperature),
@@ -145,6 +151,7 @@ def run(req: SampleConfig) -> dict:
         "channels": cfg.channels,
         "temperature": float(req.temperature),
         "seed": req.seed,
+        "precision": precision.name,
         "labels": None if labels is None else labels.tolist(),
         "seconds": round(seconds, 3),
         "ms_per_position": round(1000 * seconds / (len(batches) * cfg.seq_len), 4),

@@ -28,6 +28,9 @@ from imagetx.checkpoint import load_checkpoint, model_from_checkpoint, resolve_c
 from imagetx.checks import count_problems, label_problems, output_dir_problems, seed_problems, temperature_problems
 from imagetx.distributed import device_problems, select_device
 from imagetx.errors import ConfigError, ImageFileError, RunError, raise_problems
+from imagetx.model.decoding import for_decoding
+from imagetx.precision import precision_problems
+from imagetx.precision import resolve as resolve_precision
 from imagetx.images import IMAGE_SUFFIXES, comparison_grid, fit, list_images, png_bytes, read_image, to_pil
 from imagetx.metrics import compute_metrics
 
@@ -51,6 +54,7 @@ class SuperResConfig:
     out: str | os.PathLike = "superres"  # directory
     report: bool = False
     progress: bool = True
+    precision: str = "auto"  # sampling: "auto" (bf16 where native), "fp32" or "bf16"; the report's bits/dim stay fp32
 
     def problems(self) -> list[str]:
         """Every problem with the arguments, one line each, checked before any work starts."""
@@ -65,7 +69,7 @@ class SuperResConfig:
             p += count_problems(self.num, "-n/--num")
         p += count_problems(self.samples, "--samples") + count_problems(self.batch_size, "--batch-size")
         p += temperature_problems(self.temperature)
-        p += device_problems(self.device)
+        p += device_problems(self.device) + precision_problems(self.precision)
         p += seed_problems(self.seed)
         if self.out is None:
             p.append("--out DIR is required")
@@ -272,8 +276,10 @@ def run(req: SuperResConfig) -> dict:
     bar = console.progress(math.ceil(total / req.batch_size) * cfg.seq_len, "super-resolving", "pos",
                            enabled=req.progress)
     start = time.perf_counter()
+    precision = resolve_precision(req.precision, device)
+    decoder = for_decoding(model, precision.dtype, min(req.batch_size, total))
     try:
-        samples = super_resolve(model, sources, req.samples, labels, req.temperature, generator,
+        samples = super_resolve(decoder, sources, req.samples, labels, req.temperature, generator,
                                 req.batch_size, progress=lambda done, steps: bar.update(1))
     finally:
         bar.close()
@@ -292,6 +298,7 @@ def run(req: SuperResConfig) -> dict:
         "samples_per_input": req.samples,
         "temperature": float(req.temperature),
         "seed": req.seed,
+        "precision": precision.name,
         "image_size": list(cfg.image_size),
         "source_size": list(cfg.source_size),
         "written": written,

@@ -43,6 +43,7 @@ from imagetx.metrics import bits_per_dim
 from imagetx.memory import allocator_in_use, find_fast_allocator
 from imagetx.model.transformer import ImageTransformer
 from imagetx.optim import make_optimizer
+from imagetx.precision import resolve as resolve_precision
 from imagetx.rundir import RunDir, resume_from
 from imagetx.signals import StopSignals
 
@@ -123,8 +124,8 @@ class Trainer:
         compile_ = t.compile if isinstance(t.compile, bool) else self.device.type == "cuda"
         self.objective = torch.compile(objective) if compile_ else objective
         self.optimizer, self.scheduler = make_optimizer(model, cfg)
-        bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
-        self.autocast = lambda: torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=bf16)
+        self.precision = resolve_precision(t.precision, self.device)
+        self.autocast = lambda: self.precision.autocast(self.device)
 
         self.step, epoch, index = 0, 0, 0
         torch.manual_seed(t.seed + ctx.rank)  # dropout differs across processes
@@ -328,15 +329,14 @@ class Trainer:
         t, ctx, m = self.t, self.ctx, self.config.model
         n_params = sum(p.numel() for p in self.model.parameters())
         what = f"resuming from {resumed} (step {self.step})" if resumed else "starting a new run"
-        bf16 = t.precision == "bf16" or (t.precision == "auto" and self.device.type == "cuda")
         print(
-            f"{what} in {self.run_dir.path} (config: {self.run_dir.path / 'config.toml'})\n"
+            f"{what} in {self.run_dir.path}: {self.precision.describe()}\n"
             f"  model: {m.attention} attention, {m.n_layers} layers, d {m.d_model}, {m.output} output, "
             f"{n_params / 1e6:.2f}M parameters\n"
             f"  data: {len(self.train_set)} training images ({describe(self.train_set)[0]}), "
             f"{t.batch_size * t.grad_accum * ctx.world_size} images per step, {t.max_steps} steps\n"
-            f"  compute: {ctx.world_size} process(es) on {self.device.type}, "
-            f"{'bf16 autocast' if bf16 else 'fp32'} (memory allocator: {allocator_in_use()})",
+            f"  compute: {ctx.world_size} process(es) on {self.device.type} (memory allocator: "
+            f"{allocator_in_use()}); config {self.run_dir.path / 'config.toml'}",
             file=sys.stderr, flush=True,
         )
         if self.device.type == "cpu" and allocator_in_use() == "system" and find_fast_allocator() is None:

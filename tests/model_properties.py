@@ -15,7 +15,7 @@ import torch
 from torch import nn
 
 from imagetx.model import dmol, reference_mode, windowed_local1d
-from imagetx.model.decoding import teacher_forced_outputs
+from imagetx.model.decoding import for_decoding, teacher_forced_outputs
 
 
 def model_inputs(config, batch: int = 2, seed: int = 0):
@@ -160,6 +160,64 @@ def check_fast_equals_dense(model, x, labels=None, source=None) -> None:
     finally:
         model.zero_grad()
         model.eval()
+
+
+def _errors(a: dict, ref: dict) -> dict:
+    return {k: float((a[k] - ref[k]).abs().max()) / (float(ref[k].abs().max()) + 1e-12) for k in ref}
+
+
+def check_bf16_fast_paths_match_the_bf16_reference(model, x, labels=None, source=None) -> None:
+    """Under CPU bf16 autocast every fast training path (bf16 kernels, the local 1D flash split)
+    is as close to the float32 likelihood and gradients as the plain reference code under the
+    same autocast: bf16 rounding, no worse."""
+    cfg = model.config
+    assert cfg.dropout == 0 and cfg.attention_dropout == 0, "dropout would make the paths differ"
+    model.train()
+    try:
+        exact, exact_grads = _loss_and_grads(model, x, labels, source)
+        with torch.autocast("cpu", dtype=torch.bfloat16), reference_mode():
+            ref, ref_grads = _loss_and_grads(model, x, labels, source)
+        with torch.autocast("cpu", dtype=torch.bfloat16):
+            fast, fast_grads = _loss_and_grads(model, x, labels, source)
+        assert fast.dtype == torch.float32 and all(g.dtype == torch.float32 for g in fast_grads.values())
+        assert fast_grads.keys() == exact_grads.keys()
+        nll_err, ref_nll_err = float((fast - exact).abs().max()), float((ref - exact).abs().max())
+        assert nll_err <= 2 * ref_nll_err + 1e-2 * float(exact.abs().max()), (nll_err, ref_nll_err)
+        fast_err, ref_err = _errors(fast_grads, exact_grads), _errors(ref_grads, exact_grads)
+        for key in exact_grads:
+            assert fast_err[key] <= 2 * ref_err[key] + 0.02, (
+                f"bf16 fast path: gradient of {key} is off by {fast_err[key]:.3g} of its scale, "
+                f"the bf16 reference by {ref_err[key]:.3g}"
+            )
+    finally:
+        model.zero_grad()
+        model.eval()
+
+
+def total_variation(log_p: torch.Tensor, log_q: torch.Tensor) -> torch.Tensor:
+    """Total variation distance between distributions over the last dimension."""
+    return 0.5 * (log_p.exp() - log_q.exp()).abs().sum(-1)
+
+
+def check_bf16_decoder_is_close_to_fp32(model, x, labels=None, source=None, bound: float = 0.02) -> None:
+    """The bf16 cached decoder (for_decoding: bf16 weights and caches, oneDNN-packed linear layers
+    on CPU) gives conditionals within total variation `bound` of the float32 model's, fed the
+    same prefix, at every step."""
+    model.eval()
+    cfg = model.config
+    full = model_outputs(model, x, labels, source)  # (B, L, features), generation order
+    cached = teacher_forced_outputs(for_decoding(model, torch.bfloat16, x.shape[0]), x, labels, source)
+    cached = cached.float().reshape(full.shape)
+
+    def log_probs(out):
+        if cfg.output == "categorical":
+            return out.log_softmax(-1)
+        image = torch.empty_like(out)
+        image[:, model.order] = out  # back to image layout, where the DMOL conditionals are read
+        return conditional_log_probs(model, image.view(x.shape[0], *cfg.image_size, -1), x)
+
+    tv = total_variation(log_probs(cached), log_probs(full))
+    assert float(tv.max()) <= bound, f"bf16 decoder: total variation up to {float(tv.max()):.4f} (mean {float(tv.mean()):.4f})"
 
 
 def check_cache_equals_full_pass(model, x, labels=None, source=None) -> None:

@@ -12,7 +12,9 @@ super-resolution models with and without source_skip) and checks, for each:
 - the fast attention paths equal the dense reference, in likelihood and gradients;
 - the cached decoder equals the full forward pass at every step;
 - the same seed gives identical samples with and without the cache;
-- bits/dim from model.nll equals the value read off the model's own outputs.
+- bits/dim from model.nll equals the value read off the model's own outputs;
+- under bf16 autocast the fast training paths are as close to fp32 as the reference code is, and
+  the bf16 cached decoder's conditionals are within a small total variation of fp32's.
 
 The examples are the same on every run (see conftest.py); IMAGETX_HYPOTHESIS=thorough draws ten
 times as many fresh ones.
@@ -27,6 +29,8 @@ from hypothesis import strategies as st
 
 from imagetx import ImageTransformer, ModelConfig
 from model_properties import (
+    check_bf16_decoder_is_close_to_fp32,
+    check_bf16_fast_paths_match_the_bf16_reference,
     check_bits_per_dim,
     check_cache_equals_full_pass,
     check_dependencies,
@@ -131,6 +135,8 @@ ONE_PASS_CHECKS = {
     "fast paths equal the dense reference": (check_fast_equals_dense, 1, 3, 2),
     "cached decoder equals the full forward pass": (check_cache_equals_full_pass, 2, 5, 2),
     "bits/dim equal the model's outputs": (check_bits_per_dim, 4, 6, 3),
+    "bf16 fast paths match the bf16 reference": (check_bf16_fast_paths_match_the_bf16_reference, 1, 3, 2),
+    "bf16 decoder is close to fp32": (check_bf16_decoder_is_close_to_fp32, 2, 5, 2),
 }
 
 

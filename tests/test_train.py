@@ -123,8 +123,9 @@ def test_a_run_writes_a_self_describing_directory(tmp_path):
     assert RunConfig.from_dict(ckpt["config"]) == config
 
 
-def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path):
-    extra = ["train.max_steps=24", "train.grad_accum=2", "train.grad_clip=0.5"]
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, precision):
+    extra = ["train.max_steps=24", "train.grad_accum=2", "train.grad_clip=0.5", f"train.precision={precision}"]
     straight = tmp_path / "straight"
     train.run(tiny(straight, *extra))
 

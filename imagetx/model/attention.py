@@ -11,6 +11,8 @@ holds only what its pattern can see:
 - local1d: a window of two blocks, [previous block | current block] (constant memory per image);
 - local2d: a ring of the last fh + qh grid rows (the top flange and the current block row) and
   the current block's key window, rebuilt from the ring when a new block starts;
+- both local caches hold the window so that each query's keys are a contiguous slice of it
+  (visibility_order), and attend without a mask;
 - full: the whole prefix;
 - cross: the encoder's keys and values, computed once per image.
 """
@@ -105,14 +107,45 @@ class FullCache:
         return _sdpa(q, self.k[:, :, : step + 1], self.v[:, :, : step + 1])
 
 
+def visibility_order(window_mask: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, list[list[int]]]:
+    """Per block of a local pattern, its window keys in the order the block's queries come to
+    see them, so that what each query sees is a prefix of that order: no mask is needed when
+    decoding (scaled_dot_product_attention with a mask is several times slower for one query).
+
+    window_mask bool (blocks, block, window), valid bool (blocks * block,) or shorter (the real
+    queries; others are never decoded) -> (order long (blocks, window), count[b][i]: query i of
+    block b sees keys order[b, :count[b][i]]). Raises ValueError when a real query stops seeing a
+    key an earlier one saw: then no order works (the causal patterns here never do that).
+    """
+    nb, lq, W = window_mask.shape
+    real = torch.zeros(nb * lq, dtype=torch.bool)
+    real[: valid.numel()] = valid
+    real = real.view(nb, lq, 1)
+    m = window_mask & real
+    i = torch.arange(lq).view(1, lq, 1)
+    first = torch.where(m.any(1), m.int().argmax(1), lq)  # (nb, W): the first query that sees each key
+    sees = first.unsqueeze(1) <= i  # (nb, lq, W)
+    if not torch.equal(m, sees & real):
+        raise ValueError("a query of this attention pattern does not see every key an earlier query saw")
+    order = torch.argsort(first, dim=1, stable=True)
+    return order, sees.sum(-1).tolist()
+
+
 class Local1DCache:
-    """Keys and values of [previous block | current block]; the mask is the training pattern's."""
+    """Keys and values of [previous block | current block]: the keys a query sees are a
+    contiguous range of it (visibility_order), so attention takes a slice and no mask."""
 
     def __init__(self, B, h, hd, layout: Layout, like: torch.Tensor, position: Position, window_mask: torch.Tensor):
         self.lq = layout.block
         self.k = like.new_zeros(B, h, 2 * self.lq, hd)
         self.v = like.new_zeros(B, h, 2 * self.lq, hd)
-        self.mask = window_mask  # (nb, lq, 2lq)
+        order, count = visibility_order(window_mask, layout.valid)
+        # block 0 sees only its own half, blocks b > 0 both halves in storage order
+        self.first = [int(order[b, 0]) for b in range(order.shape[0])]
+        if any(sorted(order[b, : count[b][-1]].tolist()) != list(range(f, f + count[b][-1]))
+               for b, f in enumerate(self.first) if count[b][-1]):
+            raise ValueError("local 1D keys are not a contiguous range of the cache")
+        self.count = count
         self.position = position
 
     def attend(self, q, k, v):
@@ -122,12 +155,15 @@ class Local1DCache:
             self.v[:, :, : self.lq] = self.v[:, :, self.lq :]
         self.k[:, :, self.lq + i] = k[:, :, 0]
         self.v[:, :, self.lq + i] = v[:, :, 0]
-        return _sdpa(q, self.k, self.v, mask=self.mask[b, i][None])
+        lo = self.first[b]
+        hi = lo + self.count[b][i]
+        return _sdpa(q, self.k[:, :, lo:hi], self.v[:, :, lo:hi])
 
 
 class Local2DCache:
     """A ring of the last fh + qh rows of keys/values (padded by fw columns either side) and the
-    key window of the current query block."""
+    key window of the current query block, stored in the order the block's queries come to see
+    its keys (visibility_order): each query attends to a prefix of the window, with no mask."""
 
     def __init__(self, B, h, hd, layout: Layout, like: torch.Tensor, position: Position, window_mask: torch.Tensor):
         (self.qh, self.qw), (self.fh, self.fw) = layout.query_shape, layout.flange
@@ -140,7 +176,9 @@ class Local2DCache:
         self.ring_v = like.new_zeros(B, h, self.R, Wp + 2 * self.fw, hd)
         self.win_k = like.new_zeros(B, h, self.kh * self.kw, hd)
         self.win_v = like.new_zeros(B, h, self.kh * self.kw, hd)
-        self.mask = window_mask  # (nb, lq, kh*kw)
+        self.order, self.count = visibility_order(window_mask, layout.valid)
+        self.order = self.order.to(like.device)
+        self.slot_of = torch.argsort(self.order, dim=1).tolist()  # window key -> its place in the order
         self.position = position
         self.block = -1
 
@@ -148,22 +186,23 @@ class Local2DCache:
         blk, i = divmod(self.position.internal, self.lq)
         bi, bj = divmod(blk, self.nbw)
         qr, qc = divmod(i, self.qw)
-        if blk != self.block:  # gather the new block's window from the ring
+        if blk != self.block:  # gather the new block's window from the ring, in visibility order
             self.block = blk
             slots = [(bi * self.qh + r) % self.R for r in range(self.kh)]  # padded rows -> ring rows
             c0 = bj * self.qw
             B, h, _, _, hd = self.ring_k.shape
             for win, ring in ((self.win_k, self.ring_k), (self.win_v, self.ring_v)):
-                w = ring[:, :, slots, c0 : c0 + self.kw]  # (B, h, kh, kw, hd)
-                win.copy_(w.reshape(B, h, self.kh * self.kw, hd))
-        slot = (self.fh + qr) * self.kw + (self.fw + qc)
+                w = ring[:, :, slots, c0 : c0 + self.kw].reshape(B, h, self.kh * self.kw, hd)
+                torch.index_select(w, 2, self.order[blk], out=win)
+        slot = self.slot_of[blk][(self.fh + qr) * self.kw + (self.fw + qc)]
         ring_row = (bi * self.qh + qr + self.fh) % self.R
         ring_col = bj * self.qw + qc + self.fw
         self.win_k[:, :, slot] = k[:, :, 0]
         self.win_v[:, :, slot] = v[:, :, 0]
         self.ring_k[:, :, ring_row, ring_col] = k[:, :, 0]
         self.ring_v[:, :, ring_row, ring_col] = v[:, :, 0]
-        return _sdpa(q, self.win_k, self.win_v, mask=self.mask[blk, i][None])
+        n = self.count[blk][i]
+        return _sdpa(q, self.win_k[:, :, :n], self.win_v[:, :, :n])
 
 
 class MemoryCache:

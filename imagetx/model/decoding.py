@@ -8,10 +8,28 @@ its cache (see model/attention.py), so one decoding step costs the same whatever
 
 from __future__ import annotations
 
-import torch
+import copy
 
-from imagetx.model import dmol
+import torch
+from torch import nn
+
+from imagetx.model import dmol, kernels
 from imagetx.model.attention import Position
+
+
+def for_decoding(model, dtype: torch.dtype = torch.float32, batch: int = 1):
+    """The model to sample from in `dtype`: `model` itself for its own dtype, else an inference
+    copy in `dtype` (bf16: half the bytes per step; its caches are bf16 too, since they take the
+    weights' dtype). On CPU a bf16 copy's linear layers are PackedLinear for `batch` rows.
+    Sampling draws from float32 log-probabilities in either case (see draw)."""
+    if next(model.parameters()).dtype == dtype:
+        return model
+    frozen = copy.deepcopy(model).eval().requires_grad_(False).to(dtype)
+    for parent in list(frozen.modules()):
+        for name, child in list(parent.named_children()):
+            if isinstance(child, nn.Linear) and kernels.packing_applies(child.weight):
+                setattr(parent, name, kernels.PackedLinear(child, batch))
+    return frozen
 
 
 class IncrementalDecoder:

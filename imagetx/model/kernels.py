@@ -114,7 +114,8 @@ class _Local1DFlash(torch.autograd.Function):
             first = (torch.arange(1, n, device=qkv.device) % (L // block) == 0).view(-1, 1, 1)
             lse_prev = lse_prev.masked_fill(first, float("-inf"))
             merged = torch.logaddexp(lse[1:], lse_prev)
-            o[1:].lerp_(o_prev, torch.exp(lse_prev - merged).unsqueeze(-1))  # weights of the two halves
+            weight = torch.exp(lse_prev - merged).unsqueeze(-1).to(o.dtype)  # of the previous block's half
+            o[1:].lerp_(o_prev, weight)
             lse[1:] = merged
         ctx.save_for_backward(qkv, o, lse, first)
         ctx.heads, ctx.block, ctx.scale = heads, block, scale
@@ -148,16 +149,17 @@ class _Local1DFlash(torch.autograd.Function):
 
 
 def local1d_flash_applies(qkv: torch.Tensor, dropout: float) -> bool:
-    """The flash split runs on CPU in float32 without attention dropout, when the operators exist
-    and neither reference_mode nor windowed_local1d is on."""
+    """The flash split runs on CPU in float32 or bfloat16 without attention dropout, when the
+    operators exist and neither reference_mode nor windowed_local1d is on."""
     return (
         local1d_flash_enabled() and dropout == 0.0 and qkv.device.type == "cpu"
-        and qkv.dtype == torch.float32 and flash_forward is not None and flash_backward is not None
+        and qkv.dtype in (torch.float32, torch.bfloat16)
+        and flash_forward is not None and flash_backward is not None
     )
 
 
 def local1d_flash(qkv: torch.Tensor, heads: int, block: int) -> torch.Tensor:
-    """Local 1D causal attention from qkv float32 (B, L, 3 * h * hd) on CPU -> (B, L, h * hd), see
+    """Local 1D causal attention from qkv float32 or bfloat16 (B, L, 3 * h * hd) on CPU -> (B, L, h * hd), see
     _Local1DFlash. L need not divide into blocks (the tail is padded)."""
     L = qkv.shape[1]
     pad = -L % block
@@ -215,31 +217,39 @@ class _FeedForward(torch.autograd.Function):
     """relu(x W1^T + b1) W2^T + b2 with the ReLU and its backward in place. Autograd's version
     allocates both anew (two tokens x d_ff tensors per layer and step) and, with an in-place
     ReLU on the view that linear returns, adds two more copies in the backward.
-    Tested with torch 2.14.1."""
+
+    `dtype` is the compute dtype: x and the weights are cast to it (bf16 under CPU autocast, as
+    autocast casts a Linear's inputs) and the output is in it; the gradients come back in the
+    inputs' own dtypes (their sums accumulate in float32 either way). Tested with torch 2.14.1."""
 
     @staticmethod
-    def forward(ctx, x, w1, b1, w2, b2):
-        x2 = x.reshape(-1, x.shape[-1])  # (tokens, d)
-        h = torch.addmm(b1, x2, w1.t()).clamp_min_(0)  # (tokens, d_ff)
-        y = torch.addmm(b2, h, w2.t())
-        ctx.save_for_backward(x2, h, w1, w2)
-        ctx.shape = x.shape
+    def forward(ctx, x, w1, b1, w2, b2, dtype):
+        x2 = x.reshape(-1, x.shape[-1]).to(dtype)  # (tokens, d)
+        w1c, b1c, w2c, b2c = (t.to(dtype) for t in (w1, b1, w2, b2))
+        h = torch.addmm(b1c, x2, w1c.t()).clamp_min_(0)  # (tokens, d_ff)
+        y = torch.addmm(b2c, h, w2c.t())
+        ctx.save_for_backward(x2, h, w1c, w2c)
+        ctx.shape, ctx.x_dtype, ctx.w_dtype = x.shape, x.dtype, w1.dtype
         return y.view(*x.shape[:-1], -1)  # (..., d)
 
     @staticmethod
     def backward(ctx, grad_y):
         x2, h, w1, w2 = ctx.saved_tensors
-        gy = grad_y.reshape(-1, grad_y.shape[-1])  # (tokens, d)
+        gy = grad_y.reshape(-1, grad_y.shape[-1]).to(h.dtype)  # (tokens, d)
         gh = gy @ w2
         # zero where the ReLU was off, in place (aten::threshold_backward.grad_input)
         torch.ops.aten.threshold_backward.grad_input(gh, h, threshold=0, grad_input=gh)
-        gx = (gh @ w1).view(ctx.shape) if ctx.needs_input_grad[0] else None  # (..., d)
-        return gx, gh.t() @ x2, gh.sum(0), gy.t() @ h, gy.sum(0)
+        gx = (gh @ w1).view(ctx.shape).to(ctx.x_dtype) if ctx.needs_input_grad[0] else None  # (..., d)
+        wd = ctx.w_dtype
+        return (
+            gx, (gh.t() @ x2).to(wd), gh.sum(0).to(wd), (gy.t() @ h).to(wd), gy.sum(0).to(wd), None,
+        )
 
 
-def feed_forward(x, w1, b1, w2, b2) -> torch.Tensor:
-    """relu(x W1^T + b1) W2^T + b2 for x float (..., d) -> (..., d), see _FeedForward."""
-    return _FeedForward.apply(x, w1, b1, w2, b2)
+def feed_forward(x, w1, b1, w2, b2, dtype: torch.dtype | None = None) -> torch.Tensor:
+    """relu(x W1^T + b1) W2^T + b2 for x float (..., d) -> (..., d) computed in `dtype` (default
+    x's), see _FeedForward."""
+    return _FeedForward.apply(x, w1, b1, w2, b2, dtype or x.dtype)
 
 
 # ---- post-LN residual: LayerNorm(x + dropout(f)) keeping only its output ----------------------
@@ -283,3 +293,38 @@ class _ResidualDropoutLayerNorm(torch.autograd.Function):
 def residual_dropout_layer_norm(x, f, weight, bias, p: float, eps: float) -> torch.Tensor:
     """LayerNorm(x + dropout(f)) in training, x, f float (..., d); p in [0, 1)."""
     return _ResidualDropoutLayerNorm.apply(x, f, weight, bias, p, eps)
+
+
+# ---- decoding: linear layers with their weights reordered once ---------------------------------
+# Private oneDNN operators (absent on a torch built without oneDNN; then packing is skipped):
+#   mkldnn::_reorder_linear_weight(Tensor self, int? batch_size) -> Tensor
+#   mkldnn::_linear_pointwise(Tensor X, Tensor W, Tensor? B, str attr, Scalar?[] scalars, str? algorithm) -> Tensor
+_reorder_linear_weight = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None)
+_linear_pointwise = getattr(torch.ops.mkldnn, "_linear_pointwise", None)
+
+
+def packing_applies(weight: torch.Tensor) -> bool:
+    """Whether `weight` can be packed for oneDNN: a bf16 CPU weight, the operators present, oneDNN
+    usable and reference_mode off."""
+    return (
+        enabled() and weight.device.type == "cpu" and weight.dtype == torch.bfloat16
+        and _reorder_linear_weight is not None and _linear_pointwise is not None
+        and torch.backends.mkldnn.is_available()
+    )
+
+
+class PackedLinear(torch.nn.Module):
+    """An inference-only copy of a bf16 nn.Linear whose weight oneDNN reorders once, for a batch
+    of `batch` rows, instead of at every call. At the batch sizes of cached decoding (1-16 rows)
+    nn.Linear in bf16 on CPU reads its weight at about half the memory bandwidth; the packed
+    weight streams at close to it (benchmarks/sampling.py). Same result as F.linear (the same
+    oneDNN kernel computes both). Tested with torch 2.14.1."""
+
+    def __init__(self, linear: torch.nn.Linear, batch: int):
+        super().__init__()
+        self.in_features, self.out_features = linear.in_features, linear.out_features
+        self.packed = _reorder_linear_weight(linear.weight.detach(), batch)
+        self.bias = None if linear.bias is None else linear.bias.detach()
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return _linear_pointwise(x, self.packed, self.bias, "none", [], "")

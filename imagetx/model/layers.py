@@ -13,8 +13,15 @@ from torch import nn
 from imagetx.model import kernels
 
 
-def _compiling_or_autocast(x: torch.Tensor) -> bool:
-    return torch.compiler.is_compiling() or torch.is_autocast_enabled(x.device.type)
+def _kernel_dtype(x: torch.Tensor) -> torch.dtype | None:
+    """The dtype a training kernel computes in for x: x's own, or the autocast dtype under CPU
+    autocast; None where the plain code runs instead (reference mode, no grad, compiling, or
+    autocast on another device, whose own dtype handling applies)."""
+    if not kernels.enabled() or not torch.is_grad_enabled() or torch.compiler.is_compiling():
+        return None
+    if not torch.is_autocast_enabled(x.device.type):
+        return x.dtype
+    return torch.get_autocast_dtype("cpu") if x.device.type == "cpu" else None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:
@@ -34,25 +41,27 @@ class Dropout(nn.Dropout):
 
 
 class FeedForward(nn.Sequential):
-    """The position-wise FFN: Linear(d, d_ff), ReLU, Linear(d_ff, d). Training in full precision
-    runs through kernels.feed_forward (ReLU in place)."""
+    """The position-wise FFN: Linear(d, d_ff), ReLU, Linear(d_ff, d). Training runs through
+    kernels.feed_forward (ReLU in place), in the autocast dtype under CPU autocast."""
 
     def __init__(self, d: int, d_ff: int):
         super().__init__(nn.Linear(d, d_ff), nn.ReLU(), nn.Linear(d_ff, d))
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
-        if not kernels.enabled() or not torch.is_grad_enabled() or _compiling_or_autocast(x):
+        dtype = _kernel_dtype(x)
+        if dtype is None:
             return super().forward(x)
         first, _, second = self
-        return kernels.feed_forward(x, first.weight, first.bias, second.weight, second.bias)
+        return kernels.feed_forward(x, first.weight, first.bias, second.weight, second.bias, dtype)
 
 
 def residual_dropout_layer_norm(x, f, norm: nn.LayerNorm, p: float, training: bool) -> torch.Tensor:
-    """LayerNorm(x + dropout(f)) for post-LN layers; x, f float (..., d). Training in full
-    precision keeps only the output for the backward (kernels.residual_dropout_layer_norm)."""
+    """LayerNorm(x + dropout(f)) for post-LN layers; x, f float (..., d), the sum in the wider of
+    their dtypes (under autocast x is the float32 residual stream, f a bfloat16 sublayer output).
+    Training keeps only the output for the backward (kernels.residual_dropout_layer_norm)."""
     p = p if training else 0.0
     needs_grad = torch.is_grad_enabled() and (x.requires_grad or f.requires_grad)
-    if not kernels.enabled() or not needs_grad or torch.is_autocast_enabled(x.device.type):
-        # inference, mixed precision (autograd's own path handles the dtypes), or the reference
+    if not needs_grad or _kernel_dtype(x) is None:
+        # inference, the reference, or autocast on a device with its own dtype handling
         return norm(x + dropout(f, p, training=p > 0))
     return kernels.residual_dropout_layer_norm(x, f, norm.weight, norm.bias, p, norm.eps)

@@ -236,7 +236,7 @@ class ImageTransformer(nn.Module):
                 skip = self.source_embed(tokens) * self.scale
             else:
                 pixels = source.reshape(B, -1, self.config.channels)[:, self.source_index]
-                skip = self.source_embed(dmol.to_unit(pixels))
+                skip = self.source_embed(dmol.to_unit(pixels).to(self.start.dtype))  # the weights' dtype
             cond = skip if cond is None else cond + skip
         return cond, memory
 
@@ -252,7 +252,7 @@ class ImageTransformer(nn.Module):
         if self.config.output == "categorical":
             emb = self.embed(values.long() + self.input_offset[k : k + values.shape[1]]) * self.scale
         else:
-            emb = self.embed(dmol.to_unit(values))
+            emb = self.embed(dmol.to_unit(values).to(self.start.dtype))  # the weights' dtype
         if first_step > 0:
             return emb
         start = self.start.to(emb.dtype).expand(values.shape[0], 1, -1)

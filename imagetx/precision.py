@@ -1,0 +1,108 @@
+"""Which floating-point precision a command computes in, and why.
+
+"auto" picks bf16 where the hardware multiplies bf16 matrices natively: CUDA, and CPUs with
+AVX512-BF16 or AMX (read from the processor's feature flags, not from a timing). Everything else
+computes in fp32. "fp32" and "bf16" force it; bf16 forced on a CPU without native bf16 runs, with
+a warning that it will be slow.
+
+bf16 here means mixed precision: the weights the optimizer updates, its state, the loss, the
+log-softmax and every reported number stay fp32; matrix products (and, in sampling, the cached
+keys and values) are bf16.
+"""
+
+from __future__ import annotations
+
+import functools
+import warnings
+from contextlib import AbstractContextManager
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+PRECISIONS = ("auto", "fp32", "bf16")
+_BF16_CPU_FLAGS = ("amx_bf16", "avx512_bf16")
+
+
+def bf16_features(cpuinfo: str) -> tuple[str, ...]:
+    """The native bf16 matrix features (amx_bf16, avx512_bf16) named in the flags line of a
+    Linux /proc/cpuinfo text; () when there are none."""
+    for line in cpuinfo.splitlines():
+        if line.startswith("flags"):
+            flags = set(line.partition(":")[2].split())
+            return tuple(f for f in _BF16_CPU_FLAGS if f in flags)
+    return ()
+
+
+@functools.lru_cache(maxsize=1)
+def cpu_bf16_features() -> tuple[str, ...]:
+    """This processor's native bf16 matrix features (see bf16_features); () when it has none or
+    its flags cannot be read (not Linux)."""
+    try:
+        return bf16_features(Path("/proc/cpuinfo").read_text(errors="replace"))
+    except OSError:
+        return ()
+
+
+@dataclass(frozen=True)
+class Precision:
+    """A resolved precision: `bf16` True for bf16 mixed precision; `reason` says why, in words."""
+
+    bf16: bool
+    reason: str
+
+    @property
+    def name(self) -> str:
+        return "bf16" if self.bf16 else "fp32"
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return torch.bfloat16 if self.bf16 else torch.float32
+
+    def describe(self) -> str:
+        return f"{'bf16 mixed precision' if self.bf16 else 'fp32'} ({self.reason})"
+
+    def autocast(self, device: torch.device) -> AbstractContextManager:
+        """bf16 autocast on `device` when bf16, else autocast off (fp32 throughout)."""
+        if self.bf16:
+            return torch.autocast(device.type, dtype=torch.bfloat16)
+        return torch.autocast(device.type, enabled=False)
+
+
+FP32 = Precision(False, "exact")
+
+
+def precision_problems(value, name: str = "--precision") -> list[str]:
+    """The one check of a precision name: [] or the problem in words."""
+    if value in PRECISIONS:
+        return []
+    return [f"{name} must be one of {', '.join(PRECISIONS)}; got {value!r}"]
+
+
+def native_bf16(device: torch.device) -> tuple[bool, str]:
+    """(whether `device` multiplies bf16 matrices natively, the evidence in words)."""
+    if device.type == "cuda":
+        return True, "CUDA"
+    if device.type == "cpu":
+        features = cpu_bf16_features()
+        if features:
+            return True, f"this CPU has {' and '.join(f.upper().replace('_', '-') for f in features)}"
+        return False, "this CPU has no native bf16 (neither AMX-BF16 nor AVX512-BF16)"
+    return False, f"no native bf16 detection for {device.type}"
+
+
+def resolve(requested: str, device: torch.device | str, default_reason: str = "") -> Precision:
+    """"auto" | "fp32" | "bf16" on `device` -> Precision. Forcing bf16 where it is not native
+    warns (UserWarning, shown as one `warning:` line by the CLI)."""
+    if requested not in PRECISIONS:
+        raise ValueError(precision_problems(requested, "precision")[0])
+    device = torch.device(device)
+    native, why = native_bf16(device)
+    if requested == "fp32":
+        return Precision(False, default_reason or "chosen")
+    if requested == "bf16":
+        if not native:
+            warnings.warn(f"bf16 was chosen but {why}: it runs, emulated and slowly; "
+                          "fp32 (precision auto or fp32) is faster here", stacklevel=2)
+        return Precision(True, "chosen")
+    return Precision(native, f"auto: {why}")
