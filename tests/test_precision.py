@@ -138,4 +138,4 @@ def test_eval_bpd_labels_bf16_approximate_in_every_report(trained):
     exact = CliRunner().invoke(app, ["eval-bpd", str(run_dir), "--limit", "32", "--json"])
     assert _json_line(exact.output)["approximate"] is False
     bad = CliRunner().invoke(app, ["eval-bpd", str(run_dir), "--precision", "fp8"])
-    assert bad.exit_code == 2 and "--precision must be one of auto, fp32, bf16; got 'fp8'" in bad.output
+    assert bad.exit_code == 2 and "error: precision must be one of auto, fp32, bf16; got 'fp8'" in bad.output
