@@ -9,7 +9,12 @@ Reports, in one run on this machine:
   for every sub-pixel), timed on a prefix of steps, and its ratio to the cached decoder.
 - optionally (--sizes) per sub-pixel time at 32x32x3 vs 64x64x3 for local 1D and local 2D.
 
-    python benchmarks/sampling.py [--steps 256] [--slow-steps 3] [--sizes]
+--precision auto|fp32|bf16 picks the decoder's precision as `imagetx sample` does (auto: bf16 on
+CPUs with AMX-BF16 or AVX512-BF16). The roofline counts 4 bytes per weight and cached key/value
+in fp32, 2 in bf16, and the matmul peak of the same precision (both peaks are measured). When the
+precision is bf16 the fp32 decoder is timed in the same run too, and the speed-up reported.
+
+    python benchmarks/sampling.py [--precision auto] [--steps 256] [--slow-steps 3] [--sizes]
 """
 
 from __future__ import annotations
@@ -34,12 +39,12 @@ def cached_ms_per_step(model, batch: int, steps: int, start: int = 0) -> float:
         dec = IncrementalDecoder(model, batch)
         prev = None
         for k in range(start):  # reach the measured region (e.g. past the first block)
-            prev = dec.step(k, prev).argmax(-1)
+            prev = dec.step(k, prev).float().argmax(-1)
         for k in range(start, start + 8):  # warm up
-            prev = dec.step(k, prev).argmax(-1)
+            prev = dec.step(k, prev).float().argmax(-1)
         t = time.perf_counter()
         for k in range(start + 8, start + 8 + steps):
-            prev = dec.step(k, prev).argmax(-1)
+            prev = dec.step(k, prev).float().argmax(-1)
         return 1000 * (time.perf_counter() - t) / steps
 
 
@@ -55,13 +60,13 @@ def uncached_ms_per_step(model, steps: int, batch: int = 1) -> float:
         return 1000 * (time.perf_counter() - t) / steps
 
 
-def roofline_ms(model, batch: int, bandwidth_gbs: float, peak_gflops: float) -> dict:
+def roofline_ms(model, batch: int, bandwidth_gbs: float, peak_gflops: float, bytes_per_value: int = 4) -> dict:
     cfg = model.config
     weights = sum(p.numel() for n, p in model.named_parameters() if not n.startswith(("embed", "pos", "class_embed")))
-    weight_bytes = 4 * weights
+    weight_bytes = bytes_per_value * weights
     keys = 2 * cfg.block_length if cfg.attention == "local1d" else cfg.seq_len
     flops = batch * (2 * weights + cfg.n_layers * 4 * keys * cfg.attn_dim)
-    cache_bytes = batch * cfg.n_layers * 2 * keys * cfg.attn_dim * 4  # K and V read once
+    cache_bytes = batch * cfg.n_layers * 2 * keys * cfg.attn_dim * bytes_per_value  # K and V read once
     t_mem = (weight_bytes + cache_bytes) / (bandwidth_gbs * 1e9)
     t_flop = flops / (peak_gflops * 1e9)
     return {"ms": 1000 * max(t_mem, t_flop), "memory_ms": 1000 * t_mem, "compute_ms": 1000 * t_flop,
@@ -70,27 +75,34 @@ def roofline_ms(model, batch: int, bandwidth_gbs: float, peak_gflops: float) -> 
 
 def main() -> None:
     from imagetx import ImageTransformer, ModelConfig
+    from imagetx.model.decoding import for_decoding
+    from imagetx.precision import resolve
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
     ap.add_argument("--steps", type=int, default=256, help="cached steps timed per batch size")
     ap.add_argument("--slow-steps", type=int, default=3, help="full-recompute steps timed")
     ap.add_argument("--sizes", action="store_true", help="also compare 32x32x3 with 64x64x3")
     args = ap.parse_args()
+    precision = resolve(args.precision, "cpu")
     torch.manual_seed(0)
     bandwidth = memory_bandwidth_gbs()
-    peak = matmul_peak_gflops()
+    peaks = {name: matmul_peak_gflops(dtype=dtype) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
     model = ImageTransformer(ModelConfig(dropout=0.0)).eval()  # published CIFAR-10 cat config
     result: dict = {
         "config": "cifar10 cat: 12 layers, d 512, 4 heads, d_ff 2048, local1d block 256",
+        "precision": precision.describe(),
         "parameters": sum(p.numel() for p in model.parameters()),
         "torch_threads": torch.get_num_threads(),
         "memory_bandwidth_gbs": round(bandwidth, 2),
-        "matmul_peak_gflops": round(peak, 1),
+        "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
     }
+    value_bytes = 2 if precision.bf16 else 4
     for batch in (1, 16):
-        ms = cached_ms_per_step(model, batch, args.steps, start=300)
-        roof = roofline_ms(model, batch, bandwidth, peak)
-        result[f"batch{batch}"] = {
+        decoder = for_decoding(model, precision.dtype, batch)
+        ms = cached_ms_per_step(decoder, batch, args.steps, start=300)
+        roof = roofline_ms(model, batch, bandwidth, peaks[precision.name], value_bytes)
+        row = result[f"batch{batch}"] = {
             "ms_per_subpixel_step": round(ms, 3),
             "ms_per_image_subpixel": round(ms / batch, 3),
             "seconds_per_image": round(ms / batch * model.config.seq_len / 1000, 2),
@@ -99,9 +111,14 @@ def main() -> None:
             "roofline_compute_ms": round(roof["compute_ms"], 3),
             "measured_over_roofline": round(ms / roof["ms"], 2),
         }
+        if precision.bf16:  # the fp32 decoder in the same run
+            fp32 = cached_ms_per_step(model, batch, args.steps, start=300)
+            row["fp32_ms_per_subpixel_step"] = round(fp32, 3)
+            row["fp32_measured_over_fp32_roofline"] = round(fp32 / roofline_ms(model, batch, bandwidth, peaks["fp32"])["ms"], 2)
+            row["speedup_over_fp32"] = round(fp32 / ms, 2)
     for batch, steps in ((1, args.slow_steps), (16, 1)):
         slow = uncached_ms_per_step(model, steps, batch)
-        result[f"batch{batch}"]["uncached_ms_per_subpixel_step"] = round(slow, 1)
+        result[f"batch{batch}"]["uncached_fp32_ms_per_subpixel_step"] = round(slow, 1)
         result[f"batch{batch}"]["cached_speedup"] = round(slow / result[f"batch{batch}"]["ms_per_subpixel_step"], 1)
     result["reference_dense_gpt_ms_per_subpixel"] = 45.0  # REFERENCE.md section 5, same machine type
     if args.sizes:
@@ -113,7 +130,7 @@ def main() -> None:
             row = {}
             for hw in ((32, 32), (64, 64)):
                 m = ImageTransformer(ModelConfig(image_size=hw, dropout=0.0, n_layers=4, **extra)).eval()
-                row[f"{hw[0]}x{hw[1]}x3"] = round(cached_ms_per_step(m, 1, args.steps, start=600), 3)
+                row[f"{hw[0]}x{hw[1]}x3"] = round(cached_ms_per_step(for_decoding(m, precision.dtype), 1, args.steps, start=600), 3)
             row["ratio"] = round(row["64x64x3"] / row["32x32x3"], 3)
             sizes[name] = row
         result["ms_per_step_by_size_4_layers"] = sizes

@@ -3,8 +3,13 @@
 12 layers, d 512, 4 heads, d_ff 2048, local 1D block 256 (512 keys), dropout 0.3, batch 4, Adam.
 Model FLOPs per step = 6 x non-embedding parameters x sub-pixels
                      + 12 x layers x d x (keys each query may see) x sub-pixels,
-utilization = model FLOPs / best seconds / the machine's own fp32 matmul peak, measured in the same
-run. Peak memory is the process's peak resident set.
+utilization = model FLOPs / best seconds / the machine's own matmul peak in the precision the step
+uses (fp32, or bf16 for bf16 mixed precision), measured in the same run. Peak memory is the
+process's peak resident set.
+
+--precision auto|fp32|bf16 picks the step's precision as `imagetx train` does (auto: bf16 autocast
+on CPUs with AMX-BF16 or AVX512-BF16). When it is bf16 the same run also times fp32 steps and
+reports the speed-up (`--no-baseline` skips them). Both peaks are measured in every run.
 
 The peak is the highest sustained rate of back-to-back 2048^3 matmuls over 5-second windows, one
 window before the steps and one after each (`--peak-window`). On a shared machine whose speed
@@ -13,7 +18,7 @@ step can hold, so the best step is compared with the best window rather than wit
 burst. The best burst (best of 5 single matmuls at each point) and the utilization against it
 are reported too: `matmul_burst_gflops`, `mfu_vs_burst`.
 
-    python benchmarks/train_step.py [--steps 5] [--batch 4] [--checkpointing] [--compile] [--allocator system]
+    python benchmarks/train_step.py [--precision auto] [--steps 5] [--batch 4] [--checkpointing] [--compile] [--allocator system]
 
 Like the `imagetx` command, it restarts itself with tcmalloc or jemalloc preloaded when one is
 installed (see imagetx/memory.py); --allocator system measures with the C library's malloc.
@@ -39,8 +44,11 @@ from common import matmul_peak_gflops, peak_rss_mb, sustained_matmul_gflops  # n
 def main() -> None:
     from imagetx import ImageTransformer, ModelConfig
     from imagetx.memory import allocator_in_use, restart_with_fast_allocator, use_mmap_for_large_tensors
+    from imagetx.precision import resolve
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")
+    ap.add_argument("--no-baseline", action="store_true", help="with bf16: do not also time fp32 steps")
     ap.add_argument("--steps", type=int, default=5)
     ap.add_argument("--batch", type=int, default=4)
     ap.add_argument("--layers", type=int, default=12)
@@ -54,14 +62,18 @@ def main() -> None:
         restart_with_fast_allocator()
     if allocator_in_use() == "system":
         use_mmap_for_large_tensors()  # so glibc's peak resident set is the live tensors, not heap fragments
+    precision = resolve(args.precision, "cpu")
     torch.manual_seed(0)
-    peaks, bursts = [], []
+    dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
+    peaks = {name: [] for name in dtypes}
+    bursts = {name: [] for name in dtypes}
 
-    def measure_peak():
-        bursts.append(matmul_peak_gflops())
-        peaks.append(sustained_matmul_gflops(seconds=args.peak_window))
+    def measure_peaks():
+        for name, dtype in dtypes.items():
+            bursts[name].append(matmul_peak_gflops(dtype=dtype))
+            peaks[name].append(sustained_matmul_gflops(seconds=args.peak_window, dtype=dtype))
 
-    measure_peak()
+    measure_peaks()
     cfg = ModelConfig(n_layers=args.layers)  # defaults = the published CIFAR-10 cat config
     model = ImageTransformer(cfg).train()
     model.set_activation_checkpointing(args.checkpointing)
@@ -74,26 +86,35 @@ def main() -> None:
 
     nll = torch.compile(model.nll) if args.compile else model.nll
 
-    def step():
-        loss = nll(x).mean() / (cfg.num_dims * 0.6931471805599453)
-        loss.backward()
-        opt.step()
-        opt.zero_grad(set_to_none=True)
+    def time_steps(p) -> tuple[float, list[float]]:
+        def step():
+            with p.autocast(torch.device("cpu")):
+                loss = nll(x).mean() / (cfg.num_dims * 0.6931471805599453)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
 
-    t = time.perf_counter()
-    step()  # warm-up (allocations, Adam state; compilation with --compile)
-    first_step = time.perf_counter() - t
-    times = []
-    for _ in range(args.steps):
         t = time.perf_counter()
-        step()
-        times.append(time.perf_counter() - t)
-        measure_peak()
-    peak, burst = max(peaks), max(bursts)
+        step()  # warm-up (allocations, Adam state; compilation with --compile)
+        first = time.perf_counter() - t
+        times = []
+        for _ in range(args.steps):
+            t = time.perf_counter()
+            step()
+            times.append(time.perf_counter() - t)
+            measure_peaks()
+        return first, times
+
+    first_step, times = time_steps(precision)
+    baseline = None
+    if precision.bf16 and not args.no_baseline:
+        baseline = time_steps(resolve("fp32", "cpu"))[1]
+    peak, burst = max(peaks[precision.name]), max(bursts[precision.name])
     best = min(times)
     result = {
         "config": f"cifar10 cat: {cfg.n_layers} layers, d {cfg.d_model}, {cfg.n_heads} heads, d_ff {cfg.d_ff}, "
         f"local1d block {cfg.block_length}, dropout {cfg.dropout}, batch {args.batch}",
+        "precision": precision.describe(),
         "activation_checkpointing": args.checkpointing,
         "compile": args.compile,
         "allocator": allocator_in_use(),
@@ -106,14 +127,18 @@ def main() -> None:
         "model_tflops_per_step": round(model_flops / 1e12, 3),
         "achieved_gflops": round(model_flops / best / 1e9, 1),
         "matmul_peak_gflops": round(peak, 1),
-        "matmul_peak_samples": [round(p, 1) for p in peaks],
+        "matmul_peak_samples": {k: [round(p, 1) for p in v] for k, v in peaks.items()},
         "mfu": round(model_flops / best / 1e9 / peak, 3),
         "matmul_burst_gflops": round(burst, 1),
-        "matmul_burst_samples": [round(p, 1) for p in bursts],
         "mfu_vs_burst": round(model_flops / best / 1e9 / burst, 3),
+        "matmul_peak_gflops_by_precision": {k: round(max(v), 1) for k, v in peaks.items()},
         "peak_rss_gb": round(peak_rss_mb() / 1024, 2),
         "reference_port": {"seconds_per_step": 31, "peak_gb": 14, "mfu": 0.66},
     }
+    if baseline is not None:
+        result["fp32_seconds_per_step"] = [round(t, 2) for t in baseline]
+        result["fp32_mfu"] = round(model_flops / min(baseline) / 1e9 / max(peaks["fp32"]), 3)
+        result["speedup_over_fp32"] = round(min(baseline) / best, 2)
     if result["allocator"] == "system":
         result["note"] = ("measured with glibc's malloc, which costs 10-15% here in page faults; install "
                           "libtcmalloc-minimal4 (or libjemalloc2) and the benchmark preloads it")
