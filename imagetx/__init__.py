@@ -21,6 +21,7 @@ Where everything lives (one line a module):
     images.py         image files in (every Pillow mode, checked) and out (PNG, grids, npz)
     distributed.py    devices, torchrun process groups and the collectives training and evaluation use
     memory.py         tcmalloc/jemalloc for CPU runs, resident-memory numbers
+    precision.py      fp32 or bf16 mixed precision: "auto" reads the CPU's bf16 features, and says why
     data/             one reader per on-disk format (cifar, idx, imagenet, celeba, folder, builtin) -> uint8
                       (N, H, W, C); dataset.py the data set classes, transforms.py resizing and channels,
                       superres.py low/high-resolution pairs, batches.py config -> data set -> batches,
@@ -29,7 +30,7 @@ Where everything lives (one line a module):
                       attention.py the three patterns and their caches; layers.py dropout, FFN, residual;
                       kernels.py the fast CPU kernels behind reference_mode(); position.py 2D position
                       encodings; dmol.py the discretized logistic mixture; transformer.py the model;
-                      decoding.py cached and reference sampling
+                      decoding.py cached and reference sampling, the bf16 decoding copy
 """
 
 from imagetx.errors import ConfigError

@@ -90,7 +90,7 @@ class TrainConfig:
     device: str = "auto"  # "auto" (CUDA if present, else CPU), "cpu", "cuda" or "cuda:N"
     seed: int = 0  # model init and data order; process r also seeds dropout with seed + r
     batch_size: int = 8  # images per process per micro-batch
-    max_steps: int = 2600  # optimizer steps
+    max_steps: int = 4000  # optimizer steps
     max_minutes: float = 9.5  # stop cleanly with a checkpoint after this long (0: no limit)
     optimizer: str = "adam"  # "adam" (as published) or "adamw"
     lr: float = 2e-3  # peak learning rate, reached at the end of the warmup
@@ -105,11 +105,11 @@ class TrainConfig:
     compile: bool | str = "auto"  # torch.compile: "auto" (CUDA only), true or false
     activation_checkpointing: bool = False  # recompute activations in backward: less memory
     log_every: int = 10  # steps between metrics.jsonl rows
-    eval_every: int = 650  # steps between held-out bits/dim evaluations (0: never)
+    eval_every: int = 1000  # steps between held-out bits/dim evaluations (0: never)
     eval_images: int = 200  # test images per evaluation (0: the whole split)
-    sample_every: int = 650  # steps between sample grids (0: never)
+    sample_every: int = 1000  # steps between sample grids (0: never)
     sample_count: int = 36  # images per sample grid
-    checkpoint_every: int = 650  # steps between checkpoints (one is always written at the end)
+    checkpoint_every: int = 1000  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 3  # most recent checkpoints kept (0: keep all)
 
     def problems(self) -> list[str]:
