@@ -79,6 +79,7 @@ TABLE = [
     (["sample", "{gen}", "--batch-size", "0", "--out", "{out}/a.png"], 2, "--batch-size"),
     (["sample", "{gen}", "--label", "1", "--out", "{out}/a.png"], 2, "unconditional"),
     (["sample", "{gen}", "--device", "tpu", "--out", "{out}/a.png"], 2, "--device"),
+    (["sample", "{gen}", "--precision", "fp16", "--out", "{out}/a.png"], 2, "--precision must be one of auto, fp32, bf16"),
     (["sample", "{gen}", "--device", "cuda:7", "--out", "{out}/a.png"], 2, "CUDA"),
     (["sample", "{gen}", "--out", "{out}"], 2, "is a directory"),
     (["sample", "{gen}", "--out", "{root}/a-file/x.png"], 2, "is a file, not a directory"),
@@ -105,6 +106,7 @@ TABLE = [
     (["superres", "{sr}", "--input", "{root}/ok.png", "--out", "{root}/a-file"], 2, "not a directory"),
     (["superres", "{sr}", "--input", "{root}/ok.png", "--label", "0", "--out", "{out}/sr"], 2, "--label"),
     (["superres", "{sr}", "--input", "{root}/ok.png", "--seed", "-1", "--out", "{out}/sr"], 2, "--seed"),
+    (["superres", "{sr}", "--input", "{root}/ok.png", "--precision", "half", "--out", "{out}/sr"], 2, "--precision"),
     (["superres", "{gen}", "--input", "{root}/ok.png", "--out", "{out}/sr"], 2, "not a super-resolution model"),
     (["superres", "{sr}", "--dataset", "cifar10", "--data-dir", "{root}/nowhere", "--out", "{out}/sr"], 1, "cifar10 not found"),
     # train (the configuration; the run itself: test_train.py)
@@ -115,8 +117,10 @@ TABLE = [
     (["train", "--set", "model.nonsense=1", "--out", "{out}/run"], 2, "model.nonsense"),
     (["train", "--set", "oops", "--out", "{out}/run"], 2, "section.key=value"),
     (["train", "--max-steps", "x"], 2, "Invalid value"),
+    (["train", "--set", "train.precision=fp16", "--out", "{out}/run"], 2, "train.precision must be one of auto, fp32, bf16"),
     # eval-bpd
     (["eval-bpd", "{root}/missing.pt"], 1, "missing.pt"),
+    (["eval-bpd", "{gen}", "--precision", "fp64"], 2, "precision must be one of auto, fp32, bf16"),
     (["eval-bpd", "{root}/not-a-checkpoint.pt"], 1, "not-a-checkpoint.pt"),
 ]
 
