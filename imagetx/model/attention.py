@@ -139,13 +139,13 @@ class Local1DCache:
         self.lq = layout.block
         self.k = like.new_zeros(B, h, 2 * self.lq, hd)
         self.v = like.new_zeros(B, h, 2 * self.lq, hd)
-        order, count = visibility_order(window_mask, layout.valid)
-        # block 0 sees only its own half, blocks b > 0 both halves in storage order
-        self.first = [int(order[b, 0]) for b in range(order.shape[0])]
-        if any(sorted(order[b, : count[b][-1]].tolist()) != list(range(f, f + count[b][-1]))
-               for b, f in enumerate(self.first) if count[b][-1]):
-            raise ValueError("local 1D keys are not a contiguous range of the cache")
-        self.count = count
+        order, self.count = visibility_order(window_mask, layout.valid)
+        # block 0 sees only its own half, blocks b > 0 both halves: in storage order either way
+        self.first = order[:, 0].tolist()
+        for b, lo in enumerate(self.first):
+            seen = self.count[b][-1]
+            if not torch.equal(order[b, :seen], torch.arange(lo, lo + seen)):
+                raise ValueError("local 1D keys are not a contiguous range of the cache")
         self.position = position
 
     def attend(self, q, k, v):
