@@ -163,6 +163,8 @@ def eval_bpd(
     download: bool = typer.Option(False, "--download", help="Fetch the data set through torchvision if missing."),
     num_workers: int = typer.Option(0, min=0, help="DataLoader worker processes."),
     precision: str = typer.Option("fp32", help="fp32 (exact), or bf16 / auto (bf16 where native): faster, approximate, labelled so."),
+    source_model: Optional[Path] = typer.Option(None, metavar="RUN", help="Super-resolution: a model of the low-resolution inputs; "
+                                                "also report their bits and the chain-rule total per target dimension."),
     as_json: bool = typer.Option(False, "--json", help='Print {"bpd", "images", "dataset", "split", "precision", ...} as JSON.'),
 ) -> None:
     """Exact bits/dim of a checkpoint over a whole split: one deterministic fp32 pass in eval mode.
@@ -175,15 +177,16 @@ def eval_bpd(
     eval_config = EvalConfig(
         checkpoint=checkpoint, dataset=dataset, data_dir=data_dir, split=split, limit=limit,
         batch_size=batch_size, device=device, download=download, num_workers=num_workers,
-        precision=precision,
+        precision=precision, source_model=source_model,
     )
     with _expected_failures():
         result = run(eval_config)
     if env_ranks()[0] != 0:
         return
     if as_json:
-        keys = ("bpd", "images", "dataset", "split", "nll_nats", "checkpoint", "step", "precision", "approximate")
-        typer.echo(json.dumps({k: result[k] for k in keys}))
+        keys = ("bpd", "images", "dataset", "split", "nll_nats", "checkpoint", "step", "precision", "approximate",
+                "source_model", "source_bpd", "source_bits_per_target_dim", "chain_bpd")
+        typer.echo(json.dumps({k: result[k] for k in keys if k in result}))
         return
     from rich.console import Console
     from rich.table import Table
@@ -199,7 +202,14 @@ def eval_bpd(
     table.add_row("images", str(result["images"]))
     table.add_row("NLL per image", f"{result['nll_nats']:.2f} nats")
     table.add_row("precision", f"{result['precision']} (approximate)" if approximate else result["precision"])
-    table.add_row("bits/dim", f"[bold]{result['bpd']:.4f}[/bold]" + (" (approximate)" if approximate else ""))
+    conditional = " (conditional on the input)" if "chain_bpd" in result else ""
+    table.add_row("bits/dim" + conditional, f"[bold]{result['bpd']:.4f}[/bold]" + (" (approximate)" if approximate else ""))
+    if "chain_bpd" in result:
+        table.add_row("source model", result["source_model"])
+        table.add_row("input bits/dim", f"{result['source_bpd']:.4f} per input dimension, "
+                                        f"{result['source_bits_per_target_dim']:.4f} per target dimension")
+        table.add_row("chain-rule total", f"[bold]{result['chain_bpd']:.4f}[/bold] bits per target dimension "
+                                          "(input + target given input; compare with an unconditional model)")
     Console(file=sys.stdout).print(table)
 
 
@@ -263,20 +273,23 @@ def superres(
     out: Path = typer.Option(Path("superres"), "--out", "-o", help="Output directory: one PNG per sample and comparison.png."),
     report: bool = typer.Option(False, help="Score the samples: conditional bits/dim, consistency, PSNR."),
     precision: str = typer.Option("auto", help="Sampling precision: auto (bf16 where native), fp32 or bf16; --report's bits/dim stay fp32."),
+    consistent: bool = typer.Option(False, help="Draw only values that keep each sample's area downsampling equal to its input, "
+                                    "exactly; with --report the unrestricted samples are drawn and scored too."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Super-resolve low-resolution images with a conditional (encoder-decoder) checkpoint.
 
     Images of another size are centre-cropped and area-resized to the model's input size, with a
-    notice. comparison.png shows, per input: nearest neighbour, bicubic, the samples, and the
-    ground truth when known.
+    notice. comparison.png shows, per input: nearest neighbour, bicubic, the samples (with
+    --consistent --report: the unrestricted ones, then the consistent ones), and the ground truth
+    when known.
     """
     from imagetx.superres import SuperResConfig, run
 
     req = SuperResConfig(
         checkpoint=checkpoint, inputs=input, dataset=dataset, data_dir=data_dir, split=split, num=num,
         samples=samples, temperature=temperature, label=label, seed=seed, batch_size=batch_size,
-        device=device, out=out, report=report, precision=precision,
+        device=device, out=out, report=report, precision=precision, consistent=consistent,
     )
     with _expected_failures():
         summary = run(req)
@@ -287,14 +300,14 @@ def superres(
         for path in summary["written"]:
             typer.echo(path)
         if report and summary.get("metrics"):
-            _print_superres_report(summary["metrics"])
+            _print_superres_report(summary["metrics"], summary.get("metrics_unrestricted"))
     if failures:  # each was named in a warning as it was skipped
         total = len(failures) + len(summary["inputs"])
         console.error(f"{len(failures)} of {total} inputs could not be used and were skipped; the others were written")
         raise typer.Exit(1)
 
 
-def _print_superres_report(metrics: dict) -> None:
+def _print_superres_report(metrics: dict, unrestricted: dict | None = None) -> None:
     from rich.console import Console
     from rich.table import Table
 
@@ -310,6 +323,10 @@ def _print_superres_report(metrics: dict) -> None:
     mean = metrics["mean"]
     table.add_row("[bold]mean[/bold]", fmt(mean.get("bpd"), ".4f"), fmt(mean.get("consistency"), ".2f"),
                   fmt(mean.get("psnr"), ".2f"), fmt(mean.get("psnr_bicubic"), ".2f"))
+    if unrestricted is not None:  # --consistent: the rows above are the consistent samples
+        other = unrestricted["mean"]
+        table.add_row("[bold]mean, without --consistent[/bold]", "", fmt(other.get("consistency"), ".2f"),
+                      fmt(other.get("psnr"), ".2f"), "")
     Console(file=sys.stdout).print(table)
 
 

@@ -37,6 +37,7 @@ def evaluate_bpd(
     num_workers: int = 0,
     progress: bool = False,
     precision: Precision = FP32,
+    source_model: torch.nn.Module | None = None,
 ) -> dict:
     """Exact bits/dim of `model` on the first `limit` images of `dataset` (all when None).
 
@@ -44,6 +45,12 @@ def evaluate_bpd(
     `precision` is bf16 (then autocast: faster, approximate). Under torchrun every process
     evaluates its own share and the totals are summed. Returns {"bpd", "images", "dataset",
     "split", "nll_nats" (mean per image), "dims" (per image), "precision", "approximate"}.
+
+    source_model (super-resolution `model` only): an unconditional (or class-conditional) model
+    of the low-resolution inputs, scored on the same sources. The result then also holds
+    "source_bpd" (its bits/dim per source dimension), "source_bits_per_target_dim" (its NLL over
+    the target's dimensions) and "chain_bpd": bpd + source_bits_per_target_dim, the bits/dim of
+    the targets under p(source) p(target | source), comparable with an unconditional model's.
     """
     from imagetx.distributed import is_distributed
 
@@ -61,7 +68,10 @@ def evaluate_bpd(
         rank, world = dist.get_rank(), dist.get_world_size()
     mine = shard(n, rank, world)
     chunks = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
-    totals = torch.zeros(2, dtype=torch.float64, device=device)  # (nll_sum, images)
+    totals = torch.zeros(3, dtype=torch.float64, device=device)  # (nll_sum, images, source nll_sum)
+    if source_model is not None:
+        source_model = unwrap_model(source_model).eval()
+        check_source_model(cfg, source_model.config)
     was_training = model.training
     model.eval()
     bar = console.progress(n, "eval bpd", "img", enabled=progress and rank == 0)
@@ -72,6 +82,9 @@ def evaluate_bpd(
                 nll = model.nll(x, labels=labels, source=source)  # (B,) nats, fp32
                 totals[0] += nll.double().sum()
                 totals[1] += x.shape[0]
+                if source_model is not None:
+                    own_labels = labels if source_model.config.num_classes else None
+                    totals[2] += source_model.nll(source, labels=own_labels).double().sum()
                 bar.update(x.shape[0] * world)
     except ValueError as exc:  # the model names what does not fit (size, channels, label range)
         raise RunError(f"{describe(dataset)[0]} does not fit the model: {exc}") from None
@@ -79,10 +92,19 @@ def evaluate_bpd(
         bar.close()
         model.train(was_training)
     all_reduce_sum(totals)
-    nll_sum, images = totals.tolist()
+    nll_sum, images, source_nll_sum = totals.tolist()
     images = int(round(images))
     description, split = describe(dataset)
+    chain = {}
+    if source_model is not None:
+        source_per_target_dim = bits_per_dim(source_nll_sum / images, cfg.num_dims)
+        chain = {
+            "source_bpd": bits_per_dim(source_nll_sum / images, source_model.config.num_dims),
+            "source_bits_per_target_dim": source_per_target_dim,
+            "chain_bpd": bits_per_dim(nll_sum / images, cfg.num_dims) + source_per_target_dim,
+        }
     return {
+        **chain,
         "bpd": bits_per_dim(nll_sum / images, cfg.num_dims),
         "images": images,
         "dataset": description,
@@ -92,6 +114,26 @@ def evaluate_bpd(
         "precision": precision.name,
         "approximate": precision.bf16,
     }
+
+
+def check_source_model(model: ModelConfig, source: ModelConfig) -> None:
+    """Raise ConfigError unless `source` models exactly the low-resolution inputs of the
+    super-resolution model `model`: same size and channels, no input of its own."""
+    problems = []
+    if model.source_size is None:
+        problems.append("--source-model needs a super-resolution checkpoint to evaluate (one with model.source_size)")
+    elif source.source_size is not None:
+        problems.append("--source-model must be an unconditional model of the low-resolution images, "
+                        "not a super-resolution model")
+    elif (tuple(source.image_size), source.channels) != (tuple(model.source_size), model.channels):
+        (h, w), (sh, sw) = model.source_size, source.image_size
+        problems.append(f"--source-model makes {sh}x{sw}x{source.channels} images; this model's inputs are "
+                        f"{h}x{w}x{model.channels}: train the source model on images of that size")
+    elif source.num_classes and source.num_classes != model.num_classes:
+        problems.append(f"--source-model is conditioned on {source.num_classes} classes; this model on "
+                        f"{model.num_classes or 'none'}")
+    if problems:
+        raise ConfigError(problems)
 
 
 @dataclass
@@ -110,6 +152,7 @@ class EvalConfig:
     num_workers: int = 0  # DataLoader worker processes
     progress: bool = True  # a progress bar on stderr
     precision: str = "fp32"  # "fp32" (exact), "bf16" (approximate, faster) or "auto" (bf16 where native)
+    source_model: str | os.PathLike | None = None  # super-resolution: a model of the inputs (chain-rule total)
 
     def problems(self) -> list[str]:
         p: list[str] = []
@@ -136,13 +179,21 @@ def run(config: EvalConfig) -> dict:
     with distributed(config.device) as ctx:
         ckpt = load_checkpoint(path)
         model = model_from_checkpoint(ckpt, path, ctx.device).eval()
+        source_model = source_path = None
+        if config.source_model is not None:
+            source_path = resolve_checkpoint(config.source_model)
+            source_model = model_from_checkpoint(load_checkpoint(source_path), source_path, ctx.device).eval()
+            check_source_model(model.config, source_model.config)
         data = data_config_from_checkpoint(ckpt, path, config.dataset, config.data_dir, config.download)
         ds = dataset_for(model.config, data, config.split)
         result = evaluate_bpd(
             model, ds, batch_size=config.batch_size, limit=config.limit, device=ctx.device,
             num_workers=config.num_workers, progress=config.progress,
             precision=resolve_precision(config.precision, ctx.device, "exact bits/dim"),
+            source_model=source_model,
         )
+        if source_path is not None:
+            result["source_model"] = str(source_path)
     if not math.isfinite(result["bpd"]):  # and JSON has no NaN: never print one
         raise RunError(
             f"{path}: bits/dim on {result['dataset']} is {result['bpd']} (the model's outputs are not finite "

@@ -6,7 +6,10 @@ so the ground truth can be shown and scored. K samples per input are drawn with 
 decoder; one PNG per sample and one comparison grid are written to the output directory after
 all sampling is done. With `report`, each input gets (see imagetx.metrics): the conditional
 bits/dim of its ground truth, the consistency of its samples with it, and the PSNR of the samples
-(averaged over the K samples) and of the bicubic upscale against the ground truth.
+(averaged over the K samples) and of the bicubic upscale against the ground truth. With
+`consistent`, every sample area-downsamples exactly to its input (AreaConsistency); with both
+`consistent` and `report` the unrestricted samples are drawn too, from the same seed, scored
+beside them and shown first in the comparison grid.
 """
 
 from __future__ import annotations
@@ -24,7 +27,7 @@ from PIL import Image
 
 from imagetx import console
 from imagetx.atomic import atomic_write
-from imagetx.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+from imagetx.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint, stored_config
 from imagetx.checks import count_problems, label_problems, output_dir_problems, seed_problems, temperature_problems
 from imagetx.distributed import device_problems, select_device
 from imagetx.errors import ConfigError, ImageFileError, RunError, raise_problems
@@ -55,6 +58,7 @@ class SuperResConfig:
     report: bool = False
     progress: bool = True
     precision: str = "auto"  # sampling: "auto" (bf16 where native), "fp32" or "bf16"; the report's bits/dim stay fp32
+    consistent: bool = False  # every sample area-downsamples exactly to its input (AreaConsistency)
 
     def problems(self) -> list[str]:
         """Every problem with the arguments, one line each, checked before any work starts."""
@@ -174,6 +178,70 @@ def load_dataset_inputs(cfg, data, split: str, num: int, notify: Callable[[str],
 
 
 # ---- sampling ---------------------------------------------------------------------------------------
+class AreaConsistency:
+    """Holds sampling to its low-resolution inputs: every image drawn area-downsamples exactly
+    (imagetx.data.transforms.area_downsample) to its source.
+
+    For integer factors (fh, fw) = (H / h, W / w) each source value s of a cell of k = fh*fw
+    sub-pixels (one channel) is the mean of the cell's values rounded half to even, so the cell's
+    sum T must lie in [lo, hi]: k*s -+ k/2, the ends included when they round to s. A value v
+    drawn for a sub-pixel of the cell, with P the sum of the cell's values already placed and R
+    of its sub-pixels still to come after this one, can still reach that range iff
+    lo - P - 255 R <= v <= hi - P; bounds() returns that range (never empty, by induction), and
+    the decoder draws from the model's conditional restricted to it and renormalised. Works in any
+    generation order (it follows the grid positions it is told about), for categorical (one
+    sub-pixel per step) and DMOL (one pixel per step, each channel its own cell sum).
+
+    Ends are exact for power-of-two factors, where area_downsample's float arithmetic is exact;
+    other factors leave out the two sums that round half to even (their float mean may land on
+    either side), which never empties the range.
+    """
+
+    def __init__(self, sources: torch.Tensor, image_size: tuple[int, int], per_pixel: bool = False):
+        """sources uint8 (B, h, w, C); image_size (H, W) of the images drawn; per_pixel: DMOL
+        (one pixel per generation step) rather than categorical (one sub-pixel)."""
+        B, h, w, C = sources.shape
+        H, W = image_size
+        if H % h or W % w:
+            raise ValueError(f"consistent sampling needs the image size to be a multiple of the source size, "
+                             f"got {H}x{W} from {h}x{w}")
+        self.fh, self.fw, self.W, self.C, self.per_pixel = H // h, W // w, W, C, per_pixel
+        k = self.fh * self.fw
+        s = sources.long()
+        half = k // 2
+        if k % 2:  # no sum rounds half way
+            lo, hi = k * s - half, k * s + half
+        else:  # the sums k*s -+ k/2 are ties: kept where they round to s (s even) and exactly
+            exact = _power_of_two(self.fh) and _power_of_two(self.fw)
+            keep_ties = (s % 2 == 0) & exact
+            lo = k * s - half + (~keep_ties).long()
+            hi = k * s + half - (~keep_ties).long()
+        self.lo, self.hi = lo.clamp(min=0), hi.clamp(max=255 * k)  # (B, h, w, C) cell sums allowed
+        self.placed = torch.zeros_like(s)  # (B, h, w, C): sum of the values placed in each cell
+        self.left = torch.full((h, w, C), k, dtype=torch.long, device=s.device)  # values still to come
+
+    def _where(self, g: int) -> tuple:
+        """Grid position g -> index of its cell (and channel) in the (B, h, w, C) tensors."""
+        pixel, channel = (g, slice(None)) if self.per_pixel else divmod(g, self.C)
+        row, col = divmod(pixel, self.W)
+        return row // self.fh, col // self.fw, channel
+
+    def bounds(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
+        """The values position g can take: (lo, hi), long (B,) or (B, C) for DMOL."""
+        i, j, c = self._where(g)
+        placed, after = self.placed[:, i, j, c], self.left[i, j, c] - 1
+        return (self.lo[:, i, j, c] - placed - 255 * after).clamp(min=0), (self.hi[:, i, j, c] - placed).clamp(max=255)
+
+    def record(self, g: int, value: torch.Tensor) -> None:
+        i, j, c = self._where(g)
+        self.placed[:, i, j, c] += value.long()
+        self.left[i, j, c] -= 1
+
+
+def _power_of_two(n: int) -> bool:
+    return n & (n - 1) == 0
+
+
 def super_resolve(
     model,
     sources: torch.Tensor,
@@ -183,11 +251,14 @@ def super_resolve(
     generator: torch.Generator | None = None,
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
+    consistent: bool = False,
 ) -> torch.Tensor:
     """sources uint8 (N, h, w, C) -> samples uint8 (N, K, H, W, C), K = samples.
 
     Each source is repeated K times and the N*K sequences are decoded batch_size at a time with
-    the cached decoder (the encoder runs once per batch). labels: long (N,) or None."""
+    the cached decoder (the encoder runs once per batch). labels: long (N,) or None. consistent:
+    draw each sub-pixel from the model's conditional restricted to the values that keep the
+    image's area downsampling equal to its source (AreaConsistency)."""
     device = next(model.parameters()).device
     N = sources.shape[0]
     rep_sources = sources.repeat_interleave(samples, dim=0)  # (N*K, h, w, C), input-major
@@ -195,6 +266,10 @@ def super_resolve(
     out = []
     for start in range(0, N * samples, batch_size):
         sl = slice(start, min(start + batch_size, N * samples))
+        constraint = None
+        if consistent:
+            constraint = AreaConsistency(rep_sources[sl].to(device), model.config.image_size,
+                                         per_pixel=model.config.output == "dmol")
         try:
             images = model.sample(
                 sl.stop - sl.start,
@@ -203,6 +278,7 @@ def super_resolve(
                 temperature=float(temperature),
                 generator=generator,
                 progress=progress,
+                constraint=constraint,
             )
         except ValueError as exc:  # the model names what does not fit
             raise RunError(f"the inputs do not fit the model: {exc}") from None
@@ -243,11 +319,27 @@ def write_outputs(out: str | os.PathLike, names: Sequence[str], samples: torch.T
     return written
 
 
+def consistency_problems(cfg, ckpt, path) -> list[str]:
+    """Why --consistent cannot hold this checkpoint's samples to their inputs (empty if it can):
+    the source must be the area-downsampled target, with an integer factor on each side."""
+    (H, W), (h, w) = cfg.image_size, cfg.source_size
+    if H % h or W % w:
+        return [f"--consistent needs the image size to be a multiple of the input size; this model makes "
+                f"{H}x{W} from {h}x{w} ({path})"]
+    data = stored_config(ckpt, path).get("data") or {}
+    if data.get("celeba_protocol"):
+        return [f"--consistent needs a model whose input is its target area-downsampled; this model was trained "
+                f"on the CelebA protocol, whose input is cut from the larger native image ({path})"]
+    return []
+
+
 # ---- the command ----------------------------------------------------------------------------------------
 def run(req: SuperResConfig) -> dict:
     """Super-resolve req's inputs and write the samples and a comparison grid; returns a summary:
     {"checkpoint", "inputs" (names), "samples_per_input", "temperature", "seed", "image_size",
-    "source_size", "written", "failures", "metrics" (None without report), "seconds" (sampling)}."""
+    "source_size", "written", "failures", "consistent", "metrics" (None without report),
+    "metrics_unrestricted" (with consistent and report: the unrestricted samples' metrics, else
+    None), "seconds" (sampling)}."""
     raise_problems(req.problems())
     device = select_device(req.device)
     path = resolve_checkpoint(req.checkpoint)
@@ -258,6 +350,8 @@ def run(req: SuperResConfig) -> dict:
         raise ConfigError([f"this checkpoint is not a super-resolution model (no model.source_size): "
                            f"{path}; use `imagetx sample` for unconditional sampling"])
     raise_problems(label_problems(cfg, req.label, required=req.inputs is not None))
+    if req.consistent:
+        raise_problems(consistency_problems(cfg, ckpt, path))
 
     failures: list[dict] = []
     if req.inputs is not None:
@@ -271,27 +365,39 @@ def run(req: SuperResConfig) -> dict:
     sources = torch.stack([x.source for x in inputs])  # (N, h, w, C)
     labels = torch.tensor([x.label for x in inputs]) if cfg.num_classes else None
 
-    generator = torch.Generator(device=device).manual_seed(req.seed)
     total = len(inputs) * req.samples
-    bar = console.progress(math.ceil(total / req.batch_size) * cfg.seq_len, "super-resolving", "pos",
+    passes = 2 if req.consistent and req.report else 1
+    bar = console.progress(passes * math.ceil(total / req.batch_size) * cfg.seq_len, "super-resolving", "pos",
                            enabled=req.progress)
     start = time.perf_counter()
     precision = resolve_precision(req.precision, device)
     decoder = for_decoding(model, precision.dtype, min(req.batch_size, total))
+    # --consistent --report also draws the unrestricted samples (same seed), to score both modes
+    modes = [False, True] if req.consistent and req.report else [req.consistent]
+    drawn = {}
     try:
-        samples = super_resolve(decoder, sources, req.samples, labels, req.temperature, generator,
-                                req.batch_size, progress=lambda done, steps: bar.update(1))
+        for consistent in modes:
+            generator = torch.Generator(device=device).manual_seed(req.seed)
+            drawn[consistent] = super_resolve(decoder, sources, req.samples, labels, req.temperature, generator,
+                                              req.batch_size, progress=lambda done, steps: bar.update(1),
+                                              consistent=consistent)
     finally:
         bar.close()
     seconds = time.perf_counter() - start
+    samples = drawn[req.consistent]
 
     nearest = upscale(sources, cfg.image_size, "nearest")
     bicubic = upscale(sources, cfg.image_size, "bicubic")
     truth = [x.target for x in inputs]
     targets = torch.stack(truth) if all(t is not None for t in truth) else None
-    metrics = compute_metrics(model, inputs, samples, bicubic, labels, req.batch_size) if req.report else None
+    metrics = unrestricted = None
+    if req.report:
+        metrics = compute_metrics(model, inputs, samples, bicubic, labels, req.batch_size)
+        if len(modes) == 2:
+            unrestricted = compute_metrics(model, inputs, drawn[False], bicubic, labels, req.batch_size)
+    shown = torch.cat([drawn[m] for m in modes], dim=1)  # (N, K or 2K, H, W, C): unrestricted first
     written = write_outputs(req.out, [x.name for x in inputs], samples,
-                            comparison_grid(nearest, bicubic, samples, targets))
+                            comparison_grid(nearest, bicubic, shown, targets))
     return {
         "checkpoint": str(path),
         "inputs": [x.name for x in inputs],
@@ -303,6 +409,8 @@ def run(req: SuperResConfig) -> dict:
         "source_size": list(cfg.source_size),
         "written": written,
         "failures": failures,
+        "consistent": req.consistent,
         "metrics": metrics,
+        "metrics_unrestricted": unrestricted,
         "seconds": round(seconds, 3),
     }

@@ -93,3 +93,47 @@ def test_eval_config_lists_every_problem():
     with pytest.raises(ConfigError) as info:
         run(config)  # before looking for the checkpoint
     assert info.value.problems == config.problems()
+
+
+def test_source_model_gives_the_chain_rule_total(tmp_path):
+    """eval-bpd --source-model: the inputs' bits under a model of them, per input and per target
+    dimension, and conditional + input bits as one total, from the CLI."""
+    import json
+
+    from typer.testing import CliRunner
+
+    from imagetx.checkpoint import make_checkpoint, save_checkpoint
+    from imagetx.cli import app
+    from imagetx.config import DataConfig
+    from imagetx.data.batches import dataset_for
+
+    data = {"name": "builtin", "task": "superres", "builtin_size": 8}
+    torch.manual_seed(0)
+    sr = ImageTransformer(ModelConfig(**{**TINY, "image_size": (8, 8), "source_size": (2, 2), "encoder_layers": 1}))
+    source = ImageTransformer(ModelConfig(**{**TINY, "image_size": (2, 2), "block_length": 4}))
+    sr_path = save_checkpoint(tmp_path / "sr", make_checkpoint(model=sr, config={"model": sr.config.to_dict(), "data": data}, step=1))
+    src_path = save_checkpoint(tmp_path / "src", make_checkpoint(model=source, config={"model": source.config.to_dict()}, step=1))
+
+    result = CliRunner().invoke(app, ["eval-bpd", str(sr_path), "--source-model", str(src_path), "--limit", "5", "--json"])
+    assert result.exit_code == 0, result.output
+    out = json.loads(result.stdout.strip().splitlines()[-1])
+
+    items = [dataset_for(sr.config, DataConfig(**data), "test")[i] for i in range(5)]
+    targets, sources = torch.stack([torch.as_tensor(t) for t, _, _ in items]), torch.stack([torch.as_tensor(s) for _, s, _ in items])
+    with torch.no_grad():
+        cond = sr.eval().nll(targets, source=sources).double().mean().item()
+        src = source.eval().nll(sources).double().mean().item()
+    assert out["bpd"] == pytest.approx(cond / (8 * 8 * 3 * math.log(2)), rel=1e-6)
+    assert out["source_bpd"] == pytest.approx(src / (2 * 2 * 3 * math.log(2)), rel=1e-6)
+    assert out["source_bits_per_target_dim"] == pytest.approx(src / (8 * 8 * 3 * math.log(2)), rel=1e-6)
+    assert out["chain_bpd"] == pytest.approx(out["bpd"] + out["source_bits_per_target_dim"], rel=1e-12)
+    table = CliRunner().invoke(app, ["eval-bpd", str(sr_path), "--source-model", str(src_path), "--limit", "5"])
+    assert table.exit_code == 0 and "chain-rule total" in table.stdout
+
+    # a source model of the wrong size, or one for a model that has no input: one usage error
+    wrong = ImageTransformer(ModelConfig(**{**TINY, "image_size": (4, 4)}))
+    wrong_path = save_checkpoint(tmp_path / "wrong", make_checkpoint(model=wrong, config={"model": wrong.config.to_dict()}, step=1))
+    for model_path, source_path, message in [(sr_path, wrong_path, "makes 4x4x3 images; this model's inputs are 2x2x3"),
+                                             (src_path, src_path, "needs a super-resolution checkpoint")]:
+        result = CliRunner().invoke(app, ["eval-bpd", str(model_path), "--source-model", str(source_path)])
+        assert result.exit_code == 2 and message in result.output and "Traceback" not in result.output

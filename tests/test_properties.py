@@ -187,3 +187,38 @@ def test_reported_geometries(geometry):
     _, labels, source = model_inputs(config, batch=4, seed=7)
     check_same_samples_with_and_without_cache(model, labels, source, seed=7)
     check_bits_per_dim(model, *model_inputs(config, batch=3, seed=6))
+
+
+@pytest.mark.parametrize("attention", PATTERNS)
+@examples(15)
+@given(data=st.data(), seed=st.integers(0, 2**31 - 1), temperature=st.sampled_from([0.0, 0.5, 1.0, 2.0]))
+def test_consistent_sampling_downsamples_exactly_to_the_source(attention, data, seed, temperature):
+    """superres --consistent: on random super-resolution models of every pattern and output, for
+    every integer factor, every sample area-downsamples exactly to its source, extremes included."""
+    import dataclasses
+
+    from imagetx.data.transforms import area_downsample
+    from imagetx.superres import AreaConsistency
+
+    config = data.draw(model_configs(attention=attention))
+    H, W = config.image_size
+    h, w = data.draw(st.sampled_from(_divisors(H))), data.draw(st.sampled_from(_divisors(W)))
+    config = dataclasses.replace(config, source_size=(h, w), encoder_layers=1)
+    model = build(config, seed % 1000)
+    if data.draw(st.booleans(), label="a head that prefers one extreme value"):
+        model.head.bias.data += 40.0 * torch.nn.functional.one_hot(torch.tensor(0), model.head.bias.numel()).float()
+    gen = torch.Generator().manual_seed(seed)
+    kind = data.draw(st.sampled_from(["uniform", "extremes", "constant"]), label="sources")
+    shape = (3, h, w, config.channels)
+    if kind == "uniform":
+        sources = torch.randint(0, 256, shape, generator=gen, dtype=torch.uint8)
+    elif kind == "extremes":
+        sources = torch.tensor([0, 1, 127, 128, 254, 255], dtype=torch.uint8)[torch.randint(0, 6, shape, generator=gen)]
+    else:
+        sources = torch.full(shape, data.draw(st.integers(0, 255)), dtype=torch.uint8)
+    labels = torch.zeros(3, dtype=torch.long) if config.num_classes else None
+    constraint = AreaConsistency(sources, (H, W), per_pixel=config.output == "dmol")
+    with torch.inference_mode():
+        images = model.sample(3, labels=labels, source=sources, temperature=temperature, generator=gen,
+                              constraint=constraint)
+    assert torch.equal(area_downsample(images, (h, w)), sources)

@@ -1,6 +1,7 @@
 """`imagetx superres`: file and data set inputs, outputs, metrics checked against direct
 computations, and bad inputs that fail cleanly (or are skipped, in a directory)."""
 
+import json
 import math
 
 import numpy as np
@@ -196,3 +197,48 @@ def test_an_unknown_data_key_in_the_checkpoint_is_an_error_not_dropped(tmp_path)
     path, _ = write_checkpoint(tmp_path, data={"name": "builtin", "task": "superres", "shuffle_buffer": 64})
     with pytest.raises(CheckpointError, match=r"unknown key data\.shuffle_buffer"):
         run(SuperResConfig(path, dataset="builtin", num=1, out=tmp_path / "out", progress=False))
+
+
+def test_consistent_samples_round_trip_and_the_report_scores_both_modes(tmp_path):
+    from typer.testing import CliRunner
+
+    from imagetx.cli import app
+    from imagetx.data.batches import dataset_for
+    from imagetx.config import DataConfig
+
+    data = {"name": "builtin", "task": "superres", "builtin_size": 8}
+    path, model = write_checkpoint(tmp_path, data=data, image_size=(8, 8), source_size=(2, 2))
+    sources = torch.stack([torch.as_tensor(dataset_for(model.config, DataConfig(**data), "test")[i][1])
+                           for i in range(3)])
+
+    def superres(out, *flags):
+        result = CliRunner().invoke(app, ["superres", str(path), "--dataset", "builtin", "-n", "3", "--samples", "2",
+                                          "--json", "--out", str(out), *flags])
+        assert result.exit_code == 0, result.output
+        samples = torch.stack([torch.stack([read_png(out / f"test-0000{i}-sample-{k}.png") for k in range(2)])
+                               for i in range(3)])  # (3, 2, 8, 8, 3)
+        return json.loads(result.stdout.strip().splitlines()[-1]), samples, Image.open(out / "comparison.png").size[0]
+
+    summary, samples, width = superres(tmp_path / "both", "--consistent", "--report")
+    assert summary["consistent"] is True
+    for k in range(2):
+        assert torch.equal(area_downsample(samples[:, k], (2, 2)), sources)
+    assert summary["metrics"]["mean"]["consistency"] == 0.0
+    assert summary["metrics_unrestricted"]["mean"]["consistency"] > 1  # a random model, unrestricted
+    free, free_samples, free_width = superres(tmp_path / "free", "--report")
+    assert free["metrics_unrestricted"] is None
+    assert free["metrics"]["mean"] == summary["metrics_unrestricted"]["mean"]  # same seed, same draws
+    # the grid: nearest, bicubic, 2 unrestricted, 2 consistent, the ground truth (2 columns fewer without)
+    cell = (free_width - 2) // 5
+    assert width == 7 * cell + 2
+
+
+def test_consistent_refuses_models_whose_input_is_not_their_downsampled_target(tmp_path):
+    x = png(tmp_path / "x.png", rgb(2, 2))
+    celeba, _ = write_checkpoint(tmp_path / "c", data={"name": "celeba", "task": "superres", "celeba_protocol": True})
+    with pytest.raises(ConfigError, match="CelebA protocol"):
+        run(SuperResConfig(celeba, inputs=x, consistent=True, out=tmp_path / "out", progress=False))
+    odd, _ = write_checkpoint(tmp_path / "o", image_size=(5, 4), source_size=(2, 2))
+    with pytest.raises(ConfigError, match="multiple of the input size"):
+        run(SuperResConfig(odd, inputs=x, consistent=True, out=tmp_path / "out", progress=False))
+    assert not (tmp_path / "out").exists()

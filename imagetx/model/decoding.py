@@ -62,18 +62,25 @@ class IncrementalDecoder:
         return m.head(m.final_norm(x))[:, 0]
 
 
-def draw(out: torch.Tensor, config, temperature: float, generator=None) -> torch.Tensor:
-    """One position's output -> its value(s): long (B,) (categorical) or (B, C) (DMOL)."""
+def draw(out: torch.Tensor, config, temperature: float, generator=None, bounds=None) -> torch.Tensor:
+    """One position's output -> its value(s): long (B,) (categorical) or (B, C) (DMOL).
+    bounds: optional (lo, hi) of the value(s)' shape: draw from the distribution restricted to
+    [lo, hi] and renormalised (see dmol.restrict)."""
     if config.output == "dmol":
-        return dmol.dmol_sample(out.float(), config.channels, config.num_mixtures, temperature, generator)
-    return dmol.sample_softmax(out.float(), temperature, generator)
+        return dmol.dmol_sample(out.float(), config.channels, config.num_mixtures, temperature, generator, bounds)
+    log_p = out.float() if bounds is None else dmol.restrict(out.float(), *bounds)
+    return dmol.sample_softmax(log_p, temperature, generator)
 
 
 def generate(
     model, n, labels=None, source=None, temperature=1.0, generator=None, use_cache=True,
-    prime=None, prime_mask=None, progress=None,
+    prime=None, prime_mask=None, progress=None, constraint=None,
 ) -> torch.Tensor:
-    """See ImageTransformer.sample."""
+    """See ImageTransformer.sample.
+
+    constraint: optional object restricting the values drawn, with bounds(g) -> (lo, hi) for grid
+    position g (long (n,) each for categorical, (n, C) for DMOL) read before drawing position g,
+    and record(g, value) told every value placed (drawn or primed), in generation order."""
     cfg = model.config
     dmol.check_temperature(temperature)
     if n < 1:
@@ -101,10 +108,13 @@ def generate(
             else:
                 full = model(x, labels, source)  # recompute everything: the reference path
                 out = full.reshape(n, cfg.seq_len, -1)[:, g]
-            value = draw(out, cfg, temperature, generator).view(n, -1)
+            bounds = None if constraint is None else constraint.bounds(g)
+            value = draw(out, cfg, temperature, generator, bounds).view(n, -1)
             if prime is not None:
                 value = torch.where(keep[:, g], flat[:, g], value)
             flat[:, g] = value
+            if constraint is not None:
+                constraint.record(g, value[:, 0] if cfg.output == "categorical" else value)
             prev = value[:, 0] if cfg.output == "categorical" else value
             if progress is not None:
                 progress(k + 1, len(steps))

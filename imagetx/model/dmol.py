@@ -178,6 +178,17 @@ def check_temperature(temperature) -> None:
         raise ValueError(f"temperature must be a finite number >= 0 (0 = greedy), got {temperature!r}")
 
 
+def restrict(log_p: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
+    """Log-probabilities float (N, 256) with every value outside [lo, hi] (long (N,) each, lo <=
+    hi) set to -inf: sampling from the result draws from the distribution conditioned on the
+    value lying in the range (sample_softmax renormalises)."""
+    if bool((lo > hi).any()):
+        raise ValueError("a value range to sample from is empty (lo > hi)")
+    values = torch.arange(log_p.shape[-1], device=log_p.device)
+    inside = (values >= lo[:, None]) & (values <= hi[:, None])
+    return log_p.masked_fill(~inside, float("-inf"))
+
+
 def sample_softmax(log_p: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
     """Unnormalized log-probabilities float (N, K) -> long (N,) drawn from softmax(log_p /
     temperature); argmax at temperature 0. The one temperature sampler: the categorical output's
@@ -198,12 +209,15 @@ def dmol_sample(
     num_mixtures: int,
     temperature: float = 1.0,
     generator: torch.Generator | None = None,
+    bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Draw one pixel per parameter vector, channel by channel from the exact conditionals.
 
     params: float (..., P) -> long (..., C) in [0, 255]. Channel c is drawn from
     dmol_log_probs(params, x)[..., c, :] / temperature evaluated on the channels drawn before it;
     temperature 0 takes the argmax of each conditional. Deterministic for a fixed generator.
+    bounds: optional (lo, hi), long (..., C) each: channel c is drawn from its conditional
+    restricted to [lo[..., c], hi[..., c]] (see restrict).
     """
     check_temperature(temperature)
     lead = params.shape[:-1]
@@ -212,10 +226,15 @@ def dmol_sample(
     x = torch.zeros(n, channels, dtype=torch.long, device=params.device)
     x_scaled = torch.zeros(n, channels, device=params.device)
     prefix = torch.zeros_like(log_weights)  # (N, M) log-likelihood of the drawn channels per component
+    if bounds is not None:
+        lo, hi = (b.reshape(n, channels) for b in bounds)
     for c in range(channels):
         mu = _coupled_mean(means, coeffs, x_scaled, c)  # (N, M)
         table = _value_table(mu, log_scales[:, c])  # (N, M, 256)
-        v = sample_softmax(_conditional(log_weights + prefix, table), temperature, generator)  # (N,)
+        log_p = _conditional(log_weights + prefix, table)  # (N, 256)
+        if bounds is not None:
+            log_p = restrict(log_p, lo[:, c], hi[:, c])
+        v = sample_softmax(log_p, temperature, generator)  # (N,)
         x[:, c] = v
         x_scaled[:, c] = to_unit(v)
         prefix = prefix + table.gather(-1, v[:, None, None].expand(n, m, 1)).squeeze(-1)

@@ -331,17 +331,19 @@ class ImageTransformer(nn.Module):
         prime: torch.Tensor | None = None,
         prime_mask: torch.Tensor | None = None,
         progress=None,
+        constraint=None,
     ) -> torch.Tensor:
         """Draw n images: uint8 (n, H, W, C), in the model's generation order.
 
         temperature: >= 0 (0 = greedy). prime / prime_mask: uint8 (n, H, W, C) and bool of the
         same shape: where the mask is True the value is kept instead of sampled (image
         completion). use_cache=False recomputes the whole model at every step (the reference
-        path); progress: an optional callable(steps_done, steps_total).
+        path); progress: an optional callable(steps_done, steps_total). constraint: restricts
+        the values drawn (see imagetx.model.decoding.generate; e.g. superres.AreaConsistency).
         """
         from imagetx.model.decoding import generate
 
         return generate(
             self, n, labels=labels, source=source, temperature=temperature, generator=generator,
-            use_cache=use_cache, prime=prime, prime_mask=prime_mask, progress=progress,
+            use_cache=use_cache, prime=prime, prime_mask=prime_mask, progress=progress, constraint=constraint,
         )
