@@ -31,6 +31,7 @@ from imagetx.checkpoint import load_checkpoint, model_from_checkpoint, resolve_c
 from imagetx.checks import count_problems, label_problems, output_dir_problems, seed_problems, temperature_problems
 from imagetx.distributed import device_problems, select_device
 from imagetx.errors import ConfigError, ImageFileError, RunError, raise_problems
+from imagetx.model.consistency import AreaConsistency, factors
 from imagetx.model.decoding import for_decoding
 from imagetx.precision import precision_problems
 from imagetx.precision import resolve as resolve_precision
@@ -178,70 +179,6 @@ def load_dataset_inputs(cfg, data, split: str, num: int, notify: Callable[[str],
 
 
 # ---- sampling ---------------------------------------------------------------------------------------
-class AreaConsistency:
-    """Holds sampling to its low-resolution inputs: every image drawn area-downsamples exactly
-    (imagetx.data.transforms.area_downsample) to its source.
-
-    For integer factors (fh, fw) = (H / h, W / w) each source value s of a cell of k = fh*fw
-    sub-pixels (one channel) is the mean of the cell's values rounded half to even, so the cell's
-    sum T must lie in [lo, hi]: k*s -+ k/2, the ends included when they round to s. A value v
-    drawn for a sub-pixel of the cell, with P the sum of the cell's values already placed and R
-    of its sub-pixels still to come after this one, can still reach that range iff
-    lo - P - 255 R <= v <= hi - P; bounds() returns that range (never empty, by induction), and
-    the decoder draws from the model's conditional restricted to it and renormalised. Works in any
-    generation order (it follows the grid positions it is told about), for categorical (one
-    sub-pixel per step) and DMOL (one pixel per step, each channel its own cell sum).
-
-    Ends are exact for power-of-two factors, where area_downsample's float arithmetic is exact;
-    other factors leave out the two sums that round half to even (their float mean may land on
-    either side), which never empties the range.
-    """
-
-    def __init__(self, sources: torch.Tensor, image_size: tuple[int, int], per_pixel: bool = False):
-        """sources uint8 (B, h, w, C); image_size (H, W) of the images drawn; per_pixel: DMOL
-        (one pixel per generation step) rather than categorical (one sub-pixel)."""
-        B, h, w, C = sources.shape
-        H, W = image_size
-        if H % h or W % w:
-            raise ValueError(f"consistent sampling needs the image size to be a multiple of the source size, "
-                             f"got {H}x{W} from {h}x{w}")
-        self.fh, self.fw, self.W, self.C, self.per_pixel = H // h, W // w, W, C, per_pixel
-        k = self.fh * self.fw
-        s = sources.long()
-        half = k // 2
-        if k % 2:  # no sum rounds half way
-            lo, hi = k * s - half, k * s + half
-        else:  # the sums k*s -+ k/2 are ties: kept where they round to s (s even) and exactly
-            exact = _power_of_two(self.fh) and _power_of_two(self.fw)
-            keep_ties = (s % 2 == 0) & exact
-            lo = k * s - half + (~keep_ties).long()
-            hi = k * s + half - (~keep_ties).long()
-        self.lo, self.hi = lo.clamp(min=0), hi.clamp(max=255 * k)  # (B, h, w, C) cell sums allowed
-        self.placed = torch.zeros_like(s)  # (B, h, w, C): sum of the values placed in each cell
-        self.left = torch.full((h, w, C), k, dtype=torch.long, device=s.device)  # values still to come
-
-    def _where(self, g: int) -> tuple:
-        """Grid position g -> index of its cell (and channel) in the (B, h, w, C) tensors."""
-        pixel, channel = (g, slice(None)) if self.per_pixel else divmod(g, self.C)
-        row, col = divmod(pixel, self.W)
-        return row // self.fh, col // self.fw, channel
-
-    def bounds(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
-        """The values position g can take: (lo, hi), long (B,) or (B, C) for DMOL."""
-        i, j, c = self._where(g)
-        placed, after = self.placed[:, i, j, c], self.left[i, j, c] - 1
-        return (self.lo[:, i, j, c] - placed - 255 * after).clamp(min=0), (self.hi[:, i, j, c] - placed).clamp(max=255)
-
-    def record(self, g: int, value: torch.Tensor) -> None:
-        i, j, c = self._where(g)
-        self.placed[:, i, j, c] += value.long()
-        self.left[i, j, c] -= 1
-
-
-def _power_of_two(n: int) -> bool:
-    return n & (n - 1) == 0
-
-
 def super_resolve(
     model,
     sources: torch.Tensor,
@@ -323,7 +260,7 @@ def consistency_problems(cfg, ckpt, path) -> list[str]:
     """Why --consistent cannot hold this checkpoint's samples to their inputs (empty if it can):
     the source must be the area-downsampled target, with an integer factor on each side."""
     (H, W), (h, w) = cfg.image_size, cfg.source_size
-    if H % h or W % w:
+    if factors(cfg.image_size, cfg.source_size) is None:
         return [f"--consistent needs the image size to be a multiple of the input size; this model makes "
                 f"{H}x{W} from {h}x{w} ({path})"]
     data = stored_config(ckpt, path).get("data") or {}

@@ -25,7 +25,11 @@ def model_inputs(config, batch: int = 2, seed: int = 0):
     x = torch.randint(0, 256, (batch, H, W, config.channels), generator=g)
     labels = torch.randint(0, config.num_classes, (batch,), generator=g) if config.num_classes else None
     source = None
-    if config.source_size is not None:
+    if config.consistent:  # its likelihood is over the images consistent with the source: x is one
+        from imagetx.data.transforms import area_downsample
+
+        source = area_downsample(x.to(torch.uint8), config.source_size).long()
+    elif config.source_size is not None:
         source = torch.randint(0, 256, (batch, *config.source_size, config.channels), generator=g)
     return x, labels, source
 
@@ -242,12 +246,13 @@ def check_same_samples_with_and_without_cache(model, labels=None, source=None, s
     assert torch.equal(a, b), f"{int(differ)} of {n} images differ between the cached and the reference sampler"
 
 
-def conditional_log_probs(model, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+def conditional_log_probs(model, out: torch.Tensor, x: torch.Tensor, source=None) -> torch.Tensor:
     """Model output for images x -> float32 (B, H, W, C, 256): log p(sub-pixel = v | everything
-    the model conditions it on), computed straight from the logits or the mixture parameters."""
+    the model conditions it on), computed straight from the logits (restricted to the values
+    consistent with the source for model.consistent) or the mixture parameters."""
     cfg = model.config
     if cfg.output == "categorical":
-        return out.float().log_softmax(-1)
+        return model.log_probs(out, x, source)
     return dmol.dmol_log_probs(out, x.long(), cfg.channels, cfg.num_mixtures)
 
 
@@ -258,7 +263,7 @@ def check_bits_per_dim(model, x, labels=None, source=None) -> None:
     with torch.inference_mode():
         out = model(x, labels, source)
         nll = model.nll(x, labels, source)
-    log_p = conditional_log_probs(model, out, x).double()  # (B, H, W, C, 256)
+    log_p = conditional_log_probs(model, out, x, source).double()  # (B, H, W, C, 256)
     torch.testing.assert_close(log_p.logsumexp(-1), torch.zeros(log_p.shape[:-1], dtype=torch.float64), rtol=0, atol=1e-4)
     direct = -log_p.gather(-1, x.long()[..., None]).reshape(x.shape[0], -1).sum(1)
     torch.testing.assert_close(nll.double(), direct, rtol=1e-5, atol=1e-3)

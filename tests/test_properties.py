@@ -85,13 +85,16 @@ def model_configs(draw, attention=None, max_side: int = 9) -> ModelConfig:
         cfg["num_classes"] = draw(st.integers(1, 3))
     if kind == "superres":
         cfg["source_size"] = (draw(st.integers(1, H)), draw(st.integers(1, W)))
+        if output == "categorical" and draw(st.booleans()):  # restricted to images consistent with the source
+            cfg["source_size"] = (draw(st.sampled_from(_divisors(H))), draw(st.sampled_from(_divisors(W))))
+            cfg["consistent"] = True
         cfg["encoder_layers"] = 1
         cfg["source_skip"] = draw(st.booleans())
         if draw(st.booleans()):
             cfg["num_classes"] = 2
     config = ModelConfig(**cfg)
     note(f"config: {config}")
-    event(f"{attention}, {output}, {kind}")
+    event(f"{attention}, {output}, {kind}{', consistent' if config.consistent else ''}")
     event(f"sequence length {'<= 16' if rows * cols <= 16 else '17-64' if rows * cols <= 64 else '> 64'}")
     if attention == "local2d":
         (qh, qw), (fh, fw) = cfg["query_shape"], cfg["memory_flange"]
@@ -198,7 +201,7 @@ def test_consistent_sampling_downsamples_exactly_to_the_source(attention, data, 
     import dataclasses
 
     from imagetx.data.transforms import area_downsample
-    from imagetx.superres import AreaConsistency
+    from imagetx.model.consistency import AreaConsistency
 
     config = data.draw(model_configs(attention=attention))
     H, W = config.image_size
@@ -222,3 +225,38 @@ def test_consistent_sampling_downsamples_exactly_to_the_source(attention, data, 
         images = model.sample(3, labels=labels, source=sources, temperature=temperature, generator=gen,
                               constraint=constraint)
     assert torch.equal(area_downsample(images, (h, w)), sources)
+
+
+@pytest.mark.parametrize("attention", PATTERNS)
+@examples(20)
+@given(data=st.data(), seed=st.integers(0, 2**31 - 1))
+def test_consistent_likelihood_sees_only_the_prefix_and_matches_sampling(attention, data, seed):
+    """model.consistent: the range each sub-pixel is restricted to in the likelihood (value_bounds,
+    from the whole image at once) is the range the sampler gives it (AreaConsistency, which only
+    ever sees the values placed before it), in every pattern's generation order: the restriction
+    reads no value at or after its own step, and likelihood and sampling are one distribution."""
+    import dataclasses
+
+    from imagetx.data.transforms import area_downsample
+    from imagetx.model.consistency import AreaConsistency, value_bounds
+
+    config = data.draw(model_configs(attention=attention))
+    H, W = config.image_size
+    h, w = data.draw(st.sampled_from(_divisors(H))), data.draw(st.sampled_from(_divisors(W)))
+    config = dataclasses.replace(config, source_size=(h, w), encoder_layers=1, consistent=config.output == "categorical")
+    model = build(config)
+    gen = torch.Generator().manual_seed(seed)
+    x = torch.randint(0, 256, (3, H, W, config.channels), generator=gen, dtype=torch.uint8)
+    if data.draw(st.booleans(), label="mostly extreme values"):
+        x = torch.tensor([0, 1, 254, 255], dtype=torch.uint8)[torch.randint(0, 4, x.shape, generator=gen)]
+    source = area_downsample(x, (h, w))
+    per_pixel = config.output == "dmol"
+    lo, hi = value_bounds(x, source, model.order)  # (B, H, W, C)
+    sampler = AreaConsistency(source, (H, W), per_pixel=per_pixel)
+    flat_lo, flat_hi = lo.reshape(3, config.seq_len, -1), hi.reshape(3, config.seq_len, -1)
+    flat_x = x.reshape(3, config.seq_len, -1).long()
+    for g in model.order.tolist():
+        s_lo, s_hi = sampler.bounds(g)
+        assert torch.equal(s_lo.reshape(3, -1), flat_lo[:, g]) and torch.equal(s_hi.reshape(3, -1), flat_hi[:, g])
+        assert bool(((flat_x[:, g] >= flat_lo[:, g]) & (flat_x[:, g] <= flat_hi[:, g])).all())  # the truth is in range
+        sampler.record(g, flat_x[:, g, 0] if not per_pixel else flat_x[:, g])

@@ -38,6 +38,8 @@ def area_downsample(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
 
     Each output pixel is the area-weighted mean of the input pixels under it (TF's AREA, Pillow's
     BOX; for integer factors the block mean, equal to interpolate(mode="area")), rounded half to even.
+    For integer factors the mean is rounded exactly, in integer arithmetic, so a block whose mean
+    is exactly half way always goes to the even value (imagetx.model.consistency relies on it).
     """
     if images.dtype != torch.uint8 or images.dim() != 4:
         raise ValueError(f"expected uint8 (N, H, W, C), got {images.dtype} {tuple(images.shape)}")
@@ -47,6 +49,8 @@ def area_downsample(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
         raise ValueError(f"area_downsample cannot go from {big_h}x{big_w} to {h}x{w}")
     if (h, w) == (big_h, big_w):
         return images.clone()
+    if big_h % h == 0 and big_w % w == 0:
+        return _chunked(images, (h, w, c), lambda x: _block_mean(x, big_h // h, big_w // w))
     rows, cols = _area_weights(big_h, h), _area_weights(big_w, w)
 
     def fn(x: torch.Tensor) -> torch.Tensor:
@@ -55,6 +59,17 @@ def area_downsample(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor
         return x.round_().clamp_(0, 255).to(torch.uint8)
 
     return _chunked(images, (h, w, c), fn)
+
+
+def _block_mean(images: torch.Tensor, fh: int, fw: int) -> torch.Tensor:
+    """uint8 (N, H, W, C) -> uint8 (N, H/fh, W/fw, C): each fh x fw block's mean, rounded half to
+    even exactly (integer sums: no float error can move a mean across the half way point)."""
+    n, big_h, big_w, c = images.shape
+    k = fh * fw
+    sums = images.long().view(n, big_h // fh, fh, big_w // fw, fw, c).sum((2, 4))
+    q, r = sums // k, sums % k
+    up = (2 * r > k) | ((2 * r == k) & (q % 2 == 1))  # above half way, or half way from an odd value
+    return (q + up.long()).to(torch.uint8)
 
 
 def resize_images(images: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:

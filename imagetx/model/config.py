@@ -46,6 +46,10 @@ class ModelConfig:
     # super-resolution only: also add, at every decoder position, an embedding of the low-res
     # value that covers it (a local path beside the cross-attention; not in the paper)
     source_skip: bool = False
+    # super-resolution only (ours, not in the paper): every conditional is restricted to the
+    # values that keep the image's area downsampling equal to the source, and renormalised
+    # (imagetx.model.consistency): the model puts all its mass on images consistent with its input
+    consistent: bool = False
 
     def __post_init__(self):
         for name in ("image_size", "query_shape", "memory_flange", "source_size"):
@@ -158,6 +162,18 @@ class ModelConfig:
             p.append(f"model.source_skip must be true or false, got {self.source_skip!r}")
         elif self.source_skip and self.source_size is None:
             p.append("model.source_skip needs model.source_size (a super-resolution model)")
+        if not isinstance(self.consistent, bool):
+            p.append(f"model.consistent must be true or false, got {self.consistent!r}")
+        elif self.consistent:
+            if self.source_size is None:
+                p.append("model.consistent needs model.source_size (a super-resolution model)")
+            elif (isinstance(self.image_size, tuple) and isinstance(self.source_size, tuple)
+                  and any(t % s for t, s in zip(self.image_size, self.source_size) if isinstance(s, int) and s > 0)):
+                p.append(f"model.consistent needs model.image_size {self.image_size} to be a multiple of "
+                         f"model.source_size {self.source_size}")
+            if self.output != "categorical":
+                p.append('model.consistent needs output = "categorical" (the restricted DMOL likelihood is not '
+                         'implemented; `imagetx superres --consistent` samples DMOL models consistently)')
         return p
 
     def validate(self) -> None:

@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from imagetx.model import dmol, kernels
+from imagetx.model import consistency, dmol, kernels
 from imagetx.model.attention import Position
 
 
@@ -86,6 +86,8 @@ def generate(
     if n < 1:
         raise ValueError(f"number of images must be >= 1, got {n}")
     model.check_inputs(None, labels, source, batch=n)
+    if cfg.consistent and constraint is None:  # the model's own distribution is the restricted one
+        constraint = consistency.AreaConsistency(source, cfg.image_size)
     device = next(model.parameters()).device
     H, W = cfg.image_size
     C = cfg.channels

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from imagetx.model import dmol
+from imagetx.model import consistency, dmol
 from imagetx.model.attention import Attention, window_bias
 from imagetx.model.config import ModelConfig
 from imagetx.model.layers import Dropout, FeedForward, residual_dropout_layer_norm
@@ -307,11 +307,23 @@ class ImageTransformer(nn.Module):
         """Negative log-likelihood of each image in nats: float32 (B,). Exact for 8-bit data
         (no dequantization): bits/dim = nll / (H*W*C * ln 2)."""
         out = self(x, labels, source).float()
-        return self.nll_from_output(out, x)
+        return self.nll_from_output(out, x, source)
 
-    def nll_from_output(self, out: torch.Tensor, x: torch.Tensor) -> torch.Tensor:
+    def log_probs(self, out: torch.Tensor, x: torch.Tensor, source=None) -> torch.Tensor:
+        """Categorical outputs (B, H, W, C, 256) of x -> the model's conditional log-probabilities
+        of every value: log_softmax of the logits, restricted (model.consistent) to the values
+        that keep each image consistent with its source given the prefix of x, renormalised."""
+        if self.config.consistent:
+            lo, hi = consistency.value_bounds(x, source, self.order)  # (B, H, W, C)
+            out = dmol.restrict(out.reshape(-1, 256), lo.reshape(-1), hi.reshape(-1)).view(out.shape)
+        return torch.log_softmax(out.float(), dim=-1)
+
+    def nll_from_output(self, out: torch.Tensor, x: torch.Tensor, source=None) -> torch.Tensor:
         B = x.shape[0]
         if self.config.output == "categorical":
+            if self.config.consistent:
+                log_p = self.log_probs(out, x, source)
+                return -log_p.gather(-1, x.long()[..., None]).view(B, -1).sum(1)
             ce = F.cross_entropy(out.reshape(-1, 256), x.reshape(-1).long(), reduction="none")
             return ce.view(B, -1).sum(1)
         cfg = self.config
@@ -339,7 +351,8 @@ class ImageTransformer(nn.Module):
         same shape: where the mask is True the value is kept instead of sampled (image
         completion). use_cache=False recomputes the whole model at every step (the reference
         path); progress: an optional callable(steps_done, steps_total). constraint: restricts
-        the values drawn (see imagetx.model.decoding.generate; e.g. superres.AreaConsistency).
+        the values drawn (see imagetx.model.decoding.generate); a model.consistent model always
+        samples with consistency.AreaConsistency, its own distribution.
         """
         from imagetx.model.decoding import generate
 
