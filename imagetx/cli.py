@@ -313,6 +313,31 @@ def _print_superres_report(metrics: dict) -> None:
     Console(file=sys.stdout).print(table)
 
 
+@app.command(cls=_Command)
+def plot(
+    runs: list[Path] = typer.Argument(..., metavar="RUN...", help="Run directories of `imagetx train` (their metrics.jsonl)."),
+    out: Path = typer.Option(Path("curves.png"), "--out", "-o", help="PNG file to write."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"out", "runs": [{"run", "best_eval_bpd", "best_train_bpd", "steps"}]} as JSON.'),
+) -> None:
+    """Learning curves as one PNG: held-out and training bits/dim against step and against
+    wall-clock time, one line per run, each run's best value marked.
+
+    Comparing configs is one command, e.g.  imagetx plot runs/a runs/b --out compare.png
+    (the trainer also redraws RUN/curves.png at each evaluation).
+    """
+    from imagetx.plot import plot_runs
+
+    with _expected_failures():
+        summary = plot_runs(runs, out)
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    typer.echo(summary["out"])
+    for r in summary["runs"]:
+        best = "-" if r["best_eval_bpd"] is None else f"{r['best_eval_bpd']:.4f}"
+        console.note(f"{r['run']}: best held-out {best} bits/dim, {r['steps']} steps")
+
+
 _COMPUTE_COMMANDS = {"train", "eval-bpd", "sample", "superres"}
 
 

@@ -94,6 +94,7 @@ class Trainer:
         self.t = config.train
         self.run_dir = RunDir(self.t.out)
         self.device = ctx.device
+        self.curves_failed = False  # RUN/curves.png could not be drawn (warned once)
 
     # ---- set-up --------------------------------------------------------------------------------
     def load_data(self):
@@ -182,9 +183,21 @@ class Trainer:
         result = evaluate_bpd(self.model, self.eval_set, self.t.batch_size, limit=limit, device=self.device)
         if self.ctx.is_main:
             self.run_dir.log({"step": self.step, "eval_bpd": result["bpd"], "eval_images": result["images"],
-                      "eval_split": result["split"]})
+                      "eval_split": result["split"], "elapsed_s": round(time.monotonic() - self.start, 3)})
+            self.refresh_curves()
         self.last_eval = result["bpd"]
         return result["bpd"]
+
+    def refresh_curves(self) -> None:
+        """Redraw RUN/curves.png. A picture never stops training: a failure is one warning per run."""
+        from imagetx.plot import refresh_curves
+
+        try:
+            refresh_curves(self.run_dir.path)
+        except Exception as exc:  # matplotlib missing or broken, disk full...
+            if not self.curves_failed:
+                console.warn(f"could not draw {self.run_dir.path / 'curves.png'} ({exc}); training goes on")
+            self.curves_failed = True
 
     # ---- the loop --------------------------------------------------------------------------------
     def train_step(self, stream) -> tuple[float, float, float]:
