@@ -153,7 +153,7 @@ def train(
 
 @app.command("eval-bpd", cls=_Command)
 def eval_bpd(
-    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint file, or a run directory (its newest checkpoint)."),
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint file, run directory (its newest checkpoint) or `imagetx export` folder."),
     dataset: Optional[str] = typer.Option(None, help="Data set name (default: the one the model was trained on)."),
     data_dir: Optional[str] = typer.Option(None, help="Directory holding the data set."),
     split: str = typer.Option("test", help="Split to evaluate."),
@@ -205,7 +205,7 @@ def eval_bpd(
 
 @app.command(cls=_Command)
 def sample(
-    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint file, or a run directory (its newest checkpoint)."),
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint file, run directory (its newest checkpoint) or `imagetx export` folder."),
     num: int = typer.Option(16, "--num", "-n", help="Number of images."),
     temperature: float = typer.Option(1.0, help="Sampling temperature (>= 0; 0 = greedy)."),
     label: Optional[int] = typer.Option(None, help="Class for class-conditional models (default: a balanced spread over classes)."),
@@ -248,7 +248,7 @@ def sample(
 
 @app.command(cls=_Command)
 def superres(
-    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="A super-resolution checkpoint (or its run directory)."),
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="A super-resolution checkpoint (its run directory, or its `imagetx export` folder)."),
     input: Optional[Path] = typer.Option(None, "--input", "-i", help="A low-resolution image, or a directory of images."),
     dataset: Optional[str] = typer.Option(None, help="Or: make low-resolution inputs from held-out images of this data set."),
     data_dir: Optional[str] = typer.Option(None, help="Directory holding --dataset."),
@@ -336,6 +336,30 @@ def plot(
     for r in summary["runs"]:
         best = "-" if r["best_eval_bpd"] is None else f"{r['best_eval_bpd']:.4f}"
         console.note(f"{r['run']}: best held-out {best} bits/dim, {r['steps']} steps")
+
+
+@app.command(cls=_Command)
+def export(
+    run: Path = typer.Argument(..., metavar="RUN", help="Run directory (its newest checkpoint) or a checkpoint file."),
+    out: Path = typer.Option(..., "--out", "-o", help="New (or empty) folder to write."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"out", "checkpoint", "step", "files", "held_out"} as JSON.'),
+) -> None:
+    """Export a model for sharing: a folder with model.safetensors, config.json and a README.md
+    model card (data set, held-out bits/dim, training time, sample grid, commands).
+
+    The folder appears whole or not at all. load_model, sample, eval-bpd and superres take it in
+    place of a checkpoint, e.g.  imagetx export runs/quickstart --out quickstart-model
+    """
+    from imagetx.export import export as export_run
+
+    with _expected_failures():
+        summary = export_run(run, out)
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    for name in summary["files"]:
+        typer.echo(str(Path(summary["out"]) / name))
+    console.note(f"exported {summary['checkpoint']} (step {summary['step']}) to {summary['out']}")
 
 
 _COMPUTE_COMMANDS = {"train", "eval-bpd", "sample", "superres"}
