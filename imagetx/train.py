@@ -26,6 +26,7 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
+import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -39,6 +40,7 @@ from imagetx.data.order import DataOrder, RankBatches
 from imagetx.distributed import Dist, all_gather_object, all_reduce_sum, distributed, main_first
 from imagetx.errors import CheckpointError, RunError
 from imagetx.evaluate import evaluate_bpd
+from imagetx.loggers import Logger, check_installed, make_logger
 from imagetx.metrics import bits_per_dim
 from imagetx.memory import allocator_in_use, find_fast_allocator
 from imagetx.model.transformer import ImageTransformer
@@ -76,6 +78,7 @@ def run(config: RunConfig, resume: str | os.PathLike | None = None) -> dict:
     """
     config.validate()
     config, path, ckpt = resume_from(config, resume)
+    check_installed(config.train.logger)  # one line naming the pip command, before any work
     with distributed(config.train.device) as ctx:
         trainer = Trainer(config, ctx)
         try:
@@ -95,6 +98,7 @@ class Trainer:
         self.run_dir = RunDir(self.t.out)
         self.device = ctx.device
         self.curves_failed = False  # RUN/curves.png could not be drawn (warned once)
+        self.logger = Logger()  # train.logger's, on the main process (imagetx.loggers)
 
     # ---- set-up --------------------------------------------------------------------------------
     def load_data(self):
@@ -184,6 +188,7 @@ class Trainer:
         if self.ctx.is_main:
             self.run_dir.log({"step": self.step, "eval_bpd": result["bpd"], "eval_images": result["images"],
                       "eval_split": result["split"], "elapsed_s": round(time.monotonic() - self.start, 3)})
+            self.logger.scalars(self.step, {"eval/bpd": result["bpd"]})
             self.refresh_curves()
         self.last_eval = result["bpd"]
         return result["bpd"]
@@ -231,6 +236,7 @@ class Trainer:
         if ctx.is_main:
             self.run_dir.write_config(self.config)
             self.run_dir.open_metrics(self.step if ckpt_path is not None else None)
+            self.logger = make_logger(self.t.logger, self.run_dir.path, self.config, resumed=ckpt_path is not None)
             self.announce(ckpt_path)
 
     def train(self) -> dict:
@@ -279,6 +285,7 @@ class Trainer:
             self.bar.close()
             if ctx.is_main:
                 self.run_dir.close()
+                self.logger.close()
         summary = {
             "status": status, "step": self.step, "run_dir": str(self.run_dir.path),
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
@@ -304,6 +311,10 @@ class Trainer:
                 "step": self.step, "loss": loss, "train_bpd": self.train_bpd, "lr": lr, "grad_norm": norm,
                 "images_per_sec": speed, "epoch": self.epoch, "elapsed_s": round(time.monotonic() - self.start, 3),
             })
+            self.logger.scalars(self.step, {
+                "train/loss": loss, "train/bpd": self.train_bpd, "train/lr": lr, "train/grad_norm": norm,
+                "train/images_per_sec": speed,
+            })
             if self.bar.disable:
                 print(
                     f"step {self.step}/{self.t.max_steps}  loss {loss:.4f} bits/dim  lr {lr:.3g}  "
@@ -319,7 +330,12 @@ class Trainer:
             self.evaluate()
         if t.sample_every and t.sample_count and (step % t.sample_every == 0 or last):
             if self.ctx.is_main:
-                self.run_dir.write_samples(self.model, self.step, t.seed, t.sample_count, self.eval_set, self.device)
+                grid = self.run_dir.write_samples(self.model, self.step, t.seed, t.sample_count, self.eval_set, self.device)
+                if self.t.logger != "none":
+                    from PIL import Image
+
+                    with Image.open(grid) as im:
+                        self.logger.image("samples", self.step, np.asarray(im.convert("RGB")))
         if t.checkpoint_every and step % t.checkpoint_every == 0 and not last:
             self.save()  # the last one is written after the loop, whatever ended it
 
