@@ -57,7 +57,8 @@ def test_wandb_offline(tmp_path, monkeypatch):
 def test_unknown_and_missing_loggers(tmp_path, monkeypatch):
     with pytest.raises(ConfigError, match="train.logger must be one of none, tensorboard, wandb; got 'mlflow'"):
         load_config(sets=[*TINY, "train.logger=mlflow"]).validate()
-    monkeypatch.setattr(loggers.importlib.util, "find_spec", lambda name: None)
+    for name in ("wandb", "tensorboard"):  # as if not installed
+        monkeypatch.setitem(loggers._PACKAGES, name, ("imagetx_no_such_module", f"imagetx[{name}]"))
     with pytest.raises(RunError, match=r"pip install 'imagetx\[wandb\]'"):
         train.run(load_config(sets=[*TINY, f"train.out={tmp_path / 'a'}", "train.logger=wandb"]))
     assert not (tmp_path / "a").exists()  # checked before anything is written
