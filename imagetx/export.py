@@ -93,7 +93,7 @@ def run_summary(run_dir: Path, step: int) -> dict:
     held_out = None
     if held:
         s, _, bpd = held[-1]
-        held_out = {"bpd": bpd, "split": curves.split, "images": curves.images, "step": s}
+        held_out = {"bpd": bpd, "split": curves.split, "images": curves.images, "step": s, "dataset": curves.dataset}
     return {"held_out": held_out, "minutes": max(times) if times else None}
 
 
@@ -147,7 +147,7 @@ def export(run: str | os.PathLike, out: str | os.PathLike) -> dict:
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         if grid is not None:
             shutil.copyfile(grid, tmp / GRID)
-        (tmp / CARD).write_text(model_card(meta, out.name, grid is not None))
+        (tmp / CARD).write_text(model_card(meta, out.name, int(grid.stem[5:]) if grid is not None else None))
         for f in tmp.iterdir():
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -164,7 +164,7 @@ def export(run: str | os.PathLike, out: str | os.PathLike) -> dict:
             "files": sorted(p.name for p in out.iterdir()), "held_out": summary["held_out"]}
 
 
-def model_card(meta: dict, name: str, has_grid: bool) -> str:
+def model_card(meta: dict, name: str, grid_step: int | None) -> str:
     """README.md of an export: a model card in Markdown."""
     m, data, held, tr = meta["model"], meta["data"], meta["held_out"], meta["training"]
     H, W = m["image_size"]
@@ -172,7 +172,7 @@ def model_card(meta: dict, name: str, has_grid: bool) -> str:
             f"{m['output']} output", f"{meta['parameters'] / 1e6:.2f}M parameters"]
     kind = "unconditional"
     if m.get("num_classes"):
-        kind = f"class-conditional ({m['num_classes']} classes)"
+        kind = f"class-conditional on {m['num_classes']} classes"
     if m.get("source_size"):
         h, w = m["source_size"]
         kind = f"super-resolution from {h}x{w}"
@@ -185,9 +185,9 @@ def model_card(meta: dict, name: str, has_grid: bool) -> str:
         "",
         "## Data",
         "",
-        f"Trained on **{data.get('name')}** ({details or 'default settings'}), at {H}x{W} with {m['channels']} channel(s). "
-        f"The data set version is the one imagetx {meta['imagetx_version']} reads under that name "
-        "(see `imagetx train --help` and the imagetx README).",
+        f"Trained on **{data.get('name')}** ({details or 'default settings'}), at {H}x{W} with {m['channels']} channel(s)"
+        + (f"; as read by imagetx: {held['dataset']}." if held and held.get("dataset") else ".")
+        + f" The data set version is the one imagetx {meta['imagetx_version']} reads under that name.",
         "",
         "## Results",
         "",
@@ -201,8 +201,8 @@ def model_card(meta: dict, name: str, has_grid: bool) -> str:
     per_step = f", {tr['images_per_step']} images per step" if tr.get("images_per_step") else ""
     extra = ", ".join(f"{k} {tr[k]}" for k in ("optimizer", "lr", "schedule", "precision") if k in tr)
     lines += ["", "## Training", "", f"{tr['steps']} optimizer steps in {minutes}{per_step}" + (f" ({extra})." if extra else "."), ""]
-    if has_grid:
-        lines += ["## Samples", "", f"![samples from the run at step {meta['step']}]({GRID})", ""]
+    if grid_step is not None:
+        lines += ["## Samples", "", f"![samples]({GRID})", "", f"Drawn by the run at step {grid_step} (fixed seed).", ""]
     lines += ["## Use", "", "```bash", f"imagetx sample {name} --num 16 --out samples.png"]
     if m.get("source_size"):
         lines.append(f"imagetx superres {name} --dataset {data.get('name')} --num 8 --out superres")

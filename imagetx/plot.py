@@ -28,6 +28,7 @@ class Curves:
     train: list[tuple[int, float, float]] = field(default_factory=list)
     held_out: list[tuple[int, float, float]] = field(default_factory=list)
     split: str | None = None  # of the held-out rows
+    dataset: str | None = None  # the held-out data set's description (newer runs)
     images: int | None = None  # held-out images per evaluation
 
 
@@ -60,6 +61,7 @@ def read_curves(run: str | os.PathLike, name: str | None = None) -> Curves:
         if _number(row.get("eval_bpd")):
             curves.held_out.append((row["step"], last_time, float(row["eval_bpd"])))
             curves.split, curves.images = row.get("eval_split"), row.get("eval_images")
+            curves.dataset = row.get("eval_dataset", curves.dataset)
     if not curves.train and not curves.held_out:
         raise RunError(f"{path}: no bits/dim in it yet (no training or held-out rows); nothing to plot")
     return curves
@@ -81,6 +83,7 @@ def draw(curves: list[Curves]) -> bytes:
 
     matplotlib.use("Agg", force=True)  # never a window, also on a machine with a display
     from matplotlib.figure import Figure
+    from matplotlib.ticker import FuncFormatter, LogLocator
 
     fig = Figure(figsize=(11, 7.5), dpi=100, layout="constrained")
     axes = fig.subplots(2, 2)
@@ -104,6 +107,10 @@ def draw(curves: list[Curves]) -> bytes:
             values = [p[2] for c in curves for p in getattr(c, kind) if p[2] > 0]
             if values and max(values) > 10 * min(values):  # a long run falls from 8 to ~0.1: keep the end legible
                 ax.set_yscale("log")
+                plain = FuncFormatter(lambda v, _: f"{v:g}")  # 0.2, not 2 x 10^-1
+                ax.yaxis.set_major_formatter(plain)
+                ax.yaxis.set_minor_formatter(plain)
+                ax.yaxis.set_minor_locator(LogLocator(subs=(2.0, 3.0, 5.0)))  # labels that do not crowd
             ax.set_xlabel(xlabel)
             ax.set_ylabel(title)
             ax.grid(True, alpha=0.3)

@@ -187,7 +187,7 @@ class Trainer:
         result = evaluate_bpd(self.model, self.eval_set, self.t.batch_size, limit=limit, device=self.device)
         if self.ctx.is_main:
             self.run_dir.log({"step": self.step, "eval_bpd": result["bpd"], "eval_images": result["images"],
-                      "eval_split": result["split"], "elapsed_s": round(time.monotonic() - self.start, 3)})
+                      "eval_split": result["split"], "eval_dataset": result["dataset"], "elapsed_s": round(time.monotonic() - self.start, 3)})
             self.logger.scalars(self.step, {"eval/bpd": result["bpd"]})
             self.refresh_curves()
         self.last_eval = result["bpd"]

@@ -39,7 +39,8 @@ def test_round_trip_gives_identical_logits_and_never_unpickles(run_dir, tmp_path
     assert meta["model"]["d_model"] == 16 and meta["data"]["name"] == "builtin" and meta["step"] == 3
     assert meta["held_out"]["split"] == "test" and meta["held_out"]["images"] == 4
     card = (tmp_path / "model" / "README.md").read_text()
-    for words in ("builtin", "Held-out bits/dim", "`test` split (4 images", "3 optimizer steps", "samples.png",
+    assert meta["held_out"]["dataset"].startswith("builtin shapes 8x8")
+    for words in ("builtin", "as read by imagetx: builtin shapes", "Held-out bits/dim", "`test` split (4 images", "3 optimizer steps", "samples.png",
                   "imagetx sample model", "imagetx eval-bpd model"):
         assert words in card, words
 
