@@ -375,6 +375,7 @@ def eval_fid(
     split: str = typer.Option("test", help="Reference split."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N reference images."),
     batch_size: int = typer.Option(50, help="Images per Inception forward pass."),
+    dims: int = typer.Option(2048, help="Inception features: 2048 (standard FID), or 768, 192, 64 for quick relative checks."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     cache_dir: Optional[Path] = typer.Option(None, help="Where reference statistics are cached (default ~/.cache/imagetx/fid)."),
     as_json: bool = typer.Option(False, "--json", help='Print {"fid", "samples", "reference_images", "dataset", "split", ...} as JSON.'),
@@ -391,7 +392,7 @@ def eval_fid(
     req = FidConfig(
         checkpoint=checkpoint, inception_weights=inception_weights, npz=npz, num=num, temperature=temperature,
         seed=seed, dataset=dataset, data_dir=data_dir, split=split, limit=limit, batch_size=batch_size,
-        device=device, cache_dir=cache_dir,
+        dims=dims, device=device, cache_dir=cache_dir,
     )
     with _expected_failures():
         result = run(req)

@@ -39,7 +39,8 @@ from imagetx.errors import ConfigError, RunError, raise_problems
 STANDARD_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 STANDARD_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{STANDARD_WEIGHTS}"
 STANDARD_SHA256_PREFIX = "6726825d"  # torch.hub names files by the first 8 hex digits of their SHA-256
-FEATURES = 2048
+FEATURES = 2048  # the pool features every published FID uses
+DIMS = (64, 192, 768, 2048)  # pytorch-fid's blocks: after the first and second max pool, pre-aux, pool
 
 
 def _where_from() -> str:
@@ -57,9 +58,9 @@ def sha256(path: Path) -> str:
 
 
 # ---- the feature extractor -------------------------------------------------------------------------
-def load_inception(weights: str | os.PathLike, device: torch.device | str = "cpu") -> torch.nn.Module:
-    """pytorch-fid's FID Inception-v3 (2048-d pool features) with the weights in `weights`, in
-    eval mode. Raises RunError when pytorch-fid is missing or the file is missing, unreadable or
+def load_inception(weights: str | os.PathLike, device: torch.device | str = "cpu", dims: int = FEATURES) -> torch.nn.Module:
+    """pytorch-fid's FID Inception-v3 with the weights in `weights`, in eval mode, returning the
+    `dims`-d features of one of its blocks (2048: the pool features of standard FID). Raises RunError when pytorch-fid is missing or the file is missing, unreadable or
     not an Inception-v3 state dict."""
     try:
         from pytorch_fid import inception
@@ -78,7 +79,7 @@ def load_inception(weights: str | os.PathLike, device: torch.device | str = "cpu
     # pytorch-fid fetches its weights inside the constructor: hand it the user's instead
     with mock.patch.object(inception, "load_state_dict_from_url", lambda *args, **kwargs: state):
         try:
-            model = inception.InceptionV3([inception.InceptionV3.BLOCK_INDEX_BY_DIM[FEATURES]])
+            model = inception.InceptionV3([inception.InceptionV3.BLOCK_INDEX_BY_DIM[dims]])
         except (RuntimeError, KeyError) as exc:  # missing or unexpected keys, wrong shapes
             detail = " ".join(str(exc).split())[:160]
             raise RunError(f"--inception-weights {path}: not the FID Inception-v3 weights ({detail}); {_where_from()}") from None
@@ -87,7 +88,8 @@ def load_inception(weights: str | os.PathLike, device: torch.device | str = "cpu
 
 @torch.inference_mode()
 def features(extractor: torch.nn.Module, images: torch.Tensor, batch_size: int = 50, progress: bool = False) -> np.ndarray:
-    """uint8 (N, H, W, C), C 1 or 3 -> float64 (N, 2048) pool features."""
+    """uint8 (N, H, W, C), C 1 or 3 -> float64 (N, D) features (spatially averaged for the
+    blocks before the pool, as pytorch-fid does)."""
     device = next(extractor.parameters()).device
     out = []
     bar = console.progress(len(images), "inception features", "img", enabled=progress)
@@ -96,7 +98,10 @@ def features(extractor: torch.nn.Module, images: torch.Tensor, batch_size: int =
             x = images[i : i + batch_size].to(device).permute(0, 3, 1, 2).float() / 255  # (B, C, H, W) in [0, 1]
             if x.shape[1] == 1:
                 x = x.expand(-1, 3, -1, -1)
-            out.append(extractor(x)[0].flatten(1).double().cpu())  # (B, 2048)
+            f = extractor(x)[0]  # (B, D, h, w)
+            if f.shape[2:] != (1, 1):
+                f = torch.nn.functional.adaptive_avg_pool2d(f, 1)
+            out.append(f.flatten(1).double().cpu())  # (B, D)
             bar.update(len(x))
     finally:
         bar.close()
@@ -144,6 +149,7 @@ class FidConfig:
     split: str = "test"
     limit: int | None = None  # reference images (None: the whole split)
     batch_size: int = 50
+    dims: int = FEATURES  # 2048 for standard FID; fewer for quick relative checks
     device: str = "auto"
     cache_dir: str | os.PathLike | None = None  # default: $XDG_CACHE_HOME/imagetx/fid or ~/.cache/imagetx/fid
     progress: bool = True
@@ -152,6 +158,8 @@ class FidConfig:
         p = count_problems(self.num, "--num") + count_problems(self.batch_size, "--batch-size")
         if self.limit is not None:
             p += count_problems(self.limit, "--limit")
+        if self.dims not in DIMS:
+            p.append(f"--dims must be one of {', '.join(map(str, DIMS))}; got {self.dims}")
         return p + temperature_problems(self.temperature) + seed_problems(self.seed) + device_problems(self.device)
 
 
@@ -192,7 +200,7 @@ def run(req: FidConfig) -> dict:
     raise_problems(req.problems())
     device = select_device(req.device)
     weights = Path(req.inception_weights)
-    extractor = load_inception(weights, device)  # first: a bad weights file costs no sampling
+    extractor = load_inception(weights, device, req.dims)  # first: a bad weights file costs no sampling
     digest = sha256(weights)
     standard = digest.startswith(STANDARD_SHA256_PREFIX)
     if not standard:
@@ -218,7 +226,7 @@ def run(req: FidConfig) -> dict:
 
     cache = Path(req.cache_dir) if req.cache_dir is not None else default_cache_dir()
     H, W = cfg.image_size
-    key = f"{data.name}-{req.split}-{H}x{W}x{cfg.channels}-{req.limit or 'all'}-{digest[:16]}"
+    key = f"{data.name}-{req.split}-{H}x{W}x{cfg.channels}-{req.limit or 'all'}-{req.dims}-{digest[:16]}"
     if data.data_dir is not None or data.builtin_size is not None:  # another copy or rendering of the data
         key += "-" + hashlib.sha256(f"{data.data_dir}|{data.builtin_size}".encode()).hexdigest()[:8]
     cached_file = cache / f"reference-{key}.npz"
@@ -250,6 +258,6 @@ def run(req: FidConfig) -> dict:
         fid = frechet_distance(mu_s, sigma_s, mu_r, sigma_r)
     return {
         "fid": fid, "samples": int(samples.shape[0]), "reference_images": meta["images"], "dataset": meta["dataset"],
-        "split": meta["split"], "checkpoint": str(path), "weights": str(weights), "standard_weights": standard,
+        "split": meta["split"], "dims": req.dims, "checkpoint": str(path), "weights": str(weights), "standard_weights": standard,
         "reference_cache": str(cached_file), "cached": cached,
     }
