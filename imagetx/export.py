@@ -113,7 +113,9 @@ def export(run: str | os.PathLike, out: str | os.PathLike) -> dict:
     from safetensors.torch import save_file
 
     out = Path(out)
-    if out.exists() and not (out.is_dir() and not any(out.iterdir())):
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out} is a file; export into a new (or empty) directory")
+    if out.exists() and any(out.iterdir()):
         raise RunError(f"{out} exists and is not empty; export into a new (or empty) directory")
     path = resolve_checkpoint(run)
     ckpt = load_checkpoint(path)
