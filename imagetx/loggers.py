@@ -69,14 +69,13 @@ class TensorBoardLogger(Logger):
 
 
 class WandbLogger(Logger):
-    def __init__(self, run_dir: Path, config: dict, resumed: bool):
+    def __init__(self, run_dir: Path, config: dict):
         import wandb
 
         self.wandb = wandb
-        self.run = wandb.init(
-            project=os.environ.get("WANDB_PROJECT", "imagetx"), name=run_dir.name, dir=str(run_dir),
-            config=config, resume="allow" if resumed else None,
-        )
+        # a resumed training run is a new W&B run: its steps continue from the checkpoint's
+        self.run = wandb.init(project=os.environ.get("WANDB_PROJECT", "imagetx"), name=run_dir.name,
+                              dir=str(run_dir), config=config)
 
     def scalars(self, step, values):
         self.run.log(values, step=step)
@@ -88,12 +87,12 @@ class WandbLogger(Logger):
         self.run.finish()
 
 
-def make_logger(name: str, run_dir: str | os.PathLike, config, resumed: bool = False) -> Logger:
+def make_logger(name: str, run_dir: str | os.PathLike, config) -> Logger:
     """The logger train.logger names, for the main process. config: the resolved RunConfig."""
     check_installed(name)
     run_dir = Path(run_dir)
     if name == "tensorboard":
         return TensorBoardLogger(run_dir, config.to_toml())
     if name == "wandb":
-        return WandbLogger(run_dir, config.to_dict(), resumed)
+        return WandbLogger(run_dir, config.to_dict())
     return Logger()

@@ -79,13 +79,13 @@ def _names(runs: list[Path]) -> list[str]:
 
 def draw(curves: list[Curves]) -> bytes:
     """The 2x2 figure of `curves` as PNG bytes."""
-    import matplotlib
-
-    matplotlib.use("Agg", force=True)  # never a window, also on a machine with a display
+    from matplotlib.backends.backend_agg import FigureCanvasAgg
     from matplotlib.figure import Figure
     from matplotlib.ticker import FuncFormatter, LogLocator
 
+    # a Figure on its own Agg canvas, not pyplot: no window, and the caller's backend is left alone
     fig = Figure(figsize=(11, 7.5), dpi=100, layout="constrained")
+    FigureCanvasAgg(fig)
     axes = fig.subplots(2, 2)
     colors = [f"C{i % 10}" for i in range(len(curves))]
     for row, (kind, title) in enumerate((("held_out", "held-out bits/dim"), ("train", "training bits/dim"))):

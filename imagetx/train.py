@@ -236,7 +236,7 @@ class Trainer:
         if ctx.is_main:
             self.run_dir.write_config(self.config)
             self.run_dir.open_metrics(self.step if ckpt_path is not None else None)
-            self.logger = make_logger(self.t.logger, self.run_dir.path, self.config, resumed=ckpt_path is not None)
+            self.logger = make_logger(self.t.logger, self.run_dir.path, self.config)
             self.announce(ckpt_path)
 
     def train(self) -> dict:
