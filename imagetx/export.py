@@ -21,6 +21,7 @@ from pathlib import Path
 
 import torch
 
+from imagetx.atomic import remove_stale_temporaries
 from imagetx.checkpoint import (
     FORMAT,
     FORMAT_VERSION,
@@ -141,7 +142,7 @@ def export(run: str | os.PathLike, out: str | os.PathLike) -> dict:
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(tmp, ignore_errors=True)
+        remove_stale_temporaries(out)  # folders of exports that were killed half-way
         tmp.mkdir()
         # tensors that share storage (tied weights) are stored once each, contiguous, on the CPU
         weights = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}

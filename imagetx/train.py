@@ -4,7 +4,8 @@ What it writes and how a run resumes live in imagetx.rundir (config.toml, metric
 checkpoints/, samples/), the optimizer and schedule in imagetx.optim, the order images are read
 in in imagetx.data.order, Ctrl-C / SIGTERM handling in imagetx.signals. metrics.jsonl holds
 training rows {step, loss, train_bpd, lr, grad_norm, images_per_sec, epoch, ...} and held-out
-rows {step, eval_bpd, eval_images, eval_split}.
+rows {step, eval_bpd, eval_images, eval_split, eval_dataset, elapsed_s}. With train.logger the same
+numbers also go to TensorBoard or W&B (imagetx.loggers); RUN/curves.png is redrawn at each evaluation.
 
 The loss is the training objective in bits/dim: mean NLL of the batch / (H*W*C * ln 2). `loss` is
 the loss of that step's batch, `train_bpd` its mean over the steps since the previous row; the

@@ -98,6 +98,9 @@ def test_nonempty_target_and_failures_leave_nothing(run_dir, tmp_path, monkeypat
 
     import imagetx.export as ex
 
+    stale = tmp_path / ".half.tmp-999999999"  # left by an export that was killed (no such process)
+    stale.mkdir()
+    (stale / "model.safetensors").write_bytes(b"partial")
     monkeypatch.setattr(ex, "model_card", lambda *a: (_ for _ in ()).throw(OSError(28, "No space left on device")))
     with pytest.raises(RunError, match="No space left"):
         export(run_dir, tmp_path / "half")
