@@ -19,7 +19,6 @@ import os
 import shutil
 from pathlib import Path
 
-import torch
 
 from imagetx.atomic import remove_stale_temporaries
 from imagetx.checkpoint import (
@@ -63,9 +62,8 @@ def read_export(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: export format {version!r} is newer than this imagetx reads ({EXPORT_VERSION}); upgrade imagetx")
     if not isinstance(meta.get("model"), dict):
         raise CheckpointError(f"{path / CONFIG}: incomplete, it has no model config")
-    device = str(map_location) if not isinstance(map_location, torch.device) else str(map_location)
-    try:
-        weights = load_file(path / WEIGHTS, device=device)
+    try:  # read on the CPU, then moved: any device torch names works, as with torch.load
+        weights = {k: v.to(map_location) for k, v in load_file(path / WEIGHTS).items()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
         detail = " ".join(str(exc).split())[:200] or type(exc).__name__
         raise CheckpointError(f"{path / WEIGHTS}: not a readable safetensors file (truncated or corrupt: {detail})") from None

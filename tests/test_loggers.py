@@ -4,7 +4,6 @@ offline mode, and a missing package as one line naming the pip command."""
 from __future__ import annotations
 
 import json
-import os
 
 import pytest
 from typer.testing import CliRunner
