@@ -34,14 +34,21 @@ def check_installed(name: str) -> None:
         raise RunError(f'train.logger = "{name}" needs the {module} package: pip install \'{extra}\'')
 
 
+def read_rgb(path: Path) -> np.ndarray:
+    """A PNG the run wrote -> uint8 (H, W, 3)."""
+    from imagetx.images import read_image
+
+    return read_image(path, channels=3)[0].numpy()
+
+
 class Logger:
     """train.logger = "none": every call does nothing."""
 
     def scalars(self, step: int, values: dict[str, float]) -> None:
         pass
 
-    def image(self, tag: str, step: int, image: np.ndarray) -> None:
-        """image: uint8 (H, W, C)."""
+    def image(self, tag: str, step: int, path: Path) -> None:
+        """Log the PNG at `path` (a sample grid the run wrote)."""
 
     def close(self) -> None:
         pass
@@ -60,8 +67,8 @@ class TensorBoardLogger(Logger):
             self.writer.add_scalar(tag, value, step)
         self.writer.flush()
 
-    def image(self, tag, step, image):
-        self.writer.add_image(tag, image, step, dataformats="HWC")
+    def image(self, tag, step, path):
+        self.writer.add_image(tag, read_rgb(path), step, dataformats="HWC")
         self.writer.flush()
 
     def close(self):
@@ -80,8 +87,8 @@ class WandbLogger(Logger):
     def scalars(self, step, values):
         self.run.log(values, step=step)
 
-    def image(self, tag, step, image):
-        self.run.log({tag: self.wandb.Image(image)}, step=step)
+    def image(self, tag, step, path):
+        self.run.log({tag: self.wandb.Image(read_rgb(path))}, step=step)
 
     def close(self):
         self.run.finish()

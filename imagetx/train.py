@@ -27,7 +27,6 @@ import time
 from contextlib import nullcontext
 from pathlib import Path
 
-import numpy as np
 import torch
 from torch import nn
 from torch.nn.parallel import DistributedDataParallel
@@ -188,7 +187,8 @@ class Trainer:
         result = evaluate_bpd(self.model, self.eval_set, self.t.batch_size, limit=limit, device=self.device)
         if self.ctx.is_main:
             self.run_dir.log({"step": self.step, "eval_bpd": result["bpd"], "eval_images": result["images"],
-                      "eval_split": result["split"], "eval_dataset": result["dataset"], "elapsed_s": round(time.monotonic() - self.start, 3)})
+                      "eval_split": result["split"], "eval_dataset": result["dataset"],
+                      "elapsed_s": round(time.monotonic() - self.start, 3)})
             self.logger.scalars(self.step, {"eval/bpd": result["bpd"]})
             self.refresh_curves()
         self.last_eval = result["bpd"]
@@ -332,11 +332,7 @@ class Trainer:
         if t.sample_every and t.sample_count and (step % t.sample_every == 0 or last):
             if self.ctx.is_main:
                 grid = self.run_dir.write_samples(self.model, self.step, t.seed, t.sample_count, self.eval_set, self.device)
-                if self.t.logger != "none":
-                    from PIL import Image
-
-                    with Image.open(grid) as im:
-                        self.logger.image("samples", self.step, np.asarray(im.convert("RGB")))
+                self.logger.image("samples", self.step, grid)
         if t.checkpoint_every and step % t.checkpoint_every == 0 and not last:
             self.save()  # the last one is written after the loop, whatever ended it
 
