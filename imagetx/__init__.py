@@ -17,6 +17,10 @@ Where everything lives (one line a module):
     sample.py         `imagetx sample`: images from a checkpoint (SampleConfig, run)
     superres.py       `imagetx superres`: super-resolve files or held-out images (SuperResConfig, run)
     metrics.py        bits/dim, PSNR, consistency and the super-resolution report
+    plot.py           `imagetx plot`: learning curves of runs as a PNG (and RUN/curves.png during training)
+    export.py         `imagetx export`: a safetensors folder with config.json and a model card; read_export
+    loggers.py        train.logger: TensorBoard and W&B beside metrics.jsonl
+    fid.py            `imagetx eval-fid`: FID with pytorch-fid's Inception-v3 from a file the user supplies
     checkpoint.py     checkpoint files: save, find, load and check, build the model from one
     images.py         image files in (every Pillow mode, checked) and out (PNG, grids, npz)
     distributed.py    devices, torchrun process groups and the collectives training and evaluation use

@@ -5,6 +5,7 @@ file under the final name, and never damages the file it replaces."""
 from __future__ import annotations
 
 import os
+import shutil
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -50,13 +51,16 @@ def _alive(pid: int) -> bool:
 
 
 def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
-    """Delete .NAME.tmp-PID files beside path whose process no longer runs (a save that was
-    killed half-way); -> the files removed. A temporary of a running process is left alone."""
+    """Delete .NAME.tmp-PID files (or folders) beside path whose process no longer runs (a save
+    that was killed half-way); -> the files removed. A temporary of a running process is left alone."""
     path = Path(path)
     removed = []
     for tmp in path.parent.glob(f".{path.name}.tmp-*"):
         pid = tmp.name.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
-            tmp.unlink(missing_ok=True)
+            if tmp.is_dir() and not tmp.is_symlink():  # a folder written whole (imagetx export)
+                shutil.rmtree(tmp, ignore_errors=True)
+            else:
+                tmp.unlink(missing_ok=True)
             removed.append(tmp)
     return removed

@@ -151,8 +151,13 @@ def save_checkpoint(run_dir: str | os.PathLike, checkpoint: Mapping, keep: int =
 
 # ---- loading -------------------------------------------------------------------------------------
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint file, or a run directory (-> its newest checkpoint). Raises CheckpointError."""
+    """A checkpoint file, an export folder (itself), or a run directory (-> its newest
+    checkpoint). Raises CheckpointError."""
+    from imagetx.export import is_export
+
     path = Path(path)
+    if is_export(path):
+        return path
     if path.is_dir():
         latest = latest_checkpoint(path)
         if latest is None:
@@ -164,11 +169,15 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
 
 
 def load_checkpoint(path: str | os.PathLike, map_location="cpu", mmap: bool = False) -> dict:
-    """Read and check a checkpoint (a file, or a run directory: its newest).
+    """Read and check a checkpoint (a file, an `imagetx export` folder, or a run directory: its newest).
 
     Raises CheckpointError (one line naming the file) when it is missing, truncated, not an
     imagetx checkpoint, or from a newer format."""
+    from imagetx.export import is_export, read_export
+
     path = resolve_checkpoint(path)
+    if is_export(path):  # safetensors and JSON: nothing to unpickle
+        return read_export(path, map_location)
     try:
         with open(path, "rb"):
             pass
@@ -300,7 +309,8 @@ def _warn_if_trained_reading_its_targets(ckpt: Mapping, model: nn.Module, path) 
 
 
 def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
-    """Load an ImageTransformer from a checkpoint file (or a run directory: its newest checkpoint),
+    """Load an ImageTransformer from a checkpoint file, an `imagetx export` folder, or a run
+    directory (its newest checkpoint),
     with the checkpoint's config, on `device`, in eval mode, ready for `nll` and `sample`.
 
     Raises CheckpointError for a missing, truncated, foreign or incompatible file."""

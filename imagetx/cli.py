@@ -153,7 +153,7 @@ def train(
 
 @app.command("eval-bpd", cls=_Command)
 def eval_bpd(
-    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint file, or a run directory (its newest checkpoint)."),
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint file, run directory (its newest checkpoint) or `imagetx export` folder."),
     dataset: Optional[str] = typer.Option(None, help="Data set name (default: the one the model was trained on)."),
     data_dir: Optional[str] = typer.Option(None, help="Directory holding the data set."),
     split: str = typer.Option("test", help="Split to evaluate."),
@@ -215,7 +215,7 @@ def eval_bpd(
 
 @app.command(cls=_Command)
 def sample(
-    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint file, or a run directory (its newest checkpoint)."),
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint file, run directory (its newest checkpoint) or `imagetx export` folder."),
     num: int = typer.Option(16, "--num", "-n", help="Number of images."),
     temperature: float = typer.Option(1.0, help="Sampling temperature (>= 0; 0 = greedy)."),
     label: Optional[int] = typer.Option(None, help="Class for class-conditional models (default: a balanced spread over classes)."),
@@ -258,7 +258,7 @@ def sample(
 
 @app.command(cls=_Command)
 def superres(
-    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="A super-resolution checkpoint (or its run directory)."),
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="A super-resolution checkpoint (its run directory, or its `imagetx export` folder)."),
     input: Optional[Path] = typer.Option(None, "--input", "-i", help="A low-resolution image, or a directory of images."),
     dataset: Optional[str] = typer.Option(None, help="Or: make low-resolution inputs from held-out images of this data set."),
     data_dir: Optional[str] = typer.Option(None, help="Directory holding --dataset."),
@@ -330,7 +330,98 @@ def _print_superres_report(metrics: dict, unrestricted: dict | None = None) -> N
     Console(file=sys.stdout).print(table)
 
 
-_COMPUTE_COMMANDS = {"train", "eval-bpd", "sample", "superres"}
+@app.command(cls=_Command)
+def plot(
+    runs: list[Path] = typer.Argument(..., metavar="RUN...", help="Run directories of `imagetx train` (their metrics.jsonl)."),
+    out: Path = typer.Option(Path("curves.png"), "--out", "-o", help="PNG file to write."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"out", "runs": [{"run", "best_eval_bpd", "best_train_bpd", "steps"}]} as JSON.'),
+) -> None:
+    """Learning curves as one PNG: held-out and training bits/dim against step and against
+    wall-clock time, one line per run, each run's best value marked.
+
+    Comparing configs is one command, e.g.  imagetx plot runs/a runs/b --out compare.png
+    (the trainer also redraws RUN/curves.png at each evaluation).
+    """
+    from imagetx.plot import plot_runs
+
+    with _expected_failures():
+        summary = plot_runs(runs, out)
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    typer.echo(summary["out"])
+    for r in summary["runs"]:
+        best = "-" if r["best_eval_bpd"] is None else f"{r['best_eval_bpd']:.4f}"
+        console.note(f"{r['run']}: best held-out {best} bits/dim, {r['steps']} steps")
+
+
+@app.command(cls=_Command)
+def export(
+    run: Path = typer.Argument(..., metavar="RUN", help="Run directory (its newest checkpoint) or a checkpoint file."),
+    out: Path = typer.Option(..., "--out", "-o", help="New (or empty) folder to write."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"out", "checkpoint", "step", "files", "held_out"} as JSON.'),
+) -> None:
+    """Export a model for sharing: a folder with model.safetensors, config.json and a README.md
+    model card (data set, held-out bits/dim, training time, sample grid, commands).
+
+    The folder appears whole or not at all. load_model, sample, eval-bpd and superres take it in
+    place of a checkpoint, e.g.  imagetx export runs/quickstart --out quickstart-model
+    """
+    from imagetx.export import export as export_run
+
+    with _expected_failures():
+        summary = export_run(run, out)
+    if as_json:
+        typer.echo(json.dumps(summary))
+        return
+    for name in summary["files"]:
+        typer.echo(str(Path(summary["out"]) / name))
+    console.note(f"exported {summary['checkpoint']} (step {summary['step']}) to {summary['out']}")
+
+
+@app.command("eval-fid", cls=_Command)
+def eval_fid(
+    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint file, run directory (its newest checkpoint) or `imagetx export` folder."),
+    inception_weights: Path = typer.Option(..., help="pytorch-fid's Inception-v3 weights file, pt_inception-2015-12-05-6726825d.pth (never downloaded)."),
+    npz: Optional[Path] = typer.Option(None, help="Samples to score: uint8 (N, H, W, C) under arr_0 (imagetx sample --npz); default: draw --num."),
+    num: int = typer.Option(1000, "--num", "-n", help="Samples to draw when no --npz is given."),
+    temperature: float = typer.Option(1.0, help="Sampling temperature of the drawn samples."),
+    seed: int = typer.Option(0, help="Random seed of the drawn samples."),
+    dataset: Optional[str] = typer.Option(None, help="Reference data set (default: the one the model was trained on)."),
+    data_dir: Optional[str] = typer.Option(None, help="Directory holding the data set."),
+    split: str = typer.Option("test", help="Reference split."),
+    limit: Optional[int] = typer.Option(None, help="Use only the first N reference images."),
+    batch_size: int = typer.Option(50, help="Images per Inception forward pass."),
+    dims: int = typer.Option(2048, help="Inception features: 2048 (standard FID), or 768, 192, 64 for quick relative checks."),
+    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    cache_dir: Optional[Path] = typer.Option(None, help="Where reference statistics are cached (default ~/.cache/imagetx/fid)."),
+    as_json: bool = typer.Option(False, "--json", help='Print {"fid", "samples", "reference_images", "dataset", "split", ...} as JSON.'),
+) -> None:
+    """Frechet Inception Distance between samples and a data set split, with the standard
+    Inception-v3 of pytorch-fid from a weights file you supply (it never downloads).
+
+    The reference statistics of a split are cached. Only the standard weights give FIDs
+    comparable with published ones, e.g.
+    imagetx eval-fid runs/cifar10 --inception-weights pt_inception-2015-12-05-6726825d.pth -n 10000
+    """
+    from imagetx.fid import FidConfig, run
+
+    req = FidConfig(
+        checkpoint=checkpoint, inception_weights=inception_weights, npz=npz, num=num, temperature=temperature,
+        seed=seed, dataset=dataset, data_dir=data_dir, split=split, limit=limit, batch_size=batch_size,
+        dims=dims, device=device, cache_dir=cache_dir,
+    )
+    with _expected_failures():
+        result = run(req)
+    if as_json:
+        typer.echo(json.dumps(result))
+        return
+    typer.echo(f"FID {result['fid']:.3f}")
+    console.note(f"{result['samples']} samples against {result['reference_images']} images of {result['dataset']} "
+                 f"({result['split']}){'; reference statistics from the cache' if result['cached'] else ''}")
+
+
+_COMPUTE_COMMANDS = {"train", "eval-bpd", "sample", "superres", "eval-fid"}
 
 
 def main() -> None:

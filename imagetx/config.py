@@ -32,6 +32,7 @@ from imagetx.precision import precision_problems
 TASKS = ("generate", "superres")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("rsqrt", "cosine", "constant")
+LOGGERS = ("none", "tensorboard", "wandb")  # imagetx.loggers
 
 
 def quickstart_model() -> ModelConfig:
@@ -111,6 +112,7 @@ class TrainConfig:
     sample_count: int = 36  # images per sample grid
     checkpoint_every: int = 1000  # steps between checkpoints (one is always written at the end)
     keep_checkpoints: int = 3  # most recent checkpoints kept (0: keep all)
+    logger: str = "none"  # also log to "tensorboard" (RUN/tensorboard) or "wandb" (WANDB_MODE=offline: no network); metrics.jsonl is always written
 
     def problems(self) -> list[str]:
         p: list[str] = []
@@ -141,6 +143,8 @@ class TrainConfig:
             p.append(f"train.optimizer must be one of {', '.join(OPTIMIZERS)}; got {self.optimizer!r}")
         if self.schedule not in SCHEDULES:
             p.append(f"train.schedule must be one of {', '.join(SCHEDULES)}; got {self.schedule!r}")
+        if self.logger not in LOGGERS:
+            p.append(f"train.logger must be one of {', '.join(LOGGERS)}; got {self.logger!r}")
         p += precision_problems(self.precision, "train.precision")
         if not (isinstance(self.compile, bool) or self.compile == "auto"):
             p.append(f"train.compile must be true, false or \"auto\"; got {self.compile!r}")

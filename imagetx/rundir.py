@@ -4,6 +4,8 @@
     RUN/metrics.jsonl               one JSON object per line (training and held-out rows)
     RUN/checkpoints/step-NNNNNNNN.pt
     RUN/samples/step-NNNNNNNN.png   sample grids from a fixed generator (comparable across steps)
+    RUN/curves.png                  learning curves, redrawn at each evaluation (imagetx.plot)
+    RUN/tensorboard/, RUN/wandb/    with train.logger (imagetx.loggers)
 
 `resume_from` is the one place a resumed run is resolved: it finds the checkpoint (`--resume
 auto` or a path), loads it once and returns the config to use: the keys the user gave (a config

@@ -4,7 +4,8 @@ What it writes and how a run resumes live in imagetx.rundir (config.toml, metric
 checkpoints/, samples/), the optimizer and schedule in imagetx.optim, the order images are read
 in in imagetx.data.order, Ctrl-C / SIGTERM handling in imagetx.signals. metrics.jsonl holds
 training rows {step, loss, train_bpd, lr, grad_norm, images_per_sec, epoch, ...} and held-out
-rows {step, eval_bpd, eval_images, eval_split}.
+rows {step, eval_bpd, eval_images, eval_split, eval_dataset, elapsed_s}. With train.logger the same
+numbers also go to TensorBoard or W&B (imagetx.loggers); RUN/curves.png is redrawn at each evaluation.
 
 The loss is the training objective in bits/dim: mean NLL of the batch / (H*W*C * ln 2). `loss` is
 the loss of that step's batch, `train_bpd` its mean over the steps since the previous row; the
@@ -39,6 +40,7 @@ from imagetx.data.order import DataOrder, RankBatches
 from imagetx.distributed import Dist, all_gather_object, all_reduce_sum, distributed, main_first
 from imagetx.errors import CheckpointError, RunError
 from imagetx.evaluate import evaluate_bpd
+from imagetx.loggers import Logger, check_installed, make_logger
 from imagetx.metrics import bits_per_dim
 from imagetx.memory import allocator_in_use, find_fast_allocator
 from imagetx.model.transformer import ImageTransformer
@@ -76,6 +78,7 @@ def run(config: RunConfig, resume: str | os.PathLike | None = None) -> dict:
     """
     config.validate()
     config, path, ckpt = resume_from(config, resume)
+    check_installed(config.train.logger)  # one line naming the pip command, before any work
     with distributed(config.train.device) as ctx:
         trainer = Trainer(config, ctx)
         try:
@@ -94,6 +97,8 @@ class Trainer:
         self.t = config.train
         self.run_dir = RunDir(self.t.out)
         self.device = ctx.device
+        self.curves_failed = False  # RUN/curves.png could not be drawn (warned once)
+        self.logger = Logger()  # train.logger's, on the main process (imagetx.loggers)
 
     # ---- set-up --------------------------------------------------------------------------------
     def load_data(self):
@@ -182,9 +187,23 @@ class Trainer:
         result = evaluate_bpd(self.model, self.eval_set, self.t.batch_size, limit=limit, device=self.device)
         if self.ctx.is_main:
             self.run_dir.log({"step": self.step, "eval_bpd": result["bpd"], "eval_images": result["images"],
-                      "eval_split": result["split"]})
+                      "eval_split": result["split"], "eval_dataset": result["dataset"],
+                      "elapsed_s": round(time.monotonic() - self.start, 3)})
+            self.logger.scalars(self.step, {"eval/bpd": result["bpd"]})
+            self.refresh_curves()
         self.last_eval = result["bpd"]
         return result["bpd"]
+
+    def refresh_curves(self) -> None:
+        """Redraw RUN/curves.png. A picture never stops training: a failure is one warning per run."""
+        from imagetx.plot import refresh_curves
+
+        try:
+            refresh_curves(self.run_dir.path)
+        except Exception as exc:  # matplotlib missing or broken, disk full...
+            if not self.curves_failed:
+                console.warn(f"could not draw {self.run_dir.path / 'curves.png'} ({exc}); training goes on")
+            self.curves_failed = True
 
     # ---- the loop --------------------------------------------------------------------------------
     def train_step(self, stream) -> tuple[float, float, float]:
@@ -218,6 +237,7 @@ class Trainer:
         if ctx.is_main:
             self.run_dir.write_config(self.config)
             self.run_dir.open_metrics(self.step if ckpt_path is not None else None)
+            self.logger = make_logger(self.t.logger, self.run_dir.path, self.config)
             self.announce(ckpt_path)
 
     def train(self) -> dict:
@@ -266,6 +286,7 @@ class Trainer:
             self.bar.close()
             if ctx.is_main:
                 self.run_dir.close()
+                self.logger.close()
         summary = {
             "status": status, "step": self.step, "run_dir": str(self.run_dir.path),
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
@@ -291,6 +312,10 @@ class Trainer:
                 "step": self.step, "loss": loss, "train_bpd": self.train_bpd, "lr": lr, "grad_norm": norm,
                 "images_per_sec": speed, "epoch": self.epoch, "elapsed_s": round(time.monotonic() - self.start, 3),
             })
+            self.logger.scalars(self.step, {
+                "train/loss": loss, "train/bpd": self.train_bpd, "train/lr": lr, "train/grad_norm": norm,
+                "train/images_per_sec": speed,
+            })
             if self.bar.disable:
                 print(
                     f"step {self.step}/{self.t.max_steps}  loss {loss:.4f} bits/dim  lr {lr:.3g}  "
@@ -306,7 +331,8 @@ class Trainer:
             self.evaluate()
         if t.sample_every and t.sample_count and (step % t.sample_every == 0 or last):
             if self.ctx.is_main:
-                self.run_dir.write_samples(self.model, self.step, t.seed, t.sample_count, self.eval_set, self.device)
+                grid = self.run_dir.write_samples(self.model, self.step, t.seed, t.sample_count, self.eval_set, self.device)
+                self.logger.image("samples", self.step, grid)
         if t.checkpoint_every and step % t.checkpoint_every == 0 and not last:
             self.save()  # the last one is written after the loop, whatever ended it
 

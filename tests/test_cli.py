@@ -45,9 +45,9 @@ def run_dir(tmp_path_factory) -> Path:
 def test_help_lists_every_command():
     result = invoke("--help")
     assert result.exit_code == 0
-    for command in ("train", "eval-bpd", "sample", "superres"):
+    for command in ("train", "eval-bpd", "sample", "superres", "plot", "export", "eval-fid"):
         assert command in result.output
-    for command in ("train", "eval-bpd", "sample", "superres"):
+    for command in ("train", "eval-bpd", "sample", "superres", "plot", "export", "eval-fid"):
         assert invoke(command, "--help").exit_code == 0
 
 

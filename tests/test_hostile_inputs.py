@@ -122,6 +122,20 @@ TABLE = [
     (["eval-bpd", "{root}/missing.pt"], 1, "missing.pt"),
     (["eval-bpd", "{gen}", "--precision", "fp64"], 2, "precision must be one of auto, fp32, bf16"),
     (["eval-bpd", "{root}/not-a-checkpoint.pt"], 1, "not-a-checkpoint.pt"),
+    # plot, export, eval-fid, train.logger
+    (["plot"], 2, "Missing argument"),
+    (["plot", "{root}", "--out", "{out}/c.png"], 1, "no metrics.jsonl"),
+    (["plot", "{root}/nowhere", "--out", "{out}/c.png"], 1, "no such directory"),
+    (["export", "{gen}"], 2, "Missing option '--out'"),
+    (["export", "{gen}", "--out", "{root}"], 1, "is not empty"),
+    (["export", "{gen}", "--out", "{root}/a-file"], 1, "is a file"),
+    (["export", "{root}/missing.pt", "--out", "{out}/e"], 1, "missing.pt"),
+    (["export", "{root}/empty.pt", "--out", "{out}/e"], 1, "empty.pt"),
+    (["eval-fid", "{gen}", "--inception-weights", "{root}/missing.pth"], 1, "pt_inception-2015-12-05-6726825d.pth"),
+    (["eval-fid", "{gen}", "--inception-weights", "{root}/empty.pt"], 1, "not a readable weights file"),
+    (["eval-fid", "{gen}", "--inception-weights", "{root}/empty.pt", "--dims", "100"], 2, "--dims"),
+    (["eval-fid", "{gen}"], 2, "Missing option '--inception-weights'"),
+    (["train", "--set", "train.logger=mlflow", "--out", "{out}/run"], 2, "train.logger must be one of none, tensorboard, wandb"),
 ]
 
 

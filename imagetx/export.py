@@ -1,0 +1,218 @@
+"""`imagetx export`: a run's model as a folder in the convention models are shared in.
+
+    DIR/model.safetensors   the bare model's weights (no DDP or torch.compile prefixes)
+    DIR/config.json         {"format": "imagetx-export", "format_version", "imagetx_version", "step",
+                             "model": ModelConfig, "data": DataConfig, "held_out", "training"}
+    DIR/README.md           a model card: what it is, the data set, held-out bits/dim with its split
+                            and image count, training time and steps, the sample grid, commands
+    DIR/samples.png         the run's newest sample grid (when it has one)
+
+The folder is written beside its final name (.DIR.tmp-PID) and renamed into place: it appears
+whole or not at all. `read_export` turns a folder back into what load_checkpoint returns, so
+load_model, sample, eval-bpd and superres take it like a checkpoint; nothing is unpickled.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+from pathlib import Path
+
+
+from imagetx.atomic import remove_stale_temporaries
+from imagetx.checkpoint import (
+    FORMAT,
+    FORMAT_VERSION,
+    load_checkpoint,
+    model_from_checkpoint,
+    resolve_checkpoint,
+    stored_config,
+)
+from imagetx.errors import CheckpointError, RunError
+
+EXPORT_FORMAT = "imagetx-export"
+EXPORT_VERSION = 1
+WEIGHTS, CONFIG, CARD, GRID = "model.safetensors", "config.json", "README.md", "samples.png"
+
+
+def is_export(path: str | os.PathLike) -> bool:
+    """A folder `imagetx export` wrote (it holds config.json and model.safetensors)."""
+    path = Path(path)
+    return path.is_dir() and (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
+
+
+# ---- reading -------------------------------------------------------------------------------------
+def read_export(path: str | os.PathLike, map_location="cpu") -> dict:
+    """An export folder -> a checkpoint dict as load_checkpoint returns it (no optimizer or
+    scheduler: it samples and evaluates, it does not resume). Only JSON and safetensors are read.
+    Raises CheckpointError naming the file and what is wrong."""
+    from safetensors import SafetensorError
+    from safetensors.torch import load_file
+
+    path = Path(path)
+    try:
+        meta = json.loads((path / CONFIG).read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise CheckpointError(f"{path / CONFIG}: not readable JSON ({exc})") from None
+    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
+        raise CheckpointError(f"{path / CONFIG}: not an imagetx export (no '{EXPORT_FORMAT}' marker)")
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > EXPORT_VERSION:
+        raise CheckpointError(f"{path}: export format {version!r} is newer than this imagetx reads ({EXPORT_VERSION}); upgrade imagetx")
+    if not isinstance(meta.get("model"), dict):
+        raise CheckpointError(f"{path / CONFIG}: incomplete, it has no model config")
+    try:  # read on the CPU, then moved: any device torch names works, as with torch.load
+        weights = {k: v.to(map_location) for k, v in load_file(path / WEIGHTS).items()}
+    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
+        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
+        raise CheckpointError(f"{path / WEIGHTS}: not a readable safetensors file (truncated or corrupt: {detail})") from None
+    config = {"model": meta["model"]}
+    if isinstance(meta.get("data"), dict):
+        config["data"] = meta["data"]
+    return {
+        "format": FORMAT, "format_version": FORMAT_VERSION, "imagetx_version": meta.get("imagetx_version"),
+        "step": int(meta.get("step") or 0), "model": weights, "optimizer": None, "scheduler": None,
+        "config": config,
+    }
+
+
+# ---- writing -------------------------------------------------------------------------------------
+def run_summary(run_dir: Path, step: int) -> dict:
+    """What the run's metrics.jsonl says up to `step`: {"held_out": {bpd, split, images, step} or
+    None, "minutes": wall-clock training minutes or None}."""
+    from imagetx.plot import read_curves
+
+    try:
+        curves = read_curves(run_dir)
+    except RunError:
+        return {"held_out": None, "minutes": None}
+    held = [p for p in curves.held_out if p[0] <= step]
+    times = [p[1] for p in curves.train + curves.held_out if p[0] <= step]
+    held_out = None
+    if held:
+        s, _, bpd = held[-1]
+        held_out = {"bpd": bpd, "split": curves.split, "images": curves.images, "step": s, "dataset": curves.dataset}
+    return {"held_out": held_out, "minutes": max(times) if times else None}
+
+
+def newest_grid(run_dir: Path, step: int) -> Path | None:
+    """The run's sample grid of the highest step up to `step` (RUN/samples/step-NNNNNNNN.png)."""
+    grids = [(int(p.stem[5:]), p) for p in run_dir.glob("samples/step-*.png") if p.stem[5:].isdigit()]
+    grids = sorted(g for g in grids if g[0] <= step)
+    return grids[-1][1] if grids else None
+
+
+def export(run: str | os.PathLike, out: str | os.PathLike) -> dict:
+    """Export a run (its newest checkpoint) or a checkpoint file to the folder `out`, which must
+    not exist or be empty -> {"out", "checkpoint", "step", "files", "held_out"}. Raises
+    CheckpointError for an unusable checkpoint, RunError for a target that holds files or cannot
+    be written."""
+    from imagetx import __version__
+    from safetensors.torch import save_file
+
+    out = Path(out)
+    if out.exists() and not out.is_dir():
+        raise RunError(f"{out} is a file; export into a new (or empty) directory")
+    if out.exists() and any(out.iterdir()):
+        raise RunError(f"{out} exists and is not empty; export into a new (or empty) directory")
+    path = resolve_checkpoint(run)
+    ckpt = load_checkpoint(path)
+    model = model_from_checkpoint(ckpt, path)  # checks the weights against the config
+    config = stored_config(ckpt, path)
+    step = int(ckpt["step"])
+    run_dir = path.parent.parent  # RUN/checkpoints/step-N.pt
+    summary = run_summary(run_dir, step)
+    train = config.get("train") or {}
+    meta = {
+        "format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "imagetx_version": __version__,
+        "step": step, "model": model.config.to_dict(), "data": config.get("data") or {"name": "unknown"},
+        "held_out": summary["held_out"],
+        "training": {
+            "steps": step, "minutes": summary["minutes"],
+            "images_per_step": (train["batch_size"] * train["grad_accum"]) if "batch_size" in train else None,
+            "processes": ckpt.get("world_size"),
+            **{k: train[k] for k in ("optimizer", "lr", "schedule", "precision", "seed") if k in train},
+        },
+        "parameters": sum(p.numel() for p in model.parameters()),
+    }
+    grid = newest_grid(run_dir, step)
+    tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
+    try:
+        out.parent.mkdir(parents=True, exist_ok=True)
+        remove_stale_temporaries(out)  # folders of exports that were killed half-way
+        tmp.mkdir()
+        # tensors that share storage (tied weights) are stored once each, contiguous, on the CPU
+        weights = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
+        save_file(weights, tmp / WEIGHTS, metadata={"format": EXPORT_FORMAT, "step": str(step)})
+        (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
+        if grid is not None:
+            shutil.copyfile(grid, tmp / GRID)
+        (tmp / CARD).write_text(model_card(meta, out.name, int(grid.stem[5:]) if grid is not None else None))
+        for f in tmp.iterdir():
+            with open(f, "rb") as handle:
+                os.fsync(handle.fileno())
+        if out.exists():
+            out.rmdir()  # empty, checked above
+        os.rename(tmp, out)
+    except OSError as exc:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise RunError(f"cannot write the export {out}: {exc.strerror or exc}") from None
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return {"out": str(out), "checkpoint": str(path), "step": step,
+            "files": sorted(p.name for p in out.iterdir()), "held_out": summary["held_out"]}
+
+
+def model_card(meta: dict, name: str, grid_step: int | None) -> str:
+    """README.md of an export: a model card in Markdown."""
+    m, data, held, tr = meta["model"], meta["data"], meta["held_out"], meta["training"]
+    H, W = m["image_size"]
+    what = [f"{m['attention']} attention", f"{m['n_layers']} layers", f"d_model {m['d_model']}",
+            f"{m['output']} output", f"{meta['parameters'] / 1e6:.2f}M parameters"]
+    kind = "unconditional"
+    if m.get("num_classes"):
+        kind = f"class-conditional on {m['num_classes']} classes"
+    if m.get("source_size"):
+        h, w = m["source_size"]
+        kind = f"super-resolution from {h}x{w}"
+    details = ", ".join(f"{k} {v}" for k, v in data.items() if k not in ("name", "download", "num_workers") and v not in (None, False))
+    lines = [
+        f"# {name}: an Image Transformer ({kind}, {H}x{W}x{m['channels']})",
+        "",
+        f"An autoregressive Image Transformer (Parmar et al., 2018) trained with imagetx {meta['imagetx_version']}: "
+        f"{', '.join(what)}. It gives exact likelihoods (bits/dim) and samples images sub-pixel by sub-pixel.",
+        "",
+        "## Data",
+        "",
+        f"Trained on **{data.get('name')}** ({details or 'default settings'}), at {H}x{W} with {m['channels']} channel(s)"
+        + (f"; as read by imagetx: {held['dataset']}." if held and held.get("dataset") else ".")
+        + f" The data set version is the one imagetx {meta['imagetx_version']} reads under that name.",
+        "",
+        "## Results",
+        "",
+    ]
+    if held:
+        lines.append(f"Held-out bits/dim: **{held['bpd']:.4f}** on the `{held['split']}` split "
+                     f"({held['images']} images, step {held['step']}), an exact fp32 pass in eval mode.")
+    else:
+        lines.append("No held-out bits/dim were recorded by the run; measure them with `imagetx eval-bpd` (below).")
+    minutes = f"{tr['minutes']:.1f} minutes" if tr.get("minutes") is not None else "unrecorded time"
+    per_step = f", {tr['images_per_step']} images per step" if tr.get("images_per_step") else ""
+    extra = ", ".join(f"{k} {tr[k]}" for k in ("optimizer", "lr", "schedule", "precision") if k in tr)
+    lines += ["", "## Training", "", f"{tr['steps']} optimizer steps in {minutes}{per_step}" + (f" ({extra})." if extra else "."), ""]
+    if grid_step is not None:
+        lines += ["## Samples", "", f"![samples]({GRID})", "", f"Drawn by the run at step {grid_step} (fixed seed).", ""]
+    lines += ["## Use", "", "```bash", f"imagetx sample {name} --num 16 --out samples.png"]
+    if m.get("source_size"):
+        lines.append(f"imagetx superres {name} --dataset {data.get('name')} --num 8 --out superres")
+    lines += [f"imagetx eval-bpd {name} --split test", "```", "", "```python", "from imagetx import load_model",
+              "", f'model = load_model("{name}")  # reads model.safetensors and config.json; nothing is unpickled']
+    if not m.get("source_size"):
+        lines.append("images = model.sample(4)  # uint8 (4, H, W, C)")
+    lines += ["```", "", "## Files", "",
+              f"- `{WEIGHTS}`: the weights (safetensors)",
+              f"- `{CONFIG}`: the model config, the data set it was trained on, held-out bits/dim and training facts",
+              ""]
+    return "\n".join(lines)
