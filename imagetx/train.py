@@ -35,8 +35,9 @@ from imagetx import console
 from imagetx.checkpoint import load_weights, make_checkpoint, rng_state, set_rng_state
 from imagetx.config import RunConfig
 from imagetx.data.batches import batches, check_compatible, dataset_for, describe, unpack
+from imagetx.data.cache import cache_root
 from imagetx.data.order import DataOrder, RankBatches
-from imagetx.distributed import Dist, all_gather_object, all_reduce_sum, distributed, main_first
+from imagetx.distributed import Dist, all_gather_object, all_reduce_sum, distributed, main_first, node_main_first
 from imagetx.errors import CheckpointError, RunError
 from imagetx.evaluate import evaluate_bpd
 from imagetx.metrics import bits_per_dim
@@ -107,6 +108,8 @@ class Trainer:
 
         if self.ctx.is_distributed and data.download:
             main_first(self.ctx, lambda: load(True) and None)  # one process downloads, then all read
+        if self.ctx.is_distributed and cache_root(data.cache_dir) is not None:
+            node_main_first(self.ctx, lambda: load(False))  # one process per node fills the data cache
         self.train_set, self.eval_set = load(data.download and not self.ctx.is_distributed)
         check_compatible(model, self.train_set)
 

@@ -1,7 +1,15 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 from hypothesis import HealthCheck, settings
+
+# Every run a test starts, in this process or a child, puts its decoded-data cache here, never in
+# the user's cache folder (tests that check the cache itself pass their own tmp_path).
+os.environ["IMAGETX_CACHE_DIR"] = tempfile.mkdtemp(prefix="imagetx-test-cache-")
+atexit.register(shutil.rmtree, os.environ["IMAGETX_CACHE_DIR"], ignore_errors=True)
 
 # tests import helpers from each other (e.g. tiny model configs in test_model.py)
 sys.path.insert(0, os.path.dirname(__file__))

@@ -25,6 +25,7 @@ def dataset_for(model: ModelConfig, data: DataConfig, split: str, download: bool
     """The `split` of the data set `data` names, at the model's image size and channel count;
     wrapped as (target, source, label) items for a super-resolution model. Raises DatasetError."""
     from imagetx.data import SuperResDataset, load_dataset
+    from imagetx.data.cache import cache_root
 
     celeba_protocol = model.source_size is not None and data.celeba_protocol
     dataset = load_dataset(
@@ -35,6 +36,7 @@ def dataset_for(model: ModelConfig, data: DataConfig, split: str, download: bool
         channels=model.channels,
         download=data.download if download is None else download,
         builtin_size=data.builtin_size,
+        cache_dir=cache_root(data.cache_dir),
     )
     if len(dataset) == 0:  # an empty split would make training spin forever and bits/dim 0/0
         raise DatasetError(f"{dataset.description} has no images: give a data set with images in its {split} split")

@@ -42,14 +42,14 @@ def _batch_number(path: Path) -> int:
     return int(match.group(1)) if match else 0
 
 
-def _find_png(data_dir: Path, size: int, part: str) -> Path | None:
+def find_png(data_dir: Path, size: int, part: str) -> Path | None:
     for path in (data_dir / f"{part}_{size}x{size}", data_dir / f"{part}_{size}x{size}.tar"):
         if path.exists():
             return path
     return None
 
 
-def _find_npz(data_dir: Path, size: int, part: str) -> list[Path]:
+def find_npz(data_dir: Path, size: int, part: str) -> list[Path]:
     """part "train": all train_data_batch_*.npz (in DATA_DIR or Imagenet{size}_train*/, e.g. the
     64x64 part1/part2 folders), sorted by batch number; part "valid": val_data.npz."""
     prefix = f"Imagenet{size}_{'train' if part == 'train' else 'val'}"
@@ -114,8 +114,8 @@ def load_imagenet(
 ) -> ImageDataset:
     """split "train", or "test"/"valid" (both the validation set, the only held-out split)."""
     part = "train" if split == "train" else "valid"
-    png = _find_png(data_dir, size, part)
-    npz = _find_npz(data_dir, size, part)
+    png = find_png(data_dir, size, part)
+    npz = find_npz(data_dir, size, part)
     common = dict(name=name, split=split, split_label=part, image_size=image_size, channels=channels)
     if png is not None:
         if npz:
