@@ -102,18 +102,32 @@ def batches(
     """Collated batches, one per list of indices: (images uint8 (B, H, W, C), labels long (B,)),
     or (target, source, labels) for super-resolution items. Worker processes when num_workers > 0;
     their seeds come from a private generator, never from the global one."""
-    if num_workers == 0 and hasattr(dataset, "get_batch"):
-        for idx in index_lists:
-            yield dataset.get_batch(list(idx))
-        return
+    if hasattr(dataset, "get_batch"):
+        if num_workers == 0:
+            for idx in index_lists:
+                yield dataset.get_batch(list(idx))
+            return
+        # each worker gathers whole batches (one indexing of the array, not B items and a collate)
+        source = dict(dataset=_WholeBatches(dataset), sampler=(list(idx) for idx in index_lists), batch_size=None)
+    else:
+        source = dict(dataset=dataset, batch_sampler=index_lists)
     loader = DataLoader(
-        dataset,
-        batch_sampler=index_lists,
+        **source,
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
         pin_memory=torch.cuda.is_available(),
     )
     yield from loader
+
+
+class _WholeBatches(Dataset):
+    """A data set with get_batch seen by a DataLoader as one item per list of indices."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, indices: list[int]) -> tuple:
+        return self.dataset.get_batch(indices)
 
 
 def unpack(batch: tuple, model: ModelConfig, device: torch.device) -> tuple:
