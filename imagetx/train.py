@@ -213,6 +213,13 @@ class Trainer:
         ctx = self.ctx
         self.start = time.monotonic()
         step = int(ckpt["step"]) if ckpt is not None else None
+        steps = all_gather_object(step)
+        if len(set(steps)) > 1:  # e.g. a node that cannot see the run directory would start afresh
+            found = ", ".join(f"process {r}: {'step ' + str(s) if s is not None else 'none'}" for r, s in enumerate(steps))
+            raise RunError(
+                f"the processes found different checkpoints to resume from in {self.t.out} ({found}); "
+                "every node must see the same run directory: put --out on a file system they share"
+            )
         main_first(ctx, lambda: self.run_dir.prepare(resume, ckpt_path, step))
         self.load_data()
         self.build(ckpt, ckpt_path)
