@@ -278,3 +278,15 @@ def test_training_on_the_cache_equals_training_on_the_decoded_data(tmp_path):
     assert curve(runs["off"]) == curve(runs["cache"])
     a, b = (load_checkpoint(latest_checkpoint(runs[n])) for n in ("off", "cache"))
     assert all(torch.equal(t, b["model"][k]) for k, t in a["model"].items())
+
+
+def test_image_files_are_decoded_by_several_processes_with_progress(tmp_path, monkeypatch, capsys):
+    data = tmp_path / "data"
+    images = random_images(23, 40, 30)
+    write_pngs(data / "train_32x32", images)  # 40x30 files: centre-cropped and resized while converting
+    monkeypatch.setattr(data_cache, "CHUNK", 4)  # 6 batches over 2 worker processes
+    monkeypatch.setattr(data_cache, "_decoders", lambda n: 2)
+    cached = load_dataset("imagenet32", data, split="train", image_size=(16, 16), cache_dir=tmp_path / "cache")
+    err = capsys.readouterr().err
+    assert "note: decoding ImageNet 32x32 (van den Oord et al. PNG version)" in err and "23/23 images" in err
+    same(cached, load_dataset("imagenet32", data, split="train", image_size=(16, 16)))

@@ -198,6 +198,7 @@ def _write(entry: Path, dataset: ImageDataset, sources: list[dict], request: dic
     if free < need:
         raise OSError(errno.ENOSPC, f"{need / 2**30:.2f} GiB needed, {free / 2**30:.2f} GiB free")
     (entry / "manifest.json").unlink(missing_ok=True)  # from here on the old entry is never used
+    console.note(f"decoding the data once into the cache {entry} ({need / 2**20:.0f} MB); every process reads it from there")
     bar = console.progress(n, f"decoding {dataset.description} into the data cache", "images")
     try:
         with atomic_path(entry / "images.npy") as tmp:
