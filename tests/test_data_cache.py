@@ -290,3 +290,10 @@ def test_image_files_are_decoded_by_several_processes_with_progress(tmp_path, mo
     err = capsys.readouterr().err
     assert "note: decoding ImageNet 32x32 (van den Oord et al. PNG version)" in err and "23/23 images" in err
     same(cached, load_dataset("imagenet32", data, split="train", image_size=(16, 16)))
+
+
+def test_eval_uses_this_machines_cache_not_the_one_in_the_checkpoint(tmp_path):
+    from imagetx.data.batches import data_config_from_checkpoint
+
+    ckpt = {"config": {"data": {"name": "cifar10", "cache_dir": "/elsewhere/cache"}}}
+    assert data_config_from_checkpoint(ckpt).cache_dir is None

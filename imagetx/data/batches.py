@@ -59,9 +59,11 @@ def data_config_from_checkpoint(
 ) -> DataConfig:
     """The data settings of a loaded checkpoint, with the data set and directory the user names.
     Naming another data set starts from the defaults: the CelebA protocol and builtin size only
-    carry over for the data set the model was trained on. Raises CheckpointError naming a key
-    this imagetx does not know."""
+    carry over for the data set the model was trained on. The data cache is this machine's
+    default (IMAGETX_CACHE_DIR or the user cache folder), not the folder of the machine that
+    trained. Raises CheckpointError naming a key this imagetx does not know."""
     data = DataConfig(**dict(stored_config(ckpt, path).get("data") or {}))
+    data.cache_dir = None
     if dataset is not None and dataset != data.name:
         data = DataConfig(name=dataset)
     if data_dir is not None:
