@@ -49,6 +49,7 @@ def write_imagenet_npz(root, n=6, size=32):
 @pytest.mark.parametrize(
     "name, split, size, channels",
     [("cifar10", "train", None, None), ("cifar10", "test", (16, 16), 1), ("imagenet32", "test", None, 3),
+     ("imagenet32", "train", (12, 20), 1),
      ("imagenet32-png", "train", (16, 16), None), ("celeba", "valid", (8, 8), None), ("folder", "test", (8, 8), 1)],
 )
 def test_cached_equals_the_reader_and_is_memory_mapped(tmp_path, name, split, size, channels):
@@ -57,7 +58,10 @@ def test_cached_equals_the_reader_and_is_memory_mapped(tmp_path, name, split, si
     if name == "cifar10":
         write_cifar10(data)
     elif name == "imagenet32":
-        write_imagenet_npz(data)
+        write_imagenet_npz(data)  # val_data.npz
+        for k in (1, 2, 10):  # the train split in several files, converted file by file
+            images = random_images(3, 32, 32)
+            np.savez(data / f"train_data_batch_{k}.npz", data=channel_major(images), labels=[k, 1000, 7])
     elif name == "imagenet32-png":
         write_pngs(data / "staging" / "train_32x32", random_images(5, 32, 32))
         with tarfile.open(data / "train_32x32.tar", "w") as tar:

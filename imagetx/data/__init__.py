@@ -121,14 +121,14 @@ def load_dataset(
         system = _idx.SYSTEM_DIRS.get(name)
         data_dir = system if system is not None and system.is_dir() else DEFAULT_DATA_DIR
     data_dir = Path(data_dir).expanduser()
-    load = lambda: _load(name, data_dir, split, image_size, channels, download, seed, builtin_size)  # noqa: E731
+    args = (name, data_dir, split, image_size, channels, download, seed, builtin_size)
     if cache_dir is None or name == "builtin":
-        return load()
+        return _load(*args)
     sources = _sources(name, data_dir, split)
     if sources is None:  # missing: the reader says what is expected (or downloads, then it is cached next time)
-        return load()
+        return _load(*args)
     request = dict(name=name, split=split, image_size=image_size, channels=channels)
-    return _cache.cached(Path(cache_dir).expanduser(), request, data_dir, sources, load)
+    return _cache.cached(Path(cache_dir).expanduser(), request, data_dir, sources, lambda: _load(*args, stream=True))
 
 
 def _sources(name: str, data_dir: Path, split: str) -> list[Path] | None:
@@ -152,7 +152,9 @@ def _sources(name: str, data_dir: Path, split: str) -> list[Path] | None:
     return [data_dir] if data_dir.is_dir() else None
 
 
-def _load(name, data_dir: Path, split, image_size, channels, download, seed, builtin_size) -> ImageDataset:
+def _load(name, data_dir: Path, split, image_size, channels, download, seed, builtin_size, stream=False) -> ImageDataset:
+    """load_dataset without the cache; stream: a data set the cache can convert without holding
+    it whole where the format allows (see StreamedImageDataset)."""
     common = dict(name=name, split=split, split_label=split, image_size=image_size, channels=channels)
 
     if name == "builtin":
@@ -206,7 +208,7 @@ def _load(name, data_dir: Path, split, image_size, channels, download, seed, bui
         )
 
     if name in ("imagenet32", "imagenet64"):
-        return load_imagenet(name, int(name[-2:]), data_dir, split, image_size, channels)
+        return load_imagenet(name, int(name[-2:]), data_dir, split, image_size, channels, stream)
 
     if name == "celeba":
         root = find_celeba(data_dir)

@@ -35,7 +35,7 @@ from torch.utils.data import DataLoader
 
 from imagetx import console
 from imagetx.atomic import atomic_path, atomic_write
-from imagetx.data.dataset import ImageDataset
+from imagetx.data.dataset import ImageDataset, StreamedImageDataset
 from imagetx.errors import DatasetError
 from imagetx.lock import FileLock
 
@@ -175,8 +175,12 @@ def _read_manifest(entry: Path, sources: list[dict], request: dict) -> tuple[dic
 
 # ---- writing an entry -----------------------------------------------------------------------
 def _chunks(dataset: ImageDataset, workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """(images uint8 (b, H, W, C), labels or None) in order: slices of an in-memory data set, or
-    batches decoded by `workers` DataLoader processes from a file-backed one."""
+    """(images uint8 (b, H, W, C), labels or None) in order: the parts of a streamed data set,
+    slices of an in-memory one, or batches decoded by `workers` DataLoader processes from a
+    file-backed one."""
+    if isinstance(dataset, StreamedImageDataset):
+        yield from ((chunk, None) for chunk in dataset.chunks())
+        return
     if dataset.images is not None:
         for start in range(0, len(dataset), CHUNK * 16):
             yield dataset.images[start : start + CHUNK * 16], None
