@@ -108,7 +108,7 @@ class Trainer:
 
         if self.ctx.is_distributed and data.download:
             main_first(self.ctx, lambda: load(True) and None)  # one process downloads, then all read
-        if self.ctx.is_distributed and cache_root(data.cache_dir) is not None:
+        if self.ctx.is_distributed and cache_root(data.cache_dir) is not None and data.name != "builtin":
             node_main_first(self.ctx, lambda: load(False))  # one process per node fills the data cache
         self.train_set, self.eval_set = load(data.download and not self.ctx.is_distributed)
         check_compatible(model, self.train_set)

@@ -301,3 +301,11 @@ def test_eval_uses_this_machines_cache_not_the_one_in_the_checkpoint(tmp_path):
 
     ckpt = {"config": {"data": {"name": "cifar10", "cache_dir": "/elsewhere/cache"}}}
     assert data_config_from_checkpoint(ckpt).cache_dir is None
+
+
+def test_an_empty_split_is_a_clear_error_not_an_empty_cache(tmp_path):
+    (tmp_path / "data").mkdir()
+    np.savez(tmp_path / "data" / "val_data.npz", data=np.zeros((0, 3072), np.uint8), labels=np.zeros(0, np.int64))
+    with pytest.raises(DatasetError, match=r"ImageNet 32x32 .* valid split has no images"):
+        load_dataset("imagenet32", tmp_path / "data", split="test", cache_dir=tmp_path / "cache")
+    assert not list((tmp_path / "cache").rglob("*.npy"))

@@ -174,18 +174,17 @@ def _read_manifest(entry: Path, sources: list[dict], request: dict) -> tuple[dic
 
 
 # ---- writing an entry -----------------------------------------------------------------------
-def _chunks(dataset: ImageDataset, workers: int) -> Iterator[tuple[torch.Tensor, torch.Tensor | None]]:
-    """(images uint8 (b, H, W, C), labels or None) in order: the parts of a streamed data set,
-    slices of an in-memory one, or batches decoded by `workers` DataLoader processes from a
-    file-backed one."""
+def _chunks(dataset: ImageDataset, workers: int) -> Iterator[torch.Tensor]:
+    """uint8 (b, H, W, C) in order: the parts of a streamed data set, slices of an in-memory
+    one, or batches decoded by `workers` DataLoader processes from a file-backed one."""
     if isinstance(dataset, StreamedImageDataset):
-        yield from ((chunk, None) for chunk in dataset.chunks())
-        return
-    if dataset.images is not None:
+        yield from dataset.chunks()
+    elif dataset.images is not None:
         for start in range(0, len(dataset), CHUNK * 16):
-            yield dataset.images[start : start + CHUNK * 16], None
-        return
-    yield from DataLoader(dataset, batch_size=CHUNK, shuffle=False, num_workers=workers)
+            yield dataset.images[start : start + CHUNK * 16]
+    else:
+        for images, _ in DataLoader(dataset, batch_size=CHUNK, shuffle=False, num_workers=workers):
+            yield images
 
 
 def _decoders(n: int) -> int:
@@ -195,6 +194,8 @@ def _decoders(n: int) -> int:
 
 def _write(entry: Path, dataset: ImageDataset, sources: list[dict], request: dict, workers: int | None) -> None:
     n = len(dataset)
+    if n == 0:
+        raise DatasetError(f"{dataset.description} has no images: give a data set with images in its {dataset.split} split")
     h, w = dataset.image_size
     shape = (n, h, w, dataset.channels)
     need = int(np.prod(shape)) + 8 * n + (1 << 20)
@@ -214,7 +215,7 @@ def _write(entry: Path, dataset: ImageDataset, sources: list[dict], request: dic
                     if exc.errno not in (errno.EOPNOTSUPP, errno.EINVAL):
                         raise
             start = 0
-            for chunk, _ in _chunks(dataset, _decoders(n) if workers is None else workers):
+            for chunk in _chunks(dataset, _decoders(n) if workers is None else workers):
                 images[start : start + len(chunk)] = chunk.numpy()
                 start += len(chunk)
                 bar.update(len(chunk))
