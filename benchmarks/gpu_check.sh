@@ -12,7 +12,9 @@
 #   2. benchmarks/train_step.py at the published CIFAR-10 config, bf16 autocast, torch.compile:
 #      seconds per step, model FLOPs utilisation against this GPU's measured bf16 matmul peak;
 #   3. benchmarks/sampling.py: cached sampling, ms per sub-pixel at batch 1 and batch 256.
-# Each stage has its own time limit, so a stage that hangs or fails still leaves the others' numbers.
+# Each stage has its own time limit (180 + 100 + 60 s), so a stage that hangs or fails still leaves
+# the others' numbers. Expected total on an H100 or H200: three to four minutes (an estimate: this
+# script has not yet run on a GPU).
 # Prints the summary and writes it, with each stage's full output, to OUT_DIR.
 set -u
 ROOT="$(cd "$(dirname "${BASH_SOURCE[0]}")/.." && pwd)"
@@ -26,13 +28,13 @@ if ! "$PY" -c "import torch, sys; sys.exit(0 if torch.cuda.is_available() else 1
     exit 1
 fi
 start=$(date +%s)
-timeout 200 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_devices.py \
+timeout 180 "$PY" -m pytest -q -m cuda -p no:cacheprovider tests/test_devices.py \
     --junitxml="$OUT/cuda_tests.xml" >"$OUT/cuda_tests.log" 2>&1
 tests_rc=$?
-timeout 120 "$PY" benchmarks/train_step.py --device cuda --precision bf16 --compile --no-baseline \
+timeout 100 "$PY" benchmarks/train_step.py --device cuda --precision bf16 --compile --no-baseline \
     --steps 5 --peak-window 1 >"$OUT/train_step.json" 2>"$OUT/train_step.log"
 train_rc=$?
-timeout 90 "$PY" benchmarks/sampling.py --device cuda --precision bf16 --batches 1,256 --steps 64 \
+timeout 60 "$PY" benchmarks/sampling.py --device cuda --precision bf16 --batches 1,256 --steps 64 \
     --slow-steps 1 >"$OUT/sampling.json" 2>"$OUT/sampling.log"
 sampling_rc=$?
 
