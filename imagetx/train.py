@@ -35,7 +35,7 @@ from imagetx import console
 from imagetx.checkpoint import load_weights, make_checkpoint, rng_state, set_rng_state
 from imagetx.config import RunConfig
 from imagetx.data.batches import batches, check_compatible, dataset_for, describe, unpack
-from imagetx.data.cache import cache_root
+from imagetx.data.cache import cache_entry, cache_root
 from imagetx.data.order import DataOrder, RankBatches
 from imagetx.distributed import Dist, all_gather_object, all_reduce_sum, distributed, main_first, node_main_first
 from imagetx.errors import CheckpointError, RunError
@@ -339,11 +339,13 @@ class Trainer:
         t, ctx, m = self.t, self.ctx, self.config.model
         n_params = sum(p.numel() for p in self.model.parameters())
         what = f"resuming from {resumed} (step {self.step})" if resumed else "starting a new run"
+        entry = cache_entry(self.train_set)
+        mapped = f"; memory-mapped from {entry}" if entry is not None else ""
         print(
             f"{what} in {self.run_dir.path}: {self.precision.describe()}\n"
             f"  model: {m.attention} attention, {m.n_layers} layers, d {m.d_model}, {m.output} output, "
             f"{n_params / 1e6:.2f}M parameters\n"
-            f"  data: {len(self.train_set)} training images ({describe(self.train_set)[0]}), "
+            f"  data: {len(self.train_set)} training images ({describe(self.train_set)[0]}{mapped}), "
             f"{t.batch_size * t.grad_accum * ctx.world_size} images per step, {t.max_steps} steps\n"
             f"  compute: {ctx.world_size} process(es) on {self.device.type} (memory allocator: "
             f"{allocator_in_use()}); config {self.run_dir.path / 'config.toml'}",

@@ -265,7 +265,7 @@ def test_two_processes_converting_at_once_one_converts_the_other_reuses(tmp_path
     assert not list(entry.glob(".*tmp*"))
 
 
-def test_training_on_the_cache_equals_training_on_the_decoded_data(tmp_path):
+def test_training_on_the_cache_equals_training_on_the_decoded_data(tmp_path, capsys):
     """Same data, same order, same parameters, with DataLoader workers reading the mapped file too."""
     from imagetx import train
     from imagetx.checkpoint import latest_checkpoint, load_checkpoint
@@ -275,10 +275,11 @@ def test_training_on_the_cache_equals_training_on_the_decoded_data(tmp_path):
     runs = {}
     for name, extra in [("off", ["data.cache_dir=off"]),
                         ("cache", [f"data.cache_dir={tmp_path / 'cache'}", "data.num_workers=1"])]:
-        runs[name] = tmp_path / name
+        runs[name] = tmp_path / f"run-{name}"
         train.run(tiny(runs[name], "data.name=cifar10", f"data.data_dir={tmp_path / 'data'}",
                        "train.max_steps=12", *extra))
-    assert entries(tmp_path / "cache")
+    [entry] = entries(tmp_path / "cache")
+    assert f"memory-mapped from {entry})" in capsys.readouterr().err  # the run's summary says where
     assert curve(runs["off"]) == curve(runs["cache"])
     a, b = (load_checkpoint(latest_checkpoint(runs[n])) for n in ("off", "cache"))
     assert all(torch.equal(t, b["model"][k]) for k, t in a["model"].items())

@@ -147,6 +147,14 @@ class CachedDataset(ImageDataset):
         self._array = self._map()
 
 
+def cache_entry(dataset) -> Path | None:
+    """The cache entry a data set (or the one a wrapper such as SuperResDataset holds) is mapped
+    from; None when it is not read from the cache."""
+    while not isinstance(dataset, CachedDataset) and hasattr(dataset, "dataset"):
+        dataset = dataset.dataset
+    return dataset.entry if isinstance(dataset, CachedDataset) else None
+
+
 def _read_manifest(entry: Path, sources: list[dict], request: dict) -> tuple[dict | None, str]:
     """-> (manifest, "") for an entry that can be used, else (None, why not: "" when absent)."""
     path = entry / "manifest.json"
