@@ -4,6 +4,7 @@
     ds = load_dataset("cifar10", "data", split="test")
     image, label = ds[0]          # uint8 (32, 32, 3), int
     print(ds.description)         # "CIFAR-10 32x32, test split": goes into every bits/dim report
+    ds = load_dataset("cifar10", "data", cache_dir="~/.cache/imagetx")   # decoded once, memory-mapped
 """
 
 from __future__ import annotations
