@@ -15,6 +15,7 @@ in fp32, 2 in bf16, and the matmul peak of the same precision (both peaks are me
 precision is bf16 the fp32 decoder is timed in the same run too, and the speed-up reported.
 
     python benchmarks/sampling.py [--precision auto] [--steps 256] [--slow-steps 3] [--sizes]
+    python benchmarks/sampling.py --device cuda --batches 1,256    # on a GPU
 """
 
 from __future__ import annotations
@@ -28,7 +29,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import matmul_peak_gflops, memory_bandwidth_gbs  # noqa: E402
+from common import matmul_peak_gflops, memory_bandwidth_gbs, sync  # noqa: E402
 
 
 def cached_ms_per_step(model, batch: int, steps: int, start: int = 0) -> float:
@@ -42,21 +43,25 @@ def cached_ms_per_step(model, batch: int, steps: int, start: int = 0) -> float:
             prev = dec.step(k, prev).float().argmax(-1)
         for k in range(start, start + 8):  # warm up
             prev = dec.step(k, prev).float().argmax(-1)
+        sync(prev.device)
         t = time.perf_counter()
         for k in range(start + 8, start + 8 + steps):
             prev = dec.step(k, prev).float().argmax(-1)
+        sync(prev.device)
         return 1000 * (time.perf_counter() - t) / steps
 
 
 def uncached_ms_per_step(model, steps: int, batch: int = 1) -> float:
     """The reference path: one full forward pass per sampled sub-pixel."""
     cfg = model.config
-    x = torch.zeros(batch, *cfg.image_size, cfg.channels, dtype=torch.long)
+    x = torch.zeros(batch, *cfg.image_size, cfg.channels, dtype=torch.long, device=next(model.parameters()).device)
     with torch.inference_mode():
         model(x)
+        sync(x.device)
         t = time.perf_counter()
         for _ in range(steps):
             model(x)
+        sync(x.device)
         return 1000 * (time.perf_counter() - t) / steps
 
 
@@ -83,22 +88,27 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=256, help="cached steps timed per batch size")
     ap.add_argument("--slow-steps", type=int, default=3, help="full-recompute steps timed")
     ap.add_argument("--sizes", action="store_true", help="also compare 32x32x3 with 64x64x3")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
+    ap.add_argument("--batches", default="1,16", help="batch sizes of the cached decoder, comma-separated")
     args = ap.parse_args()
-    precision = resolve(args.precision, "cpu")
+    device = torch.device(args.device)
+    batches = [int(b) for b in args.batches.split(",")]
+    precision = resolve(args.precision, device)
     torch.manual_seed(0)
-    bandwidth = memory_bandwidth_gbs()
-    peaks = {name: matmul_peak_gflops(dtype=dtype) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    model = ImageTransformer(ModelConfig(dropout=0.0)).eval()  # published CIFAR-10 cat config
+    bandwidth = memory_bandwidth_gbs(device=device)
+    peaks = {name: matmul_peak_gflops(dtype=dtype, device=device) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
+    model = ImageTransformer(ModelConfig(dropout=0.0)).to(device).eval()  # published CIFAR-10 cat config
     result: dict = {
         "config": "cifar10 cat: 12 layers, d 512, 4 heads, d_ff 2048, local1d block 256",
         "precision": precision.describe(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "parameters": sum(p.numel() for p in model.parameters()),
         "torch_threads": torch.get_num_threads(),
         "memory_bandwidth_gbs": round(bandwidth, 2),
         "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
     }
     value_bytes = 2 if precision.bf16 else 4
-    for batch in (1, 16):
+    for batch in batches:
         decoder = for_decoding(model, precision.dtype, batch)
         ms = cached_ms_per_step(decoder, batch, args.steps, start=300)
         roof = roofline_ms(model, batch, bandwidth, peaks[precision.name], value_bytes)
@@ -116,7 +126,7 @@ def main() -> None:
             row["fp32_ms_per_subpixel_step"] = round(fp32, 3)
             row["fp32_measured_over_fp32_roofline"] = round(fp32 / roofline_ms(model, batch, bandwidth, peaks["fp32"])["ms"], 2)
             row["speedup_over_fp32"] = round(fp32 / ms, 2)
-    for batch, steps in ((1, args.slow_steps), (16, 1)):
+    for batch, steps in ((batches[0], args.slow_steps), (batches[-1], 1)):
         slow = uncached_ms_per_step(model, steps, batch)
         result[f"batch{batch}"]["uncached_fp32_ms_per_subpixel_step"] = round(slow, 1)
         result[f"batch{batch}"]["cached_speedup"] = round(slow / result[f"batch{batch}"]["ms_per_subpixel_step"], 1)
@@ -129,7 +139,7 @@ def main() -> None:
         }.items():
             row = {}
             for hw in ((32, 32), (64, 64)):
-                m = ImageTransformer(ModelConfig(image_size=hw, dropout=0.0, n_layers=4, **extra)).eval()
+                m = ImageTransformer(ModelConfig(image_size=hw, dropout=0.0, n_layers=4, **extra)).to(device).eval()
                 row[f"{hw[0]}x{hw[1]}x3"] = round(cached_ms_per_step(for_decoding(m, precision.dtype), 1, args.steps, start=600), 3)
             row["ratio"] = round(row["64x64x3"] / row["32x32x3"], 3)
             sizes[name] = row

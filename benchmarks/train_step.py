@@ -19,6 +19,7 @@ burst. The best burst (best of 5 single matmuls at each point) and the utilizati
 are reported too: `matmul_burst_gflops`, `mfu_vs_burst`.
 
     python benchmarks/train_step.py [--precision auto] [--steps 5] [--batch 4] [--checkpointing] [--compile] [--allocator system]
+    python benchmarks/train_step.py --device cuda --precision bf16 --compile --no-baseline --peak-window 1   # on a GPU
 
 Like the `imagetx` command, it restarts itself with tcmalloc or jemalloc preloaded when one is
 installed (see imagetx/memory.py); --allocator system measures with the C library's malloc.
@@ -38,7 +39,7 @@ import time
 import torch
 
 sys.path.insert(0, os.path.dirname(__file__))
-from common import matmul_peak_gflops, peak_rss_mb, sustained_matmul_gflops  # noqa: E402
+from common import matmul_peak_gflops, peak_device_gb, peak_rss_mb, sustained_matmul_gflops, sync  # noqa: E402
 
 
 def main() -> None:
@@ -55,14 +56,16 @@ def main() -> None:
     ap.add_argument("--checkpointing", action="store_true", help="activation checkpointing on")
     ap.add_argument("--compile", action="store_true", help="torch.compile the loss (as train.compile=true)")
     ap.add_argument("--peak-window", type=float, default=5.0, help="seconds per sustained matmul peak window")
+    ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]: the device the step and the peaks run on")
     ap.add_argument("--allocator", choices=("auto", "system"), default="auto",
                     help="auto: restart with tcmalloc or jemalloc preloaded when installed")
     args = ap.parse_args()
-    if args.allocator == "auto":
+    device = torch.device(args.device)
+    if args.allocator == "auto" and device.type == "cpu":
         restart_with_fast_allocator()
     if allocator_in_use() == "system":
         use_mmap_for_large_tensors()  # so glibc's peak resident set is the live tensors, not heap fragments
-    precision = resolve(args.precision, "cpu")
+    precision = resolve(args.precision, device)
     torch.manual_seed(0)
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     peaks = {name: [] for name in dtypes}
@@ -70,15 +73,15 @@ def main() -> None:
 
     def measure_peaks():
         for name, dtype in dtypes.items():
-            bursts[name].append(matmul_peak_gflops(dtype=dtype))
-            peaks[name].append(sustained_matmul_gflops(seconds=args.peak_window, dtype=dtype))
+            bursts[name].append(matmul_peak_gflops(dtype=dtype, device=device))
+            peaks[name].append(sustained_matmul_gflops(seconds=args.peak_window, dtype=dtype, device=device))
 
     measure_peaks()
     cfg = ModelConfig(n_layers=args.layers)  # defaults = the published CIFAR-10 cat config
-    model = ImageTransformer(cfg).train()
+    model = ImageTransformer(cfg).to(device).train()
     model.set_activation_checkpointing(args.checkpointing)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=True)
-    x = torch.randint(0, 256, (args.batch, *cfg.image_size, cfg.channels))
+    x = torch.randint(0, 256, (args.batch, *cfg.image_size, cfg.channels), device=device)
     tokens = args.batch * cfg.seq_len
     keys = 2 * cfg.block_length
     non_embedding = cfg.non_embedding_params() + model.head.weight.numel()
@@ -88,7 +91,7 @@ def main() -> None:
 
     def time_steps(p) -> tuple[float, list[float]]:
         def step():
-            with p.autocast(torch.device("cpu")):
+            with p.autocast(device):
                 loss = nll(x).mean() / (cfg.num_dims * 0.6931471805599453)
             loss.backward()
             opt.step()
@@ -96,11 +99,13 @@ def main() -> None:
 
         t = time.perf_counter()
         step()  # warm-up (allocations, Adam state; compilation with --compile)
+        sync(device)
         first = time.perf_counter() - t
         times = []
         for _ in range(args.steps):
             t = time.perf_counter()
             step()
+            sync(device)
             times.append(time.perf_counter() - t)
             measure_peaks()
         return first, times
@@ -108,7 +113,7 @@ def main() -> None:
     first_step, times = time_steps(precision)
     baseline = None
     if precision.bf16 and not args.no_baseline:
-        baseline = time_steps(resolve("fp32", "cpu"))[1]
+        baseline = time_steps(resolve("fp32", device))[1]
     peak, burst = max(peaks[precision.name]), max(bursts[precision.name])
     best = min(times)
     result = {
@@ -117,6 +122,7 @@ def main() -> None:
         "precision": precision.describe(),
         "activation_checkpointing": args.checkpointing,
         "compile": args.compile,
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "allocator": allocator_in_use(),
         "first_step_seconds": round(first_step, 1),
         "parameters": sum(p.numel() for p in model.parameters()),
@@ -133,6 +139,7 @@ def main() -> None:
         "mfu_vs_burst": round(model_flops / best / 1e9 / burst, 3),
         "matmul_peak_gflops_by_precision": {k: round(max(v), 1) for k, v in peaks.items()},
         "peak_rss_gb": round(peak_rss_mb() / 1024, 2),
+        "peak_device_memory_gb": None if device.type == "cpu" else round(peak_device_gb(device), 2),
         "reference_port": {"seconds_per_step": 31, "peak_gb": 14, "mfu": 0.66},
     }
     if baseline is not None:

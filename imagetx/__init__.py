@@ -7,10 +7,10 @@ Where everything lives (one line a module):
     checks.py         the one check of each user value several commands take (seed, temperature, label, outputs)
     errors.py         every expected failure type (ConfigError exit 2; CheckpointError, RunError, ... exit 1)
     console.py        every note, warning and error line on stderr, and progress (a bar, or lines in a log)
-    atomic.py         atomic_write: every file is written to a temporary name and renamed
+    atomic.py         atomic_write, atomic_path: every file is written to a temporary name and renamed
     train.py          `imagetx train`: the training loop (Trainer) and run(config, resume)
     rundir.py         a run directory: resume_from (the one resume path), config.toml, metrics, checkpoints, grids
-    lock.py           the lock that keeps a second trainer out of a run directory
+    lock.py           the locks that keep a second trainer out of a run directory and a second converter off a cache entry
     optim.py          the optimizer and the learning-rate schedule
     signals.py        SIGINT / SIGTERM: stop cleanly after the step with a checkpoint
     evaluate.py       `imagetx eval-bpd`: exact bits/dim over a split (EvalConfig, run)
@@ -29,7 +29,7 @@ Where everything lives (one line a module):
     data/             one reader per on-disk format (cifar, idx, imagenet, celeba, folder, builtin) -> uint8
                       (N, H, W, C); dataset.py the data set classes, transforms.py resizing and channels,
                       superres.py low/high-resolution pairs, batches.py config -> data set -> batches,
-                      order.py the epoch order and each process's share
+                      order.py the epoch order and each process's share, cache.py the decoded-data cache
     model/            config.py ModelConfig; layout.py generation order, internal layout and masks;
                       attention.py the three patterns and their caches; layers.py dropout, FFN, residual;
                       kernels.py the fast CPU kernels behind reference_mode(); position.py 2D position

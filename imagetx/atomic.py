@@ -1,11 +1,13 @@
 """Every file imagetx writes (checkpoints, config.toml, metrics.jsonl, PNG grids and samples, NPZ
-arrays) goes through atomic_write: a crash, a full disk or Ctrl-C never leaves a half-written
-file under the final name, and never damages the file it replaces."""
+arrays, the data cache) goes through atomic_write or atomic_path: a crash, a full disk or Ctrl-C
+never leaves a half-written file under the final name, and never damages the file it replaces."""
 
 from __future__ import annotations
 
 import os
 import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import BinaryIO, Callable
 
@@ -14,17 +16,31 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Non
     """Write `data` (bytes, or a function writing to a binary file) to path atomically: to a
     temporary file in the same directory (.NAME.tmp-PID), flushed to disk, then renamed over
     path. Temporary files of the same name left by a killed process are removed first."""
-    path = Path(path)
-    remove_stale_temporaries(path)
-    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
-    try:
+    with atomic_path(path) as tmp:
         with open(tmp, "wb") as f:
             if isinstance(data, (bytes, bytearray)):
                 f.write(data)
             else:
                 data(f)
-            f.flush()
-            os.fsync(f.fileno())
+    return Path(path)
+
+
+@contextmanager
+def atomic_path(path: str | os.PathLike) -> Iterator[Path]:
+    """with atomic_path(path) as tmp: write the file `tmp` (by any means: np.lib.format.open_memmap,
+    a library's save); when the block ends without an error it is flushed to disk and renamed
+    over path, otherwise deleted. A process that has the old file open (or memory-mapped) keeps
+    reading the old contents."""
+    path = Path(path)
+    remove_stale_temporaries(path)
+    tmp = path.with_name(f".{path.name}.tmp-{os.getpid()}")
+    try:
+        yield tmp
+        fd = os.open(tmp, os.O_RDONLY)
+        try:
+            os.fsync(fd)
+        finally:
+            os.close(fd)
         os.replace(tmp, path)
     except BaseException:
         tmp.unlink(missing_ok=True)
@@ -37,7 +53,6 @@ def atomic_write(path: str | os.PathLike, data: bytes | Callable[[BinaryIO], Non
             os.close(fd)
     except OSError:
         pass
-    return path
 
 
 def _alive(pid: int) -> bool:

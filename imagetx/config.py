@@ -24,6 +24,7 @@ except ModuleNotFoundError:  # Python 3.10
     import tomli as tomllib
 
 from imagetx.checks import seed_problems
+from imagetx.data.cache import cache_dir_problems
 from imagetx.distributed import device_problems
 from imagetx.errors import ConfigError, raise_problems
 from imagetx.model.config import ModelConfig
@@ -64,6 +65,9 @@ class DataConfig:
     builtin_size: int | tuple[int, int] | None = None  # builtin only: render size before resizing (None: the model's)
     num_workers: int = 0  # DataLoader worker processes (0: load in the training process)
     eval_split: str = "test"  # split used for the periodic held-out bits/dim
+    # decoded-data cache: each split decoded once, memory-mapped by every process. None: the default
+    # folder ($IMAGETX_CACHE_DIR, else $XDG_CACHE_HOME/imagetx, else ~/.cache/imagetx); "off": none
+    cache_dir: str | None = None
 
     def problems(self) -> list[str]:
         p: list[str] = []
@@ -74,6 +78,7 @@ class DataConfig:
             p.append(f"data.builtin_size must be at least 8 (pixels), got {size!r}")
         if self.num_workers < 0:
             p.append(f"data.num_workers must be >= 0, got {self.num_workers}")
+        p += cache_dir_problems(self.cache_dir)
         try:
             from imagetx.data import DATASETS
         except ImportError:  # the data package is optional for checking a config file's shape

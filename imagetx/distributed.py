@@ -149,6 +149,25 @@ def main_first(ctx: Dist, fn):
     return result
 
 
+def node_main_first(ctx: Dist, fn) -> None:
+    """Run fn on each node's first process (local rank 0: it writes node-local files such as the
+    data cache) while every other process waits; then all continue. If it fails anywhere, that
+    process raises its error and the others a RunError, instead of waiting forever."""
+    from imagetx.errors import RunError
+
+    error = None
+    if ctx.local_rank == 0:
+        try:
+            fn()
+        except Exception as exc:
+            error = exc
+    failed = [e for e in all_gather_object(None if error is None else str(error)) if e is not None]
+    if error is not None:
+        raise error
+    if failed:
+        raise RunError(f"another process failed: {failed[0]}")
+
+
 def shard(n: int, rank: int, world_size: int) -> range:
     """This process's contiguous share of range(n): every index exactly once over all
     processes, no padding (unlike DistributedSampler); shares differ in size by at most one."""

@@ -36,8 +36,9 @@ from imagetx import console
 from imagetx.checkpoint import load_weights, make_checkpoint, rng_state, set_rng_state
 from imagetx.config import RunConfig
 from imagetx.data.batches import batches, check_compatible, dataset_for, describe, unpack
+from imagetx.data.cache import cache_entry, cache_root
 from imagetx.data.order import DataOrder, RankBatches
-from imagetx.distributed import Dist, all_gather_object, all_reduce_sum, distributed, main_first
+from imagetx.distributed import Dist, all_gather_object, all_reduce_sum, distributed, main_first, node_main_first
 from imagetx.errors import CheckpointError, RunError
 from imagetx.evaluate import evaluate_bpd
 from imagetx.loggers import Logger, check_installed, make_logger
@@ -112,6 +113,8 @@ class Trainer:
 
         if self.ctx.is_distributed and data.download:
             main_first(self.ctx, lambda: load(True) and None)  # one process downloads, then all read
+        if self.ctx.is_distributed and cache_root(data.cache_dir) is not None and data.name != "builtin":
+            node_main_first(self.ctx, lambda: load(False))  # one process per node fills the data cache
         self.train_set, self.eval_set = load(data.download and not self.ctx.is_distributed)
         check_compatible(model, self.train_set)
 
@@ -229,6 +232,13 @@ class Trainer:
         ctx = self.ctx
         self.start = time.monotonic()
         step = int(ckpt["step"]) if ckpt is not None else None
+        steps = all_gather_object(step)
+        if len(set(steps)) > 1:  # e.g. a node that cannot see the run directory would start afresh
+            found = ", ".join(f"process {r}: {'step ' + str(s) if s is not None else 'none'}" for r, s in enumerate(steps))
+            raise RunError(
+                f"the processes found different checkpoints to resume from in {self.t.out} ({found}); "
+                "every node must see the same run directory: put --out on a file system they share"
+            )
         main_first(ctx, lambda: self.run_dir.prepare(resume, ckpt_path, step))
         self.load_data()
         self.build(ckpt, ckpt_path)
@@ -355,11 +365,13 @@ class Trainer:
         t, ctx, m = self.t, self.ctx, self.config.model
         n_params = sum(p.numel() for p in self.model.parameters())
         what = f"resuming from {resumed} (step {self.step})" if resumed else "starting a new run"
+        entry = cache_entry(self.train_set)
+        mapped = f"; memory-mapped from {entry}" if entry is not None else ""
         print(
             f"{what} in {self.run_dir.path}: {self.precision.describe()}\n"
             f"  model: {m.attention} attention, {m.n_layers} layers, d {m.d_model}, {m.output} output, "
             f"{n_params / 1e6:.2f}M parameters\n"
-            f"  data: {len(self.train_set)} training images ({describe(self.train_set)[0]}), "
+            f"  data: {len(self.train_set)} training images ({describe(self.train_set)[0]}{mapped}), "
             f"{t.batch_size * t.grad_accum * ctx.world_size} images per step, {t.max_steps} steps\n"
             f"  compute: {ctx.world_size} process(es) on {self.device.type} (memory allocator: "
             f"{allocator_in_use()}); config {self.run_dir.path / 'config.toml'}",

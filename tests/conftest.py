@@ -1,7 +1,15 @@
+import atexit
 import os
+import shutil
 import sys
+import tempfile
 
 from hypothesis import HealthCheck, settings
+
+# Every run a test starts, in this process or a child, puts its decoded-data cache here, never in
+# the user's cache folder (tests that check the cache itself pass their own tmp_path).
+os.environ["IMAGETX_CACHE_DIR"] = tempfile.mkdtemp(prefix="imagetx-test-cache-")
+atexit.register(shutil.rmtree, os.environ["IMAGETX_CACHE_DIR"], ignore_errors=True)
 
 # tests import helpers from each other (e.g. tiny model configs in test_model.py)
 sys.path.insert(0, os.path.dirname(__file__))
@@ -13,3 +21,13 @@ _common = dict(deadline=None, print_blob=True, suppress_health_check=[HealthChec
 settings.register_profile("ci", derandomize=True, database=None, **_common)
 settings.register_profile("thorough", max_examples=10 * settings.default.max_examples, **_common)
 settings.load_profile(os.environ.get("IMAGETX_HYPOTHESIS", "ci"))
+
+
+def pytest_collection_modifyitems(config, items):
+    """Tests marked `slow` run only when asked for (`-m slow`, or any -m expression naming it)."""
+    if "slow" in (config.getoption("-m") or ""):
+        return
+    skip = __import__("pytest").mark.skip(reason="slow: run with -m slow")
+    for item in items:
+        if "slow" in item.keywords:
+            item.add_marker(skip)

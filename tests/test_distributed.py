@@ -12,7 +12,7 @@ import pytest
 import torch
 
 from imagetx import evaluate, train
-from imagetx.checkpoint import latest_checkpoint, load_checkpoint
+from imagetx.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from imagetx.config import load_config
 from imagetx.distributed import select_device, shard
 from imagetx.model.config import ConfigError
@@ -97,3 +97,86 @@ def test_two_gloo_processes_match_one(tmp_path, precision, rel):
     assert ddp_ckpt["world_size"] == 2 and len(ddp_ckpt["rng"]) == 2
     assert set(ddp_ckpt["model"]) == set(load_checkpoint(latest_checkpoint(single))["model"])  # no "module."
     assert ddp_ckpt["data_position"] == {"epoch": 0, "index": 12, "dataset_size": 20000}
+
+
+RESUMABLE = """
+import json, os, sys, time
+import imagetx.train as T
+from imagetx.config import load_config
+
+out, pids, sets, resume = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
+with open(os.path.join(pids, os.environ["RANK"]), "w") as f:
+    f.write(str(os.getpid()))
+step = T.Trainer.train_step
+def slow(self, stream):  # so that the kill lands mid-run
+    time.sleep(0.05)
+    return step(self, stream)
+T.Trainer.train_step = slow
+T.run(load_config(sets=sets + [f"train.out={out}"]), resume=None if resume == "none" else resume)
+"""
+
+
+def test_ddp_resume_after_one_process_is_killed_is_bit_exact(tmp_path):
+    """2 gloo processes on a cached data set: SIGKILL one mid-run, resume both with --resume
+    auto, and the parameters, losses and data position equal those of an uninterrupted run."""
+    import signal
+    import time
+
+    from test_data import write_cifar10
+    from test_train import curve
+
+    write_cifar10(tmp_path / "data", n=8)  # 40 training images: the run crosses epochs
+    child = tmp_path / "child.py"
+    child.write_text(RESUMABLE)
+    sets = [*TINY, "model.dropout=0.1", "data.name=cifar10", f"data.data_dir={tmp_path / 'data'}",
+            f"data.cache_dir={tmp_path / 'cache'}", "train.batch_size=2", "train.max_steps=16",
+            "train.checkpoint_every=4", "train.keep_checkpoints=0"]
+    env = {**os.environ, "PYTHONPATH": str(ROOT), "OMP_NUM_THREADS": "1"}
+
+    def torchrun(out, resume="none") -> subprocess.Popen:
+        pids = tmp_path / f"pids-{out.name}"
+        pids.mkdir(exist_ok=True)
+        return subprocess.Popen(
+            [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
+             str(child), str(out), str(pids), json.dumps(sets), resume],
+            cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
+        )
+
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    first = torchrun(killed)
+    uninterrupted = torchrun(straight)  # meanwhile; both runs fill the same cache entry
+    deadline = time.monotonic() + 120
+    while not (killed / "checkpoints" / "step-00000008.pt").exists():
+        assert first.poll() is None, first.communicate()[1][-3000:]
+        assert time.monotonic() < deadline, "timed out"
+        time.sleep(0.01)
+    time.sleep(0.1)  # a step or two more, never checkpointed
+    os.kill(int((tmp_path / "pids-killed" / "1").read_text()), signal.SIGKILL)  # one process dies
+    first.communicate(timeout=120)
+    assert first.returncode != 0  # torchrun stops the other one
+    assert max(s for s, _ in list_checkpoints(killed)) < 16
+
+    _, err = uninterrupted.communicate(timeout=300)
+    assert uninterrupted.returncode == 0, err[-3000:]
+    resumed = torchrun(killed, resume="auto")
+    _, err = resumed.communicate(timeout=300)
+    assert resumed.returncode == 0, err[-3000:]
+
+    assert curve(killed) == curve(straight)
+    a, b = (load_checkpoint(latest_checkpoint(run)) for run in (straight, killed))
+    assert a["step"] == b["step"] == 16 and a["data_position"] == b["data_position"]
+    for name, tensor in a["model"].items():
+        assert torch.equal(tensor, b["model"][name]), name
+    assert len(list((tmp_path / "cache").iterdir())) == 1  # both runs used one cache entry
+
+
+def test_processes_that_see_different_checkpoints_refuse_to_start(monkeypatch, tmp_path):
+    """A node that cannot see the run directory would start afresh while the others resume."""
+    from imagetx import train as T
+    from imagetx.distributed import Dist
+    from imagetx.errors import RunError
+
+    monkeypatch.setattr(T, "all_gather_object", lambda obj: [obj, None])
+    trainer = T.Trainer(load_config(sets=[*TINY, f"train.out={tmp_path}"]), Dist(world_size=2))
+    with pytest.raises(RunError, match=r"process 0: step 8, process 1: none\); every node must see the same run"):
+        trainer.set_up("auto", tmp_path / "step-8.pt", {"step": 8})

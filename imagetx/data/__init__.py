@@ -4,6 +4,7 @@
     ds = load_dataset("cifar10", "data", split="test")
     image, label = ds[0]          # uint8 (32, 32, 3), int
     print(ds.description)         # "CIFAR-10 32x32, test split": goes into every bits/dim report
+    ds = load_dataset("cifar10", "data", cache_dir="~/.cache/imagetx")   # decoded once, memory-mapped
 """
 
 from __future__ import annotations
@@ -12,8 +13,10 @@ import os
 from pathlib import Path
 
 from imagetx.data import builtin as _builtin
+from imagetx.data import cache as _cache
 from imagetx.data import cifar as _cifar
 from imagetx.data import idx as _idx
+from imagetx.data import imagenet as _imagenet
 from imagetx.data.celeba import TREE as _CELEBA_TREE
 from imagetx.data.celeba import find_celeba, load_celeba
 from imagetx.errors import ConfigError
@@ -92,6 +95,7 @@ def load_dataset(
     download: bool = False,
     seed: int = 0,
     builtin_size: tuple[int, int] | int | None = None,
+    cache_dir: str | os.PathLike | None = None,
 ) -> ImageDataset:
     """Load one split of a data set by name (see DATASETS).
 
@@ -100,8 +104,11 @@ def load_dataset(
     area-downsampled (centre-cropped to the aspect first for celeba and folder). channels 1 or 3:
     None keeps the native count. download: fetch with torchvision where it can (CIFAR, MNIST,
     Fashion-MNIST, CelebA) when the files are absent. seed and builtin_size only affect "builtin".
+    cache_dir: a folder for the decoded-data cache (imagetx.data.cache; None: no cache): the
+    split is decoded once into CACHE_DIR and memory-mapped from there (every data set but builtin).
     Returns an ImageDataset whose items are (uint8 (H, W, C), int label or -1).
-    Raises ConfigError for an unknown name or split, DatasetError for missing or malformed data.
+    Raises ConfigError for an unknown name or split, DatasetError for missing or malformed data
+    or an unwritable cache folder.
     """
     if name not in DATASETS:  # a usage error in every command (exit 2)
         raise ConfigError([f"unknown data set {name!r}; choose one of {', '.join(DATASETS)}"])
@@ -115,6 +122,40 @@ def load_dataset(
         system = _idx.SYSTEM_DIRS.get(name)
         data_dir = system if system is not None and system.is_dir() else DEFAULT_DATA_DIR
     data_dir = Path(data_dir).expanduser()
+    args = (name, data_dir, split, image_size, channels, download, seed, builtin_size)
+    if cache_dir is None or name == "builtin":
+        return _load(*args)
+    sources = _sources(name, data_dir, split)
+    if sources is None:  # missing: the reader says what is expected (or downloads, then it is cached next time)
+        return _load(*args)
+    request = dict(name=name, split=split, image_size=image_size, channels=channels)
+    return _cache.cached(Path(cache_dir).expanduser(), request, data_dir, sources, lambda: _load(*args, stream=True))
+
+
+def _sources(name: str, data_dir: Path, split: str) -> list[Path] | None:
+    """The files and folders a split is decoded from (what the cache checks for changes), or None
+    when they are not there."""
+    if name in ("cifar10", "cifar100"):
+        folder = _cifar.find_cifar(name, data_dir)
+        return None if folder is None else [folder]
+    if name in ("mnist", "fashion-mnist"):
+        folder = _idx.find_idx(name, data_dir)
+        return None if folder is None else [folder]
+    if name in ("imagenet32", "imagenet64"):
+        size, part = int(name[-2:]), "train" if split == "train" else "valid"
+        png = _imagenet.find_png(data_dir, size, part)
+        return [png] if png is not None else (_imagenet.find_npz(data_dir, size, part) or None)
+    if name == "celeba":
+        root = find_celeba(data_dir)
+        if root is None or not (root / "list_eval_partition.txt").is_file():
+            return None
+        return [root / "img_align_celeba", root / "list_eval_partition.txt"]
+    return [data_dir] if data_dir.is_dir() else None
+
+
+def _load(name, data_dir: Path, split, image_size, channels, download, seed, builtin_size, stream=False) -> ImageDataset:
+    """load_dataset without the cache; stream: a data set the cache can convert without holding
+    it whole where the format allows (see StreamedImageDataset)."""
     common = dict(name=name, split=split, split_label=split, image_size=image_size, channels=channels)
 
     if name == "builtin":
@@ -168,7 +209,7 @@ def load_dataset(
         )
 
     if name in ("imagenet32", "imagenet64"):
-        return load_imagenet(name, int(name[-2:]), data_dir, split, image_size, channels)
+        return load_imagenet(name, int(name[-2:]), data_dir, split, image_size, channels, stream)
 
     if name == "celeba":
         root = find_celeba(data_dir)

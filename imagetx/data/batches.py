@@ -25,6 +25,7 @@ def dataset_for(model: ModelConfig, data: DataConfig, split: str, download: bool
     """The `split` of the data set `data` names, at the model's image size and channel count;
     wrapped as (target, source, label) items for a super-resolution model. Raises DatasetError."""
     from imagetx.data import SuperResDataset, load_dataset
+    from imagetx.data.cache import cache_root
 
     celeba_protocol = model.source_size is not None and data.celeba_protocol
     dataset = load_dataset(
@@ -35,6 +36,7 @@ def dataset_for(model: ModelConfig, data: DataConfig, split: str, download: bool
         channels=model.channels,
         download=data.download if download is None else download,
         builtin_size=data.builtin_size,
+        cache_dir=cache_root(data.cache_dir),
     )
     if len(dataset) == 0:  # an empty split would make training spin forever and bits/dim 0/0
         raise DatasetError(f"{dataset.description} has no images: give a data set with images in its {split} split")
@@ -57,9 +59,11 @@ def data_config_from_checkpoint(
 ) -> DataConfig:
     """The data settings of a loaded checkpoint, with the data set and directory the user names.
     Naming another data set starts from the defaults: the CelebA protocol and builtin size only
-    carry over for the data set the model was trained on. Raises CheckpointError naming a key
-    this imagetx does not know."""
+    carry over for the data set the model was trained on. The data cache is this machine's
+    default (IMAGETX_CACHE_DIR or the user cache folder), not the folder of the machine that
+    trained. Raises CheckpointError naming a key this imagetx does not know."""
     data = DataConfig(**dict(stored_config(ckpt, path).get("data") or {}))
+    data.cache_dir = None
     if dataset is not None and dataset != data.name:
         data = DataConfig(name=dataset)
     if data_dir is not None:
@@ -100,18 +104,32 @@ def batches(
     """Collated batches, one per list of indices: (images uint8 (B, H, W, C), labels long (B,)),
     or (target, source, labels) for super-resolution items. Worker processes when num_workers > 0;
     their seeds come from a private generator, never from the global one."""
-    if num_workers == 0 and hasattr(dataset, "get_batch"):
-        for idx in index_lists:
-            yield dataset.get_batch(list(idx))
-        return
+    if hasattr(dataset, "get_batch"):
+        if num_workers == 0:
+            for idx in index_lists:
+                yield dataset.get_batch(list(idx))
+            return
+        # each worker gathers whole batches (one indexing of the array, not B items and a collate)
+        source = dict(dataset=_WholeBatches(dataset), sampler=(list(idx) for idx in index_lists), batch_size=None)
+    else:
+        source = dict(dataset=dataset, batch_sampler=index_lists)
     loader = DataLoader(
-        dataset,
-        batch_sampler=index_lists,
+        **source,
         num_workers=num_workers,
         generator=torch.Generator().manual_seed(seed),
         pin_memory=torch.cuda.is_available(),
     )
     yield from loader
+
+
+class _WholeBatches(Dataset):
+    """A data set with get_batch seen by a DataLoader as one item per list of indices."""
+
+    def __init__(self, dataset: Dataset):
+        self.dataset = dataset
+
+    def __getitem__(self, indices: list[int]) -> tuple:
+        return self.dataset.get_batch(indices)
 
 
 def unpack(batch: tuple, model: ModelConfig, device: torch.device) -> tuple:

@@ -191,6 +191,56 @@ class LazyImageDataset(ImageDataset):
         return batch, self._batch_labels(idx)
 
 
+class StreamedImageDataset(ImageDataset):
+    """A data set read once, in order, part by part: what the data cache converts from without
+    holding a second whole copy (the npz version of ImageNet). chunks() yields uint8
+    (n, H, W, C) at image_size and channels; items are not addressable."""
+
+    def __init__(self, parts, labels: torch.Tensor, *, image_size, channels, **meta):
+        super().__init__(None, labels, image_size=image_size, channels=channels, **meta)
+        self.parts = parts
+
+    def __len__(self) -> int:
+        return len(self.labels)
+
+    def chunks(self):
+        for part in self.parts():
+            yield resize_images(convert_channels(part, self.channels), self.image_size)
+
+    def __getitem__(self, i):
+        raise TypeError("a StreamedImageDataset is read in order with chunks(), not by index")
+
+    get_batch = __getitem__
+
+
+def _requested(native_size, native_channels, image_size, channels, base_description, split_label):
+    """-> (image_size, channels, description) of a request, None meaning the native value."""
+    image_size = tuple(image_size) if image_size is not None else tuple(native_size)
+    channels = channels if channels is not None else native_channels
+    return image_size, channels, describe(base_description, split_label, native_size, image_size, native_channels, channels)
+
+
+def streamed(
+    parts,
+    labels: torch.Tensor,
+    *,
+    native_size: tuple[int, int],
+    native_channels: int,
+    base_description: str,
+    split_label: str,
+    image_size: tuple[int, int] | None,
+    channels: int | None,
+    **meta,
+) -> StreamedImageDataset:
+    """Wrap parts() (an iterator of native uint8 (n, H, W, C)) as in_memory would wrap their
+    concatenation: the same images, labels and description. meta: name, split, num_classes,
+    class_names."""
+    image_size, channels, description = _requested(
+        native_size, native_channels, image_size, channels, base_description, split_label
+    )
+    return StreamedImageDataset(parts, labels, image_size=image_size, channels=channels, description=description, **meta)
+
+
 def in_memory(
     images: torch.Tensor,
     labels: torch.Tensor | None,
@@ -206,10 +256,10 @@ def in_memory(
 ) -> ImageDataset:
     """Convert native uint8 (N, H, W, C) to the requested channels and size, and wrap it."""
     native_size, native_channels = tuple(images.shape[1:3]), images.shape[3]
-    image_size = tuple(image_size) if image_size is not None else native_size
-    channels = channels if channels is not None else native_channels
+    image_size, channels, description = _requested(
+        native_size, native_channels, image_size, channels, base_description, split_label
+    )
     images = resize_images(convert_channels(images, channels), image_size)
-    description = describe(base_description, split_label, native_size, image_size, native_channels, channels)
     return ImageDataset(
         images,
         labels,
@@ -238,9 +288,9 @@ def lazy(
     class_names: Sequence[str] | None = None,
 ) -> LazyImageDataset:
     """Wrap a file list decoded per item at the requested size and channels (native when None)."""
-    image_size = tuple(image_size) if image_size is not None else tuple(native_size)
-    channels = channels if channels is not None else native_channels
-    description = describe(base_description, split_label, native_size, image_size, native_channels, channels)
+    image_size, channels, description = _requested(
+        native_size, native_channels, image_size, channels, base_description, split_label
+    )
     return LazyImageDataset(
         reader,
         labels,

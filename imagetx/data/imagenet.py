@@ -15,12 +15,13 @@ import re
 import tarfile
 import warnings
 import zipfile
+from collections.abc import Iterator
 from pathlib import Path
 
 import numpy as np
 import torch
 
-from imagetx.data.dataset import DatasetError, DirReader, ImageDataset, TarReader, in_memory, lazy
+from imagetx.data.dataset import DatasetError, DirReader, ImageDataset, TarReader, in_memory, lazy, streamed
 
 VAN_DEN_OORD = "van den Oord et al. PNG version"
 CHRABASZCZ = "Chrabaszcz et al. npz version"
@@ -42,14 +43,14 @@ def _batch_number(path: Path) -> int:
     return int(match.group(1)) if match else 0
 
 
-def _find_png(data_dir: Path, size: int, part: str) -> Path | None:
+def find_png(data_dir: Path, size: int, part: str) -> Path | None:
     for path in (data_dir / f"{part}_{size}x{size}", data_dir / f"{part}_{size}x{size}.tar"):
         if path.exists():
             return path
     return None
 
 
-def _find_npz(data_dir: Path, size: int, part: str) -> list[Path]:
+def find_npz(data_dir: Path, size: int, part: str) -> list[Path]:
     """part "train": all train_data_batch_*.npz (in DATA_DIR or Imagenet{size}_train*/, e.g. the
     64x64 part1/part2 folders), sorted by batch number; part "valid": val_data.npz."""
     prefix = f"Imagenet{size}_{'train' if part == 'train' else 'val'}"
@@ -77,25 +78,38 @@ def _png_reader(path: Path) -> DirReader | TarReader:
     return TarReader(path, [m.name for m in members], [m.offset_data for m in members], [m.size for m in members])
 
 
-def _read_npz(files: list[Path], size: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """-> images uint8 (N, S, S, 3), labels long (N,) in [0, 1000); one preallocated copy."""
-    counts = [len(_npz_array(path, "labels")) for path in files]  # cheap: npz members load lazily
-    images = np.empty((sum(counts), size, size, 3), dtype=np.uint8)
-    labels = np.empty(sum(counts), dtype=np.int64)
-    start = 0
-    for path, count in zip(files, counts):
+def _npz_parts(files: list[Path], size: int) -> Iterator[tuple[np.ndarray, np.ndarray]]:
+    """One file at a time, checked -> (images uint8 (n, S, S, 3) view, labels int64 (n,) in [0, 1000))."""
+    for path in files:
+        target = _npz_array(path, "labels").astype(np.int64) - 1  # stored 1..1000
+        count = len(target)
         data = _npz_array(path, "data")
         if data.dtype != np.uint8 or data.shape != (count, 3 * size * size):
             raise DatasetError(
                 f"corrupt ImageNet file {path}: expected uint8 data ({count}, {3 * size * size}), "
                 f"got {data.dtype} {data.shape}"
             )
-        images[start : start + count] = data.reshape(-1, 3, size, size).transpose(0, 2, 3, 1)  # (n, S, S, 3)
-        target = _npz_array(path, "labels").astype(np.int64) - 1  # stored 1..1000
         if count and not (target.min() >= 0 and target.max() < 1000):
             raise DatasetError(f"corrupt ImageNet file {path}: labels outside 1..1000")
-        labels[start : start + count] = target
-        start += count
+        yield data.reshape(-1, 3, size, size).transpose(0, 2, 3, 1), target  # (n, S, S, 3)
+
+
+def _labels(files: list[Path]) -> np.ndarray:
+    """All labels, in [0, 1000) (cheap: npz members load lazily, the images stay on disk)."""
+    parts = [_npz_array(path, "labels").astype(np.int64) - 1 for path in files]
+    return np.concatenate(parts) if parts else np.empty(0, np.int64)
+
+
+def _read_npz(files: list[Path], size: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> images uint8 (N, S, S, 3), labels long (N,) in [0, 1000); one preallocated copy."""
+    n = len(_labels(files))
+    images = np.empty((n, size, size, 3), dtype=np.uint8)
+    labels = np.empty(n, dtype=np.int64)
+    start = 0
+    for part, target in _npz_parts(files, size):
+        images[start : start + len(part)] = part
+        labels[start : start + len(part)] = target
+        start += len(part)
     return torch.from_numpy(images), torch.from_numpy(labels)
 
 
@@ -110,12 +124,13 @@ def _npz_array(path: Path, key: str) -> np.ndarray:
 
 
 def load_imagenet(
-    name: str, size: int, data_dir: Path, split: str, image_size, channels
+    name: str, size: int, data_dir: Path, split: str, image_size, channels, stream: bool = False
 ) -> ImageDataset:
-    """split "train", or "test"/"valid" (both the validation set, the only held-out split)."""
+    """split "train", or "test"/"valid" (both the validation set, the only held-out split).
+    stream: the npz version as a StreamedImageDataset (read file by file, for the data cache)."""
     part = "train" if split == "train" else "valid"
-    png = _find_png(data_dir, size, part)
-    npz = _find_npz(data_dir, size, part)
+    png = find_png(data_dir, size, part)
+    npz = find_npz(data_dir, size, part)
     common = dict(name=name, split=split, split_label=part, image_size=image_size, channels=channels)
     if png is not None:
         if npz:
@@ -132,6 +147,16 @@ def load_imagenet(
             crop_to_aspect=True,
             base_description=f"ImageNet {size}x{size} ({VAN_DEN_OORD})",
             num_classes=0,
+            **common,
+        )
+    if npz and stream:
+        return streamed(
+            lambda: (torch.from_numpy(np.ascontiguousarray(part)) for part, _ in _npz_parts(npz, size)),
+            torch.from_numpy(_labels(npz)),
+            native_size=(size, size),
+            native_channels=3,
+            base_description=f"ImageNet {size}x{size} ({CHRABASZCZ})",
+            num_classes=1000,
             **common,
         )
     if npz:
