@@ -157,10 +157,15 @@ def check_fast_equals_dense(model, x, labels=None, source=None) -> None:
                 nll, grads = _loss_and_grads(model, x, labels, source)
             torch.testing.assert_close(nll, ref, rtol=1e-5, atol=1e-4, msg=lambda m: f"{name} path, NLL: {m}")
             assert grads.keys() == ref_grads.keys()
+            # float32 summation order differs: relative to each gradient's own scale, plus float32
+            # noise on the model's overall gradient scale for gradients that are zero in exact
+            # arithmetic (e.g. the queries of a cross-attention over a single key)
+            overall = max(float(g.abs().max()) for g in ref_grads.values())
             for key in grads:
-                scale = float(ref_grads[key].abs().max()) + 1e-12  # float32 summation order differs
+                scale = float(ref_grads[key].abs().max())
                 err = float((grads[key] - ref_grads[key]).abs().max())
-                assert err <= 5e-5 * scale, f"{name} path: gradient of {key} differs by {err:.3g} (scale {scale:.3g})"
+                assert err <= 5e-5 * scale + 1e-6 * overall, (
+                    f"{name} path: gradient of {key} differs by {err:.3g} (scale {scale:.3g}, overall {overall:.3g})")
     finally:
         model.zero_grad()
         model.eval()

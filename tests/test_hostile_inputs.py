@@ -108,6 +108,7 @@ TABLE = [
     (["superres", "{sr}", "--input", "{root}/ok.png", "--seed", "-1", "--out", "{out}/sr"], 2, "--seed"),
     (["superres", "{sr}", "--input", "{root}/ok.png", "--precision", "half", "--out", "{out}/sr"], 2, "--precision"),
     (["superres", "{gen}", "--input", "{root}/ok.png", "--out", "{out}/sr"], 2, "not a super-resolution model"),
+    (["superres", "{gen}", "--input", "{root}/ok.png", "--consistent", "--out", "{out}/sr"], 2, "not a super-resolution model"),
     (["superres", "{sr}", "--dataset", "cifar10", "--data-dir", "{root}/nowhere", "--out", "{out}/sr"], 1, "cifar10 not found"),
     # train (the configuration; the run itself: test_train.py)
     (["train", "--config", "{root}/latin1.toml", "--out", "{out}/run"], 2, "not UTF-8"),
@@ -121,6 +122,9 @@ TABLE = [
     # eval-bpd
     (["eval-bpd", "{root}/missing.pt"], 1, "missing.pt"),
     (["eval-bpd", "{gen}", "--precision", "fp64"], 2, "precision must be one of auto, fp32, bf16"),
+    (["eval-bpd", "{gen}", "--source-model", "{gen}"], 2, "needs a super-resolution checkpoint"),
+    (["eval-bpd", "{sr}", "--source-model", "{sr}"], 2, "must be an unconditional model of the low-resolution images"),
+    (["eval-bpd", "{sr}", "--source-model", "{root}/missing.pt"], 1, "missing.pt"),
     (["eval-bpd", "{root}/not-a-checkpoint.pt"], 1, "not-a-checkpoint.pt"),
     # plot, export, eval-fid, train.logger
     (["plot"], 2, "Missing argument"),
