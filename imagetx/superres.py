@@ -303,14 +303,15 @@ def run(req: SuperResConfig) -> dict:
     labels = torch.tensor([x.label for x in inputs]) if cfg.num_classes else None
 
     total = len(inputs) * req.samples
-    passes = 2 if req.consistent and req.report else 1
+    # --consistent --report also draws the unrestricted samples (same seed), to score both modes;
+    # a model.consistent model has only one: its own distribution is the restricted one
+    modes = [False, True] if req.consistent and req.report and not cfg.consistent else [req.consistent or cfg.consistent]
+    passes = len(modes)
     bar = console.progress(passes * math.ceil(total / req.batch_size) * cfg.seq_len, "super-resolving", "pos",
                            enabled=req.progress)
     start = time.perf_counter()
     precision = resolve_precision(req.precision, device)
     decoder = for_decoding(model, precision.dtype, min(req.batch_size, total))
-    # --consistent --report also draws the unrestricted samples (same seed), to score both modes
-    modes = [False, True] if req.consistent and req.report else [req.consistent]
     drawn = {}
     try:
         for consistent in modes:
@@ -321,7 +322,7 @@ def run(req: SuperResConfig) -> dict:
     finally:
         bar.close()
     seconds = time.perf_counter() - start
-    samples = drawn[req.consistent]
+    samples = drawn[modes[-1]]
 
     nearest = upscale(sources, cfg.image_size, "nearest")
     bicubic = upscale(sources, cfg.image_size, "bicubic")
@@ -346,7 +347,7 @@ def run(req: SuperResConfig) -> dict:
         "source_size": list(cfg.source_size),
         "written": written,
         "failures": failures,
-        "consistent": req.consistent,
+        "consistent": modes[-1],
         "metrics": metrics,
         "metrics_unrestricted": unrestricted,
         "seconds": round(seconds, 3),

@@ -242,3 +242,13 @@ def test_consistent_refuses_models_whose_input_is_not_their_downsampled_target(t
     with pytest.raises(ConfigError, match="multiple of the input size"):
         run(SuperResConfig(odd, inputs=x, consistent=True, out=tmp_path / "out", progress=False))
     assert not (tmp_path / "out").exists()
+
+
+def test_a_consistent_model_samples_consistently_without_the_flag(tmp_path):
+    path, _ = write_checkpoint(tmp_path, data={"name": "builtin", "task": "superres", "builtin_size": 8},
+                               image_size=(8, 8), source_size=(2, 2), consistent=True)
+    for flags in ({}, {"consistent": True}):
+        summary = run(SuperResConfig(path, dataset="builtin", num=2, samples=2, report=True, out=tmp_path / "out",
+                                     progress=False, **flags))
+        assert summary["consistent"] is True and summary["metrics_unrestricted"] is None  # one mode: its own
+        assert summary["metrics"]["mean"]["consistency"] == 0.0
