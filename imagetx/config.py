@@ -177,6 +177,9 @@ class RunConfig:
             p.append('model.source_size is set (an encoder-decoder) but data.task is not "superres"')
         if self.data.celeba_protocol and self.data.task != "superres":
             p.append('data.celeba_protocol applies only to data.task = "superres"')
+        if self.data.celeba_protocol and self.model.consistent:
+            p.append("model.consistent needs an input that is its target area-downsampled; data.celeba_protocol "
+                     "cuts the input from the larger native image: set one of them to false")
         return p
 
     def validate(self) -> None:

@@ -77,6 +77,14 @@ def test_wrong_types_and_cross_section_problems():
         load_config(sets=['data.task="superres"'])
     config = load_config(sets=["data.task=superres", "model.source_size=[4, 4]", "model.encoder_layers=1"])
     assert config.model.source_size == (4, 4)
+    superres = ["data.task=superres", "model.source_size=[4, 4]", "model.encoder_layers=1", "model.consistent=true"]
+    assert load_config(sets=superres).model.consistent
+    with pytest.raises(ConfigError, match="model.consistent needs an input that is its target area-downsampled"):
+        load_config(sets=[*superres, "data.name=celeba", "data.celeba_protocol=true"])
+    with pytest.raises(ConfigError, match=r"model.image_size \(12, 12\) to be a multiple of model.source_size \(5, 5\)"):
+        load_config(sets=[*superres, "model.source_size=[5, 5]"])
+    with pytest.raises(ConfigError, match='model.consistent needs output = "categorical"'):
+        load_config(sets=[*superres, "model.output=dmol"])
 
 
 def test_missing_or_malformed_file(tmp_path):
