@@ -183,7 +183,8 @@ def restrict(log_p: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.T
     hi) set to -inf: sampling from the result draws from the distribution conditioned on the
     value lying in the range (sample_softmax renormalises)."""
     if bool((lo > hi).any()):
-        raise ValueError("a value range to sample from is empty (lo > hi)")
+        raise ValueError("no value is left to draw or score (an empty range lo > hi): the values before it "
+                         "already break the restriction, e.g. an image that does not area-downsample to its input")
     values = torch.arange(log_p.shape[-1], device=log_p.device)
     inside = (values >= lo[:, None]) & (values <= hi[:, None])
     return log_p.masked_fill(~inside, float("-inf"))
