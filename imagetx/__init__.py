@@ -34,7 +34,8 @@ Where everything lives (one line a module):
                       attention.py the three patterns and their caches; layers.py dropout, FFN, residual;
                       kernels.py the fast CPU kernels behind reference_mode(); position.py 2D position
                       encodings; dmol.py the discretized logistic mixture; transformer.py the model;
-                      decoding.py cached and reference sampling, the bf16 decoding copy
+                      decoding.py cached and reference sampling, the bf16 decoding copy;
+                      consistency.py the values that keep a super-resolution consistent with its input
 """
 
 from imagetx.errors import ConfigError
