@@ -11,8 +11,8 @@ placed so far were in range, so restricting every conditional to it and renormal
 distribution over exactly the images consistent with the source.
 
 Two users: sampling (`imagetx superres --consistent`, AreaConsistency follows the values as they
-are drawn) and models with model.consistent (value_bounds gives the range of every sub-pixel from
-the true prefix, and the likelihood is that of the restricted conditionals).
+are drawn) and models with model.consistent (CellOrder gives the range of every sub-pixel from the
+true prefix, and the likelihood is that of the restricted conditionals).
 
 area_downsample rounds integer-factor means exactly (integer arithmetic), so the ends are exact.
 """
@@ -20,6 +20,7 @@ area_downsample rounds integer-factor means exactly (integer arithmetic), so the
 from __future__ import annotations
 
 import torch
+from torch import nn
 
 
 def factors(image_size: tuple[int, int], source_size: tuple[int, int]) -> tuple[int, int] | None:
@@ -82,43 +83,58 @@ class AreaConsistency:
         self.left[i, j, c] -= 1
 
 
-def value_bounds(x: torch.Tensor, sources: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """The teacher-forced side: the range of every sub-pixel of x given the values before it.
+class CellOrder(nn.Module):
+    """The teacher-forced side, for one geometry: which cell sum each sub-pixel belongs to and where
+    it comes in that cell's generation order, worked out once (buffers), so that bounds(x, sources)
+    is a gather, a running sum and a scatter per call (ImageTransformer.log_probs, every training step).
 
-    x long or uint8 (B, H, W, C), sources uint8 (B, h, w, C) with integer factors, order long (L,)
+    image_size (H, W), source_size (h, w) with integer factors, channels C, order long (L,)
     generation step -> grid position, one sub-pixel per position (categorical: L = H*W*C) or one
-    pixel (DMOL: L = H*W, its channels each in their own cell sum). -> (lo, hi) long (B, H, W, C):
-    what AreaConsistency.bounds gives for each sub-pixel while x is generated in that order."""
+    pixel (DMOL: L = H*W, its channels each in their own cell sum)."""
+
+    def __init__(self, image_size: tuple[int, int], source_size: tuple[int, int], channels: int, order: torch.Tensor):
+        super().__init__()
+        (H, W), (h, w), C = image_size, source_size, channels
+        self.fh, self.fw = factors((H, W), (h, w))
+        device = order.device
+        rows = torch.arange(H, device=device)[:, None, None] // self.fh
+        cols = torch.arange(W, device=device)[None, :, None] // self.fw
+        cell = (rows * w + cols).expand(H, W, C)  # (H, W, C) the cell of each sub-pixel
+        channel = torch.arange(C, device=device).expand(H, W, C)
+        group = (cell * C + channel).reshape(-1)  # (H*W*C,) a cell sum per (cell, channel)
+        per = H * W * C // order.numel()  # sub-pixels per position: 1 or C
+        # the generation step of every sub-pixel; sorting by (group, step) lines up each cell's
+        # values in the order they are generated, so a running sum gives the sum placed before each
+        step = torch.empty(order.numel(), dtype=torch.long, device=device)
+        step[order] = torch.arange(order.numel(), device=device)
+        step = step.repeat_interleave(per)  # (H*W*C,)
+        n = group.numel()
+        perm = torch.argsort(group * n + step)  # (H*W*C,) grouped, then in generation order
+        sorted_group = group[perm]
+        first = torch.ones(n, dtype=torch.bool, device=device)
+        first[1:] = sorted_group[1:] != sorted_group[:-1]  # the first of each group
+        start = torch.cummax(torch.where(first, torch.arange(n, device=device), 0), 0).values
+        after = self.fh * self.fw - 1 - (torch.arange(n, device=device) - start)  # values of the group still to come
+        for name, value in (("perm", perm), ("sorted_group", sorted_group), ("start", start), ("after", after)):
+            self.register_buffer(name, value, persistent=False)
+
+    def bounds(self, x: torch.Tensor, sources: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x long or uint8 (B, H, W, C), sources uint8 (B, h, w, C) -> (lo, hi) long (B, H, W, C):
+        what AreaConsistency.bounds gives each sub-pixel while x is generated in this order."""
+        B = x.shape[0]
+        lo_sum, hi_sum = cell_sum_range(sources, self.fh, self.fw)  # (B, h, w, C)
+        values = x.reshape(B, -1).long()[:, self.perm]
+        running = values.cumsum(1) - values  # the sum of everything sorted before
+        placed = running - running[:, self.start]  # ... within the group
+        lo_v, hi_v = _value_range(lo_sum.reshape(B, -1)[:, self.sorted_group], hi_sum.reshape(B, -1)[:, self.sorted_group],
+                                  placed, self.after)
+        lo, hi = torch.empty_like(lo_v), torch.empty_like(hi_v)
+        lo[:, self.perm], hi[:, self.perm] = lo_v, hi_v
+        return lo.view(x.shape), hi.view(x.shape)
+
+
+def value_bounds(x: torch.Tensor, sources: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """The range of every sub-pixel of x given the values before it (see CellOrder), for a
+    one-off call: x (B, H, W, C), sources (B, h, w, C), order the generation order."""
     B, H, W, C = x.shape
-    _, h, w, _ = sources.shape
-    fh, fw = factors((H, W), (h, w))
-    lo_sum, hi_sum = cell_sum_range(sources, fh, fw)  # (B, h, w, C)
-    device = x.device
-    rows = torch.arange(H, device=device)[:, None, None] // fh
-    cols = torch.arange(W, device=device)[None, :, None] // fw
-    cell = (rows * w + cols).expand(H, W, C)  # (H, W, C) the cell of each sub-pixel
-    channel = torch.arange(C, device=device).expand(H, W, C)
-    group = (cell * C + channel).reshape(-1)  # (H*W*C,) a cell sum per (cell, channel)
-    per = x[0].numel() // order.numel()  # sub-pixels per position: 1 or C
-    # the generation step of every sub-pixel; sorting by (group, step) lines up each cell's values
-    # in the order they are generated, so a running sum gives the sum placed before each one
-    step = torch.empty(order.numel(), dtype=torch.long, device=device)
-    step[order.to(device)] = torch.arange(order.numel(), device=device)
-    step = step.repeat_interleave(per)  # (H*W*C,)
-    n = group.numel()
-    perm = torch.argsort(group * n + step)  # (H*W*C,) grouped, then in generation order
-    values = x.reshape(B, -1).long()[:, perm]
-    sorted_group = group[perm]
-    first = torch.ones(n, dtype=torch.bool, device=device)
-    first[1:] = sorted_group[1:] != sorted_group[:-1]  # the first of each group
-    start = torch.cummax(torch.where(first, torch.arange(n, device=device), 0), 0).values  # index of the group's first
-    running = values.cumsum(1) - values  # the sum of everything sorted before
-    placed = running - running[:, start]  # ... within the group: (B, H*W*C)
-    position = torch.arange(n, device=device) - start  # 0 for the group's first value
-    k = fh * fw
-    after = k - 1 - position  # values of the group still to come
-    lo_s, hi_s = lo_sum.reshape(B, -1)[:, sorted_group], hi_sum.reshape(B, -1)[:, sorted_group]
-    lo_v, hi_v = _value_range(lo_s, hi_s, placed, after)
-    lo, hi = torch.empty_like(lo_v), torch.empty_like(hi_v)
-    lo[:, perm], hi[:, perm] = lo_v, hi_v
-    return lo.view(B, H, W, C), hi.view(B, H, W, C)
+    return CellOrder((H, W), tuple(sources.shape[1:3]), C, order.to(x.device)).bounds(x, sources)

@@ -126,6 +126,9 @@ class ImageTransformer(nn.Module):
         self.source_embed = None
         if config.source_skip:
             self._init_source_skip(config)
+        self.cells = None
+        if config.consistent:  # where each sub-pixel comes in its low-res cell (model.consistent)
+            self.cells = consistency.CellOrder(config.image_size, config.source_size, C, order)
         cross = self.encoder is not None
         self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(
@@ -314,7 +317,7 @@ class ImageTransformer(nn.Module):
         of every value: log_softmax of the logits, restricted (model.consistent) to the values
         that keep each image consistent with its source given the prefix of x, renormalised."""
         if self.config.consistent:
-            lo, hi = consistency.value_bounds(x, source, self.order)  # (B, H, W, C)
+            lo, hi = self.cells.bounds(x, source)  # (B, H, W, C)
             out = dmol.restrict(out.reshape(-1, 256), lo.reshape(-1), hi.reshape(-1)).view(out.shape)
         return torch.log_softmax(out.float(), dim=-1)
 
