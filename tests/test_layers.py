@@ -1,7 +1,11 @@
 import torch
+import torch.nn.functional as F
+from hypothesis import given
+from hypothesis import strategies as st
 from torch import nn
 
-from imagetx.model.kernels import keep_mask
+from imagetx.model import reference_mode
+from imagetx.model.kernels import decode_attention, keep_mask
 from imagetx.model.layers import FeedForward, dropout, residual_dropout_layer_norm
 
 
@@ -81,3 +85,25 @@ def test_feed_forward_matches_autograd():
         torch.testing.assert_close(a, b)
     with torch.no_grad():
         torch.testing.assert_close(ffn(x), ref)
+
+
+@given(
+    batch=st.integers(1, 3), heads=st.integers(1, 3), head_dim=st.integers(1, 9), size=st.integers(1, 40),
+    data=st.data(), bf16=st.booleans(),
+)
+def test_decode_attention_equals_attention_over_the_range(batch, heads, head_dim, size, data, bf16):
+    """Whether it slices or reads the whole buffer with the outside masked, the one-query decoding
+    kernel attends to exactly k[:, :, lo:hi] (the rest of the buffer holds arbitrary finite values)."""
+    lo = data.draw(st.integers(0, size - 1), label="lo")
+    hi = data.draw(st.integers(lo + 1, size), label="hi")
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    q, k, v = (3 * torch.randn(batch, heads, n, head_dim, generator=g) for n in (1, size, size))
+    q, k, v = q.to(dtype), k.to(dtype), v.to(dtype)
+    exact = F.scaled_dot_product_attention(q.double(), k[:, :, lo:hi].double(), v[:, :, lo:hi].double())
+    out = decode_attention(q, k, v, lo, hi)
+    assert out.dtype == dtype and out.shape == (batch, heads, 1, head_dim)
+    tol = dict(atol=0.1, rtol=0.05) if bf16 else dict(atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(out.double(), exact, **tol)
+    with reference_mode():
+        torch.testing.assert_close(decode_attention(q, k, v, lo, hi).double(), exact, **tol)

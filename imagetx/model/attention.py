@@ -104,7 +104,7 @@ class FullCache:
         step = self.position.step
         self.k[:, :, step] = k[:, :, 0]
         self.v[:, :, step] = v[:, :, 0]
-        return _sdpa(q, self.k[:, :, : step + 1], self.v[:, :, : step + 1])
+        return kernels.decode_attention(q, self.k, self.v, 0, step + 1)
 
 
 def visibility_order(window_mask: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, list[list[int]]]:
@@ -157,7 +157,7 @@ class Local1DCache:
         self.v[:, :, self.lq + i] = v[:, :, 0]
         lo = self.first[b]
         hi = lo + self.count[b][i]
-        return _sdpa(q, self.k[:, :, lo:hi], self.v[:, :, lo:hi])
+        return kernels.decode_attention(q, self.k, self.v, lo, hi)
 
 
 class Local2DCache:
@@ -202,7 +202,7 @@ class Local2DCache:
         self.ring_k[:, :, ring_row, ring_col] = k[:, :, 0]
         self.ring_v[:, :, ring_row, ring_col] = v[:, :, 0]
         n = self.count[blk][i]
-        return _sdpa(q, self.win_k[:, :, :n], self.win_v[:, :, :n])
+        return kernels.decode_attention(q, self.win_k, self.win_v, 0, n)
 
 
 class MemoryCache:
@@ -265,7 +265,7 @@ class Attention(nn.Module):
         if self.kind == "cross":
             q = self._heads(self.q(x))
             kv = cache if cache is not None else self.memory_cache(memory)
-            o = _sdpa(q, kv.k, kv.v, dropout=p)
+            o = _sdpa(q, kv.k, kv.v, dropout=p) if cache is None else kernels.decode_attention(q, kv.k, kv.v)
         else:
             qkv = self.qkv(x)
             if cache is None and self.kind == "local1d" and kernels.local1d_flash_applies(qkv, p):
