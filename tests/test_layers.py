@@ -5,6 +5,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from imagetx.model import reference_mode
+from imagetx.model import kernels
 from imagetx.model.kernels import decode_attention, keep_mask
 from imagetx.model.layers import FeedForward, dropout, residual_dropout_layer_norm
 
@@ -107,3 +108,30 @@ def test_decode_attention_equals_attention_over_the_range(batch, heads, head_dim
     torch.testing.assert_close(out.double(), exact, **tol)
     with reference_mode():
         torch.testing.assert_close(decode_attention(q, k, v, lo, hi).double(), exact, **tol)
+
+
+@given(
+    images=st.integers(1, 3), blocks=st.integers(1, 4), block=st.integers(1, 9), heads=st.integers(1, 2),
+    head_dim=st.integers(1, 16), seed=st.integers(0, 2**16),
+)
+def test_bf16_local1d_matmul_attention_is_as_close_as_the_flash_split(images, blocks, block, heads, head_dim, seed):
+    """The bf16 local 1D kernel (batched matmuls, P kept in bf16) against the flash split in float64:
+    output and qkv gradient within bf16 rounding, no further off than the flash split in bf16."""
+    g = torch.Generator().manual_seed(seed)
+    L = blocks * block
+    qkv = torch.randn(images, L, 3 * heads * head_dim, generator=g)
+    grad = torch.randn(images, L, heads * head_dim, generator=g)
+    x64 = qkv.double().requires_grad_()
+    o64 = kernels._Local1DFlash.apply(x64, heads, block)
+    (g64,) = torch.autograd.grad(o64, x64, grad.double())
+    o64 = o64.detach()
+    errors = {}
+    for fn in (kernels._Local1DFlash, kernels._Local1DMatmul):
+        x = qkv.bfloat16().requires_grad_()
+        o = fn.apply(x, heads, block)
+        (gx,) = torch.autograd.grad(o, x, grad.bfloat16())
+        assert o.dtype == gx.dtype == torch.bfloat16
+        o, gx = o.detach().double(), gx.double()
+        errors[fn] = (float((o - o64).abs().max()), float((gx - g64).abs().max()) / float(g64.abs().max()))
+    (flash_o, flash_g), (mm_o, mm_g) = errors[kernels._Local1DFlash], errors[kernels._Local1DMatmul]
+    assert mm_o <= 2 * flash_o + 0.02 and mm_g <= 2 * flash_g + 0.02, errors

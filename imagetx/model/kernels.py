@@ -164,9 +164,79 @@ def _split_backward(grad, qkv, o, lse, first, heads: int, block: int, scale: flo
     return out
 
 
+class _Local1DMatmul(torch.autograd.Function):
+    """Local 1D attention in bf16 on CPU as batched matmuls over each block's 2-block key window.
+
+    The CPU flash kernels take as long in bf16 as in fp32 (torch 2.14.1, AMD Zen 4, CIFAR-10
+    shapes, one thread: 534 ms forward + backward per layer); bf16 batched matmuls run at the bf16
+    matmul peak, and this takes 385 ms. Forward: S = scale q [k_prev | k_own]^T rounded to bf16
+    (as autocast's matmul would), masked in fp32 (own half causal; an image's first block has no
+    previous block), P = softmax(S) kept in bf16, o = P [v_prev | v_own]. Backward: dV = P^T g,
+    dP = g V^T, dS = P (dP - rowsum(g o)), dQ = dS K, dK = dS^T Q, the window halves summed into
+    their blocks. Unlike the flash split it keeps P for the backward: 2 bytes per query per window
+    key per head (50 MB per layer at the CIFAR-10 config, batch 4); recomputing it instead costs
+    two more exponentials over S, slower than the flash kernels' whole backward saves.
+    """
+
+    @staticmethod
+    def _window(t: torch.Tensor, per_image: int) -> torch.Tensor:
+        """(n, h, block, hd) -> (n, h, 2 * block, hd): [previous block | own block] per entry;
+        an image's first entry gets zeros for its previous block (masked anyway)."""
+        n, h, blk, hd = t.shape
+        w = t.new_empty(n, h, 2 * blk, hd)
+        w[:, :, blk:] = t
+        w[1:, :, :blk] = t[:-1]
+        w[::per_image, :, :blk] = 0
+        return w
+
+    @staticmethod
+    def forward(ctx, qkv, heads: int, block: int):
+        B, L, three_a = qkv.shape
+        per_image = L // block
+        scale = (three_a // (3 * heads)) ** -0.5
+        q, k, v = _block_views(qkv, heads, block)  # (n, h, block, hd) each
+        kw, vw = _Local1DMatmul._window(k, per_image), _Local1DMatmul._window(v, per_image)
+        with torch.autocast(qkv.device.type, enabled=False):  # the dtypes below are chosen
+            s = torch.matmul(q, kw.transpose(-1, -2)).float().mul_(scale)  # (n, h, block, 2 block)
+            future = torch.ones(block, block, dtype=torch.bool, device=qkv.device).triu_(1)
+            s[..., block:].masked_fill_(future, float("-inf"))
+            s[::per_image, :, :, :block] = float("-inf")
+            p = torch.softmax(s, dim=-1).to(qkv.dtype)  # every query sees itself: no empty row
+            del s
+            o = torch.matmul(p, vw)  # (n, h, block, hd)
+        ctx.save_for_backward(qkv, o, p)
+        ctx.heads, ctx.block, ctx.scale = heads, block, scale
+        return o.transpose(1, 2).reshape(B, L, three_a // 3)  # (B, L, h * hd)
+
+    @staticmethod
+    def backward(ctx, grad):
+        qkv, o, p = ctx.saved_tensors
+        heads, blk, scale = ctx.heads, ctx.block, ctx.scale
+        B, L, _ = qkv.shape
+        per_image, n = L // blk, B * (L // blk)
+        q, k, v = _block_views(qkv, heads, blk)
+        kw, vw = _Local1DMatmul._window(k, per_image), _Local1DMatmul._window(v, per_image)
+        g = grad.to(qkv.dtype).reshape(n, blk, heads, -1).transpose(1, 2)  # (n, h, blk, hd)
+        dvw = torch.matmul(p.transpose(-1, -2), g)  # (n, h, 2 blk, hd)
+        rowsum = (g.float() * o.float()).sum(-1, keepdim=True)  # (n, h, blk, 1)
+        # dP in fp32: dS = P (dP - rowsum) cancels, and dP rounded to bf16 would leave errors of the
+        # size of dP in a much smaller dS
+        ds = torch.matmul(g.float(), vw.float().transpose(-1, -2)).sub_(rowsum).mul_(p).mul_(scale).to(qkv.dtype)
+        dq = torch.matmul(ds, kw)  # (n, h, blk, hd)
+        dkw = torch.matmul(ds.transpose(-1, -2), q)  # (n, h, 2 blk, hd)
+        out = torch.empty_like(qkv)
+        gq, gk, gv = _block_views(out, heads, blk)
+        gq.copy_(dq)
+        for dst, win in ((gk, dkw), (gv, dvw)):  # each block's keys served it and the next block
+            dst.copy_(win[:, :, blk:])
+            dst[:-1] += win[1:, :, :blk]
+        return out, None, None
+
+
 def local1d_flash_applies(qkv: torch.Tensor, dropout: float) -> bool:
-    """The flash split runs on CPU in float32 or bfloat16 without attention dropout, when the
-    operators exist and neither reference_mode nor windowed_local1d is on."""
+    """The flash split (or, in bf16, _Local1DMatmul) runs on CPU in float32 or bfloat16 without
+    attention dropout, when the operators exist and neither reference_mode nor
+    windowed_local1d is on."""
     return (
         local1d_flash_enabled() and dropout == 0.0 and qkv.device.type == "cpu"
         and qkv.dtype in (torch.float32, torch.bfloat16)
@@ -175,13 +245,15 @@ def local1d_flash_applies(qkv: torch.Tensor, dropout: float) -> bool:
 
 
 def local1d_flash(qkv: torch.Tensor, heads: int, block: int) -> torch.Tensor:
-    """Local 1D causal attention from qkv float32 or bfloat16 (B, L, 3 * h * hd) on CPU -> (B, L, h * hd), see
-    _Local1DFlash. L need not divide into blocks (the tail is padded)."""
+    """Local 1D causal attention from qkv float32 or bfloat16 (B, L, 3 * h * hd) on CPU -> (B, L, h * hd):
+    _Local1DFlash in float32, _Local1DMatmul in bfloat16. L need not divide into blocks (the tail
+    is padded)."""
     L = qkv.shape[1]
     pad = -L % block
     if pad:
         qkv = F.pad(qkv, (0, 0, 0, pad))
-    o = _Local1DFlash.apply(qkv.contiguous(), heads, block)
+    fn = _Local1DMatmul if qkv.dtype == torch.bfloat16 else _Local1DFlash
+    o = fn.apply(qkv.contiguous(), heads, block)
     return o[:, :L] if pad else o
 
 
