@@ -347,10 +347,12 @@ class PackedLinear(torch.nn.Module):
 
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int = 0, hi: int | None = None,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query per image and head over the cached keys k[:, :, lo:hi] (no mask),
     for cached decoding: q (B, h, 1, hd), k and v (B, h, N, hd) buffers of q's dtype, with
-    0 <= lo < hi <= N -> (B, h, 1, hd) in that dtype.
+    0 <= lo < hi <= N -> (B, h, 1, hd) in that dtype. bias: None or additive logits (B, h, 1,
+    hi - lo) of those keys (model.relative = "logits").
 
     On CPU, scaled_dot_product_attention with a single query is slow: in bf16 it takes 4x (batch 1)
     to 10x (batch 16) the time of two batched matmuls around a softmax, and in fp32 at batch 16
@@ -364,11 +366,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int 
     N = k.shape[2]
     hi = N if hi is None else hi
     if q.device.type != "cpu" or not enabled():
-        return F.scaled_dot_product_attention(q, k[:, :, lo:hi], v[:, :, lo:hi])
+        return F.scaled_dot_product_attention(q, k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=bias)
     whole = q.dtype != torch.float32 and 2 * (hi - lo) >= N
     if not whole:
         k, v = k[:, :, lo:hi], v[:, :, lo:hi]
     scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # (B, h, 1, keys)
+    if bias is not None:
+        (scores[..., lo:hi] if whole else scores).add_(bias)
     if whole:
         scores[..., :lo] = -torch.inf
         scores[..., hi:] = -torch.inf
