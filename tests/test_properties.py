@@ -5,7 +5,8 @@ exact tilings went unseen because every hand-picked size left a padded edge. Eac
 draws whole model configurations (image sizes 1-9 by 1-9, 1 or 3 channels, every attention
 pattern with blocks that tile the grid exactly, leave a padded edge, span a whole row or more than
 the grid, flanges wider than their block, categorical and DMOL outputs, class-conditional and
-super-resolution models with and without source_skip) and checks, for each:
+super-resolution models with and without source_skip, each model.relative, with and without
+absolute encodings) and checks, for each:
 
 - the full dependency graph: no output sees its own input or a later one in generation order,
   and every output after the first sees an earlier one;
@@ -74,6 +75,7 @@ def model_configs(draw, attention=None, max_side: int = 9) -> ModelConfig:
         n_layers=draw(st.integers(1, 2)), d_model=16, n_heads=draw(st.sampled_from([1, 2])), d_ff=24,
         dropout=0.0, num_mixtures=draw(st.integers(1, 3)),
         norm=draw(st.sampled_from(["post", "pre"])), positional=draw(st.sampled_from(["sinusoidal", "learned"])),
+        relative=draw(st.sampled_from(["none", "logits", "rotary"])),
     )
     if attention == "local1d":
         cfg["block_length"] = draw(extent(rows * cols))
@@ -92,8 +94,11 @@ def model_configs(draw, attention=None, max_side: int = 9) -> ModelConfig:
         cfg["source_skip"] = draw(st.booleans())
         if draw(st.booleans()):
             cfg["num_classes"] = 2
+    if cfg["relative"] != "none" and kind != "superres" and draw(st.booleans()):
+        cfg["positional"] = "none"  # relative positions only (the encoder needs absolute ones)
     config = ModelConfig(**cfg)
     note(f"config: {config}")
+    event(f"relative {config.relative}, positional {config.positional}")
     event(f"{attention}, {output}, {kind}{', consistent' if config.consistent else ''}")
     event(f"sequence length {'<= 16' if rows * cols <= 16 else '17-64' if rows * cols <= 64 else '> 64'}")
     if attention == "local2d":

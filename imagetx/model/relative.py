@@ -53,15 +53,15 @@ def rotary_pairs(head_dim: int, axes: int) -> list[int]:
     return [(rest + 1) // 2, rest // 2] + ([ch] if axes == 3 else [])
 
 
-def rotary_angles(coords: list[torch.Tensor], head_dim: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """coords: long (N,) per axis -> (cos, sin) float32 (N, P), P = sum of rotary_pairs: the angle
+def rotary_angles(coords: list[torch.Tensor], head_dim: int, dtype=torch.float32) -> tuple[torch.Tensor, torch.Tensor]:
+    """coords: long (N,) per axis -> (cos, sin) (N, P) in dtype, P = sum of rotary_pairs: the angle
     of each rotated pair at each position, frequencies base^(-k/n) per axis as in RoPE."""
     pieces = []
     for pos, n in zip(coords, rotary_pairs(head_dim, len(coords))):
         inv = ROTARY_BASE ** (-torch.arange(n, dtype=torch.float64) / n)
         pieces.append(pos.double()[:, None] * inv[None, :])  # (N, n)
     angles = torch.cat(pieces, dim=1)
-    return angles.cos().float(), angles.sin().float()
+    return angles.cos().to(dtype), angles.sin().to(dtype)
 
 
 def rotate(x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> torch.Tensor:
@@ -101,15 +101,17 @@ def attention_logits(q, k, q_coords, k_coords, relative: str, tables=None, lows=
     """The attention logits of queries q (B, h, lq, hd) at coordinates q_coords (per axis long
     (lq,)) over keys k (B, h, keys, hd) at k_coords -> float (B, h, lq, keys), unmasked: the
     scaled q . k with the relative positions of `relative` ("rotary": rotated at their
-    coordinates; "logits": plus relative_bias with `tables` covering offsets from `lows`).
+    coordinates; "logits": plus relative_bias with `tables` covering offsets from `lows`, offsets
+    beyond them clamped into them).
     What the model computes from its layout's coordinates, for any coordinates."""
     hd = q.shape[-1]
     if relative == "rotary":
-        q = rotate(q, *rotary_angles(q_coords, hd))
-        k = rotate(k, *rotary_angles(k_coords, hd))
+        q = rotate(q, *rotary_angles(q_coords, hd, q.dtype))
+        k = rotate(k, *rotary_angles(k_coords, hd, k.dtype))
     logits = q @ k.transpose(-1, -2) * hd**-0.5
     if relative == "logits":
-        index = [d - lo for d, lo in zip(offsets(q_coords, k_coords), lows)]
+        # offsets beyond a table are pairs the pattern masks: any row will do
+        index = [(d - lo).clamp(0, t.shape[1] - 1) for d, lo, t in zip(offsets(q_coords, k_coords), lows, tables)]
         logits = logits + relative_bias(q, tables, index)
     return logits
 
