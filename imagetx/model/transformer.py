@@ -268,7 +268,9 @@ class ImageTransformer(nn.Module):
     def decoder_input(self, emb: torch.Tensor, cond=None, index: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings (B, Lp, d) in internal layout, or (B, n, d) at internal positions
         index long (n,) -> plus their position encodings and cond (see condition)."""
-        h = emb if self.pos is None else emb + self.pos(index)
+        # the residual stream in the weights' dtype, as a position table would make it (a DMOL
+        # input embedding is a Linear: bf16 under autocast)
+        h = emb.to(self.start.dtype) if self.pos is None else emb + self.pos(index)
         if cond is None:
             return h
         return h + (cond if index is None or cond.shape[1] == 1 else cond[:, index])
