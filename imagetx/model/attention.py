@@ -15,6 +15,12 @@ holds only what its pattern can see:
   (visibility_order), and attend without a mask;
 - full: the whole prefix;
 - cross: the encoder's keys and values, computed once per image.
+
+model.relative (model/relative.py) enters the decoder's self-attention only: "rotary" rotates
+queries and keys at their positions before anything else sees them (the keys before they enter a
+cache); "logits" adds its relative logits to the additive mask of every path (the windows' mask,
+a causal mask for full attention, the dense reference's mask, each cache's slice of keys), which
+takes local 1D off the flash split, whose kernels take no mask.
 """
 
 from __future__ import annotations
