@@ -350,7 +350,7 @@ class Attention(nn.Module):
             kw, vw = local2d_windows(k, lay), local2d_windows(v, lay)
         if self.relative == "logits":  # per image: the relative logits beside the window mask
             rel = self._relative_bias(q.reshape(B, h, nb, lq, hd), lambda ix: ix)  # (B, h, nb, lq, window)
-            bias = (rel.view(B, h * nb, lq, -1) + bias).to(q.dtype)  # (B, h*nb, lq, window)
+            bias = rel.view(B, h * nb, lq, -1).add_(bias)  # (B, h*nb, lq, window), in q's dtype
         # Heads and blocks share one batch dimension: 4D inputs with a 4D mask take the fused
         # (flash) kernel on CPU, which keeps no (query x key) probabilities for the backward.
         q = q.reshape(B, h * nb, lq, hd)  # (B, h*nb, lq, hd)

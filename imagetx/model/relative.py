@@ -88,13 +88,14 @@ def relative_bias(q: torch.Tensor, tables, index: list[torch.Tensor]) -> torch.T
     leading dimensions -> float (B, h, ..., lq, keys). Multiplies q by each table first
     (query-by-offset products (B, h, ..., lq, n)), then gathers: nothing of size keys x hd.
     """
+    q = q * q.shape[-1] ** -0.5  # scaled like q . k: on the small side of the products
     bias = None
     for table, ix in zip(tables, index):
         by_offset = torch.einsum("bh...d,hnd->bh...n", q, table.to(q.dtype))  # (B, h, ..., lq, n)
         ix = ix.expand(*by_offset.shape[:-1], ix.shape[-1])
         term = by_offset.gather(-1, ix)  # (B, h, ..., lq, keys)
-        bias = term if bias is None else bias + term
-    return bias * q.shape[-1] ** -0.5
+        bias = term if bias is None else bias.add_(term)  # in place: no backward reads either sum
+    return bias
 
 
 def attention_logits(q, k, q_coords, k_coords, relative: str, tables=None, lows=None) -> torch.Tensor:
