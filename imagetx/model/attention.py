@@ -292,7 +292,7 @@ class Attention(nn.Module):
             if (cache is None and self.kind == "local1d" and self.relative != "logits"
                     and kernels.local1d_flash_applies(qkv, p)):
                 if self.relative == "rotary":
-                    qkv = self._rotate_qkv(qkv)
+                    qkv = kernels.rotate_qkv(qkv, self.positions.cos, self.positions.sin, self.n_heads)
                 return self.out(kernels.local1d_flash(qkv, self.n_heads, self.layout.block))
             q, k, v = (self._heads(t) for t in qkv.chunk(3, dim=-1))
             if self.relative == "rotary":  # keys at their own position, before any cache
@@ -302,14 +302,6 @@ class Attention(nn.Module):
             o = self._attend(q, k, v, p, bias, cache)
         o = o.transpose(1, 2).reshape(B, L, -1)  # (B, L, h*hd)
         return self.out(o)
-
-    def _rotate_qkv(self, qkv: torch.Tensor) -> torch.Tensor:
-        """The fused projection (B, L, 3 * h * hd) with its queries and keys rotated (rotary)."""
-        B, L, _ = qkv.shape
-        t = qkv.view(B, L, 3, self.n_heads, self.head_dim)  # (B, L, 3, h, hd)
-        cos, sin = self.positions.cos[:, None], self.positions.sin[:, None]  # (L, 1, P)
-        q, k = rotate(t[:, :, 0], cos, sin), rotate(t[:, :, 1], cos, sin)
-        return torch.stack([q, k, t[:, :, 2]], dim=2).view(B, L, -1)
 
     def _relative_bias(self, q: torch.Tensor, pick) -> torch.Tensor:
         """Relative logits of q (B, h, ..., hd) over the keys pick(index) selects from each of
