@@ -32,7 +32,12 @@ from torch import nn
 from imagetx.model import kernels
 from imagetx.model.config import ModelConfig
 from imagetx.model.layout import Layout
-from imagetx.model.relative import RelativeLogits, RelativePositions, relative_bias, rotate
+from imagetx.model.relative import (
+    RelativeLogits,
+    RelativePositions,
+    relative_bias,
+    rotate,
+)
 
 
 def _sdpa(q, k, v, mask=None, dropout=0.0, causal=False):

@@ -326,7 +326,7 @@ def _rotate_into(dst: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: tor
 
 
 def _rotate_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
-    B, L, three_a = qkv.shape
+    B, L, _ = qkv.shape
     out = torch.empty_like(qkv)
     t, o = qkv.view(B, L, 3, heads, -1), out.view(B, L, 3, heads, -1)  # (B, L, 3, h, hd)
     _rotate_into(o[:, :, :2], t[:, :, :2], cos, sin)
