@@ -16,6 +16,12 @@ precision is bf16 the fp32 decoder is timed in the same run too, and the speed-u
 
     python benchmarks/sampling.py [--precision auto] [--steps 256] [--slow-steps 3] [--sizes]
     python benchmarks/sampling.py --device cuda --batches 1,256    # on a GPU
+
+--relative none|logits|rotary sets model.relative (ours, not the paper's). --compare-relative times
+only the cached decoder, with each of the three in one run, at each batch size, and prints the
+milliseconds per step and their ratios to "none":
+
+    python benchmarks/sampling.py --compare-relative [--steps 256] [--batches 1,16]
 """
 
 from __future__ import annotations
@@ -78,6 +84,33 @@ def roofline_ms(model, batch: int, bandwidth_gbs: float, peak_gflops: float, byt
             "weight_mb": weight_bytes / 1e6}
 
 
+RELATIVES = ("none", "logits", "rotary")
+
+
+def compare_relative(args, device, precision, batches) -> dict:
+    """Milliseconds per cached decoder step at the published CIFAR-10 config with each
+    model.relative, at each batch size (the same steps, past the first block, for each)."""
+    from imagetx import ImageTransformer, ModelConfig
+    from imagetx.model.decoding import for_decoding
+
+    ms: dict = {}
+    for relative in RELATIVES:
+        torch.manual_seed(0)
+        model = ImageTransformer(ModelConfig(dropout=0.0, relative=relative)).to(device).eval()
+        for batch in batches:
+            decoder = for_decoding(model, precision.dtype, batch)
+            ms.setdefault(f"batch{batch}", {})[relative] = round(cached_ms_per_step(decoder, batch, args.steps, start=300), 3)
+        del model
+    return {
+        "config": "cifar10 cat: 12 layers, d 512, 4 heads, d_ff 2048, local1d block 256",
+        "precision": precision.describe(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "ms_per_subpixel_step": ms,
+        "ratio_to_none": {b: {k: round(v / row["none"], 3) for k, v in row.items()} for b, row in ms.items()},
+    }
+
+
 def main() -> None:
     from imagetx import ImageTransformer, ModelConfig
     from imagetx.model.decoding import for_decoding
@@ -90,16 +123,22 @@ def main() -> None:
     ap.add_argument("--sizes", action="store_true", help="also compare 32x32x3 with 64x64x3")
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]")
     ap.add_argument("--batches", default="1,16", help="batch sizes of the cached decoder, comma-separated")
+    ap.add_argument("--relative", choices=RELATIVES, default="none", help="model.relative (ours, not the paper's)")
+    ap.add_argument("--compare-relative", action="store_true",
+                    help="time the cached decoder with none, logits and rotary and print their ratios to none")
     args = ap.parse_args()
     device = torch.device(args.device)
     batches = [int(b) for b in args.batches.split(",")]
     precision = resolve(args.precision, device)
     torch.manual_seed(0)
+    if args.compare_relative:
+        print(json.dumps(compare_relative(args, device, precision, batches), indent=2))
+        return
     bandwidth = memory_bandwidth_gbs(device=device)
     peaks = {name: matmul_peak_gflops(dtype=dtype, device=device) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
-    model = ImageTransformer(ModelConfig(dropout=0.0)).to(device).eval()  # published CIFAR-10 cat config
+    model = ImageTransformer(ModelConfig(dropout=0.0, relative=args.relative)).to(device).eval()  # published CIFAR-10 cat config
     result: dict = {
-        "config": "cifar10 cat: 12 layers, d 512, 4 heads, d_ff 2048, local1d block 256",
+        "config": f"cifar10 cat: 12 layers, d 512, 4 heads, d_ff 2048, local1d block 256, relative {args.relative}",
         "precision": precision.describe(),
         "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
         "parameters": sum(p.numel() for p in model.parameters()),

@@ -26,6 +26,12 @@ installed (see imagetx/memory.py); --allocator system measures with the C librar
 
 --compile runs the loss through torch.compile (Inductor's fused C++ kernels on CPU), as
 `imagetx train --set train.compile=true` does; its one-off compile time is reported apart.
+
+--relative none|logits|rotary sets model.relative (ours, not the paper's). --compare-relative times
+the step with each of the three in one run, in the chosen precision (no matmul peaks), and prints
+their best seconds per step and their ratios to "none":
+
+    python benchmarks/train_step.py --compare-relative [--steps 5]
 """
 
 from __future__ import annotations
@@ -59,6 +65,9 @@ def main() -> None:
     ap.add_argument("--device", default="cpu", help="cpu or cuda[:N]: the device the step and the peaks run on")
     ap.add_argument("--allocator", choices=("auto", "system"), default="auto",
                     help="auto: restart with tcmalloc or jemalloc preloaded when installed")
+    ap.add_argument("--relative", choices=RELATIVES, default="none", help="model.relative (ours, not the paper's)")
+    ap.add_argument("--compare-relative", action="store_true",
+                    help="time none, logits and rotary in one run and print their ratios to none")
     args = ap.parse_args()
     device = torch.device(args.device)
     if args.allocator == "auto" and device.type == "cpu":
@@ -67,6 +76,9 @@ def main() -> None:
         use_mmap_for_large_tensors()  # so glibc's peak resident set is the live tensors, not heap fragments
     precision = resolve(args.precision, device)
     torch.manual_seed(0)
+    if args.compare_relative:
+        print(json.dumps(compare_relative(args, device, precision), indent=2))
+        return
     dtypes = {"fp32": torch.float32, "bf16": torch.bfloat16}
     peaks = {name: [] for name in dtypes}
     bursts = {name: [] for name in dtypes}
@@ -77,7 +89,7 @@ def main() -> None:
             peaks[name].append(sustained_matmul_gflops(seconds=args.peak_window, dtype=dtype, device=device))
 
     measure_peaks()
-    cfg = ModelConfig(n_layers=args.layers)  # defaults = the published CIFAR-10 cat config
+    cfg = ModelConfig(n_layers=args.layers, relative=args.relative)  # defaults = the published CIFAR-10 cat config
     model = ImageTransformer(cfg).to(device).train()
     model.set_activation_checkpointing(args.checkpointing)
     opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=True)
@@ -118,7 +130,7 @@ def main() -> None:
     best = min(times)
     result = {
         "config": f"cifar10 cat: {cfg.n_layers} layers, d {cfg.d_model}, {cfg.n_heads} heads, d_ff {cfg.d_ff}, "
-        f"local1d block {cfg.block_length}, dropout {cfg.dropout}, batch {args.batch}",
+        f"local1d block {cfg.block_length}, dropout {cfg.dropout}, batch {args.batch}, relative {cfg.relative}",
         "precision": precision.describe(),
         "activation_checkpointing": args.checkpointing,
         "compile": args.compile,
@@ -150,6 +162,50 @@ def main() -> None:
         result["note"] = ("measured with glibc's malloc, which costs 10-15% here in page faults; install "
                           "libtcmalloc-minimal4 (or libjemalloc2) and the benchmark preloads it")
     print(json.dumps(result, indent=2))
+
+
+RELATIVES = ("none", "logits", "rotary")
+
+
+def compare_relative(args, device, precision) -> dict:
+    """Seconds per training step at the published CIFAR-10 config with each model.relative: the
+    same input and seed for each, their steps interleaved (round after round: one step of each),
+    so that a shared machine's drift falls on all three alike."""
+    from imagetx import ImageTransformer, ModelConfig
+
+    runs = {}
+    for relative in RELATIVES:
+        torch.manual_seed(0)
+        cfg = ModelConfig(n_layers=args.layers, relative=relative)
+        model = ImageTransformer(cfg).to(device).train()
+        model.set_activation_checkpointing(args.checkpointing)
+        opt = torch.optim.Adam(model.parameters(), lr=1e-4, betas=(0.9, 0.98), eps=1e-9, fused=True)
+        nll = torch.compile(model.nll) if args.compile else model.nll
+        runs[relative] = (nll, opt)
+    x = torch.randint(0, 256, (args.batch, *cfg.image_size, cfg.channels), device=device)
+    seconds = {relative: [] for relative in RELATIVES}
+    for i in range(args.steps + 1):  # round 0 is the warm-up
+        for relative, (nll, opt) in runs.items():
+            t = time.perf_counter()
+            with precision.autocast(device):
+                loss = nll(x).mean() / (cfg.num_dims * 0.6931471805599453)
+            loss.backward()
+            opt.step()
+            opt.zero_grad(set_to_none=True)
+            sync(device)
+            if i:
+                seconds[relative].append(time.perf_counter() - t)
+    best = {k: min(v) for k, v in seconds.items()}
+    return {
+        "config": f"cifar10 cat: {args.layers} layers, d 512, 4 heads, d_ff 2048, local1d block 256, "
+        f"dropout 0.3, batch {args.batch}",
+        "precision": precision.describe(),
+        "device": torch.cuda.get_device_name(device) if device.type == "cuda" else "cpu",
+        "torch_threads": torch.get_num_threads(),
+        "seconds_per_step": {k: [round(t, 3) for t in v] for k, v in seconds.items()},
+        "best_seconds_per_step": {k: round(v, 3) for k, v in best.items()},
+        "ratio_to_none": {k: round(v / best["none"], 3) for k, v in best.items()},
+    }
 
 
 if __name__ == "__main__":

@@ -33,7 +33,7 @@ Where everything lives (one line a module):
     model/            config.py ModelConfig; layout.py generation order, internal layout and masks;
                       attention.py the three patterns and their caches; layers.py dropout, FFN, residual;
                       kernels.py the fast CPU kernels behind reference_mode(); position.py 2D position
-                      encodings; dmol.py the discretized logistic mixture; transformer.py the model;
+                      encodings; relative.py relative logits and rotary embeddings; dmol.py the discretized logistic mixture; transformer.py the model;
                       decoding.py cached and reference sampling, the bf16 decoding copy;
                       consistency.py the values that keep a super-resolution consistent with its input
 """

@@ -96,7 +96,7 @@ def test_missing_or_malformed_file(tmp_path):
 
 SHIPPED = [
     "quickstart", "fashion_mnist", "cifar10", "cifar10_dmol", "cifar10_2d",
-    "imagenet32", "imagenet64_1d", "imagenet64_2d",
+    "imagenet32", "imagenet64_1d", "imagenet64_2d", "cifar10_relative",
 ]
 
 

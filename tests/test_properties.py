@@ -5,7 +5,8 @@ exact tilings went unseen because every hand-picked size left a padded edge. Eac
 draws whole model configurations (image sizes 1-9 by 1-9, 1 or 3 channels, every attention
 pattern with blocks that tile the grid exactly, leave a padded edge, span a whole row or more than
 the grid, flanges wider than their block, categorical and DMOL outputs, class-conditional and
-super-resolution models with and without source_skip) and checks, for each:
+super-resolution models with and without source_skip, each model.relative, with and without
+absolute encodings) and checks, for each:
 
 - the full dependency graph: no output sees its own input or a later one in generation order,
   and every output after the first sees an earlier one;
@@ -92,8 +93,13 @@ def model_configs(draw, attention=None, max_side: int = 9) -> ModelConfig:
         cfg["source_skip"] = draw(st.booleans())
         if draw(st.booleans()):
             cfg["num_classes"] = 2
+    # drawn last, so that the geometries drawn before model.relative existed are drawn still
+    cfg["relative"] = draw(st.sampled_from(["none", "logits", "rotary"]))
+    if cfg["relative"] != "none" and kind != "superres" and draw(st.booleans()):
+        cfg["positional"] = "none"  # relative positions only (the encoder needs absolute ones)
     config = ModelConfig(**cfg)
     note(f"config: {config}")
+    event(f"relative {config.relative}, positional {config.positional}")
     event(f"{attention}, {output}, {kind}{', consistent' if config.consistent else ''}")
     event(f"sequence length {'<= 16' if rows * cols <= 16 else '17-64' if rows * cols <= 64 else '> 64'}")
     if attention == "local2d":
@@ -206,7 +212,8 @@ def test_consistent_sampling_downsamples_exactly_to_the_source(attention, data, 
     config = data.draw(model_configs(attention=attention))
     H, W = config.image_size
     h, w = data.draw(st.sampled_from(_divisors(H))), data.draw(st.sampled_from(_divisors(W)))
-    config = dataclasses.replace(config, source_size=(h, w), encoder_layers=1)
+    positional = "sinusoidal" if config.positional == "none" else config.positional  # the encoder's
+    config = dataclasses.replace(config, source_size=(h, w), encoder_layers=1, positional=positional)
     model = build(config, seed % 1000)
     if data.draw(st.booleans(), label="a head that prefers one extreme value"):
         model.head.bias.data += 40.0 * torch.nn.functional.one_hot(torch.tensor(0), model.head.bias.numel()).float()
@@ -243,7 +250,9 @@ def test_consistent_likelihood_sees_only_the_prefix_and_matches_sampling(attenti
     config = data.draw(model_configs(attention=attention))
     H, W = config.image_size
     h, w = data.draw(st.sampled_from(_divisors(H))), data.draw(st.sampled_from(_divisors(W)))
-    config = dataclasses.replace(config, source_size=(h, w), encoder_layers=1, consistent=config.output == "categorical")
+    positional = "sinusoidal" if config.positional == "none" else config.positional  # the encoder's
+    config = dataclasses.replace(config, source_size=(h, w), encoder_layers=1, consistent=config.output == "categorical",
+                                 positional=positional)
     model = build(config)
     gen = torch.Generator().manual_seed(seed)
     x = torch.randint(0, 256, (3, H, W, config.channels), generator=gen, dtype=torch.uint8)

@@ -15,6 +15,12 @@ holds only what its pattern can see:
   (visibility_order), and attend without a mask;
 - full: the whole prefix;
 - cross: the encoder's keys and values, computed once per image.
+
+model.relative (model/relative.py) enters the decoder's self-attention only: "rotary" rotates
+queries and keys at their positions before anything else sees them (the keys before they enter a
+cache); "logits" adds its relative logits to the additive mask of every path (the windows' mask,
+a causal mask for full attention, the dense reference's mask, each cache's slice of keys), which
+takes local 1D off the flash split, whose kernels take no mask.
 """
 
 from __future__ import annotations
@@ -26,6 +32,12 @@ from torch import nn
 from imagetx.model import kernels
 from imagetx.model.config import ModelConfig
 from imagetx.model.layout import Layout
+from imagetx.model.relative import (
+    RelativeLogits,
+    RelativePositions,
+    relative_bias,
+    rotate,
+)
 
 
 def _sdpa(q, k, v, mask=None, dropout=0.0, causal=False):
@@ -100,11 +112,14 @@ class FullCache:
         self.v = like.new_zeros(B, h, layout.seq_len, hd)
         self.position = position
 
-    def attend(self, q, k, v):
+    def attend(self, q, k, v, relative=None):
+        """relative: None, or Attention._relative_bias: the relative logits of q over the keys
+        read, given how to pick them from each static index (blocks, block, window)."""
         step = self.position.step
         self.k[:, :, step] = k[:, :, 0]
         self.v[:, :, step] = v[:, :, 0]
-        return kernels.decode_attention(q, self.k, self.v, 0, step + 1)
+        mask = None if relative is None else relative(q, lambda ix: ix[0, step, : step + 1])
+        return kernels.decode_attention(q, self.k, self.v, 0, step + 1, mask)
 
 
 def visibility_order(window_mask: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, list[list[int]]]:
@@ -148,7 +163,7 @@ class Local1DCache:
                 raise ValueError("local 1D keys are not a contiguous range of the cache")
         self.position = position
 
-    def attend(self, q, k, v):
+    def attend(self, q, k, v, relative=None):
         b, i = divmod(self.position.step, self.lq)
         if i == 0 and b > 0:  # a new block: the current block becomes the memory
             self.k[:, :, : self.lq] = self.k[:, :, self.lq :]
@@ -157,7 +172,8 @@ class Local1DCache:
         self.v[:, :, self.lq + i] = v[:, :, 0]
         lo = self.first[b]
         hi = lo + self.count[b][i]
-        return kernels.decode_attention(q, self.k, self.v, lo, hi)
+        mask = None if relative is None else relative(q, lambda ix: ix[b, i, lo:hi])  # cache slot = window slot
+        return kernels.decode_attention(q, self.k, self.v, lo, hi, mask)
 
 
 class Local2DCache:
@@ -182,7 +198,7 @@ class Local2DCache:
         self.position = position
         self.block = -1
 
-    def attend(self, q, k, v):
+    def attend(self, q, k, v, relative=None):
         blk, i = divmod(self.position.internal, self.lq)
         bi, bj = divmod(blk, self.nbw)
         qr, qc = divmod(i, self.qw)
@@ -202,7 +218,10 @@ class Local2DCache:
         self.ring_k[:, :, ring_row, ring_col] = k[:, :, 0]
         self.ring_v[:, :, ring_row, ring_col] = v[:, :, 0]
         n = self.count[blk][i]
-        return kernels.decode_attention(q, self.win_k, self.win_v, 0, n)
+        mask = None
+        if relative is not None:  # the window is stored in visibility order
+            mask = relative(q, lambda ix: ix[blk, i][self.order[blk, :n]])
+        return kernels.decode_attention(q, self.win_k, self.win_v, 0, n, mask)
 
 
 class MemoryCache:
@@ -219,11 +238,18 @@ class Attention(nn.Module):
     (encoder self-attention) or "cross" (queries from x, keys and values from `memory`).
     """
 
-    def __init__(self, config: ModelConfig, kind: str, layout: Layout | None = None):
+    def __init__(self, config: ModelConfig, kind: str, layout: Layout | None = None,
+                 positions: RelativePositions | None = None):
         super().__init__()
         d, a = config.d_model, config.attn_dim
         self.kind = kind
         self.layout = layout
+        # model.relative: the decoder's self-attention only (positions given); the encoder and the
+        # cross-attention to its memory keep their absolute positions
+        self.relative = positions.kind if positions is not None else "none"
+        # shared with the model, which owns (and moves) its buffers: not a submodule of each layer
+        object.__setattr__(self, "positions", positions)
+        self.rel = RelativeLogits(config.n_heads, config.head_dim, positions.sizes) if self.relative == "logits" else None
         self.n_heads = config.n_heads
         self.head_dim = config.head_dim
         self.dropout = config.attention_dropout
@@ -268,21 +294,44 @@ class Attention(nn.Module):
             o = _sdpa(q, kv.k, kv.v, dropout=p) if cache is None else kernels.decode_attention(q, kv.k, kv.v)
         else:
             qkv = self.qkv(x)
-            if cache is None and self.kind == "local1d" and kernels.local1d_flash_applies(qkv, p):
+            if (cache is None and self.kind == "local1d" and self.relative != "logits"
+                    and kernels.local1d_flash_applies(qkv, p)):
+                if self.relative == "rotary":
+                    qkv = kernels.rotate_qkv(qkv, self.positions.cos, self.positions.sin, self.n_heads)
                 return self.out(kernels.local1d_flash(qkv, self.n_heads, self.layout.block))
             q, k, v = (self._heads(t) for t in qkv.chunk(3, dim=-1))
+            if self.relative == "rotary":  # keys at their own position, before any cache
+                pos = self.positions
+                at = slice(None) if cache is None else slice(cache.position.internal, cache.position.internal + 1)
+                q, k = rotate(q, pos.cos[at], pos.sin[at]), rotate(k, pos.cos[at], pos.sin[at])
             o = self._attend(q, k, v, p, bias, cache)
         o = o.transpose(1, 2).reshape(B, L, -1)  # (B, L, h*hd)
         return self.out(o)
 
+    def _relative_bias(self, q: torch.Tensor, pick) -> torch.Tensor:
+        """Relative logits of q (B, h, ..., hd) over the keys pick(index) selects from each of
+        the model's static index tensors, in q's dtype (an attention mask)."""
+        index = [pick(ix) for ix in self.positions.index]
+        return relative_bias(q, self.rel.tables, index).to(q.dtype)
+
     def _attend(self, q, k, v, p, bias, cache):
+        logits = self.relative == "logits"
         if cache is not None:
-            return cache.attend(q, k, v)
+            return cache.attend(q, k, v, self._relative_bias if logits else None)
         if self.kind == "bidirectional":
             return _sdpa(q, k, v, dropout=p)
         if not kernels.enabled():
-            return _sdpa(q, k, v, mask=self.dense_mask().to(q.device), dropout=p)
+            mask = self.dense_mask().to(q.device)
+            if logits:  # the offsets straight from every pair's coordinates
+                rel = relative_bias(q, self.rel.tables, self.positions.dense_index())
+                mask = rel.masked_fill(~mask, float("-inf")).to(q.dtype)
+            return _sdpa(q, k, v, mask=mask, dropout=p)
         if self.kind == "full":
+            if logits:
+                L = q.shape[2]
+                causal = torch.ones(L, L, dtype=torch.bool, device=q.device).tril()
+                mask = self._relative_bias(q, lambda ix: ix[0]).masked_fill(~causal, float("-inf"))
+                return _sdpa(q, k, v, mask=mask, dropout=p)
             return _sdpa(q, k, v, dropout=p, causal=True)
         return self._blocked(q, k, v, p, bias)
 
@@ -296,6 +345,9 @@ class Attention(nn.Module):
                 q = F.pad(q, (0, 0, 0, nb * lq - L))
         else:
             kw, vw = local2d_windows(k, lay), local2d_windows(v, lay)
+        if self.relative == "logits":  # per image: the relative logits beside the window mask
+            rel = self._relative_bias(q.reshape(B, h, nb, lq, hd), lambda ix: ix)  # (B, h, nb, lq, window)
+            bias = rel.view(B, h * nb, lq, -1).add_(bias)  # (B, h*nb, lq, window), in q's dtype
         # Heads and blocks share one batch dimension: 4D inputs with a 4D mask take the fused
         # (flash) kernel on CPU, which keeps no (query x key) probabilities for the backward.
         q = q.reshape(B, h * nb, lq, hd)  # (B, h*nb, lq, hd)

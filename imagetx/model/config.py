@@ -8,7 +8,8 @@ from imagetx.errors import ConfigError
 
 ATTENTIONS = ("local1d", "local2d", "full")
 OUTPUTS = ("categorical", "dmol")
-POSITIONALS = ("sinusoidal", "learned")
+POSITIONALS = ("sinusoidal", "learned", "none")
+RELATIVES = ("none", "logits", "rotary")
 NORMS = ("post", "pre")
 
 
@@ -36,7 +37,10 @@ class ModelConfig:
     block_length: int = 256  # local1d query block; its memory is the previous block
     query_shape: tuple[int, int] = (8, 16)  # local2d query block (rows, columns)
     memory_flange: tuple[int, int] = (8, 16)  # local2d flange (rows above, columns either side)
-    positional: str = "sinusoidal"  # "sinusoidal" or "learned" 2D position encodings
+    positional: str = "sinusoidal"  # "sinusoidal", "learned" or "none" (ours: relative positions only) absolute 2D encodings
+    # ours, not in the paper: relative positions in the decoder's self-attention (imagetx.model.relative):
+    # "none" (as published), "logits" (learned 2D relative logits, Shaw et al.) or "rotary" (axial 2D rotary)
+    relative: str = "none"
     output: str = "categorical"  # "categorical" (256-way per sub-pixel) or "dmol"
     num_mixtures: int = 10  # DMOL mixture components
     num_classes: int = 0  # 0 = unconditional; else a learned class embedding at every position
@@ -124,6 +128,7 @@ class ModelConfig:
         choice("output", OUTPUTS)
         choice("positional", POSITIONALS)
         choice("norm", NORMS)
+        choice("relative", RELATIVES)
         heads_ok = positive("n_heads")
         for name in ("n_layers", "d_model", "d_ff", "block_length", "num_mixtures"):
             positive(name)
@@ -142,6 +147,7 @@ class ModelConfig:
                 p.append(f"model.{name} must be in [0, 1), got {v!r}")
         pair("query_shape", 1)
         pair("memory_flange", 0)
+        p.extend(self._relative_problems())
         if not isinstance(self.num_classes, int) or self.num_classes < 0:
             p.append(f"model.num_classes must be >= 0 (0 = unconditional), got {self.num_classes!r}")
         if self.source_size is not None:
@@ -174,6 +180,24 @@ class ModelConfig:
             if self.output != "categorical":
                 p.append('model.consistent needs output = "categorical" (the restricted DMOL likelihood is not '
                          'implemented; `imagetx superres --consistent` samples DMOL models consistently)')
+        return p
+
+    def _relative_problems(self) -> list[str]:
+        """model.relative and model.positional against the settings they cannot serve."""
+        p: list[str] = []
+        if self.positional == "none" and self.relative == "none":
+            p.append('model.positional = "none" needs model.relative = "logits" or "rotary": '
+                     "with model.relative = \"none\" the model would know no positions")
+        if self.positional == "none" and self.source_size is not None:
+            p.append('model.positional = "none" cannot serve model.source_size (a super-resolution model): '
+                     "the encoder knows positions only from the absolute encodings")
+        if self.relative == "rotary" and isinstance(self.n_heads, int) and self.n_heads > 0 \
+                and isinstance(self.attn_dim, int) and self.attn_dim % self.n_heads == 0:
+            axes = 3 if self.channels == 3 and self.output == "categorical" else 2
+            if self.head_dim < 2 * axes:
+                p.append(f'model.relative = "rotary" needs a head dimension of at least {2 * axes} (one rotated pair '
+                         f"per axis: rows, columns{', channels' if axes == 3 else ''}); model.attention_dim "
+                         f"{self.attn_dim} over model.n_heads {self.n_heads} gives {self.head_dim}")
         return p
 
     def validate(self) -> None:

@@ -7,6 +7,7 @@ only leaner in time or memory on CPU. All were tested with torch 2.14.1.
 - `dropout` / `keep_mask`: dropout with a one-byte keep mask drawn from 16 random bits per element.
 - `FeedForwardFunction`: the FFN with the ReLU and its backward in place.
 - `residual_dropout_layer_norm`: post-LN LayerNorm(x + dropout(f)) keeping one (B, L, d) tensor.
+- `rotate_qkv`: model.relative = "rotary" on the fused projection the local 1D flash split takes.
 - `decode_attention`: one query per image against the cached keys, as two batched matmuls.
 - `PackedLinear`: a bf16 linear layer whose weight oneDNN reorders once, for decoding.
 
@@ -383,6 +384,52 @@ def residual_dropout_layer_norm(x, f, weight, bias, p: float, eps: float) -> tor
     return _ResidualDropoutLayerNorm.apply(x, f, weight, bias, p, eps)
 
 
+# ---- rotary: the queries and keys of the fused projection rotated in one pass ----------------
+def _rotate_into(dst: torch.Tensor, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor) -> None:
+    """dst = x with dimension i and P + i rotated by the angle of pair i (relative.rotate)."""
+    P = cos.shape[-1]
+    x1, x2 = x[..., :P], x[..., P : 2 * P]
+    d1, d2 = dst[..., :P], dst[..., P : 2 * P]
+    torch.mul(x1, cos, out=d1)
+    d1.addcmul_(x2, sin, value=-1.0)
+    torch.mul(x2, cos, out=d2)
+    d2.addcmul_(x1, sin)
+    dst[..., 2 * P :].copy_(x[..., 2 * P :])
+
+
+def _rotate_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+    B, L, _ = qkv.shape
+    out = torch.empty_like(qkv)
+    t, o = qkv.view(B, L, 3, heads, -1), out.view(B, L, 3, heads, -1)  # (B, L, 3, h, hd)
+    _rotate_into(o[:, :, :2], t[:, :, :2], cos, sin)
+    o[:, :, 2].copy_(t[:, :, 2])
+    return out
+
+
+class _RotateQKV(torch.autograd.Function):
+    """relative.rotate applied to the queries and keys of a fused projection, written straight
+    into one new tensor (autograd's version takes about twice the passes over memory, and a copy
+    to put q, k and v back together). The backward rotates the gradient back (angle -theta)."""
+
+    @staticmethod
+    def forward(ctx, qkv, cos, sin, heads: int):
+        cos, sin = cos.to(qkv.dtype), sin.to(qkv.dtype)
+        ctx.save_for_backward(cos, sin)
+        ctx.heads = heads
+        return _rotate_qkv(qkv, cos, sin, heads)
+
+    @staticmethod
+    def backward(ctx, grad):
+        cos, sin = ctx.saved_tensors
+        return _rotate_qkv(grad.contiguous(), cos, -sin, ctx.heads), None, None, None
+
+
+def rotate_qkv(qkv: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, heads: int) -> torch.Tensor:
+    """qkv float (B, L, 3 * h * hd) -> the same with q and k rotated at their positions: cos, sin
+    (L, P) (relative.RelativePositions). Tested with torch 2.14.1."""
+    return _RotateQKV.apply(qkv, cos[:, None, None], sin[:, None, None], heads)  # (L, 1, 1, P): over (3, h)
+
+
 # ---- decoding: linear layers with their weights reordered once ---------------------------------
 # Private oneDNN operators (absent on a torch built without oneDNN; then packing is skipped):
 #   mkldnn::_reorder_linear_weight(Tensor self, int? batch_size) -> Tensor
@@ -419,10 +466,12 @@ class PackedLinear(torch.nn.Module):
 
 
 
-def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int = 0, hi: int | None = None) -> torch.Tensor:
+def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int = 0, hi: int | None = None,
+                     bias: torch.Tensor | None = None) -> torch.Tensor:
     """Attention of one query per image and head over the cached keys k[:, :, lo:hi] (no mask),
     for cached decoding: q (B, h, 1, hd), k and v (B, h, N, hd) buffers of q's dtype, with
-    0 <= lo < hi <= N -> (B, h, 1, hd) in that dtype.
+    0 <= lo < hi <= N -> (B, h, 1, hd) in that dtype. bias: None or additive logits (B, h, 1,
+    hi - lo) of those keys (model.relative = "logits").
 
     On CPU, scaled_dot_product_attention with a single query is slow: in bf16 it takes 4x (batch 1)
     to 10x (batch 16) the time of two batched matmuls around a softmax, and in fp32 at batch 16
@@ -436,11 +485,13 @@ def decode_attention(q: torch.Tensor, k: torch.Tensor, v: torch.Tensor, lo: int 
     N = k.shape[2]
     hi = N if hi is None else hi
     if q.device.type != "cpu" or not enabled():
-        return F.scaled_dot_product_attention(q, k[:, :, lo:hi], v[:, :, lo:hi])
+        return F.scaled_dot_product_attention(q, k[:, :, lo:hi], v[:, :, lo:hi], attn_mask=bias)
     whole = q.dtype != torch.float32 and 2 * (hi - lo) >= N
     if not whole:
         k, v = k[:, :, lo:hi], v[:, :, lo:hi]
     scores = torch.matmul(q * q.shape[-1] ** -0.5, k.transpose(-1, -2))  # (B, h, 1, keys)
+    if bias is not None:
+        (scores[..., lo:hi] if whole else scores).add_(bias)
     if whole:
         scores[..., :lo] = -torch.inf
         scores[..., hi:] = -torch.inf

@@ -15,6 +15,7 @@ from imagetx.model.config import ModelConfig
 from imagetx.model.layers import Dropout, FeedForward, residual_dropout_layer_norm
 from imagetx.model.layout import Layout, make_layout
 from imagetx.model.position import PositionEncoding2D
+from imagetx.model.relative import RelativePositions
 
 
 class Block(nn.Module):
@@ -23,11 +24,12 @@ class Block(nn.Module):
     Post-LN as published (sublayer -> dropout -> add -> LayerNorm) or pre-LN.
     """
 
-    def __init__(self, config: ModelConfig, kind: str, layout: Layout | None = None, cross: bool = False):
+    def __init__(self, config: ModelConfig, kind: str, layout: Layout | None = None, cross: bool = False,
+                 positions: RelativePositions | None = None):
         super().__init__()
         d = config.d_model
         self.pre_norm = config.norm == "pre"
-        self.attn = Attention(config, kind, layout)
+        self.attn = Attention(config, kind, layout, positions)
         self.cross = Attention(config, "cross") if cross else None
         self.ffn = FeedForward(d, config.d_ff)
         self.norm_attn = nn.LayerNorm(d)
@@ -120,7 +122,9 @@ class ImageTransformer(nn.Module):
             self.embed = nn.Linear(C, d, bias=False)  # = a 1x3 stride-3 convolution over the pixel
             self.head = nn.Linear(d, config.dmol_params)
         self.start = nn.Parameter(torch.zeros(d))
-        self.pos = PositionEncoding2D(config.positional, d, layout.row_of, layout.col_of)
+        self.pos = None if config.positional == "none" else PositionEncoding2D(config.positional, d, layout.row_of, layout.col_of)
+        # model.relative: the static part, shared by the decoder layers' self-attention
+        self.relative = RelativePositions(config, layout) if config.relative != "none" else None
         self.class_embed = _embedding(config.num_classes, d) if config.num_classes else None
         self.encoder = SourceEncoder(config) if config.source_size is not None else None
         self.source_embed = None
@@ -132,7 +136,7 @@ class ImageTransformer(nn.Module):
         cross = self.encoder is not None
         self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(
-            Block(config, config.attention, layout, cross=cross) for _ in range(config.n_layers)
+            Block(config, config.attention, layout, cross=cross, positions=self.relative) for _ in range(config.n_layers)
         )
         self.final_norm = nn.LayerNorm(d) if config.norm == "pre" else nn.Identity()
         self.activation_checkpointing = False
@@ -264,7 +268,9 @@ class ImageTransformer(nn.Module):
     def decoder_input(self, emb: torch.Tensor, cond=None, index: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings (B, Lp, d) in internal layout, or (B, n, d) at internal positions
         index long (n,) -> plus their position encodings and cond (see condition)."""
-        h = emb + self.pos(index)
+        # the residual stream in the weights' dtype, as a position table would make it (a DMOL
+        # input embedding is a Linear: bf16 under autocast)
+        h = emb.to(self.start.dtype) if self.pos is None else emb + self.pos(index)
         if cond is None:
             return h
         return h + (cond if index is None or cond.shape[1] == 1 else cond[:, index])
