@@ -299,9 +299,14 @@ class Attention(nn.Module):
                 if self.relative == "rotary":
                     qkv = kernels.rotate_qkv(qkv, self.positions.cos, self.positions.sin, self.n_heads)
                 return self.out(kernels.local1d_flash(qkv, self.n_heads, self.layout.block))
+            rotary = self.relative == "rotary"  # keys at their own position, before any cache
+            pos = self.positions
+            if rotary and cache is not None and kernels.enabled():  # one decoding step: fewest operations
+                at = cache.position.internal
+                qkv = kernels.rotate_qkv(qkv, pos.cos[at : at + 1], pos.sin[at : at + 1], self.n_heads)
+                rotary = False
             q, k, v = (self._heads(t) for t in qkv.chunk(3, dim=-1))
-            if self.relative == "rotary":  # keys at their own position, before any cache
-                pos = self.positions
+            if rotary:
                 at = slice(None) if cache is None else slice(cache.position.internal, cache.position.internal + 1)
                 q, k = rotate(q, pos.cos[at], pos.sin[at]), rotate(k, pos.cos[at], pos.sin[at])
             o = self._attend(q, k, v, p, bias, cache)
