@@ -3,11 +3,14 @@
 Each one computes exactly what the plain code it replaces computes (the tests hold them to it),
 only leaner in time or memory on CPU. All were tested with torch 2.14.1.
 
-- `local1d_flash`: local 1D attention as two flash-attention calls on views of the qkv projection.
+- `local1d_flash`: local 1D attention from the qkv projection: in float32 two flash-attention
+  calls on its views; in bf16 (`_Local1DMatmul`) bf16 batched matmuls over each block's key
+  window, because the CPU flash kernels are no faster in bf16 than in fp32.
 - `dropout` / `keep_mask`: dropout with a one-byte keep mask drawn from 16 random bits per element.
 - `FeedForwardFunction`: the FFN with the ReLU and its backward in place.
 - `residual_dropout_layer_norm`: post-LN LayerNorm(x + dropout(f)) keeping one (B, L, d) tensor.
-- `rotate_qkv`: model.relative = "rotary" on the fused projection the local 1D flash split takes.
+- `rotate_qkv`: model.relative = "rotary" on a fused q/k/v projection (the local 1D fast path in
+  training, and every decoding step).
 - `decode_attention`: one query per image against the cached keys, as two batched matmuls.
 - `PackedLinear`: a bf16 linear layer whose weight oneDNN reorders once, for decoding.
 
