@@ -37,6 +37,8 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import matmul_peak_gflops, memory_bandwidth_gbs, sync  # noqa: E402
 
+from imagetx.model.config import RELATIVES  # noqa: E402
+
 
 def cached_ms_per_step(model, batch: int, steps: int, start: int = 0) -> float:
     """Median-free honest timing: total time of `steps` consecutive decoder steps / steps."""
@@ -82,9 +84,6 @@ def roofline_ms(model, batch: int, bandwidth_gbs: float, peak_gflops: float, byt
     t_flop = flops / (peak_gflops * 1e9)
     return {"ms": 1000 * max(t_mem, t_flop), "memory_ms": 1000 * t_mem, "compute_ms": 1000 * t_flop,
             "weight_mb": weight_bytes / 1e6}
-
-
-RELATIVES = ("none", "logits", "rotary")
 
 
 def compare_relative(args, device, precision, batches) -> dict:

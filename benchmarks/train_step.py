@@ -47,6 +47,17 @@ import torch
 sys.path.insert(0, os.path.dirname(__file__))
 from common import matmul_peak_gflops, peak_device_gb, peak_rss_mb, sustained_matmul_gflops, sync  # noqa: E402
 
+from imagetx.model.config import RELATIVES  # noqa: E402
+
+
+def training_step(nll, opt, x, cfg, precision, device) -> None:
+    """One optimizer step on the bits/dim of x, in `precision`."""
+    with precision.autocast(device):
+        loss = nll(x).mean() / (cfg.num_dims * 0.6931471805599453)
+    loss.backward()
+    opt.step()
+    opt.zero_grad(set_to_none=True)
+
 
 def main() -> None:
     from imagetx import ImageTransformer, ModelConfig
@@ -102,21 +113,14 @@ def main() -> None:
     nll = torch.compile(model.nll) if args.compile else model.nll
 
     def time_steps(p) -> tuple[float, list[float]]:
-        def step():
-            with p.autocast(device):
-                loss = nll(x).mean() / (cfg.num_dims * 0.6931471805599453)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
-
         t = time.perf_counter()
-        step()  # warm-up (allocations, Adam state; compilation with --compile)
+        training_step(nll, opt, x, cfg, p, device)  # warm-up (allocations, Adam state; compilation with --compile)
         sync(device)
         first = time.perf_counter() - t
         times = []
         for _ in range(args.steps):
             t = time.perf_counter()
-            step()
+            training_step(nll, opt, x, cfg, p, device)
             sync(device)
             times.append(time.perf_counter() - t)
             measure_peaks()
@@ -164,9 +168,6 @@ def main() -> None:
     print(json.dumps(result, indent=2))
 
 
-RELATIVES = ("none", "logits", "rotary")
-
-
 def compare_relative(args, device, precision) -> dict:
     """Seconds per training step at the published CIFAR-10 config with each model.relative: the
     same input and seed for each, their steps interleaved (round after round: one step of each),
@@ -187,11 +188,7 @@ def compare_relative(args, device, precision) -> dict:
     for i in range(args.steps + 1):  # round 0 is the warm-up
         for relative, (nll, opt) in runs.items():
             t = time.perf_counter()
-            with precision.autocast(device):
-                loss = nll(x).mean() / (cfg.num_dims * 0.6931471805599453)
-            loss.backward()
-            opt.step()
-            opt.zero_grad(set_to_none=True)
+            training_step(nll, opt, x, cfg, precision, device)
             sync(device)
             if i:
                 seconds[relative].append(time.perf_counter() - t)
