@@ -135,3 +135,51 @@ def test_bf16_local1d_matmul_attention_is_as_close_as_the_flash_split(images, bl
         errors[fn] = (float((o - o64).abs().max()), float((gx - g64).abs().max()) / float(g64.abs().max()))
     (flash_o, flash_g), (mm_o, mm_g) = errors[kernels._Local1DFlash], errors[kernels._Local1DMatmul]
     assert mm_o <= 2 * flash_o + 0.02 and mm_g <= 2 * flash_g + 0.02, errors
+
+
+def _local1d_windows_reference(qkv, heads, block, bias):
+    """Local 1D attention written out block by block in the dtype given: each block's queries
+    over [previous block | own block] of its image, own half causal, scale hd^-0.5, plus
+    bias (B, h, blocks, block, 2 block)."""
+    B, L, three_a = qkv.shape
+    hd = three_a // (3 * heads)
+    q, k, v = (t.view(B, L, heads, hd).transpose(1, 2) for t in qkv.split(three_a // 3, dim=-1))
+    out = []
+    for b in range(L // block):
+        own = slice(b * block, (b + 1) * block)
+        keys = slice(max(b - 1, 0) * block, (b + 1) * block)
+        width = block if b == 0 else 2 * block  # the first block has no previous block
+        logits = q[:, :, own] @ k[:, :, keys].transpose(-1, -2) * hd**-0.5 + bias[:, :, b, :, -width:]
+        i = torch.arange(block)[:, None]
+        j = torch.arange(width)[None, :] - (width - block)  # key index within the own block
+        logits = logits.masked_fill(j > i, float("-inf"))
+        out.append(torch.softmax(logits, -1) @ v[:, :, keys])
+    return torch.cat(out, 2).transpose(1, 2).reshape(B, L, -1)
+
+
+@given(
+    images=st.integers(1, 2), blocks=st.integers(1, 3), block=st.integers(1, 7), heads=st.integers(1, 2),
+    head_dim=st.integers(1, 8), bf16=st.booleans(), seed=st.integers(0, 2**16),
+)
+def test_local1d_matmul_attention_with_a_bias_equals_the_windows_written_out(images, blocks, block, heads, head_dim, bf16, seed):
+    """model.relative = "logits" on the local 1D fast path: _Local1DMatmul with an additive bias
+    over each block's window, output and the gradients of qkv and of the bias, against the
+    attention written out block by block in float64 (float32 and bfloat16)."""
+    g = torch.Generator().manual_seed(seed)
+    L = blocks * block
+    qkv = torch.randn(images, L, 3 * heads * head_dim, generator=g)
+    bias = torch.randn(images, heads, blocks, block, 2 * block, generator=g)
+    grad = torch.randn(images, L, heads * head_dim, generator=g)
+    x64, b64 = qkv.double().requires_grad_(), bias.double().requires_grad_()
+    o64 = _local1d_windows_reference(x64, heads, block, b64)
+    g64 = torch.autograd.grad(o64, (x64, b64), grad.double())
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    x, b = qkv.to(dtype).requires_grad_(), bias.to(dtype).requires_grad_()
+    o = kernels._Local1DMatmul.apply(x, heads, block, b)
+    gx = torch.autograd.grad(o, (x, b), grad.to(dtype))
+    o = o.detach()
+    assert o.dtype == dtype and all(t.dtype == dtype for t in gx)
+    tol = 0.05 if bf16 else 1e-5
+    assert float((o.double() - o64.detach()).abs().max()) <= tol
+    for ours, exact in zip(gx, g64):
+        assert float((ours.double() - exact).abs().max()) <= tol * max(1.0, float(exact.abs().max()))

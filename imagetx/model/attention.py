@@ -19,8 +19,9 @@ holds only what its pattern can see:
 model.relative (model/relative.py) enters the decoder's self-attention only: "rotary" rotates
 queries and keys at their positions before anything else sees them (the keys before they enter a
 cache); "logits" adds its relative logits to the additive mask of every path (the windows' mask,
-a causal mask for full attention, the dense reference's mask, each cache's slice of keys), which
-takes local 1D off the flash split, whose kernels take no mask.
+a causal mask for full attention, the dense reference's mask, each cache's slice of keys); on
+the CPU fast path of local 1D, whose flash kernels take no mask, attention runs as
+kernels._Local1DMatmul with the logits as its bias, in either dtype.
 """
 
 from __future__ import annotations
@@ -294,11 +295,11 @@ class Attention(nn.Module):
             o = _sdpa(q, kv.k, kv.v, dropout=p) if cache is None else kernels.decode_attention(q, kv.k, kv.v)
         else:
             qkv = self.qkv(x)
-            if (cache is None and self.kind == "local1d" and self.relative != "logits"
-                    and kernels.local1d_flash_applies(qkv, p)):
+            if cache is None and self.kind == "local1d" and kernels.local1d_flash_applies(qkv, p):
                 if self.relative == "rotary":
                     qkv = kernels.rotate_qkv(qkv, self.positions.cos, self.positions.sin, self.n_heads)
-                return self.out(kernels.local1d_flash(qkv, self.n_heads, self.layout.block))
+                bias_fn = self._window_logits if self.relative == "logits" else None
+                return self.out(kernels.local1d_flash(qkv, self.n_heads, self.layout.block, bias_fn))
             rotary = self.relative == "rotary"  # keys at their own position, before any cache
             pos = self.positions
             if rotary and cache is not None and kernels.enabled():  # one decoding step: fewest operations
@@ -318,6 +319,11 @@ class Attention(nn.Module):
         the model's static index tensors, in q's dtype (an attention mask)."""
         index = [pick(ix) for ix in self.positions.index]
         return relative_bias(q, self.rel.tables, index).to(q.dtype)
+
+    def _window_logits(self, q: torch.Tensor) -> torch.Tensor:
+        """q (B, h, blocks, block, hd) -> its relative logits over each block's key window
+        (B, h, blocks, block, window)."""
+        return self._relative_bias(q, lambda ix: ix)
 
     def _attend(self, q, k, v, p, bias, cache):
         logits = self.relative == "logits"
@@ -351,7 +357,7 @@ class Attention(nn.Module):
         else:
             kw, vw = local2d_windows(k, lay), local2d_windows(v, lay)
         if self.relative == "logits":  # per image: the relative logits beside the window mask
-            rel = self._relative_bias(q.reshape(B, h, nb, lq, hd), lambda ix: ix)  # (B, h, nb, lq, window)
+            rel = self._window_logits(q.reshape(B, h, nb, lq, hd))  # (B, h, nb, lq, window)
             bias = rel.view(B, h * nb, lq, -1).add_(bias)  # (B, h*nb, lq, window), in q's dtype
         # Heads and blocks share one batch dimension: 4D inputs with a 4D mask take the fused
         # (flash) kernel on CPU, which keeps no (query x key) probabilities for the backward.

@@ -180,6 +180,11 @@ class _Local1DMatmul(torch.autograd.Function):
     their blocks. Unlike the flash split it keeps P for the backward: 2 bytes per query per window
     key per head (50 MB per layer at the CIFAR-10 config, batch 4); recomputing it instead costs
     two more exponentials over S, slower than the flash kernels' whole backward saves.
+
+    bias: optional additive logits (B, h, blocks, block, 2 * block), any float dtype (model.relative
+    = "logits": relative_bias over the windows), added to S before the mask; its gradient is dS,
+    which the backward computes anyway. With a bias this also runs in float32, where the flash
+    split cannot take one.
     """
 
     @staticmethod
@@ -194,7 +199,7 @@ class _Local1DMatmul(torch.autograd.Function):
         return w
 
     @staticmethod
-    def forward(ctx, qkv, heads: int, block: int):
+    def forward(ctx, qkv, heads: int, block: int, bias=None):
         B, L, three_a = qkv.shape
         per_image = L // block
         scale = (three_a // (3 * heads)) ** -0.5
@@ -202,6 +207,8 @@ class _Local1DMatmul(torch.autograd.Function):
         kw, vw = _Local1DMatmul._window(k, per_image), _Local1DMatmul._window(v, per_image)
         with torch.autocast(qkv.device.type, enabled=False):  # the dtypes below are chosen
             s = torch.matmul(q, kw.transpose(-1, -2)).float().mul_(scale)  # (n, h, block, 2 block)
+            if bias is not None:  # entries are (image, block), the bias (image, head, block): a view
+                s.view(B, per_image, heads, block, 2 * block).add_(bias.permute(0, 2, 1, 3, 4))
             future = torch.ones(block, block, dtype=torch.bool, device=qkv.device).triu_(1)
             s[..., block:].masked_fill_(future, float("-inf"))
             s[::per_image, :, :, :block] = float("-inf")
@@ -210,6 +217,7 @@ class _Local1DMatmul(torch.autograd.Function):
             o = torch.matmul(p, vw)  # (n, h, block, hd)
         ctx.save_for_backward(qkv, o, p)
         ctx.heads, ctx.block, ctx.scale = heads, block, scale
+        ctx.bias_dtype = None if bias is None else bias.dtype
         return o.transpose(1, 2).reshape(B, L, three_a // 3)  # (B, L, h * hd)
 
     @staticmethod
@@ -225,7 +233,11 @@ class _Local1DMatmul(torch.autograd.Function):
         rowsum = (g.float() * o.float()).sum(-1, keepdim=True)  # (n, h, blk, 1)
         # dP in fp32: dS = P (dP - rowsum) cancels, and dP rounded to bf16 would leave errors of the
         # size of dP in a much smaller dS
-        ds = torch.matmul(g.float(), vw.float().transpose(-1, -2)).sub_(rowsum).mul_(p).mul_(scale).to(qkv.dtype)
+        ds = torch.matmul(g.float(), vw.float().transpose(-1, -2)).sub_(rowsum).mul_(p)  # d(logits)
+        grad_bias = None
+        if ctx.bias_dtype is not None:  # (B, h, blocks, block, 2 block), a view of a copy of dS
+            grad_bias = ds.to(ctx.bias_dtype, copy=True).view(B, per_image, heads, blk, 2 * blk).permute(0, 2, 1, 3, 4)
+        ds = ds.mul_(scale).to(qkv.dtype)
         dq = torch.matmul(ds, kw)  # (n, h, blk, hd)
         dkw = torch.matmul(ds.transpose(-1, -2), q)  # (n, h, 2 blk, hd)
         out = torch.empty_like(qkv)
@@ -234,7 +246,7 @@ class _Local1DMatmul(torch.autograd.Function):
         for dst, win in ((gk, dkw), (gv, dvw)):  # each block's keys served it and the next block
             dst.copy_(win[:, :, blk:])
             dst[:-1] += win[1:, :, :blk]
-        return out, None, None
+        return out, None, None, grad_bias
 
 
 def local1d_flash_applies(qkv: torch.Tensor, dropout: float) -> bool:
@@ -248,16 +260,24 @@ def local1d_flash_applies(qkv: torch.Tensor, dropout: float) -> bool:
     )
 
 
-def local1d_flash(qkv: torch.Tensor, heads: int, block: int) -> torch.Tensor:
+def local1d_flash(qkv: torch.Tensor, heads: int, block: int, bias_fn=None) -> torch.Tensor:
     """Local 1D causal attention from qkv float32 or bfloat16 (B, L, 3 * h * hd) on CPU -> (B, L, h * hd):
     _Local1DFlash in float32, _Local1DMatmul in bfloat16. L need not divide into blocks (the tail
-    is padded)."""
+    is padded). bias_fn: None, or q (B, h, blocks, block, hd) of the padded sequence -> additive
+    logits over each block's window (B, h, blocks, block, 2 * block) (model.relative = "logits");
+    then _Local1DMatmul in either dtype."""
     L = qkv.shape[1]
     pad = -L % block
     if pad:
         qkv = F.pad(qkv, (0, 0, 0, pad))
-    fn = _Local1DMatmul if qkv.dtype == torch.bfloat16 else _Local1DFlash
-    o = fn.apply(qkv.contiguous(), heads, block)
+    qkv = qkv.contiguous()
+    if bias_fn is None:
+        fn = _Local1DMatmul if qkv.dtype == torch.bfloat16 else _Local1DFlash
+        o = fn.apply(qkv, heads, block)
+    else:
+        B, Lp, three_a = qkv.shape
+        q = qkv[..., : three_a // 3].view(B, Lp // block, block, heads, -1).permute(0, 3, 1, 2, 4)
+        o = _Local1DMatmul.apply(qkv, heads, block, bias_fn(q))
     return o[:, :L] if pad else o
 
 
