@@ -307,3 +307,11 @@ def test_range_input_models(attention, geometry):
     check_same_samples_with_and_without_cache(model, labels, source, seed=7)
     images = model.sample(3, labels, source, generator=torch.Generator().manual_seed(8))  # its own distribution
     assert torch.equal(area_downsample(images, config.source_size).long(), source)
+    # completion: the range inputs follow the primed values too, with and without the cache
+    x, _, source = model_inputs(config, batch=3, seed=9)
+    mask = torch.zeros(x.shape, dtype=torch.bool)
+    mask[:, : config.image_size[0] // 2 + 1] = True  # through the middle of a cell
+    completed = [model.sample(3, labels, source, generator=torch.Generator().manual_seed(10), prime=x.to(torch.uint8),
+                              prime_mask=mask, use_cache=cache) for cache in (True, False)]
+    assert torch.equal(completed[0], completed[1]) and torch.equal(completed[0][mask], x[mask].to(torch.uint8))
+    assert torch.equal(area_downsample(completed[0], config.source_size).long(), source)
