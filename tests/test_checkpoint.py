@@ -193,3 +193,23 @@ def test_weights_that_are_not_finite_or_of_the_wrong_type_are_refused(tmp_path):
     ckpt["model"]["head.weight"] = ckpt["model"]["head.weight"].long()
     with pytest.raises(CheckpointError, match=r"wrong type: head.weight torch.int64 vs torch.float32"):
         load_model(save_checkpoint(tmp_path / "b", ckpt))
+
+
+def test_checkpoints_from_before_model_range_input_load_without_it(tmp_path):
+    """A checkpoint's config written before model.range_input existed has no such key: it reads
+    as false, and the weights (no range embedding) load strictly. A range_input model's load too."""
+    from imagetx.data.transforms import area_downsample
+
+    superres = ["data.task=superres", "model.source_size=[2, 2]", "model.encoder_layers=1", "model.consistent=true"]
+    x = torch.randint(0, 256, (2, 4, 4, 3), generator=torch.Generator().manual_seed(0), dtype=torch.uint8)
+    source = area_downsample(x, (2, 2))
+    for extra, drop_key in (([], True), (["model.range_input=true"], False)):
+        config = tiny_config(*superres, *extra)
+        torch.manual_seed(0)
+        model = ImageTransformer(config.model).eval()
+        ckpt = make_checkpoint(model=model, config=config.to_dict(), step=1)
+        if drop_key:
+            del ckpt["config"]["model"]["range_input"]
+        loaded = load_model(save_checkpoint(tmp_path / str(drop_key), ckpt))
+        assert loaded.config == config.model and (loaded.range_embed is None) == drop_key
+        torch.testing.assert_close(loaded.nll(x, source=source), model.nll(x, source=source))

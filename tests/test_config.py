@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 
 from imagetx.config import RunConfig, load_config, parse_set, save_config, tomllib
-from imagetx.model.config import ConfigError
+from imagetx.model.config import ConfigError, ModelConfig
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
@@ -85,6 +85,20 @@ def test_wrong_types_and_cross_section_problems():
         load_config(sets=[*superres, "model.source_size=[5, 5]"])
     with pytest.raises(ConfigError, match='model.consistent needs output = "categorical"'):
         load_config(sets=[*superres, "model.output=dmol"])
+
+
+def test_range_input_needs_a_consistent_categorical_model():
+    superres = ["data.task=superres", "model.source_size=[4, 4]", "model.encoder_layers=1"]
+    assert load_config(sets=[*superres, "model.consistent=true", "model.range_input=true"]).model.range_input
+    needs = r'model.range_input needs model.consistent = true and output = "categorical"'
+    with pytest.raises(ConfigError, match=needs):
+        load_config(sets=[*superres, "model.range_input=true"])
+    with pytest.raises(ConfigError, match=needs):  # consistent's own problem, and range_input's
+        load_config(sets=[*superres, "model.consistent=true", "model.range_input=true", "model.output=dmol"])
+    with pytest.raises(ConfigError, match=needs):
+        load_config(sets=["model.range_input=true"])
+    with pytest.raises(ConfigError, match="model.range_input must be true or false, got 1"):
+        ModelConfig(source_size=(4, 4), encoder_layers=1, consistent=True, range_input=1)
 
 
 def test_missing_or_malformed_file(tmp_path):

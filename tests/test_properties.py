@@ -5,8 +5,8 @@ exact tilings went unseen because every hand-picked size left a padded edge. Eac
 draws whole model configurations (image sizes 1-9 by 1-9, 1 or 3 channels, every attention
 pattern with blocks that tile the grid exactly, leave a padded edge, span a whole row or more than
 the grid, flanges wider than their block, categorical and DMOL outputs, class-conditional and
-super-resolution models with and without source_skip, each model.relative, with and without
-absolute encodings) and checks, for each:
+super-resolution models with and without source_skip, consistent ones with and without
+range_input, each model.relative, with and without absolute encodings) and checks, for each:
 
 - the full dependency graph: no output sees its own input or a later one in generation order,
   and every output after the first sees an earlier one;
@@ -97,10 +97,13 @@ def model_configs(draw, attention=None, max_side: int = 9) -> ModelConfig:
     cfg["relative"] = draw(st.sampled_from(["none", "logits", "rotary"]))
     if cfg["relative"] != "none" and kind != "superres" and draw(st.booleans()):
         cfg["positional"] = "none"  # relative positions only (the encoder needs absolute ones)
+    if cfg.get("consistent"):  # drawn after model.relative, for the same reason
+        cfg["range_input"] = draw(st.booleans())
     config = ModelConfig(**cfg)
     note(f"config: {config}")
     event(f"relative {config.relative}, positional {config.positional}")
-    event(f"{attention}, {output}, {kind}{', consistent' if config.consistent else ''}")
+    event(f"{attention}, {output}, {kind}{', consistent' if config.consistent else ''}"
+          f"{', range_input' if config.range_input else ''}")
     event(f"sequence length {'<= 16' if rows * cols <= 16 else '17-64' if rows * cols <= 64 else '> 64'}")
     if attention == "local2d":
         (qh, qw), (fh, fw) = cfg["query_shape"], cfg["memory_flange"]
@@ -241,7 +244,9 @@ def test_consistent_likelihood_sees_only_the_prefix_and_matches_sampling(attenti
     """model.consistent: the range each sub-pixel is restricted to in the likelihood (value_bounds,
     from the whole image at once) is the range the sampler gives it (AreaConsistency, which only
     ever sees the values placed before it), in every pattern's generation order: the restriction
-    reads no value at or after its own step, and likelihood and sampling are one distribution."""
+    reads no value at or after its own step, and likelihood and sampling are one distribution.
+    The same for the range inputs of model.range_input (CellOrder.range_inputs, whole image, and
+    AreaConsistency.range_inputs, value by value)."""
     import dataclasses
 
     from imagetx.data.transforms import area_downsample
@@ -264,8 +269,49 @@ def test_consistent_likelihood_sees_only_the_prefix_and_matches_sampling(attenti
     sampler = AreaConsistency(source, (H, W), per_pixel=per_pixel)
     flat_lo, flat_hi = lo.reshape(3, config.seq_len, -1), hi.reshape(3, config.seq_len, -1)
     flat_x = x.reshape(3, config.seq_len, -1).long()
+    inputs = None if per_pixel else model.cells.range_inputs(x, source).reshape(3, config.seq_len, 3)
     for g in model.order.tolist():
         s_lo, s_hi = sampler.bounds(g)
         assert torch.equal(s_lo.reshape(3, -1), flat_lo[:, g]) and torch.equal(s_hi.reshape(3, -1), flat_hi[:, g])
+        if inputs is not None:  # the ranges themselves, and the mean the cell still needs
+            assert torch.equal(sampler.range_inputs(g), inputs[:, g])
+            assert torch.equal(inputs[:, g, :2], torch.cat([flat_lo[:, g], flat_hi[:, g]], 1))
+            assert bool(((inputs[:, g, 2] >= inputs[:, g, 0]) & (inputs[:, g, 2] <= inputs[:, g, 1])).all())
         assert bool(((flat_x[:, g] >= flat_lo[:, g]) & (flat_x[:, g] <= flat_hi[:, g])).all())  # the truth is in range
         sampler.record(g, flat_x[:, g, 0] if not per_pixel else flat_x[:, g])
+
+
+# model.range_input feeds every position the range of the value it predicts: a function of the
+# values before it and the source. The drawn configurations reach it in a few examples only, so
+# every pattern has fixed ones too: RGB cells of 2x2 pixels, grayscale cells of 4x4 (Fashion-MNIST's).
+RANGE_INPUT = [
+    dict(image_size=(4, 6), channels=3, source_size=(2, 3), block_length=20, query_shape=(2, 6), memory_flange=(1, 3)),
+    dict(image_size=(8, 8), channels=1, source_size=(2, 2), block_length=24, query_shape=(4, 4), memory_flange=(2, 2)),
+]
+
+
+@pytest.mark.parametrize("attention", PATTERNS)
+@pytest.mark.parametrize("geometry", RANGE_INPUT, ids=lambda g: "x".join(map(str, (*g["image_size"], g["channels"]))))
+def test_range_input_models(attention, geometry):
+    from imagetx.data.transforms import area_downsample
+
+    config = ModelConfig(attention=attention, n_layers=2, d_model=16, n_heads=2, d_ff=24, dropout=0.0, encoder_layers=1,
+                         consistent=True, range_input=True, **geometry)
+    model = build(config)
+    check_masks(model)
+    check_dependencies(model, *model_inputs(config, batch=1))
+    check_fast_equals_dense(model, *model_inputs(config, seed=3))
+    check_cache_equals_full_pass(model, *model_inputs(config, seed=5))
+    check_bits_per_dim(model, *model_inputs(config, batch=3, seed=6))
+    _, labels, source = model_inputs(config, batch=3, seed=7)
+    check_same_samples_with_and_without_cache(model, labels, source, seed=7)
+    images = model.sample(3, labels, source, generator=torch.Generator().manual_seed(8))  # its own distribution
+    assert torch.equal(area_downsample(images, config.source_size).long(), source)
+    # completion: the range inputs follow the primed values too, with and without the cache
+    x, _, source = model_inputs(config, batch=3, seed=9)
+    mask = torch.zeros(x.shape, dtype=torch.bool)
+    mask[:, : config.image_size[0] // 2 + 1] = True  # through the middle of a cell
+    completed = [model.sample(3, labels, source, generator=torch.Generator().manual_seed(10), prime=x.to(torch.uint8),
+                              prime_mask=mask, use_cache=cache) for cache in (True, False)]
+    assert torch.equal(completed[0], completed[1]) and torch.equal(completed[0][mask], x[mask].to(torch.uint8))
+    assert torch.equal(area_downsample(completed[0], config.source_size).long(), source)

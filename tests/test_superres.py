@@ -244,9 +244,10 @@ def test_consistent_refuses_models_whose_input_is_not_their_downsampled_target(t
     assert not (tmp_path / "out").exists()
 
 
-def test_a_consistent_model_samples_consistently_without_the_flag(tmp_path):
+@pytest.mark.parametrize("range_input", [False, True])
+def test_a_consistent_model_samples_consistently_without_the_flag(tmp_path, range_input):
     path, _ = write_checkpoint(tmp_path, data={"name": "builtin", "task": "superres", "builtin_size": 8},
-                               image_size=(8, 8), source_size=(2, 2), consistent=True)
+                               image_size=(8, 8), source_size=(2, 2), consistent=True, range_input=range_input)
     for flags in ({}, {"consistent": True}):
         summary = run(SuperResConfig(path, dataset="builtin", num=2, samples=2, report=True, out=tmp_path / "out",
                                      progress=False, **flags))

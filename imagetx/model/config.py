@@ -54,6 +54,10 @@ class ModelConfig:
     # values that keep the image's area downsampling equal to the source, and renormalised
     # (imagetx.model.consistency): the model puts all its mass on images consistent with its input
     consistent: bool = False
+    # model.consistent only (ours, not in the paper): add to each decoder input embeddings of the
+    # range its value is restricted to and of the mean the rest of its cell needs, so the network
+    # knows how much of its cell's sum is left rather than only being cut off at the cell's end
+    range_input: bool = False
 
     def __post_init__(self):
         for name in ("image_size", "query_shape", "memory_flange", "source_size"):
@@ -180,6 +184,11 @@ class ModelConfig:
             if self.output != "categorical":
                 p.append('model.consistent needs output = "categorical" (the restricted DMOL likelihood is not '
                          'implemented; `imagetx superres --consistent` samples DMOL models consistently)')
+        if not isinstance(self.range_input, bool):
+            p.append(f"model.range_input must be true or false, got {self.range_input!r}")
+        elif self.range_input and (self.consistent is not True or self.output != "categorical"):
+            p.append('model.range_input needs model.consistent = true and output = "categorical": its inputs are '
+                     "the ranges the consistent model restricts each sub-pixel to")
         return p
 
     def _relative_problems(self) -> list[str]:

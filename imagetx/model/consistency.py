@@ -12,7 +12,9 @@ distribution over exactly the images consistent with the source.
 
 Two users: sampling (`imagetx superres --consistent`, AreaConsistency follows the values as they
 are drawn) and models with model.consistent (CellOrder gives the range of every sub-pixel from the
-true prefix, and the likelihood is that of the restricted conditionals).
+true prefix, and the likelihood is that of the restricted conditionals). model.range_input also
+feeds each position its range and the mean its cell's remaining values need (range_inputs): the
+clamped range alone is [0, 255] for a cell's first values and says nothing of the sum still owed.
 
 area_downsample rounds integer-factor means exactly (integer arithmetic), so the ends are exact.
 """
@@ -48,6 +50,17 @@ def _value_range(lo_sum, hi_sum, placed, after) -> tuple[torch.Tensor, torch.Ten
     return (lo_sum - placed - 255 * after).clamp(min=0), (hi_sum - placed).clamp(max=255)
 
 
+def _range_inputs(lo_sum, hi_sum, placed, after) -> torch.Tensor:
+    """-> long (..., 3): the value range (lo, hi) and the mean that this value and the R = after
+    still to come need for the middle of the cell's sum range, (lo + hi) / 2 - P over R + 1,
+    rounded; clamped to [0, 255] (embedding rows) since after values out of their own range
+    (a perturbed or primed prefix) the range can leave it."""
+    lo, hi = _value_range(lo_sum, hi_sum, placed, after)
+    left = after + 1
+    mean = torch.div(lo_sum + hi_sum - 2 * placed + left, 2 * left, rounding_mode="floor")
+    return torch.stack(torch.broadcast_tensors(lo, hi, mean), -1).clamp(0, 255)
+
+
 class AreaConsistency:
     """The sampling side: bounds(g) -> the values grid position g may take, record(g, value) as
     each value is placed (see decoding.generate). Works in any generation order, for categorical
@@ -76,6 +89,11 @@ class AreaConsistency:
     def bounds(self, g: int) -> tuple[torch.Tensor, torch.Tensor]:
         i, j, c = self._where(g)
         return _value_range(self.lo[:, i, j, c], self.hi[:, i, j, c], self.placed[:, i, j, c], self.left[i, j, c] - 1)
+
+    def range_inputs(self, g: int) -> torch.Tensor:
+        """Categorical only: long (B, 3), see _range_inputs, for grid position g."""
+        i, j, c = self._where(g)
+        return _range_inputs(self.lo[:, i, j, c], self.hi[:, i, j, c], self.placed[:, i, j, c], self.left[i, j, c] - 1)
 
     def record(self, g: int, value: torch.Tensor) -> None:
         i, j, c = self._where(g)
@@ -118,19 +136,31 @@ class CellOrder(nn.Module):
         for name, value in (("perm", perm), ("sorted_group", sorted_group), ("start", start), ("after", after)):
             self.register_buffer(name, value, persistent=False)
 
-    def bounds(self, x: torch.Tensor, sources: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """x long or uint8 (B, H, W, C), sources uint8 (B, h, w, C) -> (lo, hi) long (B, H, W, C):
-        what AreaConsistency.bounds gives each sub-pixel while x is generated in this order."""
+    def _sorted_sums(self, x: torch.Tensor, sources: torch.Tensor) -> tuple[torch.Tensor, ...]:
+        """-> (lo_sum, hi_sum, placed) long (B, H*W*C) in the sorted order (perm): each sub-pixel's
+        cell sum range and the sum of its cell's values generated before it."""
         B = x.shape[0]
         lo_sum, hi_sum = cell_sum_range(sources, self.fh, self.fw)  # (B, h, w, C)
         values = x.reshape(B, -1).long()[:, self.perm]
         running = values.cumsum(1) - values  # the sum of everything sorted before
         placed = running - running[:, self.start]  # ... within the group
-        lo_v, hi_v = _value_range(lo_sum.reshape(B, -1)[:, self.sorted_group], hi_sum.reshape(B, -1)[:, self.sorted_group],
-                                  placed, self.after)
+        return lo_sum.reshape(B, -1)[:, self.sorted_group], hi_sum.reshape(B, -1)[:, self.sorted_group], placed
+
+    def bounds(self, x: torch.Tensor, sources: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """x long or uint8 (B, H, W, C), sources uint8 (B, h, w, C) -> (lo, hi) long (B, H, W, C):
+        what AreaConsistency.bounds gives each sub-pixel while x is generated in this order."""
+        lo_v, hi_v = _value_range(*self._sorted_sums(x, sources), self.after)
         lo, hi = torch.empty_like(lo_v), torch.empty_like(hi_v)
         lo[:, self.perm], hi[:, self.perm] = lo_v, hi_v
         return lo.view(x.shape), hi.view(x.shape)
+
+    def range_inputs(self, x: torch.Tensor, sources: torch.Tensor) -> torch.Tensor:
+        """x (B, H, W, C), sources (B, h, w, C) -> long (B, H, W, C, 3): what
+        AreaConsistency.range_inputs gives each sub-pixel while x is generated in this order."""
+        sorted_inputs = _range_inputs(*self._sorted_sums(x, sources), self.after)  # (B, H*W*C, 3)
+        inputs = torch.empty_like(sorted_inputs)
+        inputs[:, self.perm] = sorted_inputs
+        return inputs.view(*x.shape, 3)
 
 
 def value_bounds(x: torch.Tensor, sources: torch.Tensor, order: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

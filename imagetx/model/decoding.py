@@ -37,7 +37,9 @@ class IncrementalDecoder:
 
     step(k, prev) takes the value of generation position k-1 (long (B,) for categorical, (B, C)
     for DMOL; ignored at k = 0) and returns the output at position k: logits (B, 256) or DMOL
-    parameters (B, P), equal to model(x)[position k] for any x with that prefix.
+    parameters (B, P), equal to model(x)[position k] for any x with that prefix. A
+    model.range_input model also takes position k's range inputs, long (B, 3) (see
+    AreaConsistency.range_inputs).
     """
 
     def __init__(self, model, batch: int, labels=None, source=None):
@@ -52,11 +54,12 @@ class IncrementalDecoder:
         per_step = () if model.config.output == "categorical" else (model.config.channels,)
         self.no_values = torch.zeros(batch, 0, *per_step, dtype=torch.long, device=p.device)  # step 0's input: the start vector
 
-    def step(self, k: int, prev=None) -> torch.Tensor:
+    def step(self, k: int, prev=None, ranges=None) -> torch.Tensor:
         m = self.model
         self.position.step, self.position.internal = k, self.gen_to_internal[k]
         values = self.no_values if k == 0 else prev[:, None]  # (B, 1) or (B, 1, C)
-        x = m.decoder_input(m.embed_inputs(values, k), self.cond, m.gen_to_internal[k : k + 1])  # (B, 1, d)
+        ranges = None if ranges is None else ranges[:, None]  # (B, 1, 3)
+        x = m.decoder_input(m.embed_inputs(values, k, ranges), self.cond, m.gen_to_internal[k : k + 1])  # (B, 1, d)
         for block, cache in zip(m.blocks, self.caches):
             x = block(x, cache=cache)
         return m.head(m.final_norm(x))[:, 0]
@@ -88,6 +91,8 @@ def generate(
     model.check_inputs(None, labels, source, batch=n)
     if cfg.consistent and constraint is None:  # the model's own distribution is the restricted one
         constraint = consistency.AreaConsistency(source, cfg.image_size)
+    # model.range_input: the model's own inputs follow the values placed, whatever the constraint
+    cells = consistency.AreaConsistency(source, cfg.image_size) if cfg.range_input else None
     device = next(model.parameters()).device
     H, W = cfg.image_size
     C = cfg.channels
@@ -106,7 +111,7 @@ def generate(
         prev = None
         for k, g in enumerate(steps):
             if decoder is not None:
-                out = decoder.step(k, prev)
+                out = decoder.step(k, prev, None if cells is None else cells.range_inputs(g))
             else:
                 full = model(x, labels, source)  # recompute everything: the reference path
                 out = full.reshape(n, cfg.seq_len, -1)[:, g]
@@ -118,6 +123,8 @@ def generate(
             if constraint is not None:
                 constraint.record(g, value[:, 0] if cfg.output == "categorical" else value)
             prev = value[:, 0] if cfg.output == "categorical" else value
+            if cells is not None:
+                cells.record(g, prev)
             if progress is not None:
                 progress(k + 1, len(steps))
     finally:
@@ -133,8 +140,9 @@ def teacher_forced_outputs(model, x, labels=None, source=None) -> torch.Tensor:
     B = x.shape[0]
     decoder = IncrementalDecoder(model, B, labels, source)
     flat = x.reshape(B, cfg.seq_len, -1).long()
+    ranges = model.cells.range_inputs(x, source).view(B, cfg.seq_len, 3) if cfg.range_input else None  # grid order
     outs, prev = [], None
     for k, g in enumerate(model.order.tolist()):
-        outs.append(decoder.step(k, prev))
+        outs.append(decoder.step(k, prev, None if ranges is None else ranges[:, g]))
         prev = flat[:, g, 0] if cfg.output == "categorical" else flat[:, g]
     return torch.stack(outs, dim=1)

@@ -133,6 +133,10 @@ class ImageTransformer(nn.Module):
         self.cells = None
         if config.consistent:  # where each sub-pixel comes in its low-res cell (model.consistent)
             self.cells = consistency.CellOrder(config.image_size, config.source_size, C, order)
+        self.range_embed = None
+        if config.range_input:  # one block of 256 rows each for lo, hi and the mean still needed
+            self.range_embed = _embedding(3 * 256, d)
+            self.register_buffer("range_offset", torch.arange(3) * 256, persistent=False)
         cross = self.encoder is not None
         self.drop = Dropout(config.dropout)
         self.blocks = nn.ModuleList(
@@ -247,23 +251,30 @@ class ImageTransformer(nn.Module):
             cond = skip if cond is None else cond + skip
         return cond, memory
 
-    def embed_inputs(self, values: torch.Tensor, first_step: int = 0) -> torch.Tensor:
+    def embed_inputs(self, values: torch.Tensor, first_step: int = 0, ranges: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings of the decoder inputs from generation step first_step on: the input at
         step k is the value generated at step k - 1; at step 0 the learned start vector.
 
         values: the values at steps first_step - 1, first_step, ... (from step 0 when first_step
         is 0): long (B, n) in [0, 255] (categorical) or (B, n, C) (DMOL), in generation order.
         -> float (B, n, d), or (B, n + 1, d) with the start vector first when first_step is 0.
+        ranges: model.range_input only, and then required: long (B, n or n + 1, 3) in [0, 255],
+        the range inputs of the positions embedded (consistency.CellOrder.range_inputs), the value
+        each position predicts, not its input: they depend only on earlier values and the source.
         """
+        if (ranges is None) != (self.range_embed is None):
+            raise ValueError("pass the range inputs of the positions exactly when the model has model.range_input")
         k = max(first_step - 1, 0)  # generation step of values[:, 0]
         if self.config.output == "categorical":
             emb = self.embed(values.long() + self.input_offset[k : k + values.shape[1]]) * self.scale
         else:
             emb = self.embed(dmol.to_unit(values).to(self.start.dtype))  # the weights' dtype
-        if first_step > 0:
-            return emb
-        start = self.start.to(emb.dtype).expand(values.shape[0], 1, -1)
-        return torch.cat([start, emb], dim=1)
+        if first_step == 0:
+            start = self.start.to(emb.dtype).expand(values.shape[0], 1, -1)
+            emb = torch.cat([start, emb], dim=1)
+        if ranges is not None:  # (B, n, 3, d) summed over lo, hi and mean
+            emb = emb + self.range_embed(ranges + self.range_offset).sum(-2) * self.scale
+        return emb
 
     def decoder_input(self, emb: torch.Tensor, cond=None, index: torch.Tensor | None = None) -> torch.Tensor:
         """Token embeddings (B, Lp, d) in internal layout, or (B, n, d) at internal positions
@@ -296,7 +307,10 @@ class ImageTransformer(nn.Module):
         values = x.reshape(x.shape[0], self.config.seq_len, -1)[:, self.order[:-1]]  # (B, L - 1, 1 or C) generation order
         if self.config.output == "categorical":
             values = values[..., 0]  # (B, L - 1)
-        h = self.drop(self.decoder_input(self.to_internal(self.embed_inputs(values)), cond))
+        ranges = None
+        if self.range_embed is not None:  # (B, L, 3) generation order
+            ranges = self.cells.range_inputs(x, source).view(x.shape[0], self.config.seq_len, 3)[:, self.order]
+        h = self.drop(self.decoder_input(self.to_internal(self.embed_inputs(values, ranges=ranges)), cond))
         device = h.device.type
         compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
         bias = self.attention_bias(compute_dtype)
