@@ -5,7 +5,8 @@ only leaner in time or memory on CPU. All were tested with torch 2.14.1.
 
 - `local1d_flash`: local 1D attention from the qkv projection: in float32 two flash-attention
   calls on its views; in bf16 (`_Local1DMatmul`) bf16 batched matmuls over each block's key
-  window, because the CPU flash kernels are no faster in bf16 than in fp32.
+  window, because the CPU flash kernels are no faster in bf16 than in fp32; with relative
+  logits (an additive bias, which the flash kernels do not take) `_Local1DMatmul` in either dtype.
 - `dropout` / `keep_mask`: dropout with a one-byte keep mask drawn from 16 random bits per element.
 - `FeedForwardFunction`: the FFN with the ReLU and its backward in place.
 - `residual_dropout_layer_norm`: post-LN LayerNorm(x + dropout(f)) keeping one (B, L, d) tensor.
