@@ -12,7 +12,9 @@ Reports, in one run on this machine:
 --precision auto|fp32|bf16 picks the decoder's precision as `imagetx sample` does (auto: bf16 on
 CPUs with AMX-BF16 or AVX512-BF16). The roofline counts 4 bytes per weight and cached key/value
 in fp32, 2 in bf16, and the matmul peak of the same precision (both peaks are measured). When the
-precision is bf16 the fp32 decoder is timed in the same run too, and the speed-up reported.
+precision is bf16 the fp32 decoder is timed in the same run too, and the speed-up reported; on a
+CPU where the fused C decoding step applies (imagetx/model/native), so is the bf16 decoder
+through torch without it.
 
     python benchmarks/sampling.py [--precision auto] [--steps 256] [--slow-steps 3] [--sizes]
     python benchmarks/sampling.py --device cuda --batches 1,256    # on a GPU
@@ -112,6 +114,7 @@ def compare_relative(args, device, precision, batches) -> dict:
 
 def main() -> None:
     from imagetx import ImageTransformer, ModelConfig
+    from imagetx.model import native
     from imagetx.model.decoding import for_decoding
     from imagetx.precision import resolve
 
@@ -146,6 +149,8 @@ def main() -> None:
         "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
     }
     value_bytes = 2 if precision.bf16 else 4
+    fused = native.applies(for_decoding(model, precision.dtype, 1))
+    result["decoder"] = "fused C step (imagetx/model/native)" if fused else "torch"
     for batch in batches:
         decoder = for_decoding(model, precision.dtype, batch)
         ms = cached_ms_per_step(decoder, batch, args.steps, start=300)
@@ -164,6 +169,11 @@ def main() -> None:
             row["fp32_ms_per_subpixel_step"] = round(fp32, 3)
             row["fp32_measured_over_fp32_roofline"] = round(fp32 / roofline_ms(model, batch, bandwidth, peaks["fp32"])["ms"], 2)
             row["speedup_over_fp32"] = round(fp32 / ms, 2)
+        if fused:  # the same bf16 decoder through torch, in the same run
+            with native.turned_off():
+                plain = cached_ms_per_step(for_decoding(model, precision.dtype, batch), batch, args.steps, start=300)
+            row["torch_path_ms_per_subpixel_step"] = round(plain, 3)
+            row["fused_speedup_over_torch_path"] = round(plain / ms, 2)
     for batch, steps in ((batches[0], args.slow_steps), (batches[-1], 1)):
         slow = uncached_ms_per_step(model, steps, batch)
         result[f"batch{batch}"]["uncached_fp32_ms_per_subpixel_step"] = round(slow, 1)

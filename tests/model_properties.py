@@ -235,6 +235,25 @@ def check_bf16_decoder_is_close_to_fp32(model, x, labels=None, source=None, boun
     assert float(tv.max()) <= bound, f"bf16 decoder: total variation up to {float(tv.max()):.4f} (mean {float(tv.mean()):.4f})"
 
 
+def check_fused_decoder_sees_only_the_prefix(model, x, labels=None, source=None) -> None:
+    """The bf16 decoder of for_decoding (on a CPU with AVX512-BF16 the fused C step of
+    model/native, for every model.relative but "logits") gives, at generation step k, exactly
+    the same output whatever the values at steps k and later: each step reads only the prefix
+    (bitwise, for every k at once: x against x with every value from k on replaced)."""
+    model.eval()
+    cfg = model.config
+    decoder = for_decoding(model, torch.bfloat16, x.shape[0])
+    a = teacher_forced_outputs(decoder, x, labels, source)
+    order = model.order
+    L = cfg.seq_len
+    for k in sorted({0, L // 3, L - 1}):
+        flat = x.reshape(x.shape[0], L, -1).clone()
+        later = order[k:]
+        flat[:, later] = 255 - flat[:, later]
+        b = teacher_forced_outputs(decoder, flat.view_as(x), labels, source)
+        assert torch.equal(a[:, : k + 1], b[:, : k + 1]), f"the output at a step up to {k} changed with the values from step {k} on"
+
+
 def check_cache_equals_full_pass(model, x, labels=None, source=None) -> None:
     """The cached incremental decoder, fed the true prefix, gives model(x)'s output at every step."""
     model.eval()

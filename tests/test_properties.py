@@ -15,7 +15,8 @@ range_input, each model.relative, with and without absolute encodings) and check
 - the same seed gives identical samples with and without the cache;
 - bits/dim from model.nll equals the value read off the model's own outputs;
 - under bf16 autocast the fast training paths are as close to fp32 as the reference code is, and
-  the bf16 cached decoder's conditionals are within a small total variation of fp32's.
+  the bf16 cached decoder's conditionals (the fused C step of model/native where the CPU has
+  AVX512-BF16) are within a small total variation of fp32's and read only the prefix, bitwise.
 
 The examples are the same on every run (see conftest.py); IMAGETX_HYPOTHESIS=thorough draws ten
 times as many fresh ones.
@@ -36,6 +37,7 @@ from model_properties import (
     check_cache_equals_full_pass,
     check_dependencies,
     check_fast_equals_dense,
+    check_fused_decoder_sees_only_the_prefix,
     check_masks,
     check_same_samples_with_and_without_cache,
     model_inputs,
@@ -149,6 +151,7 @@ ONE_PASS_CHECKS = {
     "bits/dim equal the model's outputs": (check_bits_per_dim, 4, 6, 3),
     "bf16 fast paths match the bf16 reference": (check_bf16_fast_paths_match_the_bf16_reference, 1, 3, 2),
     "bf16 decoder is close to fp32": (check_bf16_decoder_is_close_to_fp32, 2, 5, 2),
+    "bf16 decoder sees only the prefix": (check_fused_decoder_sees_only_the_prefix, 3, 7, 2),
 }
 
 

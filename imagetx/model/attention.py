@@ -108,19 +108,36 @@ class Position:
 
 
 class FullCache:
+    """Keys and values of every position so far, in generation order."""
+
     def __init__(self, B, h, hd, layout: Layout, like: torch.Tensor, position: Position):
         self.k = like.new_zeros(B, h, layout.seq_len, hd)
         self.v = like.new_zeros(B, h, layout.seq_len, hd)
         self.position = position
 
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The key and value buffers (B, h, N, hd) that attention reads."""
+        return self.k, self.v
+
+    def second_buffers(self) -> None:
+        """Buffers that also take each new key and value (the local 2D ring), or None."""
+        return None
+
+    def prepare(self) -> tuple[int, int, int, int]:
+        """Get ready for the position being decoded (once per position) -> (slot, lo, hi, off2):
+        its key and value go to slot `slot` of the buffers, it attends to slots [lo, hi), and
+        off2 is the element offset of its place in second_buffers() (0 without)."""
+        step = self.position.step
+        return step, 0, step + 1, 0
+
     def attend(self, q, k, v, relative=None):
         """relative: None, or Attention._relative_bias: the relative logits of q over the keys
         read, given how to pick them from each static index (blocks, block, window)."""
-        step = self.position.step
-        self.k[:, :, step] = k[:, :, 0]
-        self.v[:, :, step] = v[:, :, 0]
-        mask = None if relative is None else relative(q, lambda ix: ix[0, step, : step + 1])
-        return kernels.decode_attention(q, self.k, self.v, 0, step + 1, mask)
+        slot, lo, hi, _ = self.prepare()
+        self.k[:, :, slot] = k[:, :, 0]
+        self.v[:, :, slot] = v[:, :, 0]
+        mask = None if relative is None else relative(q, lambda ix: ix[0, slot, lo:hi])
+        return kernels.decode_attention(q, self.k, self.v, lo, hi, mask)
 
 
 def visibility_order(window_mask: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, list[list[int]]]:
@@ -164,15 +181,26 @@ class Local1DCache:
                 raise ValueError("local 1D keys are not a contiguous range of the cache")
         self.position = position
 
-    def attend(self, q, k, v, relative=None):
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.k, self.v
+
+    def second_buffers(self) -> None:
+        return None
+
+    def prepare(self) -> tuple[int, int, int, int]:
+        """See FullCache.prepare. A new block moves the current block into the memory half."""
         b, i = divmod(self.position.step, self.lq)
         if i == 0 and b > 0:  # a new block: the current block becomes the memory
             self.k[:, :, : self.lq] = self.k[:, :, self.lq :]
             self.v[:, :, : self.lq] = self.v[:, :, self.lq :]
-        self.k[:, :, self.lq + i] = k[:, :, 0]
-        self.v[:, :, self.lq + i] = v[:, :, 0]
         lo = self.first[b]
-        hi = lo + self.count[b][i]
+        return self.lq + i, lo, lo + self.count[b][i], 0
+
+    def attend(self, q, k, v, relative=None):
+        slot, lo, hi, _ = self.prepare()
+        self.k[:, :, slot] = k[:, :, 0]
+        self.v[:, :, slot] = v[:, :, 0]
+        b, i = divmod(self.position.step, self.lq)
         mask = None if relative is None else relative(q, lambda ix: ix[b, i, lo:hi])  # cache slot = window slot
         return kernels.decode_attention(q, self.k, self.v, lo, hi, mask)
 
@@ -199,7 +227,15 @@ class Local2DCache:
         self.position = position
         self.block = -1
 
-    def attend(self, q, k, v, relative=None):
+    def buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.win_k, self.win_v
+
+    def second_buffers(self) -> tuple[torch.Tensor, torch.Tensor]:
+        return self.ring_k, self.ring_v
+
+    def prepare(self) -> tuple[int, int, int, int]:
+        """See FullCache.prepare. A new query block gathers its window from the ring, in
+        visibility order; off2 is the ring place (row, column) of the position."""
         blk, i = divmod(self.position.internal, self.lq)
         bi, bj = divmod(blk, self.nbw)
         qr, qc = divmod(i, self.qw)
@@ -212,15 +248,20 @@ class Local2DCache:
                 w = ring[:, :, slots, c0 : c0 + self.kw].reshape(B, h, self.kh * self.kw, hd)
                 torch.index_select(w, 2, self.order[blk], out=win)
         slot = self.slot_of[blk][(self.fh + qr) * self.kw + (self.fw + qc)]
-        ring_row = (bi * self.qh + qr + self.fh) % self.R
-        ring_col = bj * self.qw + qc + self.fw
+        self.ring_at = (bi * self.qh + qr + self.fh) % self.R, bj * self.qw + qc + self.fw  # (row, column)
+        off2 = self.ring_at[0] * self.ring_k.stride(2) + self.ring_at[1] * self.ring_k.stride(3)
+        return slot, 0, self.count[blk][i], off2
+
+    def attend(self, q, k, v, relative=None):
+        slot, _, n, _ = self.prepare()
+        ring_row, ring_col = self.ring_at
         self.win_k[:, :, slot] = k[:, :, 0]
         self.win_v[:, :, slot] = v[:, :, 0]
         self.ring_k[:, :, ring_row, ring_col] = k[:, :, 0]
         self.ring_v[:, :, ring_row, ring_col] = v[:, :, 0]
-        n = self.count[blk][i]
         mask = None
         if relative is not None:  # the window is stored in visibility order
+            blk, i = divmod(self.position.internal, self.lq)
             mask = relative(q, lambda ix: ix[blk, i][self.order[blk, :n]])
         return kernels.decode_attention(q, self.win_k, self.win_v, 0, n, mask)
 

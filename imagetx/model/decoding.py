@@ -13,19 +13,24 @@ import copy
 import torch
 from torch import nn
 
-from imagetx.model import consistency, dmol, kernels
+from imagetx.model import consistency, dmol, kernels, native
 from imagetx.model.attention import Position
 
 
 def for_decoding(model, dtype: torch.dtype = torch.float32, batch: int = 1):
     """The model to sample from in `dtype`: `model` itself for its own dtype, else an inference
     copy in `dtype` (bf16: half the bytes per step; its caches are bf16 too, since they take the
-    weights' dtype). On CPU a bf16 copy's linear layers are PackedLinear for `batch` rows.
+    weights' dtype). On CPU a bf16 copy's linear layers are PackedLinear for `batch` rows, except
+    the decoder layers' when the fused step (model/native) decodes with them.
     Sampling draws from float32 log-probabilities in either case (see draw)."""
     if next(model.parameters()).dtype == dtype:
         return model
     frozen = copy.deepcopy(model).eval().requires_grad_(False).to(dtype)
+    fused = native.applies(frozen)
+    in_blocks = {id(m) for m in frozen.blocks.modules()} if fused else set()
     for parent in list(frozen.modules()):
+        if id(parent) in in_blocks:
+            continue
         for name, child in list(parent.named_children()):
             if isinstance(child, nn.Linear) and kernels.packing_applies(child.weight):
                 setattr(parent, name, kernels.PackedLinear(child, batch))
@@ -51,6 +56,8 @@ class IncrementalDecoder:
         window_mask = getattr(model, "window_mask", None)
         self.caches = [block.make_cache(batch, like, self.position, window_mask, memory) for block in model.blocks]
         self.gen_to_internal = model.gen_to_internal.tolist()
+        # every layer in one C call where it applies (bf16 on a CPU with AVX512-BF16; model/native)
+        self.fused = native.FusedStep(model, self.caches, batch) if native.applies(model) else None
         per_step = () if model.config.output == "categorical" else (model.config.channels,)
         self.no_values = torch.zeros(batch, 0, *per_step, dtype=torch.long, device=p.device)  # step 0's input: the start vector
 
@@ -60,8 +67,12 @@ class IncrementalDecoder:
         values = self.no_values if k == 0 else prev[:, None]  # (B, 1) or (B, 1, C)
         ranges = None if ranges is None else ranges[:, None]  # (B, 1, 3)
         x = m.decoder_input(m.embed_inputs(values, k, ranges), self.cond, m.gen_to_internal[k : k + 1])  # (B, 1, d)
-        for block, cache in zip(m.blocks, self.caches):
-            x = block(x, cache=cache)
+        if self.fused is not None:
+            places = [cache.prepare() for cache, _ in self.caches]  # the same place in every layer
+            x = self.fused(x, *places[0], self.position.internal)
+        else:
+            for block, cache in zip(m.blocks, self.caches):
+                x = block(x, cache=cache)
         return m.head(m.final_norm(x))[:, 0]
 
 

@@ -1,0 +1,309 @@
+/* One step of cached decoding through every decoder layer, in one call: the bf16 decoder at batch
+ * 1-16 on a CPU with AVX512-BF16 (imagetx/model/native/__init__.py compiles, loads and calls it).
+ *
+ * Per layer, for B images and one position each (post-LN: x = LN(x + sublayer(x)); pre-LN:
+ * x = x + sublayer(LN(x))):
+ *   self-attention  qkv = Wqkv x (no bias); optional rotary rotation of q and k; k and v written
+ *                   to the cache at `slot` (and to a second place when given: the local 2D ring);
+ *                   softmax(q . k_j / sqrt(hd)) over the cached keys j in [lo, hi), times v;
+ *                   out = Wo o (no bias);
+ *   cross-attention (super-resolution) the same over the encoder's cached keys, queries Wq x;
+ *   feed-forward    W2 relu(W1 x + b1) + b2.
+ * Weights (packed once, see ROWS below), biases, LayerNorm parameters and caches are bf16; the
+ * residual stream, softmax, LayerNorm and every sum are fp32; a vector is rounded to bf16 (round
+ * to nearest even) where it enters a matrix product, and keys, values and queries where the
+ * cache holds them, as in torch's bf16 path. Matrix-vector products stream each weight once per
+ * step for all B images with _mm512_dpbf16_ps; OpenMP splits rows (and heads) across the
+ * threads torch uses.
+ */
+#include <immintrin.h>
+#include <math.h>
+#include <omp.h>
+#include <stdint.h>
+#include <string.h>
+
+#define TARGET __attribute__((target("avx512f,avx512bw,avx512vl,avx512bf16")))
+
+typedef uint16_t bf16;
+
+typedef struct {
+    const bf16 *wqkv, *wo, *w1, *b1, *w2, *b2;      /* packed (3a, d), (d, a), (f, d); (f); packed (d, f); (d) */
+    const bf16 *ln1_w, *ln1_b, *ln2_w, *ln2_b;      /* norm_attn, norm_ffn (d) */
+    bf16 *k, *v;                                     /* self-attention cache (B, h, N, hd) */
+    long cache_b, cache_h;                           /* its strides over B and h, in elements */
+    bf16 *k2, *v2;                                   /* NULL, or a second place for the new key/value */
+    long k2_b, k2_h;                                 /* (the local 2D ring) and its strides */
+    const bf16 *wq_c, *wo_c, *lnc_w, *lnc_b;         /* cross-attention (NULL without): packed (a, d), (d, a); (d) */
+    const bf16 *mk, *mv;                             /* the encoder's keys/values (B, h, S, hd) */
+    long mem_b, mem_h;
+    long mem_len;
+} Layer;
+
+static inline float bf16_to_f32(bf16 v) {
+    uint32_t u = (uint32_t)v << 16;
+    float f;
+    memcpy(&f, &u, 4);
+    return f;
+}
+
+static inline bf16 f32_to_bf16(float f) {  /* round to nearest even; NaN stays NaN */
+    uint32_t u;
+    memcpy(&u, &f, 4);
+    if ((u & 0x7fffffff) > 0x7f800000) return (bf16)((u >> 16) | 0x40);
+    u += 0x7fff + ((u >> 16) & 1);
+    return (bf16)(u >> 16);
+}
+
+/* Weights are packed (native.pack): an (O, I) matrix as blocks of 16 rows, each block as its
+ * ceil(I / 32) chunks of 32 columns, each chunk as its 16 rows of 32 bf16 (zeros past O and I).
+ * A block is then one contiguous run of memory read front to back, which the hardware
+ * prefetchers follow at close to the memory's read bandwidth (16 rows read side by side from a
+ * row-major matrix are 16 streams, and measured 30% slower), and each row has its own sum. */
+#define ROWS 16
+
+/* y[b, o .. o + 16) = W[o .. o + 16) x[b] (+ bias) for every image b, for the block at o (rows
+ * past O are not written); the block is read once for all B images (it stays in L2 between
+ * them). x bf16 (B, xs) rows, zero from I to the next multiple of 32; y fp32 (B, ys). */
+TARGET static void dot_block(const bf16 *block, long chunks, const bf16 *bias, const bf16 *x, long xs, float *y, long ys,
+                             int B, long o, long O) {
+    for (int b = 0; b < B; b++) {
+        const bf16 *xb = x + b * xs;
+        __m512 acc[ROWS];
+#pragma GCC unroll 16
+        for (int r = 0; r < ROWS; r++) acc[r] = _mm512_setzero_ps();
+        const bf16 *w = block;
+        for (long c = 0; c < chunks; c++, w += ROWS * 32) {
+            __m512bh xv = (__m512bh)_mm512_loadu_si512(xb + 32 * c);
+#pragma GCC unroll 16
+            for (int r = 0; r < ROWS; r++) acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(w + 32 * r), xv);
+        }
+        float *yb = y + b * ys;
+        const int n = O - o < ROWS ? (int)(O - o) : ROWS;
+        for (int r = 0; r < n; r++) yb[o + r] = _mm512_reduce_add_ps(acc[r]) + (bias ? bf16_to_f32(bias[o + r]) : 0.f);
+    }
+}
+
+/* The blocks of 16 rows this thread computes: a contiguous run, split evenly. */
+static void my_blocks(long blocks, long *b0, long *b1) {
+    int t = omp_get_thread_num(), n = omp_get_num_threads();
+    long per = blocks / n, extra = blocks % n;
+    *b0 = t * per + (t < extra ? t : extra);
+    *b1 = *b0 + per + (t < extra ? 1 : 0);
+}
+
+/* y = W x (+ bias) for all B images, W packed (O, I); inside a parallel region, ends with a barrier. */
+TARGET static void gemv(const bf16 *W, const bf16 *bias, const bf16 *x, long xs, float *y, long ys, int B, long O,
+                        long I) {
+    const long chunks = (I + 31) / 32, blocks = (O + ROWS - 1) / ROWS;
+    long b0, b1;
+    my_blocks(blocks, &b0, &b1);
+    for (long k = b0; k < b1; k++) dot_block(W + k * chunks * ROWS * 32, chunks, bias, x, xs, y, ys, B, k * ROWS, O);
+#pragma omp barrier
+}
+
+/* dst (n) bf16 = src (n) fp32, rounded to nearest even. */
+static void round_row(bf16 *dst, const float *src, long n) {
+    for (long i = 0; i < n; i++) dst[i] = f32_to_bf16(src[i]);
+}
+
+/* The same for a vector entering a product, then zeros up to a multiple of 32: the packed
+ * weights' padding must meet zeros, not stale values that could be NaN. */
+static void round_input(bf16 *dst, const float *src, long n) {
+    round_row(dst, src, n);
+    for (long i = n; i % 32; i++) dst[i] = 0;
+}
+
+/* out = LayerNorm(in) with bf16 weight and bias, in fp32 (biased variance, as torch). */
+static void layer_norm(float *out, const float *in, const bf16 *w, const bf16 *b, long d, float eps) {
+    double mean = 0, var = 0;
+    for (long i = 0; i < d; i++) mean += in[i];
+    mean /= d;
+    for (long i = 0; i < d; i++) var += (in[i] - mean) * (in[i] - mean);
+    var /= d;
+    float inv = 1.f / sqrtf((float)var + eps), m = (float)mean;
+    for (long i = 0; i < d; i++) out[i] = (in[i] - m) * inv * bf16_to_f32(w[i]) + bf16_to_f32(b[i]);
+}
+
+/* 16 bf16 at p (the first n of them when n < 16) -> fp32. */
+TARGET static inline __m512 load16(const bf16 *p, long n) {
+    __m256i raw = n >= 16 ? _mm256_loadu_si256((const __m256i *)p) : _mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
+}
+
+/* q . k for one key row k (hd bf16) and the query q (hd bf16), as a vector of partial sums. */
+TARGET static inline __m512 dot_key(const bf16 *k, const bf16 *q, long full, long rest, __mmask32 tail) {
+    __m512 acc = _mm512_setzero_ps();
+    for (long i = 0; i < full; i++)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_loadu_si512(k + 32 * i), (__m512bh)_mm512_loadu_si512(q + 32 * i));
+    if (rest)
+        acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(tail, k + 32 * full),
+                               (__m512bh)_mm512_maskz_loadu_epi16(tail, q + 32 * full));
+    return acc;
+}
+
+/* One query over keys K[lo:hi] and values V[lo:hi] (rows of hd bf16): out (hd fp32) =
+ * softmax_j(scale * q . k_j) v_j, q bf16 (hd). p: scratch of hi - lo floats. Keys four at a
+ * time (independent sums); values 64 dimensions (two cache lines of a row) at a time. */
+TARGET static void attend_one(float *out, const bf16 *q, float scale, const bf16 *K, const bf16 *V, long lo, long hi,
+                              long hd, float *p) {
+    const long full = hd / 32, rest = hd % 32;
+    const __mmask32 tail = rest ? (__mmask32)((1ull << rest) - 1) : 0;
+    float best = -INFINITY;
+    long j = lo;
+    for (; j + 4 <= hi; j += 4) {
+        __m512 a0 = dot_key(K + j * hd, q, full, rest, tail), a1 = dot_key(K + (j + 1) * hd, q, full, rest, tail);
+        __m512 a2 = dot_key(K + (j + 2) * hd, q, full, rest, tail), a3 = dot_key(K + (j + 3) * hd, q, full, rest, tail);
+        p[j - lo] = _mm512_reduce_add_ps(a0) * scale;
+        p[j + 1 - lo] = _mm512_reduce_add_ps(a1) * scale;
+        p[j + 2 - lo] = _mm512_reduce_add_ps(a2) * scale;
+        p[j + 3 - lo] = _mm512_reduce_add_ps(a3) * scale;
+    }
+    for (; j < hi; j++) p[j - lo] = _mm512_reduce_add_ps(dot_key(K + j * hd, q, full, rest, tail)) * scale;
+    for (j = 0; j < hi - lo; j++) best = p[j] > best ? p[j] : best;
+    float total = 0.f;
+    for (j = 0; j < hi - lo; j++) {
+        float e = expf(p[j] - best);
+        p[j] = e;
+        total += e;
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / total);
+    for (long c = 0; c < hd; c += 64) {
+        long n[4];
+        for (int u = 0; u < 4; u++) n[u] = hd - c - 16 * u < 0 ? 0 : hd - c - 16 * u > 16 ? 16 : hd - c - 16 * u;
+        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
+        for (j = lo; j < hi; j++) {
+            const bf16 *vj = V + j * hd + c;
+            const __m512 w = _mm512_set1_ps(p[j - lo]);
+            a0 = _mm512_fmadd_ps(w, load16(vj, n[0]), a0);
+            if (n[1]) a1 = _mm512_fmadd_ps(w, load16(vj + 16, n[1]), a1);
+            if (n[2]) a2 = _mm512_fmadd_ps(w, load16(vj + 32, n[2]), a2);
+            if (n[3]) a3 = _mm512_fmadd_ps(w, load16(vj + 48, n[3]), a3);
+        }
+        __m512 acc[4] = {a0, a1, a2, a3};
+        for (int u = 0; u < 4 && n[u]; u++)
+            _mm512_mask_storeu_ps(out + c + 16 * u, (__mmask16)((1u << n[u]) - 1), _mm512_mul_ps(acc[u], inv));
+    }
+}
+
+/* The length of a bf16 row entering a product: the widest input (d, f or a), rounded up to 32. */
+static long row_len(int d, int f, int a) {
+    int w = f > d ? f : d;
+    return ((w > a ? w : a) + 31) / 32 * 32;
+}
+
+/* Scratch floats decode_step needs for these sizes (the caller allocates them). */
+long decode_scratch_floats(int B, int d, int a, int f, int h, long keys) {
+    long x_bf = (long)B * row_len(d, f, a) / 2 + 16;  /* bf16 rows, in floats */
+    return (long)B * d * 2 + (long)B * 3 * a + (long)B * a + (long)B * f + x_bf + (long)h * B * (keys + 16) + 64;
+}
+
+/* x (B, d) fp32: the decoder input in, the last layer's output out. slot: where this position's
+ * key and value go in each self-attention cache, [lo, hi): the cached keys it attends to;
+ * off2: its place in the second buffers (elements from k2/v2; ignored where those are NULL).
+ * cos, sin: NULL, or the rotary angles of this position (P pairs: dimension i and P + i of each
+ * head's q and k rotate by pair i). keys: the largest hi - lo and mem_len, for the scratch. */
+TARGET void decode_step(const Layer *layers, int n_layers, int B, int d, int h, int hd, int f, int pre_norm,
+                        float eps, float *x, long slot, long lo, long hi, long off2, const float *cos,
+                        const float *sin, int P, long keys, float *scratch) {
+    const int a = h * hd;
+    float *t = scratch;                   /* (B, d): the normalised input of a sublayer (pre-LN) */
+    float *y = t + (long)B * d;           /* (B, d): a sublayer's output */
+    float *qkv = y + (long)B * d;         /* (B, 3a) */
+    float *o = qkv + (long)B * 3 * a;     /* (B, a): attention output */
+    float *hid = o + (long)B * a;         /* (B, f) */
+    bf16 *xb = (bf16 *)(hid + (long)B * f);  /* (B, xs) bf16: the vector entering a product */
+    const long xs = row_len(d, f, a);
+    float *probs = (float *)(xb + (long)B * xs + 32);
+    const float scale = 1.f / sqrtf((float)hd);
+
+#pragma omp parallel
+    {
+        for (int l = 0; l < n_layers; l++) {
+            const Layer *L = &layers[l];
+            for (int sub = 0; sub < 3; sub++) {
+                if (sub == 1 && !L->wq_c) continue;
+                const bf16 *nw = sub == 0 ? L->ln1_w : sub == 1 ? L->lnc_w : L->ln2_w;
+                const bf16 *nb = sub == 0 ? L->ln1_b : sub == 1 ? L->lnc_b : L->ln2_b;
+                /* the sublayer's input, rounded to bf16 */
+#pragma omp for schedule(static)
+                for (int b = 0; b < B; b++) {
+                    const float *in = x + (long)b * d;
+                    if (pre_norm) {
+                        layer_norm(t + (long)b * d, in, nw, nb, d, eps);
+                        in = t + (long)b * d;
+                    }
+                    round_input(xb + (long)b * xs, in, d);
+                }
+                if (sub == 2) {  /* feed-forward */
+                    gemv(L->w1, L->b1, xb, xs, hid, f, B, f, d);
+#pragma omp for schedule(static)
+                    for (int b = 0; b < B; b++) {
+                        float *hb = hid + (long)b * f;
+                        for (long i = 0; i < f; i++) hb[i] = hb[i] > 0.f ? hb[i] : 0.f;
+                        round_input(xb + (long)b * xs, hb, f);
+                    }
+                    gemv(L->w2, L->b2, xb, xs, y, d, B, d, f);
+                } else {
+                    const int cross = sub == 1;
+                    if (cross)
+                        gemv(L->wq_c, NULL, xb, xs, qkv, 3 * a, B, a, d);
+                    else
+                        gemv(L->wqkv, NULL, xb, xs, qkv, 3 * a, B, 3 * a, d);
+#pragma omp for schedule(static)
+                    for (int bh = 0; bh < B * h; bh++) {
+                        int b = bh / h, head = bh % h;
+                        float *q = qkv + (long)b * 3 * a + (long)head * hd;
+                        float *k = q + a, *v = q + 2 * a;
+                        const bf16 *K, *V;
+                        long from, to;
+                        if (cross) {
+                            K = L->mk + b * L->mem_b + head * L->mem_h;
+                            V = L->mv + b * L->mem_b + head * L->mem_h;
+                            from = 0;
+                            to = L->mem_len;
+                        } else {
+                            if (cos) {  /* rotary: pairs (i, P + i) of q and k */
+                                for (int i = 0; i < P; i++) {
+                                    float q1 = q[i], q2 = q[P + i], k1 = k[i], k2 = k[P + i];
+                                    q[i] = q1 * cos[i] - q2 * sin[i];
+                                    q[P + i] = q2 * cos[i] + q1 * sin[i];
+                                    k[i] = k1 * cos[i] - k2 * sin[i];
+                                    k[P + i] = k2 * cos[i] + k1 * sin[i];
+                                }
+                            }
+                            bf16 *kc = L->k + b * L->cache_b + head * L->cache_h;
+                            bf16 *vc = L->v + b * L->cache_b + head * L->cache_h;
+                            round_row(kc + slot * hd, k, hd);
+                            round_row(vc + slot * hd, v, hd);
+                            if (L->k2) {
+                                memcpy(L->k2 + b * L->k2_b + head * L->k2_h + off2, kc + slot * hd, hd * sizeof(bf16));
+                                memcpy(L->v2 + b * L->k2_b + head * L->k2_h + off2, vc + slot * hd, hd * sizeof(bf16));
+                            }
+                            K = kc;
+                            V = vc;
+                            from = lo;
+                            to = hi;
+                        }
+                        bf16 qb[hd + 32];  /* the query rounded to bf16, as the keys are */
+                        round_row(qb, q, hd);
+                        attend_one(o + (long)b * a + (long)head * hd, qb, scale, K, V, from, to, hd,
+                                   probs + (long)bh * (keys + 16));
+                    }
+#pragma omp for schedule(static)
+                    for (int b = 0; b < B; b++) round_input(xb + (long)b * xs, o + (long)b * a, a);
+                    gemv(cross ? L->wo_c : L->wo, NULL, xb, xs, y, d, B, d, a);
+                }
+                /* the residual, and post-LN's norm */
+#pragma omp for schedule(static)
+                for (int b = 0; b < B; b++) {
+                    float *xr = x + (long)b * d, *yr = y + (long)b * d;
+                    for (long i = 0; i < d; i++) xr[i] += yr[i];
+                    if (!pre_norm) {
+                        layer_norm(yr, xr, nw, nb, d, eps);
+                        memcpy(xr, yr, d * sizeof(float));
+                    }
+                }
+            }
+        }
+    }
+}
