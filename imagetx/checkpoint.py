@@ -4,6 +4,8 @@ A checkpoint is a dict of tensors and plain values, readable with `torch.load(we
 
     format, format_version, imagetx_version, step,
     model       state dict of the bare model (never DDP's `module.` or torch.compile's `_orig_mod.`),
+    ema         state dict of the moving average of its weights (train.ema > 0), else absent or None;
+                what eval-bpd, sample, superres and export use by default (`weights`),
     optimizer, scheduler   their state dicts (None when saved without them),
     data_position          {"epoch", "index", "dataset_size"}: where the next batch starts,
     config                 RunConfig.to_dict(),
@@ -116,6 +118,7 @@ def make_checkpoint(
     scheduler=None,
     data_position: Mapping | None = None,
     rng: list | None = None,
+    ema: nn.Module | None = None,
 ) -> dict:
     """Assemble a checkpoint dict. config: RunConfig.to_dict(); rng: one rng_state() per process
     (default: this process's)."""
@@ -127,6 +130,7 @@ def make_checkpoint(
         "imagetx_version": __version__,
         "step": int(step),
         "model": model_state_dict(model),
+        "ema": model_state_dict(ema) if ema is not None else None,
         "optimizer": optimizer.state_dict() if optimizer is not None else None,
         "scheduler": scheduler.state_dict() if scheduler is not None else None,
         "data_position": dict(data_position) if data_position is not None else None,
@@ -227,8 +231,47 @@ def stored_config(ckpt: Mapping, path: str | os.PathLike = "checkpoint") -> dict
     return config
 
 
-def model_from_checkpoint(ckpt: Mapping, path: str | os.PathLike = "checkpoint", device="cpu") -> nn.Module:
-    """Build the model a loaded checkpoint describes and load its weights (strictly)."""
+WEIGHTS = ("auto", "ema", "trained")
+
+
+def weights_problems(weights: str, name: str = "--weights") -> list[str]:
+    return [] if weights in WEIGHTS else [f"{name} must be one of {', '.join(WEIGHTS)}; got {weights!r}"]
+
+
+def weights_key(ckpt: Mapping, weights: str = "auto", path: str | os.PathLike = "checkpoint") -> str:
+    """The checkpoint entry that `weights` names: "ema" (the moving average of train.ema),
+    "trained" (the optimizer's weights: "model") or "auto" (the average when there is one). An
+    export holds one of the two under "model" ("exported_weights" says which). Raises ConfigError
+    for an unknown choice, CheckpointError for weights the file does not hold."""
+    if weights not in WEIGHTS:
+        raise ConfigError(weights_problems(weights))
+    exported = ckpt.get("exported_weights")
+    if exported is not None:
+        if weights not in ("auto", exported):
+            raise CheckpointError(f"{path}: this export holds {describe_weights(ckpt, 'model')} only; leave out --weights")
+        return "model"
+    has_ema = isinstance(ckpt.get("ema"), Mapping)
+    if weights == "ema" and not has_ema:
+        raise CheckpointError(
+            f"{path}: holds no moving average of its weights (trained without train.ema); use --weights trained"
+        )
+    return "ema" if weights == "ema" or (weights == "auto" and has_ema) else "model"
+
+
+def describe_weights(ckpt: Mapping, key: str) -> str:
+    """'the moving average of the weights (train.ema 0.999)' or 'the trained weights', for the
+    entry `key` of a loaded checkpoint or export."""
+    if key == "ema" or ckpt.get("exported_weights") == "ema":
+        decay = ((ckpt.get("config") or {}).get("train") or {}).get("ema")
+        return f"the moving average of the weights (train.ema {decay})" if decay else "the moving average of the weights"
+    return "the trained weights"
+
+
+def model_from_checkpoint(
+    ckpt: Mapping, path: str | os.PathLike = "checkpoint", device="cpu", weights: str = "auto"
+) -> nn.Module:
+    """Build the model a loaded checkpoint describes and load its weights (strictly): the ones
+    `weights` names (weights_key; by default the moving average when the run kept one)."""
     from imagetx.model.transformer import ImageTransformer
 
     try:
@@ -236,20 +279,21 @@ def model_from_checkpoint(ckpt: Mapping, path: str | os.PathLike = "checkpoint",
     except (ConfigError, TypeError) as exc:
         raise CheckpointError(f"{path}: its model config is not valid for this imagetx: {exc}") from None
     model = ImageTransformer(config)
-    load_weights(model, ckpt, path)
+    load_weights(model, ckpt, path, key=weights_key(ckpt, weights, path))
     _warn_if_trained_reading_its_targets(ckpt, model, path)
     return model.to(device)
 
 
-def load_weights(model: nn.Module, ckpt: Mapping, path: str | os.PathLike = "checkpoint") -> None:
-    """Load a checkpoint's weights into `model` after checking them: every tensor present, of the
-    right shape and kind, finite. Raises CheckpointError naming the tensors otherwise."""
-    if not isinstance(ckpt["model"], Mapping):
-        raise CheckpointError(f"{path}: its model entry is not a dict of tensors")
-    state = {_strip_prefixes(k): v for k, v in ckpt["model"].items()}
+def load_weights(model: nn.Module, ckpt: Mapping, path: str | os.PathLike = "checkpoint", key: str = "model") -> None:
+    """Load a checkpoint's weights (its `key` entry: "model" or "ema") into `model` after checking
+    them: every tensor present, of the right shape and kind, finite. Raises CheckpointError naming
+    the tensors otherwise."""
+    if not isinstance(ckpt.get(key), Mapping):
+        raise CheckpointError(f"{path}: its {key} entry is not a dict of tensors")
+    state = {_strip_prefixes(k): v for k, v in ckpt[key].items()}
     odd = sorted(k for k, v in state.items() if not isinstance(v, torch.Tensor))
     if odd:
-        raise CheckpointError(f"{path}: its model entry holds values that are not tensors ({', '.join(odd[:3])})")
+        raise CheckpointError(f"{path}: its {key} entry holds values that are not tensors ({', '.join(odd[:3])})")
     expected = model.state_dict()
     missing = sorted(set(expected) - set(state))
     unexpected = sorted(set(state) - set(expected))
@@ -308,7 +352,7 @@ def _warn_if_trained_reading_its_targets(ckpt: Mapping, model: nn.Module, path) 
         )
 
 
-def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> nn.Module:
+def load_model(path: str | os.PathLike, device: str | torch.device = "cpu", weights: str = "auto") -> nn.Module:
     """Load an ImageTransformer from a checkpoint file, an `imagetx export` folder, or a run
     directory (its newest checkpoint),
     with the checkpoint's config, on `device`, in eval mode, ready for `nll` and `sample`.
@@ -316,4 +360,4 @@ def load_model(path: str | os.PathLike, device: str | torch.device = "cpu") -> n
     Raises CheckpointError for a missing, truncated, foreign or incompatible file."""
     path = resolve_checkpoint(path)
     ckpt = load_checkpoint(path, map_location=device)
-    return model_from_checkpoint(ckpt, path, device).eval()
+    return model_from_checkpoint(ckpt, path, device, weights).eval()

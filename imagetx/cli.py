@@ -151,6 +151,10 @@ def train(
         raise typer.Exit(code)
 
 
+def _weights_option():
+    return typer.Option("auto", help="auto (the moving average of the weights when the run kept one: train.ema), ema, or trained.")
+
+
 @app.command("eval-bpd", cls=_Command)
 def eval_bpd(
     checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint file, run directory (its newest checkpoint) or `imagetx export` folder."),
@@ -165,6 +169,7 @@ def eval_bpd(
     precision: str = typer.Option("fp32", help="fp32 (exact), or bf16 / auto (bf16 where native): faster, approximate, labelled so."),
     source_model: Optional[Path] = typer.Option(None, metavar="RUN", help="Super-resolution: a model of the low-resolution inputs; "
                                                 "also report their bits and the chain-rule total per target dimension."),
+    weights: str = _weights_option(),
     as_json: bool = typer.Option(False, "--json", help='Print {"bpd", "images", "dataset", "split", "precision", ...} as JSON.'),
 ) -> None:
     """Exact bits/dim of a checkpoint over a whole split: one deterministic fp32 pass in eval mode.
@@ -177,14 +182,14 @@ def eval_bpd(
     eval_config = EvalConfig(
         checkpoint=checkpoint, dataset=dataset, data_dir=data_dir, split=split, limit=limit,
         batch_size=batch_size, device=device, download=download, num_workers=num_workers,
-        precision=precision, source_model=source_model,
+        precision=precision, source_model=source_model, weights=weights,
     )
     with _expected_failures():
         result = run(eval_config)
     if env_ranks()[0] != 0:
         return
     if as_json:
-        keys = ("bpd", "images", "dataset", "split", "nll_nats", "checkpoint", "step", "precision", "approximate",
+        keys = ("bpd", "images", "dataset", "split", "nll_nats", "checkpoint", "step", "weights", "precision", "approximate",
                 "source_model", "source_bpd", "source_bits_per_target_dim", "chain_bpd")
         typer.echo(json.dumps({k: result[k] for k in keys if k in result}))
         return
@@ -197,6 +202,7 @@ def eval_bpd(
     table.add_column(style="bold")
     table.add_column()
     table.add_row("checkpoint", f"{result['checkpoint']} (step {result['step']})")
+    table.add_row("weights", result["weights"])
     table.add_row("data set", result["dataset"])
     table.add_row("split", str(result["split"]))
     table.add_row("images", str(result["images"]))
@@ -229,6 +235,7 @@ def sample(
     prime_rows: Optional[int] = typer.Option(None, help="Rows of --prime to keep (default: half)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole model at every step (the slow reference path)."),
     precision: str = typer.Option("auto", help="auto (bf16 where the hardware has it natively), fp32 or bf16; the softmax over values stays fp32."),
+    weights: str = _weights_option(),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of the written paths."),
 ) -> None:
     """Draw images from a checkpoint with the cached decoder: a PNG grid, one PNG per image, or an npz.
@@ -243,7 +250,7 @@ def sample(
     req = SampleConfig(
         checkpoint=checkpoint, num=num, temperature=temperature, label=label, seed=seed,
         batch_size=batch_size, device=device, out=out, individual=individual, npz=npz,
-        prime=prime, prime_rows=prime_rows, use_cache=not no_cache, precision=precision,
+        prime=prime, prime_rows=prime_rows, use_cache=not no_cache, precision=precision, weights=weights,
     )
     with _expected_failures():
         summary = run(req)
@@ -252,8 +259,9 @@ def sample(
         return
     for path in summary["written"]:
         typer.echo(path)
+    fused = ", fused C step" if summary["decoder"] == "fused" else ""
     console.note(f"{summary['images']} images in {summary['seconds']:.1f} s "
-                 f"({summary['ms_per_position']:.2f} ms per position, {summary['precision']})")
+                 f"({summary['ms_per_position']:.2f} ms per position, {summary['precision']}{fused})")
 
 
 @app.command(cls=_Command)
@@ -275,6 +283,7 @@ def superres(
     precision: str = typer.Option("auto", help="Sampling precision: auto (bf16 where native), fp32 or bf16; --report's bits/dim stay fp32."),
     consistent: bool = typer.Option(False, help="Draw only values that keep each sample's area downsampling equal to its input, "
                                     "exactly; with --report the unrestricted samples are drawn and scored too."),
+    weights: str = _weights_option(),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Super-resolve low-resolution images with a conditional (encoder-decoder) checkpoint.
@@ -289,7 +298,7 @@ def superres(
     req = SuperResConfig(
         checkpoint=checkpoint, inputs=input, dataset=dataset, data_dir=data_dir, split=split, num=num,
         samples=samples, temperature=temperature, label=label, seed=seed, batch_size=batch_size,
-        device=device, out=out, report=report, precision=precision, consistent=consistent,
+        device=device, out=out, report=report, precision=precision, consistent=consistent, weights=weights,
     )
     with _expected_failures():
         summary = run(req)
@@ -359,7 +368,8 @@ def plot(
 def export(
     run: Path = typer.Argument(..., metavar="RUN", help="Run directory (its newest checkpoint) or a checkpoint file."),
     out: Path = typer.Option(..., "--out", "-o", help="New (or empty) folder to write."),
-    as_json: bool = typer.Option(False, "--json", help='Print {"out", "checkpoint", "step", "files", "held_out"} as JSON.'),
+    weights: str = _weights_option(),
+    as_json: bool = typer.Option(False, "--json", help='Print {"out", "checkpoint", "step", "files", "held_out", "weights"} as JSON.'),
 ) -> None:
     """Export a model for sharing: a folder with model.safetensors, config.json and a README.md
     model card (data set, held-out bits/dim, training time, sample grid, commands).
@@ -370,13 +380,14 @@ def export(
     from imagetx.export import export as export_run
 
     with _expected_failures():
-        summary = export_run(run, out)
+        summary = export_run(run, out, weights)
     if as_json:
         typer.echo(json.dumps(summary))
         return
     for name in summary["files"]:
         typer.echo(str(Path(summary["out"]) / name))
-    console.note(f"exported {summary['checkpoint']} (step {summary['step']}) to {summary['out']}")
+    what = "the moving average of its weights" if summary["weights"] == "ema" else "its trained weights"
+    console.note(f"exported {summary['checkpoint']} (step {summary['step']}, {what}) to {summary['out']}")
 
 
 @app.command("eval-fid", cls=_Command)
@@ -395,6 +406,7 @@ def eval_fid(
     dims: int = typer.Option(2048, help="Inception features: 2048 (standard FID), or 768, 192, 64 for quick relative checks."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     cache_dir: Optional[Path] = typer.Option(None, help="Where reference statistics are cached (default ~/.cache/imagetx/fid)."),
+    weights: str = _weights_option(),
     as_json: bool = typer.Option(False, "--json", help='Print {"fid", "samples", "reference_images", "dataset", "split", ...} as JSON.'),
 ) -> None:
     """Frechet Inception Distance between samples and a data set split, with the standard
@@ -409,7 +421,7 @@ def eval_fid(
     req = FidConfig(
         checkpoint=checkpoint, inception_weights=inception_weights, npz=npz, num=num, temperature=temperature,
         seed=seed, dataset=dataset, data_dir=data_dir, split=split, limit=limit, batch_size=batch_size,
-        dims=dims, device=device, cache_dir=cache_dir,
+        dims=dims, device=device, cache_dir=cache_dir, weights=weights,
     )
     with _expected_failures():
         result = run(req)

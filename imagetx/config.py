@@ -107,6 +107,7 @@ class TrainConfig:
     warmup_steps: int = 100
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
     grad_accum: int = 1  # micro-batches per optimizer step
+    ema: float = 0.0  # decay of an exponential moving average of the weights, which evaluations, samples and every command reading the checkpoint then use (0: none; see imagetx.optim.WeightAverage)
     precision: str = "auto"  # "auto" (bf16 autocast on CUDA and on CPUs with AMX or AVX512-BF16), "fp32" or "bf16"
     compile: bool | str = "auto"  # torch.compile: "auto" (CUDA only), true or false
     activation_checkpointing: bool = False  # recompute activations in backward: less memory
@@ -138,6 +139,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 p.append(f"train.{name} must be >= 0, got {v}")
+        if not (math.isfinite(self.ema) and 0.0 <= self.ema < 1.0):
+            p.append(f"train.ema must be in [0, 1) (0: no moving average; 0.999 is usual), got {self.ema}")
         if not (math.isfinite(self.lr) and self.lr > 0):
             p.append(f"train.lr must be > 0, got {self.lr}")
         if not all(0.0 <= b < 1.0 for b in self.betas):

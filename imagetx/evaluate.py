@@ -17,7 +17,10 @@ import torch
 from torch.utils.data import Dataset
 
 from imagetx import console
-from imagetx.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint, unwrap_model
+from imagetx.checkpoint import (
+    describe_weights, load_checkpoint, model_from_checkpoint, resolve_checkpoint, unwrap_model, weights_key,
+    weights_problems,
+)
 from imagetx.data.batches import batches, check_compatible, data_config_from_checkpoint, dataset_for, describe, unpack
 from imagetx.distributed import all_reduce_sum, device_problems, distributed, shard
 from imagetx.errors import ConfigError, RunError
@@ -153,11 +156,13 @@ class EvalConfig:
     progress: bool = True  # a progress bar on stderr
     precision: str = "fp32"  # "fp32" (exact), "bf16" (approximate, faster) or "auto" (bf16 where native)
     source_model: str | os.PathLike | None = None  # super-resolution: a model of the inputs (chain-rule total)
+    weights: str = "auto"  # "auto" (the moving average when the run kept one), "ema" or "trained" (checkpoint.weights_key)
 
     def problems(self) -> list[str]:
         p: list[str] = []
         if not isinstance(self.batch_size, int) or self.batch_size < 1:
             p.append(f"batch size must be >= 1, got {self.batch_size}")
+        p += weights_problems(self.weights)
         if self.limit is not None and (not isinstance(self.limit, int) or self.limit < 1):
             p.append(f"limit must be >= 1, got {self.limit}")
         if not isinstance(self.num_workers, int) or self.num_workers < 0:
@@ -178,7 +183,7 @@ def run(config: EvalConfig) -> dict:
     path = resolve_checkpoint(config.checkpoint)
     with distributed(config.device) as ctx:
         ckpt = load_checkpoint(path)
-        model = model_from_checkpoint(ckpt, path, ctx.device).eval()
+        model = model_from_checkpoint(ckpt, path, ctx.device, config.weights).eval()
         source_model = source_path = None
         if config.source_model is not None:
             source_path = resolve_checkpoint(config.source_model)
@@ -199,4 +204,5 @@ def run(config: EvalConfig) -> dict:
             f"{path}: bits/dim on {result['dataset']} is {result['bpd']} (the model's outputs are not finite "
             "on these images): this checkpoint cannot be evaluated"
         )
-    return {**result, "checkpoint": str(path), "step": int(ckpt["step"])}
+    weights = describe_weights(ckpt, weights_key(ckpt, config.weights, path))
+    return {**result, "checkpoint": str(path), "step": int(ckpt["step"]), "weights": weights}

@@ -28,6 +28,7 @@ from imagetx.checkpoint import (
     model_from_checkpoint,
     resolve_checkpoint,
     stored_config,
+    weights_key,
 )
 from imagetx.errors import CheckpointError, RunError
 
@@ -70,9 +71,12 @@ def read_export(path: str | os.PathLike, map_location="cpu") -> dict:
     config = {"model": meta["model"]}
     if isinstance(meta.get("data"), dict):
         config["data"] = meta["data"]
+    if isinstance(meta.get("training"), dict) and "ema" in meta["training"]:
+        config["train"] = {"ema": meta["training"]["ema"]}
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "imagetx_version": meta.get("imagetx_version"),
         "step": int(meta.get("step") or 0), "model": weights, "optimizer": None, "scheduler": None,
+        "exported_weights": "ema" if meta.get("weights") == "ema" else "trained",
         "config": config,
     }
 
@@ -103,9 +107,11 @@ def newest_grid(run_dir: Path, step: int) -> Path | None:
     return grids[-1][1] if grids else None
 
 
-def export(run: str | os.PathLike, out: str | os.PathLike) -> dict:
+def export(run: str | os.PathLike, out: str | os.PathLike, weights: str = "auto") -> dict:
     """Export a run (its newest checkpoint) or a checkpoint file to the folder `out`, which must
-    not exist or be empty -> {"out", "checkpoint", "step", "files", "held_out"}. Raises
+    not exist or be empty -> {"out", "checkpoint", "step", "files", "held_out", "weights"}. The
+    weights are the ones `weights` names (checkpoint.weights_key: by default the moving average
+    when the run kept one); config.json says which. Raises
     CheckpointError for an unusable checkpoint, RunError for a target that holds files or cannot
     be written."""
     from imagetx import __version__
@@ -118,7 +124,8 @@ def export(run: str | os.PathLike, out: str | os.PathLike) -> dict:
         raise RunError(f"{out} exists and is not empty; export into a new (or empty) directory")
     path = resolve_checkpoint(run)
     ckpt = load_checkpoint(path)
-    model = model_from_checkpoint(ckpt, path)  # checks the weights against the config
+    model = model_from_checkpoint(ckpt, path, weights=weights)  # checks the weights against the config
+    which = "ema" if weights_key(ckpt, weights, path) == "ema" else "trained"
     config = stored_config(ckpt, path)
     step = int(ckpt["step"])
     run_dir = path.parent.parent  # RUN/checkpoints/step-N.pt
@@ -127,12 +134,12 @@ def export(run: str | os.PathLike, out: str | os.PathLike) -> dict:
     meta = {
         "format": EXPORT_FORMAT, "format_version": EXPORT_VERSION, "imagetx_version": __version__,
         "step": step, "model": model.config.to_dict(), "data": config.get("data") or {"name": "unknown"},
-        "held_out": summary["held_out"],
+        "held_out": summary["held_out"], "weights": which,
         "training": {
             "steps": step, "minutes": summary["minutes"],
             "images_per_step": (train["batch_size"] * train["grad_accum"]) if "batch_size" in train else None,
             "processes": ckpt.get("world_size"),
-            **{k: train[k] for k in ("optimizer", "lr", "schedule", "precision", "seed") if k in train},
+            **{k: train[k] for k in ("optimizer", "lr", "schedule", "precision", "seed", "ema") if k in train},
         },
         "parameters": sum(p.numel() for p in model.parameters()),
     }
@@ -162,7 +169,7 @@ def export(run: str | os.PathLike, out: str | os.PathLike) -> dict:
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return {"out": str(out), "checkpoint": str(path), "step": step,
-            "files": sorted(p.name for p in out.iterdir()), "held_out": summary["held_out"]}
+            "files": sorted(p.name for p in out.iterdir()), "held_out": summary["held_out"], "weights": which}
 
 
 def model_card(meta: dict, name: str, grid_step: int | None) -> str:
@@ -212,7 +219,8 @@ def model_card(meta: dict, name: str, grid_step: int | None) -> str:
     if not m.get("source_size"):
         lines.append("images = model.sample(4)  # uint8 (4, H, W, C)")
     lines += ["```", "", "## Files", "",
-              f"- `{WEIGHTS}`: the weights (safetensors)",
+              f"- `{WEIGHTS}`: the weights (safetensors)"
+              + (f": the moving average of the trained weights (train.ema {tr.get('ema')})" if meta.get("weights") == "ema" else ""),
               f"- `{CONFIG}`: the model config, the data set it was trained on, held-out bits/dim and training facts",
               ""]
     return "\n".join(lines)

@@ -153,9 +153,12 @@ class FidConfig:
     device: str = "auto"
     cache_dir: str | os.PathLike | None = None  # default: $XDG_CACHE_HOME/imagetx/fid or ~/.cache/imagetx/fid
     progress: bool = True
+    weights: str = "auto"  # the checkpoint's weights that draw the samples (checkpoint.weights_key)
 
     def problems(self) -> list[str]:
-        p = count_problems(self.num, "--num") + count_problems(self.batch_size, "--batch-size")
+        from imagetx.checkpoint import weights_problems
+
+        p = count_problems(self.num, "--num") + count_problems(self.batch_size, "--batch-size") + weights_problems(self.weights)
         if self.limit is not None:
             p += count_problems(self.limit, "--limit")
         if self.dims not in DIMS:
@@ -208,7 +211,7 @@ def run(req: FidConfig) -> dict:
                      f"{STANDARD_SHA256_PREFIX}...): these FIDs are not comparable with published ones")
     path = resolve_checkpoint(req.checkpoint)
     ckpt = load_checkpoint(path)
-    cfg = model_from_checkpoint(ckpt, path).config
+    cfg = model_from_checkpoint(ckpt, path, weights=req.weights).config
     data = data_config_from_checkpoint(ckpt, path, req.dataset, req.data_dir)
 
     if req.npz is not None:
@@ -221,7 +224,7 @@ def run(req: FidConfig) -> dict:
         with tempfile.TemporaryDirectory() as tmp:
             npz = Path(tmp) / "samples.npz"
             sample(SampleConfig(checkpoint=path, num=req.num, temperature=req.temperature, seed=req.seed,
-                                device=req.device, out=None, npz=npz, progress=req.progress))
+                                device=req.device, out=None, npz=npz, progress=req.progress, weights=req.weights))
             samples = read_npz(npz)
 
     cache = Path(req.cache_dir) if req.cache_dir is not None else default_cache_dir()

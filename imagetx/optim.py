@@ -42,3 +42,40 @@ def make_optimizer(model: nn.Module, config: RunConfig):
         optimizer, lambda i: lr_factor(i + 1, t.schedule, t.warmup_steps, t.max_steps)
     )
     return optimizer, scheduler
+
+
+def ema_decay(step: int, decay: float) -> float:
+    """The moving average's decay after optimizer step `step` (1-based): `decay`, held lower at
+    first by the usual warm-up (1 + step) / (10 + step) so that the random initial weights are
+    forgotten within the first hundred steps, not the first few thousand."""
+    return min(decay, (1.0 + step) / (10.0 + step))
+
+
+class WeightAverage:
+    """An exponential moving average of a model's weights (train.ema; Polyak averaging, as in
+    PixelCNN++): after optimizer step t, avg = d_t avg + (1 - d_t) weights with d_t = ema_decay(t).
+
+    `module` is a copy of the model holding the average (torch.optim.swa_utils.AveragedModel),
+    used for held-out evaluation and sample grids and saved in every checkpoint as "ema"; its
+    buffers follow the model's. Deterministic: a resumed run's average is bit-exact."""
+
+    def __init__(self, model: nn.Module, decay: float):
+        from torch.optim.swa_utils import AveragedModel
+
+        self.decay = decay
+
+        @torch.no_grad()
+        def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
+            torch._foreach_lerp_(averaged, current, 1.0 - ema_decay(int(n), decay))
+
+        self.averaged = AveragedModel(model, multi_avg_fn=update)
+        self.averaged.update_parameters(model)  # the first call copies: the average starts at the initial weights
+        self.module = self.averaged.module.eval().requires_grad_(False)
+
+    def update(self, model: nn.Module) -> None:
+        """Fold in `model`'s weights after an optimizer step."""
+        self.averaged.update_parameters(model)
+
+    def resume_at(self, step: int) -> None:
+        """Continue after optimizer step `step` (the average's weights loaded into `module`)."""
+        self.averaged.n_averaged.fill_(step + 1)

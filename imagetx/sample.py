@@ -10,12 +10,13 @@ from pathlib import Path
 import torch
 
 from imagetx import console
-from imagetx.checkpoint import load_model
+from imagetx.checkpoint import load_model, weights_problems
 from imagetx.checks import (count_problems, label_problems, memory_problems, output_dir_problems,
                             output_file_problems, seed_problems, temperature_problems)
 from imagetx.distributed import device_problems, select_device
 from imagetx.errors import ConfigError, raise_problems
 from imagetx.images import display_scale, fit, read_image, save_grid, save_npz, save_png
+from imagetx.model import native
 from imagetx.model.decoding import for_decoding
 from imagetx.precision import precision_problems
 from imagetx.precision import resolve as resolve_precision
@@ -40,6 +41,7 @@ class SampleConfig:
     use_cache: bool = True
     progress: bool = True
     precision: str = "auto"  # "auto" (bf16 where the hardware has it natively), "fp32" or "bf16"
+    weights: str = "auto"  # "auto" (the moving average when the run kept one), "ema" or "trained" (checkpoint.weights_key)
 
     def problems(self) -> list[str]:
         """Every problem with the arguments, one line each, checked before any work starts
@@ -47,7 +49,7 @@ class SampleConfig:
         p = []
         p += count_problems(self.num, "--num") + count_problems(self.batch_size, "--batch-size")
         p += temperature_problems(self.temperature)
-        p += device_problems(self.device) + precision_problems(self.precision)
+        p += device_problems(self.device) + precision_problems(self.precision) + weights_problems(self.weights)
         if self.out is None and self.individual is None and self.npz is None:
             p.append("nothing to write: give --out, --individual or --npz")
         if self.prime_rows is not None and self.prime is None:
@@ -97,7 +99,7 @@ def run(req: SampleConfig) -> dict:
     ConfigError listing req.problems() before any work."""
     raise_problems(req.problems())
     device = select_device(req.device)
-    model = load_model(req.checkpoint, device=device)
+    model = load_model(req.checkpoint, device=device, weights=req.weights)
     cfg = model.config
     if cfg.source_size is not None:
         raise ConfigError(["this is a super-resolution model: use `imagetx superres` with low-resolution inputs"])
@@ -152,6 +154,7 @@ def run(req: SampleConfig) -> dict:
         "temperature": float(req.temperature),
         "seed": req.seed,
         "precision": precision.name,
+        "decoder": "fused" if req.use_cache and native.applies(decoder) else "torch",
         "labels": None if labels is None else labels.tolist(),
         "seconds": round(seconds, 3),
         "ms_per_position": round(1000 * seconds / (len(batches) * cfg.seq_len), 4),

@@ -27,7 +27,7 @@ from PIL import Image
 
 from imagetx import console
 from imagetx.atomic import atomic_write
-from imagetx.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint, stored_config
+from imagetx.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint, stored_config, weights_problems
 from imagetx.checks import count_problems, label_problems, output_dir_problems, seed_problems, temperature_problems
 from imagetx.distributed import device_problems, select_device
 from imagetx.errors import ConfigError, ImageFileError, RunError, raise_problems
@@ -60,6 +60,7 @@ class SuperResConfig:
     progress: bool = True
     precision: str = "auto"  # sampling: "auto" (bf16 where native), "fp32" or "bf16"; the report's bits/dim stay fp32
     consistent: bool = False  # every sample area-downsamples exactly to its input (AreaConsistency)
+    weights: str = "auto"  # "auto" (the moving average when the run kept one), "ema" or "trained" (checkpoint.weights_key)
 
     def problems(self) -> list[str]:
         """Every problem with the arguments, one line each, checked before any work starts."""
@@ -74,7 +75,7 @@ class SuperResConfig:
             p += count_problems(self.num, "-n/--num")
         p += count_problems(self.samples, "--samples") + count_problems(self.batch_size, "--batch-size")
         p += temperature_problems(self.temperature)
-        p += device_problems(self.device) + precision_problems(self.precision)
+        p += device_problems(self.device) + precision_problems(self.precision) + weights_problems(self.weights)
         p += seed_problems(self.seed)
         if self.out is None:
             p.append("--out DIR is required")
@@ -281,7 +282,7 @@ def run(req: SuperResConfig) -> dict:
     device = select_device(req.device)
     path = resolve_checkpoint(req.checkpoint)
     ckpt = load_checkpoint(path, map_location=device)
-    model = model_from_checkpoint(ckpt, path, device).eval()
+    model = model_from_checkpoint(ckpt, path, device, req.weights).eval()
     cfg = model.config
     if cfg.source_size is None:
         raise ConfigError([f"this checkpoint is not a super-resolution model (no model.source_size): "

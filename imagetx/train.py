@@ -45,7 +45,7 @@ from imagetx.loggers import Logger, check_installed, make_logger
 from imagetx.metrics import bits_per_dim
 from imagetx.memory import allocator_in_use, find_fast_allocator
 from imagetx.model.transformer import ImageTransformer
-from imagetx.optim import make_optimizer
+from imagetx.optim import WeightAverage, make_optimizer
 from imagetx.precision import resolve as resolve_precision
 from imagetx.rundir import RunDir, resume_from
 from imagetx.signals import StopSignals
@@ -132,6 +132,7 @@ class Trainer:
         compile_ = t.compile if isinstance(t.compile, bool) else self.device.type == "cuda"
         self.objective = torch.compile(objective) if compile_ else objective
         self.optimizer, self.scheduler = make_optimizer(model, cfg)
+        self.ema = WeightAverage(model, t.ema) if t.ema > 0 else None
         self.precision = resolve_precision(t.precision, self.device)
         self.autocast = lambda: self.precision.autocast(self.device)
 
@@ -145,6 +146,12 @@ class Trainer:
             except (ValueError, KeyError, TypeError, RuntimeError) as exc:
                 raise CheckpointError(f"{ckpt_path}: its optimizer state does not fit the model ({exc})") from None
             self.step = int(ckpt["step"])
+            if self.ema is not None:  # it was built from the checkpoint's weights: the average starts there
+                if isinstance(ckpt.get("ema"), dict):
+                    load_weights(self.ema.module, ckpt, ckpt_path, key="ema")
+                else:
+                    self.note("the checkpoint holds no moving average of the weights (train.ema): it starts from its weights")
+                self.ema.resume_at(self.step)
             pos = ckpt.get("data_position") or {}
             epoch, index = int(pos.get("epoch", 0)), int(pos.get("index", 0))
             if pos.get("dataset_size") != len(self.train_set):
@@ -178,7 +185,7 @@ class Trainer:
             return None
         ckpt = make_checkpoint(
             model=self.model, config=self.config.to_dict(), step=self.step, optimizer=self.optimizer,
-            scheduler=self.scheduler, rng=rng,
+            scheduler=self.scheduler, rng=rng, ema=self.ema.module if self.ema is not None else None,
             data_position={"epoch": self.epoch, "index": self.index, "dataset_size": len(self.train_set)},
         )
         path = self.run_dir.save_checkpoint(ckpt, keep=self.t.keep_checkpoints)
@@ -187,7 +194,7 @@ class Trainer:
 
     def evaluate(self) -> float:
         limit = self.t.eval_images or None
-        result = evaluate_bpd(self.model, self.eval_set, self.t.batch_size, limit=limit, device=self.device)
+        result = evaluate_bpd(self.inference_model, self.eval_set, self.t.batch_size, limit=limit, device=self.device)
         if self.ctx.is_main:
             self.run_dir.log({"step": self.step, "eval_bpd": result["bpd"], "eval_images": result["images"],
                       "eval_split": result["split"], "eval_dataset": result["dataset"],
@@ -196,6 +203,11 @@ class Trainer:
             self.refresh_curves()
         self.last_eval = result["bpd"]
         return result["bpd"]
+
+    @property
+    def inference_model(self) -> nn.Module:
+        """What held-out evaluations and sample grids use: the moving average when train.ema is on."""
+        return self.ema.module if self.ema is not None else self.model
 
     def refresh_curves(self) -> None:
         """Redraw RUN/curves.png. A picture never stops training: a failure is one warning per run."""
@@ -275,6 +287,8 @@ class Trainer:
                     if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                         self.stop_on_nonfinite(loss_value, norm_value)
                     self.optimizer.step()
+                    if self.ema is not None:
+                        self.ema.update(self.model)
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.step += 1
@@ -341,7 +355,7 @@ class Trainer:
             self.evaluate()
         if t.sample_every and t.sample_count and (step % t.sample_every == 0 or last):
             if self.ctx.is_main:
-                grid = self.run_dir.write_samples(self.model, self.step, t.seed, t.sample_count, self.eval_set, self.device)
+                grid = self.run_dir.write_samples(self.inference_model, self.step, t.seed, t.sample_count, self.eval_set, self.device)
                 self.logger.image("samples", self.step, grid)
         if t.checkpoint_every and step % t.checkpoint_every == 0 and not last:
             self.save()  # the last one is written after the loop, whatever ended it

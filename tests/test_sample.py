@@ -10,6 +10,7 @@ from imagetx.checkpoint import make_checkpoint, save_checkpoint
 from imagetx.data import area_downsample
 from imagetx.errors import CheckpointError, ConfigError
 from imagetx.images import ImageFileError
+from imagetx.model import native
 from imagetx.sample import SampleConfig, run
 
 from test_model import tiny
@@ -28,6 +29,8 @@ def test_sample_writes_grid_individual_pngs_and_npz(tmp_path):
     out = run(SampleConfig(path, num=5, batch_size=2, seed=3, out=tmp_path / "grid.png",
                             individual=tmp_path / "each", npz=tmp_path / "s.npz", progress=False))
     assert out["images"] == 5 and len(out["written"]) == 1 + 5 + 1
+    fused = out["precision"] == "bf16" and native.enabled() and native.library() is not None
+    assert out["decoder"] == ("fused" if fused else "torch")  # bf16 on a CPU with AVX512-BF16: the C step
     arr = np.load(tmp_path / "s.npz")["arr_0"]
     assert arr.shape == (5, 5, 3, 3) and arr.dtype == np.uint8
     first = np.asarray(Image.open(tmp_path / "each" / "sample-0.png"))

@@ -153,7 +153,8 @@ def test_a_run_writes_a_self_describing_directory(tmp_path):
 
 @pytest.mark.parametrize("precision", ["fp32", "bf16"])
 def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, precision):
-    extra = ["train.max_steps=24", "train.grad_accum=2", "train.grad_clip=0.5", f"train.precision={precision}"]
+    extra = ["train.max_steps=24", "train.grad_accum=2", "train.grad_clip=0.5", f"train.precision={precision}",
+             "train.ema=0.8"]
     straight = tmp_path / "straight"
     train.run(tiny(straight, *extra))
 
@@ -179,6 +180,7 @@ def test_resume_after_sigkill_equals_an_uninterrupted_run(tmp_path, precision):
     b = load_checkpoint(latest_checkpoint(killed))
     for name, tensor in a["model"].items():
         assert torch.equal(tensor, b["model"][name]), name
+        assert torch.equal(a["ema"][name], b["ema"][name]), name  # the moving average too
     assert a["data_position"] == b["data_position"]
 
 
