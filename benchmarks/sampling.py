@@ -149,10 +149,10 @@ def main() -> None:
         "matmul_peak_gflops": {k: round(v, 1) for k, v in peaks.items()},
     }
     value_bytes = 2 if precision.bf16 else 4
-    fused = native.applies(for_decoding(model, precision.dtype, 1))
-    result["decoder"] = "fused C step (imagetx/model/native)" if fused else "torch"
     for batch in batches:
         decoder = for_decoding(model, precision.dtype, batch)
+        fused = native.applies(decoder)
+        result["decoder"] = "fused C step (imagetx/model/native)" if fused else "torch"
         ms = cached_ms_per_step(decoder, batch, args.steps, start=300)
         roof = roofline_ms(model, batch, bandwidth, peaks[precision.name], value_bytes)
         row = result[f"batch{batch}"] = {

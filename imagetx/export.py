@@ -125,7 +125,7 @@ def export(run: str | os.PathLike, out: str | os.PathLike, weights: str = "auto"
     path = resolve_checkpoint(run)
     ckpt = load_checkpoint(path)
     model = model_from_checkpoint(ckpt, path, weights=weights)  # checks the weights against the config
-    which = "ema" if weights_key(ckpt, weights, path) == "ema" else "trained"
+    which = "ema" if weights_key(ckpt, weights, path) == "ema" or ckpt.get("exported_weights") == "ema" else "trained"
     config = stored_config(ckpt, path)
     step = int(ckpt["step"])
     run_dir = path.parent.parent  # RUN/checkpoints/step-N.pt

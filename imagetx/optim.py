@@ -62,8 +62,6 @@ class WeightAverage:
     def __init__(self, model: nn.Module, decay: float):
         from torch.optim.swa_utils import AveragedModel
 
-        self.decay = decay
-
         @torch.no_grad()
         def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
             torch._foreach_lerp_(averaged, current, 1.0 - ema_decay(int(n), decay))

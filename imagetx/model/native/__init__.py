@@ -169,7 +169,7 @@ class FusedStep:
     def __init__(self, model, caches: list, batch: int):
         self.lib = library()
         cfg = model.config
-        self.model, self.B = model, batch
+        self.B = batch
         self.d, self.h, self.hd, self.f = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_ff
         self.pre_norm = int(cfg.norm == "pre")
         self.eps = model.blocks[0].norm_attn.eps
@@ -213,7 +213,10 @@ class FusedStep:
         n = self.lib.decode_scratch_floats(batch, self.d, a, self.f, self.h, keys)
         self.scratch = torch.empty(n, dtype=torch.float32)
         self.x = torch.empty(batch, self.d, dtype=torch.float32)
-        self.rotary = model.relative if cfg.relative == "rotary" else None
+        # rotary: every position's angles in fp32, once; a step passes its row
+        rotary = model.relative if cfg.relative == "rotary" else None
+        self.cos = None if rotary is None else rotary.cos.float().contiguous()
+        self.sin = None if rotary is None else rotary.sin.float().contiguous()
 
     def _hold(self, t: torch.Tensor, contiguous: bool = True) -> int:
         if t.dtype != torch.bfloat16 or t.device.type != "cpu":
@@ -231,9 +234,8 @@ class FusedStep:
         self.x.copy_(x.view(self.B, self.d))
         cos = sin = None
         P = 0
-        if self.rotary is not None:
-            cos = self.rotary.cos[internal].float().contiguous()
-            sin = self.rotary.sin[internal].float().contiguous()
+        if self.cos is not None:
+            cos, sin = self.cos[internal], self.sin[internal]  # contiguous rows: no copy
             P = cos.numel()
         self.lib.decode_step(
             self.layers, len(self.layers), self.B, self.d, self.h, self.hd, self.f, self.pre_norm, self.eps,
