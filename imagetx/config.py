@@ -105,6 +105,7 @@ class TrainConfig:
     weight_decay: float = 0.0
     schedule: str = "rsqrt"  # "rsqrt" (linear warmup, then step^-0.5), "cosine" or "constant"
     warmup_steps: int = 100
+    cooldown: float = 0.0  # fraction of the run at its end over which the learning rate falls linearly to 0 (ours; 0: none); of max_minutes when that limit comes first, and the run then ends where the fall does
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
     grad_accum: int = 1  # micro-batches per optimizer step
     ema: float = 0.0  # decay of an exponential moving average of the weights, which evaluations, samples and every command reading the checkpoint then use (0: none; see imagetx.optim.WeightAverage)
@@ -139,6 +140,8 @@ class TrainConfig:
             v = getattr(self, name)
             if not (math.isfinite(v) and v >= 0):
                 p.append(f"train.{name} must be >= 0, got {v}")
+        if not (math.isfinite(self.cooldown) and 0.0 <= self.cooldown < 1.0):
+            p.append(f"train.cooldown must be in [0, 1) (0: none; 0.2 is usual), got {self.cooldown}")
         if not (math.isfinite(self.ema) and 0.0 <= self.ema < 1.0):
             p.append(f"train.ema must be in [0, 1) (0: no moving average; 0.999 is usual), got {self.ema}")
         if not (math.isfinite(self.lr) and self.lr > 0):

@@ -73,7 +73,8 @@ def run(config: RunConfig, resume: str | os.PathLike | None = None) -> dict:
     the checkpoint, as with `imagetx train --resume`: see imagetx.rundir.resume_from.
 
     Returns a summary {"status": "completed" | "time_limit" | "interrupted" | "terminated",
-    "step", "run_dir", "checkpoint", "train_bpd", "eval_bpd", "minutes"}; EXIT_STATUS maps the
+    "step", "run_dir", "checkpoint", "train_bpd", "eval_bpd", "eval_step", "minutes"} (eval_step:
+    the step of eval_bpd, the last one unless a signal stopped the run); EXIT_STATUS maps the
     status to the CLI's exit code. Raises RunError for an unusable output directory or a
     non-finite loss, CheckpointError for an unreadable checkpoint, DatasetError for missing data.
     """
@@ -131,7 +132,7 @@ class Trainer:
             objective = DistributedDataParallel(objective, device_ids=ids)
         compile_ = t.compile if isinstance(t.compile, bool) else self.device.type == "cuda"
         self.objective = torch.compile(objective) if compile_ else objective
-        self.optimizer, self.scheduler = make_optimizer(model, cfg)
+        self.optimizer, self.scheduler, self.cooldown = make_optimizer(model, cfg)
         self.ema = WeightAverage(model, t.ema) if t.ema > 0 else None
         self.precision = resolve_precision(t.precision, self.device)
         self.autocast = lambda: self.precision.autocast(self.device)
@@ -146,6 +147,12 @@ class Trainer:
             except (ValueError, KeyError, TypeError, RuntimeError) as exc:
                 raise CheckpointError(f"{ckpt_path}: its optimizer state does not fit the model ({exc})") from None
             self.step = int(ckpt["step"])
+            planned = ckpt.get("cooldown") or {}
+            if not self.cooldown.load_state_dict(planned) and planned.get("by_time"):
+                self.note(
+                    f"train.cooldown is {t.cooldown}, the checkpoint planned its fall for "
+                    f"{planned.get('fraction')}: it is planned afresh"
+                )
             if self.ema is not None:  # it was built from the checkpoint's weights: the average starts there
                 if isinstance(ckpt.get("ema"), dict):
                     load_weights(self.ema.module, ckpt, ckpt_path, key="ema")
@@ -172,6 +179,7 @@ class Trainer:
                 random.seed(t.seed + ctx.rank + 1_000_003 * self.step)
         self.order = DataOrder(len(self.train_set), t.seed)
         self.epoch, self.index = epoch, index
+        self.first_step = self.step  # where this process started: the time plan counts from here
 
     def note(self, text: str) -> None:
         console.note(text)
@@ -185,7 +193,8 @@ class Trainer:
             return None
         ckpt = make_checkpoint(
             model=self.model, config=self.config.to_dict(), step=self.step, optimizer=self.optimizer,
-            scheduler=self.scheduler, rng=rng, ema=self.ema.module if self.ema is not None else None,
+            scheduler=self.scheduler, cooldown=self.cooldown.state_dict(), rng=rng,
+            ema=self.ema.module if self.ema is not None else None,
             data_position={"epoch": self.epoch, "index": self.index, "dataset_size": len(self.train_set)},
         )
         path = self.run_dir.save_checkpoint(ckpt, keep=self.t.keep_checkpoints)
@@ -201,7 +210,7 @@ class Trainer:
                       "elapsed_s": round(time.monotonic() - self.start, 3)})
             self.logger.scalars(self.step, {"eval/bpd": result["bpd"]})
             self.refresh_curves()
-        self.last_eval = result["bpd"]
+        self.last_eval, self.last_eval_step = result["bpd"], self.step
         return result["bpd"]
 
     @property
@@ -254,7 +263,7 @@ class Trainer:
         main_first(ctx, lambda: self.run_dir.prepare(resume, ckpt_path, step))
         self.load_data()
         self.build(ckpt, ckpt_path)
-        self.last_checkpoint, self.last_eval, self.train_bpd = ckpt_path, None, None
+        self.last_checkpoint, self.last_eval, self.last_eval_step, self.train_bpd = ckpt_path, None, None, None
         self.saved_step = self.step if ckpt_path is not None else None
         if ctx.is_main:
             self.run_dir.write_config(self.config)
@@ -271,17 +280,20 @@ class Trainer:
         self.window_time = 0.0
         status = "completed"
         self.bar = tqdm(
-            total=t.max_steps, initial=self.step, unit="step", file=sys.stderr, dynamic_ncols=True,
+            total=self.last_step, initial=self.step, unit="step", file=sys.stderr, dynamic_ncols=True,
             disable=not (ctx.is_main and sys.stderr.isatty()),
         )
         try:
             with StopSignals(announce=ctx.is_main) as signals:
-                while self.step < t.max_steps:
+                while self.step < self.last_step:
                     tick = time.perf_counter()
                     loss, norm, lr = self.train_step(stream)
-                    out_of_time = t.max_minutes > 0 and time.monotonic() - self.start > 60 * t.max_minutes
-                    # one collective per step: the mean loss, and whether any process must stop
-                    stop = [float(signals.received is not None), float(out_of_time)]
+                    elapsed = time.monotonic() - self.start
+                    out_of_time = t.max_minutes > 0 and elapsed > 60 * t.max_minutes
+                    cool_down = self.cooldown.due_by_time(self.step + 1, elapsed, t.max_minutes)
+                    # one collective per step: the mean loss, whether any process must stop, and
+                    # whether the time limit's cooldown begins (on every process at the same step)
+                    stop = [float(signals.received is not None), float(out_of_time), float(cool_down)]
                     flags = all_reduce_sum(torch.cat([loss.float().view(1), torch.tensor(stop, device=self.device)]))
                     loss_value, norm_value = flags[0].item() / ctx.world_size, float(norm)
                     if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
@@ -289,19 +301,22 @@ class Trainer:
                     self.optimizer.step()
                     if self.ema is not None:
                         self.ema.update(self.model)
+                    if flags[3].item():
+                        self.plan_cooldown()
                     self.scheduler.step()
                     self.optimizer.zero_grad(set_to_none=True)
                     self.step += 1
                     self.epoch, self.index = self.order.advance(self.epoch, self.index, per_step)
                     self.window.append(loss_value)
                     self.window_time += time.perf_counter() - tick
-                    last = self.step == t.max_steps
+                    last = self.step == self.last_step
                     self.progress(loss_value, norm_value, lr, per_step, log=self.step % t.log_every == 0 or last)
                     if flags[1].item():
                         status = "terminated" if signals.received == signal.SIGTERM else "interrupted"
                         break
                     if flags[2].item():
                         status = "time_limit"
+                        self.periodic(last=True)  # the final held-out number and sample grid, as at max_steps
                         break
                     self.periodic(last)
                 if self.saved_step != self.step:
@@ -314,12 +329,32 @@ class Trainer:
         summary = {
             "status": status, "step": self.step, "run_dir": str(self.run_dir.path),
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
-            "train_bpd": self.train_bpd, "eval_bpd": self.last_eval,
+            "train_bpd": self.train_bpd, "eval_bpd": self.last_eval, "eval_step": self.last_eval_step,
             "minutes": (time.monotonic() - self.start) / 60,
         }
         if ctx.is_main:
             self.report(summary)
         return summary
+
+    @property
+    def last_step(self) -> int:
+        """Where the loop ends unless the time limit or a signal ends it first: train.max_steps,
+        or the end of a cooldown that the time limit planned."""
+        end = self.cooldown.end if self.cooldown.by_time else None
+        return min(self.t.max_steps, end) if end is not None else self.t.max_steps
+
+    def plan_cooldown(self) -> None:
+        """Fix the cooldown's steps now that (1 - train.cooldown) of train.max_minutes is spent:
+        the step just taken (the loop counts it next) begins it; the rate so far sets its end."""
+        done = self.step + 1
+        self.cooldown.plan_by_time(done, done - self.first_step)
+        self.bar.total = self.last_step
+        if self.ctx.is_main:
+            self.note(
+                f"train.cooldown: {self.t.cooldown:.0%} of train.max_minutes left; the learning rate "
+                f"falls linearly to 0 from step {done} to step {self.cooldown.end} (the steps the rate "
+                "so far gives in that time), where the run ends"
+            )
 
     def progress(self, loss: float, norm: float, lr: float, per_step: int, log: bool) -> None:
         """Update the progress bar; on log steps, write a metrics row (and a line when stderr is not
@@ -342,7 +377,7 @@ class Trainer:
             })
             if self.bar.disable:
                 print(
-                    f"step {self.step}/{self.t.max_steps}  loss {loss:.4f} bits/dim  lr {lr:.3g}  "
+                    f"step {self.step}/{self.last_step}  loss {loss:.4f} bits/dim  lr {lr:.3g}  "
                     f"grad norm {norm:.3g}  {speed:.0f} img/s",
                     file=sys.stderr, flush=True,
                 )
@@ -387,6 +422,8 @@ class Trainer:
             f"{n_params / 1e6:.2f}M parameters\n"
             f"  data: {len(self.train_set)} training images ({describe(self.train_set)[0]}{mapped}), "
             f"{t.batch_size * t.grad_accum * ctx.world_size} images per step, {t.max_steps} steps\n"
+            f"  optimizer: {t.optimizer}, lr {t.lr:g}, {t.schedule} after {t.warmup_steps} warmup steps"
+            f"{self.describe_cooldown()}\n"
             f"  compute: {ctx.world_size} process(es) on {self.device.type} (memory allocator: "
             f"{allocator_in_use()}); config {self.run_dir.path / 'config.toml'}",
             file=sys.stderr, flush=True,
@@ -397,12 +434,25 @@ class Trainer:
                 "(Debian/Ubuntu) and the imagetx command preloads it"
             )
 
+    def describe_cooldown(self) -> str:
+        """How train.cooldown ends the schedule, for the run's first lines ("" when it is off)."""
+        c, t = self.cooldown, self.t
+        if c.start is None:
+            return ""
+        if c.by_time:
+            return f", falling linearly to 0 from step {c.start} to step {c.end} (train.cooldown, planned)"
+        limit = ", or of train.max_minutes if that comes first" if t.max_minutes > 0 else ""
+        return f", then falling linearly to 0 over the last {t.cooldown:.0%} of train.max_steps{limit}"
+
     def report(self, summary: dict) -> None:
         text = {
             "completed": "finished", "time_limit": f"stopped after train.max_minutes = {self.t.max_minutes}",
             "interrupted": "interrupted", "terminated": "terminated",
         }[summary["status"]]
-        bpd = f", held-out {summary['eval_bpd']:.4f} bits/dim" if summary["eval_bpd"] is not None else ""
+        bpd = ""
+        if summary["eval_bpd"] is not None:
+            when = f" at step {summary['eval_step']}" if summary["eval_step"] != summary["step"] else ""
+            bpd = f", held-out {summary['eval_bpd']:.4f} bits/dim{when}"
         print(
             f"{text} at step {summary['step']}{bpd}; checkpoint {summary['checkpoint']}",
             file=sys.stderr, flush=True,

@@ -99,7 +99,7 @@ def test_the_fused_optimizer_takes_the_steps_of_the_textbook_one(optimizer):
     ours = torch.nn.Linear(5, 3)
     plain = torch.nn.Linear(5, 3)
     plain.load_state_dict(ours.state_dict())
-    opt, sched = make_optimizer(ours, config)
+    opt, sched, _ = make_optimizer(ours, config)
     assert opt.defaults["fused"]
     t = config.train
     cls = torch.optim.AdamW if optimizer == "adamw" else torch.optim.Adam
@@ -228,6 +228,18 @@ def test_time_limit_stops_cleanly_with_a_checkpoint(tmp_path):
     summary = train.run(tiny(tmp_path / "run", "train.max_steps=100000", "train.max_minutes=0.0001"))
     assert summary["status"] == "time_limit" and train.EXIT_STATUS["time_limit"] == 0
     assert load_checkpoint(latest_checkpoint(tmp_path / "run"))["step"] == summary["step"] < 100000
+
+
+def test_a_time_limit_ends_like_max_steps_with_a_held_out_number_and_a_grid_of_the_last_step(tmp_path, capsys):
+    out = tmp_path / "run"
+    summary = train.run(tiny(out, "train.max_steps=100000", "train.max_minutes=0.0001", "train.eval_every=1000",
+                             "train.eval_images=8", "train.sample_every=1000", "train.sample_count=4"))
+    step = summary["step"]
+    assert summary["status"] == "time_limit" and summary["eval_step"] == step < 1000
+    assert [r["step"] for r in rows(out, "eval_bpd")] == [step]
+    assert summary["eval_bpd"] == rows(out, "eval_bpd")[-1]["eval_bpd"]
+    assert (out / "samples" / f"step-{step:08d}.png").exists(), sorted(os.listdir(out / "samples"))
+    assert f"at step {step}, held-out {summary['eval_bpd']:.4f} bits/dim; checkpoint" in capsys.readouterr().err
 
 
 def test_output_directory_is_never_overwritten(tmp_path):
