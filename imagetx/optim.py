@@ -75,7 +75,7 @@ class Cooldown:
         it did (a plan in steps follows the config's max_steps, which a resumed run may raise)."""
         if not state or not state.get("by_time") or state.get("fraction") != self.fraction:
             return False
-        self.start, self.end, self.by_time = state["start"], state["end"], bool(state["by_time"])
+        self.start, self.end, self.by_time = state["start"], state["end"], True
         return True
 
 

@@ -339,9 +339,8 @@ class Trainer:
     @property
     def last_step(self) -> int:
         """Where the loop ends unless the time limit or a signal ends it first: train.max_steps,
-        or the end of a cooldown that the time limit planned."""
-        end = self.cooldown.end if self.cooldown.by_time else None
-        return min(self.t.max_steps, end) if end is not None else self.t.max_steps
+        or the end of a cooldown that the time limit planned (a plan in steps ends there too)."""
+        return min(self.t.max_steps, self.cooldown.end or self.t.max_steps)
 
     def plan_cooldown(self) -> None:
         """Fix the cooldown's steps now that (1 - train.cooldown) of train.max_minutes is spent:
