@@ -173,19 +173,26 @@ class _Local1DMatmul(torch.autograd.Function):
     """Local 1D attention in bf16 on CPU as batched matmuls over each block's 2-block key window.
 
     The CPU flash kernels take as long in bf16 as in fp32 (torch 2.14.1, AMD Zen 4, CIFAR-10
-    shapes, one thread: 534 ms forward + backward per layer); bf16 batched matmuls run at the bf16
-    matmul peak, and this takes 385 ms. Forward: S = scale q [k_prev | k_own]^T rounded to bf16
-    (as autocast's matmul would), masked in fp32 (own half causal; an image's first block has no
-    previous block), P = softmax(S) kept in bf16, o = P [v_prev | v_own]. Backward: dV = P^T g,
-    dP = g V^T, dS = P (dP - rowsum(g o)), dQ = dS K, dK = dS^T Q, the window halves summed into
-    their blocks. Unlike the flash split it keeps P for the backward: 2 bytes per query per window
-    key per head (50 MB per layer at the CIFAR-10 config, batch 4); recomputing it instead costs
-    two more exponentials over S, slower than the flash kernels' whole backward saves.
+    shapes, one thread: 534 ms forward + backward per layer); bf16 batched matmuls run near the
+    bf16 matmul peak, and everything between them is one pass over the logits in bf16:
+
+    Forward: S = (scale q) [k_prev | k_own]^T in qkv's dtype (the logits rounded once, as
+    autocast's matmul would) plus an additive 0/-inf mask (own half causal; an image's first block
+    has no previous block), P = softmax(S) (torch's CPU softmax computes in fp32 and rounds its
+    output), o = P [v_prev | v_own].
+    Backward: dV = P^T g, dP = g V^T, dS = P (dP - rowsum(P dP)) (torch's softmax backward),
+    d(scale q) = dS K, dK = dS^T (scale q), the window halves summed into their blocks.
+    In bf16 this rounds dP, which the flash kernels keep in fp32: on CIFAR-10 shapes (random
+    qkv) the qkv gradient is then 0.6% off the float64 one by norm (1.2% with queries 3x larger,
+    so peaked attention), against 0.5% (0.7%) for the flash kernels in bf16 and 0.6% (1.1%) with
+    dP in fp32. That cost a fp32 matmul and four passes over fp32 logits: about 60 ms more per
+    layer, forward and backward, on 2 cores.
+    Unlike the flash split it keeps P for the backward: 2 bytes per query per window key per head
+    (50 MB per layer at the CIFAR-10 config, batch 4); recomputing it costs more than it saves.
 
     bias: optional additive logits (B, h, blocks, block, 2 * block), any float dtype (model.relative
-    = "logits": relative_bias over the windows), added to S before the mask; its gradient is dS,
-    which the backward computes anyway. With a bias this also runs in float32, where the flash
-    split cannot take one.
+    = "logits": relative_bias over the windows), added to S before the softmax; its gradient is
+    dS. With a bias this also runs in float32, where the flash split cannot take one.
     """
 
     @staticmethod
@@ -200,6 +207,16 @@ class _Local1DMatmul(torch.autograd.Function):
         return w
 
     @staticmethod
+    def _mask(per_image: int, block: int, dtype: torch.dtype, device) -> torch.Tensor:
+        """The additive mask of the windows of one image's blocks, (per_image, 1, block, 2 * block):
+        0 where a query may look, -inf where not."""
+        m = torch.zeros(per_image, 1, block, 2 * block, dtype=dtype, device=device)
+        future = torch.ones(block, block, dtype=torch.bool, device=device).triu_(1)
+        m[..., block:].masked_fill_(future, float("-inf"))
+        m[0, ..., :block] = float("-inf")  # an image's first block has no previous block
+        return m
+
+    @staticmethod
     def forward(ctx, qkv, heads: int, block: int, bias=None):
         B, L, three_a = qkv.shape
         per_image = L // block
@@ -207,23 +224,22 @@ class _Local1DMatmul(torch.autograd.Function):
         q, k, v = _block_views(qkv, heads, block)  # (n, h, block, hd) each
         kw, vw = _Local1DMatmul._window(k, per_image), _Local1DMatmul._window(v, per_image)
         with torch.autocast(qkv.device.type, enabled=False):  # the dtypes below are chosen
-            s = torch.matmul(q, kw.transpose(-1, -2)).float().mul_(scale)  # (n, h, block, 2 block)
+            s = torch.matmul(q * scale, kw.transpose(-1, -2))  # (n, h, block, 2 block)
+            by_image = s.view(B, per_image, heads, block, 2 * block)
+            by_image.add_(_Local1DMatmul._mask(per_image, block, s.dtype, s.device))
             if bias is not None:  # entries are (image, block), the bias (image, head, block): a view
-                s.view(B, per_image, heads, block, 2 * block).add_(bias.permute(0, 2, 1, 3, 4))
-            future = torch.ones(block, block, dtype=torch.bool, device=qkv.device).triu_(1)
-            s[..., block:].masked_fill_(future, float("-inf"))
-            s[::per_image, :, :, :block] = float("-inf")
-            p = torch.softmax(s, dim=-1).to(qkv.dtype)  # every query sees itself: no empty row
-            del s
+                by_image.add_(bias.permute(0, 2, 1, 3, 4))
+            p = torch.softmax(s, dim=-1)  # every query sees itself: no empty row
+            del s, by_image
             o = torch.matmul(p, vw)  # (n, h, block, hd)
-        ctx.save_for_backward(qkv, o, p)
+        ctx.save_for_backward(qkv, p)
         ctx.heads, ctx.block, ctx.scale = heads, block, scale
         ctx.bias_dtype = None if bias is None else bias.dtype
         return o.transpose(1, 2).reshape(B, L, three_a // 3)  # (B, L, h * hd)
 
     @staticmethod
     def backward(ctx, grad):
-        qkv, o, p = ctx.saved_tensors
+        qkv, p = ctx.saved_tensors
         heads, blk, scale = ctx.heads, ctx.block, ctx.scale
         B, L, _ = qkv.shape
         per_image, n = L // blk, B * (L // blk)
@@ -231,19 +247,17 @@ class _Local1DMatmul(torch.autograd.Function):
         kw, vw = _Local1DMatmul._window(k, per_image), _Local1DMatmul._window(v, per_image)
         g = grad.to(qkv.dtype).reshape(n, blk, heads, -1).transpose(1, 2)  # (n, h, blk, hd)
         dvw = torch.matmul(p.transpose(-1, -2), g)  # (n, h, 2 blk, hd)
-        rowsum = (g.float() * o.float()).sum(-1, keepdim=True)  # (n, h, blk, 1)
-        # dP in fp32: dS = P (dP - rowsum) cancels, and dP rounded to bf16 would leave errors of the
-        # size of dP in a much smaller dS
-        ds = torch.matmul(g.float(), vw.float().transpose(-1, -2)).sub_(rowsum).mul_(p)  # d(logits)
+        dp = torch.matmul(g, vw.transpose(-1, -2))  # (n, h, blk, 2 blk)
+        ds = torch._softmax_backward_data(dp, p, -1, p.dtype)  # d(logits); accumulates in fp32
+        del dp
         grad_bias = None
         if ctx.bias_dtype is not None:  # (B, h, blocks, block, 2 block), a view of a copy of dS
             grad_bias = ds.to(ctx.bias_dtype, copy=True).view(B, per_image, heads, blk, 2 * blk).permute(0, 2, 1, 3, 4)
-        ds = ds.mul_(scale).to(qkv.dtype)
-        dq = torch.matmul(ds, kw)  # (n, h, blk, hd)
-        dkw = torch.matmul(ds.transpose(-1, -2), q)  # (n, h, 2 blk, hd)
+        dq = torch.matmul(ds, kw)  # (n, h, blk, hd): d(scale q)
+        dkw = torch.matmul(ds.transpose(-1, -2), q * scale)  # (n, h, 2 blk, hd)
         out = torch.empty_like(qkv)
         gq, gk, gv = _block_views(out, heads, blk)
-        gq.copy_(dq)
+        torch.mul(dq, scale, out=gq)
         for dst, win in ((gk, dkw), (gv, dvw)):  # each block's keys served it and the next block
             dst.copy_(win[:, :, blk:])
             dst[:-1] += win[1:, :, :blk]
