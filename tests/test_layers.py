@@ -183,3 +183,34 @@ def test_local1d_matmul_attention_with_a_bias_equals_the_windows_written_out(ima
     assert float((o.double() - o64.detach()).abs().max()) <= tol
     for ours, exact in zip(gx, g64):
         assert float((ours.double() - exact).abs().max()) <= tol * max(1.0, float(exact.abs().max()))
+
+
+@given(
+    images=st.integers(1, 3), blocks=st.integers(1, 4), block=st.integers(1, 9), heads=st.integers(1, 2),
+    head_dim=st.integers(1, 16), bf16=st.booleans(), with_bias=st.booleans(), data=st.data(),
+)
+def test_local1d_matmul_attention_never_reads_a_later_position(images, blocks, block, heads, head_dim, bf16, with_bias, data):
+    """_Local1DMatmul, bit for bit: the outputs before position t do not move when every q, k and v
+    (and bias entry) from t on is redrawn, and a gradient on them alone gives exactly zero gradient
+    from t on. Its mask makes those logits -inf, whose weight is exactly 0 forward and backward."""
+    L = blocks * block
+    t = data.draw(st.integers(0, L - 1), label="t")
+    g = torch.Generator().manual_seed(data.draw(st.integers(0, 2**16), label="seed"))
+    dtype = torch.bfloat16 if bf16 else torch.float32
+    qkv = torch.randn(images, L, 3 * heads * head_dim, generator=g).to(dtype)
+    bias = torch.randn(images, heads, blocks, block, 2 * block, generator=g).to(dtype) if with_bias else None
+    later = qkv.clone()
+    later[:, t:] = torch.randn(images, L - t, 3 * heads * head_dim, generator=g).to(dtype)
+    later_bias = None
+    if with_bias:  # redraw every logit bias a query before t could not use: keys from t on
+        later_bias = bias.clone()
+        key = torch.arange(2 * block) - block + block * torch.arange(blocks)[:, None, None]  # (blocks, 1, 2 block)
+        later_bias.masked_scatter_((key >= t).expand(images, heads, blocks, block, 2 * block),
+                                   torch.randn(bias.shape, generator=g).to(dtype))
+    x = qkv.clone().requires_grad_()
+    out = kernels._Local1DMatmul.apply(x, heads, block, bias)
+    assert torch.equal(out[:, :t], kernels._Local1DMatmul.apply(later, heads, block, later_bias)[:, :t])
+    grad = torch.zeros_like(out)
+    grad[:, :t] = torch.randn(images, t, heads * head_dim, generator=g).to(dtype)
+    (gx,) = torch.autograd.grad(out, x, grad)
+    assert torch.equal(gx[:, t:], torch.zeros_like(gx[:, t:]))
