@@ -185,8 +185,8 @@ class _Local1DMatmul(torch.autograd.Function):
     In bf16 this rounds dP, which the flash kernels keep in fp32: on CIFAR-10 shapes (random
     qkv) the qkv gradient is then 0.6% off the float64 one by norm (1.2% with queries 3x larger,
     so peaked attention), against 0.5% (0.7%) for the flash kernels in bf16 and 0.6% (1.1%) with
-    dP in fp32. That cost a fp32 matmul and four passes over fp32 logits: about 60 ms more per
-    layer, forward and backward, on 2 cores.
+    dP in fp32. The kernel that kept dP in fp32 (and the logits in fp32 between the matmuls) took
+    about 60 ms more per layer, forward and backward, on 2 cores.
     Unlike the flash split it keeps P for the backward: 2 bytes per query per window key per head
     (50 MB per layer at the CIFAR-10 config, batch 4); recomputing it costs more than it saves.
 
