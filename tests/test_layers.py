@@ -6,8 +6,15 @@ from torch import nn
 
 from imagetx.model import reference_mode
 from imagetx.model import kernels
+from imagetx.model.attention import window_bias
 from imagetx.model.kernels import decode_attention, keep_mask
 from imagetx.model.layers import FeedForward, dropout, residual_dropout_layer_norm
+from imagetx.model.layout import local1d_window_mask
+
+
+def _window_mask(heads, block, blocks, dtype):
+    """The additive window mask the model hands the local 1D kernels."""
+    return window_bias(local1d_window_mask(block, blocks), heads, dtype)
 
 
 def test_memory_lean_residual_layer_norm_matches_autograd():
@@ -126,9 +133,10 @@ def test_bf16_local1d_matmul_attention_is_as_close_as_the_flash_split(images, bl
     (g64,) = torch.autograd.grad(o64, x64, grad.double())
     o64 = o64.detach()
     errors = {}
+    mask = _window_mask(heads, block, blocks, torch.bfloat16)
     for fn in (kernels._Local1DFlash, kernels._Local1DMatmul):
         x = qkv.bfloat16().requires_grad_()
-        o = fn.apply(x, heads, block)
+        o = fn.apply(x, heads, block) if fn is kernels._Local1DFlash else fn.apply(x, heads, block, mask)
         (gx,) = torch.autograd.grad(o, x, grad.bfloat16())
         assert o.dtype == gx.dtype == torch.bfloat16
         o, gx = o.detach().double(), gx.double()
@@ -175,7 +183,7 @@ def test_local1d_matmul_attention_with_a_bias_equals_the_windows_written_out(ima
     g64 = torch.autograd.grad(o64, (x64, b64), grad.double())
     dtype = torch.bfloat16 if bf16 else torch.float32
     x, b = qkv.to(dtype).requires_grad_(), bias.to(dtype).requires_grad_()
-    o = kernels._Local1DMatmul.apply(x, heads, block, b)
+    o = kernels._Local1DMatmul.apply(x, heads, block, _window_mask(heads, block, blocks, dtype), b)
     gx = torch.autograd.grad(o, (x, b), grad.to(dtype))
     o = o.detach()
     assert o.dtype == dtype and all(t.dtype == dtype for t in gx)
@@ -208,8 +216,9 @@ def test_local1d_matmul_attention_never_reads_a_later_position(images, blocks, b
         later_bias.masked_scatter_((key >= t).expand(images, heads, blocks, block, 2 * block),
                                    torch.randn(bias.shape, generator=g).to(dtype))
     x = qkv.clone().requires_grad_()
-    out = kernels._Local1DMatmul.apply(x, heads, block, bias)
-    assert torch.equal(out[:, :t], kernels._Local1DMatmul.apply(later, heads, block, later_bias)[:, :t])
+    mask = _window_mask(heads, block, blocks, dtype)
+    out = kernels._Local1DMatmul.apply(x, heads, block, mask, bias)
+    assert torch.equal(out[:, :t], kernels._Local1DMatmul.apply(later, heads, block, mask, later_bias)[:, :t])
     grad = torch.zeros_like(out)
     grad[:, :t] = torch.randn(images, t, heads * head_dim, generator=g).to(dtype)
     (gx,) = torch.autograd.grad(out, x, grad)

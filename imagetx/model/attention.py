@@ -340,7 +340,7 @@ class Attention(nn.Module):
                 if self.relative == "rotary":
                     qkv = kernels.rotate_qkv(qkv, self.positions.cos, self.positions.sin, self.n_heads)
                 bias_fn = self._window_logits if self.relative == "logits" else None
-                return self.out(kernels.local1d_flash(qkv, self.n_heads, self.layout.block, bias_fn))
+                return self.out(kernels.local1d_flash(qkv, self.n_heads, self.layout.block, bias, bias_fn))
             rotary = self.relative == "rotary"  # keys at their own position, before any cache
             pos = self.positions
             if rotary and cache is not None and kernels.enabled():  # one decoding step: fewest operations

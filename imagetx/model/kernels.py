@@ -177,8 +177,8 @@ class _Local1DMatmul(torch.autograd.Function):
     bf16 matmul peak, and everything between them is one pass over the logits in bf16:
 
     Forward: S = (scale q) [k_prev | k_own]^T in qkv's dtype (the logits rounded once, as
-    autocast's matmul would) plus an additive 0/-inf mask (own half causal; an image's first block
-    has no previous block), P = softmax(S) (torch's CPU softmax computes in fp32 and rounds its
+    autocast's matmul would) plus the model's additive 0/-inf window mask (own half causal; an
+    image's first block has no previous block), P = softmax(S) (torch's CPU softmax computes in fp32 and rounds its
     output), o = P [v_prev | v_own].
     Backward: dV = P^T g, dP = g V^T, dS = P (dP - rowsum(P dP)) (torch's softmax backward),
     d(scale q) = dS K, dK = dS^T (scale q), the window halves summed into their blocks.
@@ -190,6 +190,8 @@ class _Local1DMatmul(torch.autograd.Function):
     Unlike the flash split it keeps P for the backward: 2 bytes per query per window key per head
     (50 MB per layer at the CIFAR-10 config, batch 4); recomputing it costs more than it saves.
 
+    mask: the window mask (1, h * blocks, block, 2 * block), 0 / -inf in qkv's dtype, that the
+    model builds once for all layers (attention.window_bias of layout.local1d_window_mask).
     bias: optional additive logits (B, h, blocks, block, 2 * block), any float dtype (model.relative
     = "logits": relative_bias over the windows), added to S before the softmax; its gradient is
     dS. With a bias this also runs in float32, where the flash split cannot take one.
@@ -207,17 +209,7 @@ class _Local1DMatmul(torch.autograd.Function):
         return w
 
     @staticmethod
-    def _mask(per_image: int, block: int, dtype: torch.dtype, device) -> torch.Tensor:
-        """The additive mask of the windows of one image's blocks, (per_image, 1, block, 2 * block):
-        0 where a query may look, -inf where not."""
-        m = torch.zeros(per_image, 1, block, 2 * block, dtype=dtype, device=device)
-        future = torch.ones(block, block, dtype=torch.bool, device=device).triu_(1)
-        m[..., block:].masked_fill_(future, float("-inf"))
-        m[0, ..., :block] = float("-inf")  # an image's first block has no previous block
-        return m
-
-    @staticmethod
-    def forward(ctx, qkv, heads: int, block: int, bias=None):
+    def forward(ctx, qkv, heads: int, block: int, mask, bias=None):
         B, L, three_a = qkv.shape
         per_image = L // block
         scale = (three_a // (3 * heads)) ** -0.5
@@ -226,7 +218,7 @@ class _Local1DMatmul(torch.autograd.Function):
         with torch.autocast(qkv.device.type, enabled=False):  # the dtypes below are chosen
             s = torch.matmul(q * scale, kw.transpose(-1, -2))  # (n, h, block, 2 block)
             by_image = s.view(B, per_image, heads, block, 2 * block)
-            by_image.add_(_Local1DMatmul._mask(per_image, block, s.dtype, s.device))
+            by_image.add_(mask.view(heads, per_image, block, 2 * block).transpose(0, 1))
             if bias is not None:  # entries are (image, block), the bias (image, head, block): a view
                 by_image.add_(bias.permute(0, 2, 1, 3, 4))
             p = torch.softmax(s, dim=-1)  # every query sees itself: no empty row
@@ -261,7 +253,7 @@ class _Local1DMatmul(torch.autograd.Function):
         for dst, win in ((gk, dkw), (gv, dvw)):  # each block's keys served it and the next block
             dst.copy_(win[:, :, blk:])
             dst[:-1] += win[1:, :, :blk]
-        return out, None, None, grad_bias
+        return out, None, None, None, grad_bias
 
 
 def local1d_flash_applies(qkv: torch.Tensor, dropout: float) -> bool:
@@ -275,24 +267,27 @@ def local1d_flash_applies(qkv: torch.Tensor, dropout: float) -> bool:
     )
 
 
-def local1d_flash(qkv: torch.Tensor, heads: int, block: int, bias_fn=None) -> torch.Tensor:
+def local1d_flash(qkv: torch.Tensor, heads: int, block: int, mask: torch.Tensor, bias_fn=None) -> torch.Tensor:
     """Local 1D causal attention from qkv float32 or bfloat16 (B, L, 3 * h * hd) on CPU -> (B, L, h * hd):
     _Local1DFlash in float32, _Local1DMatmul in bfloat16. L need not divide into blocks (the tail
-    is padded). bias_fn: None, or q (B, h, blocks, block, hd) of the padded sequence -> additive
-    logits over each block's window (B, h, blocks, block, 2 * block) (model.relative = "logits");
-    then _Local1DMatmul in either dtype."""
+    is padded). mask: the model's window mask (1, h * blocks, block, 2 * block), which
+    _Local1DMatmul adds. bias_fn: None, or q (B, h, blocks, block, hd) of the padded sequence ->
+    additive logits over each block's window (B, h, blocks, block, 2 * block) (model.relative =
+    "logits"); then _Local1DMatmul in either dtype."""
     L = qkv.shape[1]
     pad = -L % block
     if pad:
         qkv = F.pad(qkv, (0, 0, 0, pad))
     qkv = qkv.contiguous()
     if bias_fn is None:
-        fn = _Local1DMatmul if qkv.dtype == torch.bfloat16 else _Local1DFlash
-        o = fn.apply(qkv, heads, block)
+        if qkv.dtype == torch.bfloat16:
+            o = _Local1DMatmul.apply(qkv, heads, block, mask)
+        else:
+            o = _Local1DFlash.apply(qkv, heads, block)
     else:
         B, Lp, three_a = qkv.shape
         q = qkv[..., : three_a // 3].view(B, Lp // block, block, heads, -1).permute(0, 3, 1, 2, 4)
-        o = _Local1DMatmul.apply(qkv, heads, block, bias_fn(q))
+        o = _Local1DMatmul.apply(qkv, heads, block, mask, bias_fn(q))
     return o[:, :L] if pad else o
 
 

@@ -97,14 +97,20 @@ def make_layout(config: ModelConfig) -> Layout:
         return Layout("full", rows, cols, L, L, 1, L, idx, idx, row_of, col_of, valid, None)
     lq = min(config.block_length, L)
     nb = _ceil_div(L, lq)
-    # window = [previous block | own block]; key j of the window sits at (b - 1) * lq + j
-    i = torch.arange(lq)[:, None]
-    j = torch.arange(2 * lq)[None, :]
-    own = (j >= lq) & (j - lq <= i)
-    prev = (j < lq).expand(lq, 2 * lq)
-    mask = (own | prev).unsqueeze(0).repeat(nb, 1, 1)
-    mask[0, :, :lq] = False  # block 0 has no memory block
+    mask = local1d_window_mask(lq, nb)
     return Layout("local1d", rows, cols, L, lq, nb, 2 * lq, idx, idx, row_of, col_of, valid, mask)
+
+
+def local1d_window_mask(block: int, num_blocks: int) -> torch.Tensor:
+    """bool (num_blocks, block, 2 * block): which keys of its window [previous block | own block]
+    each query of each block may see (key j of block b's window sits at (b - 1) * block + j)."""
+    i = torch.arange(block)[:, None]
+    j = torch.arange(2 * block)[None, :]
+    own = (j >= block) & (j - block <= i)
+    prev = (j < block).expand(block, 2 * block)
+    mask = (own | prev).unsqueeze(0).repeat(num_blocks, 1, 1)
+    mask[0, :, :block] = False  # block 0 has no memory block
+    return mask
 
 
 def _layout_2d(config: ModelConfig, rows: int, cols: int) -> Layout:
