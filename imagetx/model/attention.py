@@ -46,9 +46,10 @@ def _sdpa(q, k, v, mask=None, dropout=0.0, causal=False):
 
 
 def window_bias(window_mask: torch.Tensor, n_heads: int, dtype=torch.float32) -> torch.Tensor:
-    """bool (blocks, block, window) -> additive mask (1, heads * blocks, block, window) of 0 / -inf."""
+    """bool (blocks, block, window) -> additive mask (1, heads * blocks, block, window) of 0 / -inf,
+    on window_mask's device."""
     nb, lq, nk = window_mask.shape
-    bias = torch.zeros(window_mask.shape, dtype=dtype).masked_fill(~window_mask, float("-inf"))
+    bias = torch.zeros_like(window_mask, dtype=dtype).masked_fill(~window_mask, float("-inf"))
     return bias.unsqueeze(0).expand(n_heads, nb, lq, nk).reshape(1, n_heads * nb, lq, nk)
 
 
@@ -140,44 +141,20 @@ class FullCache:
         return kernels.decode_attention(q, self.k, self.v, lo, hi, mask)
 
 
-def visibility_order(window_mask: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, list[list[int]]]:
-    """Per block of a local pattern, its window keys in the order the block's queries come to
-    see them, so that what each query sees is a prefix of that order: no mask is needed when
-    decoding (scaled_dot_product_attention with a mask is several times slower for one query).
-
-    window_mask bool (blocks, block, window), valid bool (blocks * block,) or shorter (the real
-    queries; others are never decoded) -> (order long (blocks, window), count[b][i]: query i of
-    block b sees keys order[b, :count[b][i]]). Raises ValueError when a real query stops seeing a
-    key an earlier one saw: then no order works (the causal patterns here never do that).
-    """
-    nb, lq, W = window_mask.shape
-    real = torch.zeros(nb * lq, dtype=torch.bool)
-    real[: valid.numel()] = valid
-    real = real.view(nb, lq, 1)
-    m = window_mask & real
-    i = torch.arange(lq).view(1, lq, 1)
-    first = torch.where(m.any(1), m.int().argmax(1), lq)  # (nb, W): the first query that sees each key
-    sees = first.unsqueeze(1) <= i  # (nb, lq, W)
-    if not torch.equal(m, sees & real):
-        raise ValueError("a query of this attention pattern does not see every key an earlier query saw")
-    order = torch.argsort(first, dim=1, stable=True)
-    return order, sees.sum(-1).tolist()
-
-
 class Local1DCache:
     """Keys and values of [previous block | current block]: the keys a query sees are a
     contiguous range of it (visibility_order), so attention takes a slice and no mask."""
 
-    def __init__(self, B, h, hd, layout: Layout, like: torch.Tensor, position: Position, window_mask: torch.Tensor):
+    def __init__(self, B, h, hd, layout: Layout, like: torch.Tensor, position: Position):
         self.lq = layout.block
         self.k = like.new_zeros(B, h, 2 * self.lq, hd)
         self.v = like.new_zeros(B, h, 2 * self.lq, hd)
-        order, self.count = visibility_order(window_mask, layout.valid)
+        self.count = layout.visible_count
         # block 0 sees only its own half, blocks b > 0 both halves: in storage order either way
-        self.first = order[:, 0].tolist()
+        order = layout.visibility
+        self.first = [keys[0] for keys in order]
         for b, lo in enumerate(self.first):
-            seen = self.count[b][-1]
-            if not torch.equal(order[b, :seen], torch.arange(lo, lo + seen)):
+            if order[b][: self.count[b][-1]] != list(range(lo, lo + self.count[b][-1])):
                 raise ValueError("local 1D keys are not a contiguous range of the cache")
         self.position = position
 
@@ -210,7 +187,7 @@ class Local2DCache:
     key window of the current query block, stored in the order the block's queries come to see
     its keys (visibility_order): each query attends to a prefix of the window, with no mask."""
 
-    def __init__(self, B, h, hd, layout: Layout, like: torch.Tensor, position: Position, window_mask: torch.Tensor):
+    def __init__(self, B, h, hd, layout: Layout, like: torch.Tensor, position: Position, visibility: torch.Tensor):
         (self.qh, self.qw), (self.fh, self.fw) = layout.query_shape, layout.flange
         Wp = layout.padded_grid[1]
         self.nbw = Wp // self.qw
@@ -221,9 +198,9 @@ class Local2DCache:
         self.ring_v = like.new_zeros(B, h, self.R, Wp + 2 * self.fw, hd)
         self.win_k = like.new_zeros(B, h, self.kh * self.kw, hd)
         self.win_v = like.new_zeros(B, h, self.kh * self.kw, hd)
-        self.order, self.count = visibility_order(window_mask, layout.valid)
-        self.order = self.order.to(like.device)
-        self.slot_of = torch.argsort(self.order, dim=1).tolist()  # window key -> its place in the order
+        self.order = visibility  # long (blocks, window) on like's device: gathers each block's window
+        self.count = layout.visible_count
+        self.slot_of = layout.visibility_slot  # window key -> its place in the order
         self.position = position
         self.block = -1
 
@@ -241,11 +218,12 @@ class Local2DCache:
         qr, qc = divmod(i, self.qw)
         if blk != self.block:  # gather the new block's window from the ring, in visibility order
             self.block = blk
-            slots = [(bi * self.qh + r) % self.R for r in range(self.kh)]  # padded rows -> ring rows
-            c0 = bj * self.qw
+            # the window's padded rows are ring rows s, s + 1, ... (mod R = kh): all R rows, rotated
+            s, c0 = (bi * self.qh) % self.R, bj * self.qw
             B, h, _, _, hd = self.ring_k.shape
             for win, ring in ((self.win_k, self.ring_k), (self.win_v, self.ring_v)):
-                w = ring[:, :, slots, c0 : c0 + self.kw].reshape(B, h, self.kh * self.kw, hd)
+                cols = ring[:, :, :, c0 : c0 + self.kw]
+                w = torch.cat([cols[:, :, s:], cols[:, :, :s]], dim=2).view(B, h, self.kh * self.kw, hd)
                 torch.index_select(w, 2, self.order[blk], out=win)
         slot = self.slot_of[blk][(self.fh + qr) * self.kw + (self.fw + qc)]
         self.ring_at = (bi * self.qh + qr + self.fh) % self.R, bj * self.qw + qc + self.fw  # (row, column)
@@ -312,13 +290,14 @@ class Attention(nn.Module):
         """Cross-attention: encoder output (B, S, d) -> its keys and values, for decoding."""
         return MemoryCache(*(self._heads(t) for t in self.kv(memory).chunk(2, dim=-1)))
 
-    def make_cache(self, batch: int, like: torch.Tensor, position: Position, window_mask=None):
+    def make_cache(self, batch: int, like: torch.Tensor, position: Position, visibility=None):
         """An empty self-attention cache of this layer's pattern for `batch` images decoded at
-        `position`; window_mask: the local patterns' bool (blocks, block, window)."""
+        `position`, on like's device and in its dtype; visibility: local 2D only, the model's
+        buffer of layout.visibility (long (blocks, window) on like's device)."""
         args = (batch, self.n_heads, self.head_dim, self.layout, like, position)
-        if self.kind == "full":
-            return FullCache(*args)
-        return (Local1DCache if self.kind == "local1d" else Local2DCache)(*args, window_mask)
+        if self.kind == "local2d":
+            return Local2DCache(*args, visibility)
+        return (FullCache if self.kind == "full" else Local1DCache)(*args)
 
     def forward(self, x: torch.Tensor, memory=None, bias=None, cache=None) -> torch.Tensor:
         """x float (B, Lp, d) in internal layout -> (B, Lp, d).

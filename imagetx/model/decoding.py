@@ -53,9 +53,9 @@ class IncrementalDecoder:
         like = torch.empty(0, device=p.device, dtype=p.dtype)
         self.cond, memory = model.condition(labels, source)  # (B, 1 or Lp, d) or None
         self.position = Position()
-        window_mask = getattr(model, "window_mask", None)
-        self.caches = [block.make_cache(batch, like, self.position, window_mask, memory) for block in model.blocks]
-        self.gen_to_internal = model.gen_to_internal.tolist()
+        visibility = getattr(model, "visibility", None)  # local 2D: a buffer on the model's device
+        self.caches = [block.make_cache(batch, like, self.position, memory, visibility) for block in model.blocks]
+        self.gen_to_internal = model.layout.gen_to_internal_list  # host data: no device read per step
         # every layer in one C call where it applies (bf16 on a CPU with AVX512-BF16; model/native)
         self.fused = native.FusedStep(model, self.caches, batch) if native.applies(model) else None
         per_step = () if model.config.output == "categorical" else (model.config.channels,)
@@ -117,7 +117,7 @@ def generate(
     model.eval()
     try:
         flat = x.view(n, cfg.seq_len, -1)  # (n, L, 1) categorical or (n, L, C) DMOL, grid order
-        steps = model.order.tolist()  # generation step -> grid position
+        steps = model.layout.order_list  # generation step -> grid position
         decoder = IncrementalDecoder(model, n, labels, source) if use_cache else None
         prev = None
         for k, g in enumerate(steps):
@@ -153,7 +153,7 @@ def teacher_forced_outputs(model, x, labels=None, source=None) -> torch.Tensor:
     flat = x.reshape(B, cfg.seq_len, -1).long()
     ranges = model.cells.range_inputs(x, source).view(B, cfg.seq_len, 3) if cfg.range_input else None  # grid order
     outs, prev = [], None
-    for k, g in enumerate(model.order.tolist()):
+    for k, g in enumerate(model.layout.order_list):
         outs.append(decoder.step(k, prev, None if ranges is None else ranges[:, g]))
         prev = flat[:, g, 0] if cfg.output == "categorical" else flat[:, g]
     return torch.stack(outs, dim=1)

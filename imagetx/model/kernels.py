@@ -40,6 +40,14 @@ def enabled() -> bool:
     return _state["kernels"]
 
 
+def autocast_dtype(device_type: str) -> torch.dtype | None:
+    """The dtype autocast computes in on this kind of device, or None when it is off there (or
+    the device has no autocast at all, such as meta: torch.is_autocast_enabled raises for it)."""
+    if not torch.amp.is_autocast_available(device_type) or not torch.is_autocast_enabled(device_type):
+        return None
+    return torch.get_autocast_dtype(device_type)
+
+
 def local1d_flash_enabled() -> bool:
     return _state["kernels"] and _state["local1d_flash"]
 

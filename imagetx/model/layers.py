@@ -19,9 +19,10 @@ def _kernel_dtype(x: torch.Tensor) -> torch.dtype | None:
     autocast on another device, whose own dtype handling applies)."""
     if not kernels.enabled() or not torch.is_grad_enabled() or torch.compiler.is_compiling():
         return None
-    if not torch.is_autocast_enabled(x.device.type):
+    autocast = kernels.autocast_dtype(x.device.type)
+    if autocast is None:
         return x.dtype
-    return torch.get_autocast_dtype("cpu") if x.device.type == "cpu" else None
+    return autocast if x.device.type == "cpu" else None
 
 
 def dropout(x: torch.Tensor, p: float, training: bool) -> torch.Tensor:

@@ -65,12 +65,29 @@ class Layout:
     # with two or more blocks per row, not an identity grid map.
     generation_is_internal: bool = field(init=False)  # generation position k is internal position k
     grid_is_internal: bool = field(init=False)  # grid position g is internal position g
+    # Host-side bookkeeping for decoding, as Python data worked out once here from these CPU
+    # tensors: a decoding step reads it instead of reading a device tensor back (a host sync
+    # per step on a GPU).
+    order_list: list[int] = field(init=False)  # generation step -> grid index
+    gen_to_internal_list: list[int] = field(init=False)  # generation step -> internal index
+    # local patterns: per block b its window keys in visibility order, visibility[b]; how many of
+    # them query i of block b sees, visible_count[b][i] (see visibility_order); and the place of
+    # window key j in block b's order, visibility_slot[b][j]
+    visibility: list[list[int]] | None = field(init=False)
+    visible_count: list[list[int]] | None = field(init=False)
+    visibility_slot: list[list[int]] | None = field(init=False)
 
     def __post_init__(self):
         same_length = self.internal_len == self.seq_len
         identity = torch.arange(self.seq_len)
         self.generation_is_internal = same_length and bool(torch.equal(self.gen_to_internal, identity))
         self.grid_is_internal = same_length and bool(torch.equal(self.grid_to_internal, identity))
+        self.order_list = self.order.tolist()
+        self.gen_to_internal_list = self.gen_to_internal.tolist()
+        self.visibility = self.visible_count = self.visibility_slot = None
+        if self.window_mask is not None:
+            order, self.visible_count = visibility_order(self.window_mask, self.valid)
+            self.visibility, self.visibility_slot = order.tolist(), torch.argsort(order, dim=1).tolist()
 
     @property
     def seq_len(self) -> int:
@@ -83,6 +100,31 @@ class Layout:
     def dense_mask(self, config: ModelConfig) -> torch.Tensor:
         """bool (Lp, Lp): key j visible from query i, built from the pattern's definition."""
         return dense_mask(self, config)
+
+
+def visibility_order(window_mask: torch.Tensor, valid: torch.Tensor) -> tuple[torch.Tensor, list[list[int]]]:
+    """Per block of a local pattern, its window keys in the order the block's queries come to
+    see them, so that what each query sees is a prefix of that order: no mask is needed when
+    decoding (scaled_dot_product_attention with a mask is several times slower for one query).
+
+    window_mask bool (blocks, block, window), valid bool (blocks * block,) or shorter (the real
+    queries; others are never decoded), both on the CPU -> (order long (blocks, window),
+    count[b][i]: query i of block b sees keys order[b, :count[b][i]]). Raises ValueError when a
+    real query stops seeing a key an earlier one saw: then no order works (the causal patterns
+    here never do that).
+    """
+    nb, lq, W = window_mask.shape
+    real = torch.zeros(nb * lq, dtype=torch.bool)
+    real[: valid.numel()] = valid
+    real = real.view(nb, lq, 1)
+    m = window_mask & real
+    i = torch.arange(lq).view(1, lq, 1)
+    first = torch.where(m.any(1), m.int().argmax(1), lq)  # (nb, W): the first query that sees each key
+    sees = first.unsqueeze(1) <= i  # (nb, lq, W)
+    if not torch.equal(m, sees & real):
+        raise ValueError("a query of this attention pattern does not see every key an earlier query saw")
+    order = torch.argsort(first, dim=1, stable=True)
+    return order, sees.sum(-1).tolist()
 
 
 def make_layout(config: ModelConfig) -> Layout:

@@ -9,7 +9,7 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from imagetx.model import consistency, dmol
+from imagetx.model import consistency, dmol, kernels
 from imagetx.model.attention import Attention, window_bias
 from imagetx.model.config import ModelConfig
 from imagetx.model.layers import Dropout, FeedForward, residual_dropout_layer_norm
@@ -52,10 +52,16 @@ class Block(nn.Module):
             x = self.residual(x, lambda t: self.cross(t, memory, cache=cross_cache), self.norm_cross)
         return self.residual(x, self.ffn, self.norm_ffn)
 
-    def make_cache(self, batch: int, like, position, window_mask=None, memory=None) -> tuple:
+    def make_cache(self, batch: int, like, position, memory=None, visibility=None) -> tuple:
         """The caches that decode `batch` images one position at a time through forward()."""
         cross = self.cross.memory_cache(memory) if self.cross is not None else None
-        return self.attn.make_cache(batch, like, position, window_mask), cross
+        return self.attn.make_cache(batch, like, position, visibility), cross
+
+
+def _readable(t: torch.Tensor) -> bool:
+    """Whether check_inputs reads t's values: non-empty, on the CPU, and not while compiling
+    (a read there is a graph break; on a GPU a host sync)."""
+    return t.numel() > 0 and t.device.type == "cpu" and not torch.compiler.is_compiling()
 
 
 def _embedding(rows: int, d: int) -> nn.Embedding:
@@ -144,9 +150,10 @@ class ImageTransformer(nn.Module):
         )
         self.final_norm = nn.LayerNorm(d) if config.norm == "pre" else nn.Identity()
         self.activation_checkpointing = False
-        if layout.window_mask is not None:
-            self.register_buffer("window_mask", layout.window_mask, persistent=False)
-        self._bias_cache: dict = {}
+        if layout.window_mask is not None:  # the local patterns' additive mask, built once, moved with the model
+            self.register_buffer("window_bias", window_bias(layout.window_mask, config.n_heads), persistent=False)
+        if layout.kind == "local2d":  # where the decoding caches gather each block's keys from
+            self.register_buffer("visibility", torch.tensor(layout.visibility), persistent=False)
 
     def _init_source_skip(self, config: ModelConfig) -> None:
         """The low-res value covering each internal position: its source sub-pixel (categorical,
@@ -171,7 +178,12 @@ class ImageTransformer(nn.Module):
         self.activation_checkpointing = bool(enabled)
 
     def check_inputs(self, x=None, labels=None, source=None, batch: int | None = None) -> None:
-        """Raise ValueError naming the problem for inputs the model cannot take."""
+        """Raise ValueError naming the problem for inputs the model cannot take.
+
+        Shapes and dtypes always; values only of tensors on the CPU, where reading them back is
+        no device sync (and never while compiling): a training or evaluation step on a GPU reads
+        nothing back. Batches reach the GPU from CPU data (the data sets' uint8 images and
+        labels), so what would be read there was checked before it moved."""
         cfg = self.config
         H, W = cfg.image_size
         if x is not None:
@@ -182,8 +194,7 @@ class ImageTransformer(nn.Module):
                 )
             if x.dtype.is_floating_point or x.dtype == torch.bool:
                 raise ValueError(f"images must be an integer tensor in [0, 255], got dtype {x.dtype}")
-            # value checks read the data back (a device sync, a graph break under torch.compile)
-            if x.numel() and not torch.compiler.is_compiling() and (int(x.min()) < 0 or int(x.max()) > 255):
+            if _readable(x) and (int(x.min()) < 0 or int(x.max()) > 255):
                 raise ValueError(
                     f"image values must be in [0, 255], got [{int(x.min())}, {int(x.max())}]"
                 )
@@ -193,9 +204,7 @@ class ImageTransformer(nn.Module):
                 raise ValueError(f"this model is class-conditional: pass labels in [0, {cfg.num_classes - 1}]")
             if labels.dim() != 1 or (batch is not None and labels.shape[0] != batch):
                 raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
-            if labels.numel() and not torch.compiler.is_compiling() and (
-                int(labels.min()) < 0 or int(labels.max()) >= cfg.num_classes
-            ):
+            if _readable(labels) and (int(labels.min()) < 0 or int(labels.max()) >= cfg.num_classes):
                 raise ValueError(
                     f"labels must be in [0, {cfg.num_classes - 1}], "
                     f"got [{int(labels.min())}, {int(labels.max())}]"
@@ -213,23 +222,19 @@ class ImageTransformer(nn.Module):
             if batch is not None and source.shape[0] != batch:
                 raise ValueError(f"source batch size {source.shape[0]} does not match {batch}")
             if source.dtype.is_floating_point or (
-                source.numel() and (int(source.min()) < 0 or int(source.max()) > 255)
+                _readable(source) and (int(source.min()) < 0 or int(source.max()) > 255)
             ):
                 raise ValueError("source images must be integers in [0, 255]")
         elif source is not None:
             raise ValueError("this model has no encoder (source_size unset): do not pass a source")
 
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """The local patterns' additive mask, built once per device and dtype, shared by all layers."""
+        """The local patterns' additive mask in dtype, shared by all layers: the window_bias
+        buffer itself in float32, a cast of it otherwise (nothing kept between calls, so a
+        compiled step sees the same module state at every step)."""
         if self.layout.window_mask is None:
             return None
-        key = (self.window_mask.device, dtype)
-        if key not in self._bias_cache:
-            # a normal tensor even when first built under inference mode (an evaluation before
-            # the first training step): autograd saves it for the backward of later steps
-            with torch.inference_mode(False):
-                self._bias_cache = {key: window_bias(self.window_mask, self.config.n_heads, dtype)}
-        return self._bias_cache[key]
+        return self.window_bias.to(dtype)
 
     def condition(self, labels=None, source=None):
         """-> (cond, memory): cond is added to the decoder input at every position: the class
@@ -311,9 +316,7 @@ class ImageTransformer(nn.Module):
         if self.range_embed is not None:  # (B, L, 3) generation order
             ranges = self.cells.range_inputs(x, source).view(x.shape[0], self.config.seq_len, 3)[:, self.order]
         h = self.drop(self.decoder_input(self.to_internal(self.embed_inputs(values, ranges=ranges)), cond))
-        device = h.device.type
-        compute_dtype = torch.get_autocast_dtype(device) if torch.is_autocast_enabled(device) else h.dtype
-        bias = self.attention_bias(compute_dtype)
+        bias = self.attention_bias(kernels.autocast_dtype(h.device.type) or h.dtype)
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
                 h = checkpoint(block, h, memory, bias, use_reentrant=False)
