@@ -25,7 +25,8 @@ Where everything lives (one line a module):
     images.py         image files in (every Pillow mode, checked) and out (PNG, grids, npz)
     distributed.py    devices, torchrun process groups and the collectives training and evaluation use
     memory.py         tcmalloc/jemalloc for CPU runs, resident-memory numbers
-    precision.py      fp32 or bf16 mixed precision: "auto" reads the CPU's bf16 features, and says why
+    precision.py      fp32 or bf16 mixed precision: "auto" asks the GPU or reads the CPU's bf16 features, and says why
+    compiling.py      torch.compile where this machine can build its code (compiler, headers), eager otherwise
     data/             one reader per on-disk format (cifar, idx, imagenet, celeba, folder, builtin) -> uint8
                       (N, H, W, C); dataset.py the data set classes, transforms.py resizing and channels,
                       superres.py low/high-resolution pairs, batches.py config -> data set -> batches,

@@ -109,7 +109,7 @@ class TrainConfig:
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
     grad_accum: int = 1  # micro-batches per optimizer step
     ema: float = 0.0  # decay of an exponential moving average of the weights, which evaluations, samples and every command reading the checkpoint then use (0: none; see imagetx.optim.WeightAverage)
-    precision: str = "auto"  # "auto" (bf16 autocast on CUDA and on CPUs with AMX or AVX512-BF16), "fp32" or "bf16"
+    precision: str = "auto"  # "auto" (bf16 autocast where native: GPUs from Ampere on, CPUs with AMX or AVX512-BF16), "fp32" or "bf16"
     compile: bool | str = "auto"  # torch.compile: "auto" (CUDA only), true or false
     activation_checkpointing: bool = False  # recompute activations in backward: less memory
     log_every: int = 10  # steps between metrics.jsonl rows

@@ -55,22 +55,39 @@ def device_problems(spec, flag: str = "--device") -> list[str]:
     return [f"{flag} must be auto, cpu, cuda or cuda:N; got {spec!r}"]
 
 
-def select_device(spec: str = "auto", local_rank: int = 0) -> torch.device:
-    """"auto" (CUDA if available, else CPU), "cpu", "cuda" (this process's local GPU under
-    torchrun) or "cuda:N". Raises ConfigError for a device this machine does not have."""
+def select_device(spec: str = "auto", local_rank: int | None = None, world_size: int | None = None) -> torch.device:
+    """"auto" (CUDA if available, else CPU), "cpu", "cuda" or "cuda:N" -> the device this process
+    computes on, made the current CUDA device (torch.cuda.set_device), so that NCCL, the
+    allocator and compiled kernels all use it.
+
+    "cuda" and "auto" take GPU local_rank % (visible GPUs): one process per GPU on a node that
+    shows each process all of its GPUs, and GPU 0 where each process sees only its own (SLURM
+    `--gpus-per-task=1`, CUDA_VISIBLE_DEVICES set per rank). Raises ConfigError for a device this
+    machine does not have, and for "cuda:N" under torchrun (world_size > 1), which would put
+    every process on the same GPU. local_rank and world_size default to torchrun's (env_ranks)."""
     problems = device_problems(spec, "device")
     if problems:
         raise ConfigError(problems)
-    has_cuda = torch.cuda.is_available()
+    _, env_world_size, env_local_rank = env_ranks()
+    local_rank = env_local_rank if local_rank is None else local_rank
+    world_size = env_world_size if world_size is None else world_size
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
     if spec == "auto":
-        spec = "cuda" if has_cuda else "cpu"
+        spec = "cuda" if count else "cpu"
     if spec == "cpu":
         return torch.device("cpu")
-    if not has_cuda:
+    if world_size > 1 and spec != "cuda":
+        raise ConfigError([
+            f"device {spec} would put all {world_size} processes of this torchrun job on one GPU: use device cuda, "
+            "so that each process takes GPU LOCAL_RANK % visible GPUs, and pick the GPUs with CUDA_VISIBLE_DEVICES"
+        ])
+    if not count:
         raise ConfigError([f"device {spec!r} requested but CUDA is not available here; use cpu or auto"])
-    index = int(spec[5:]) if ":" in spec else local_rank
-    if index >= torch.cuda.device_count():
-        raise ConfigError([f"device cuda:{index} requested but this machine has {torch.cuda.device_count()} GPU(s)"])
+    index = int(spec[5:]) if ":" in spec else local_rank % count
+    if index >= count:
+        have = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+        raise ConfigError([f"device cuda:{index} requested but this machine has {count} GPU(s): {have}"])
+    torch.cuda.set_device(index)
     return torch.device("cuda", index)
 
 
@@ -78,10 +95,8 @@ def setup(device: str = "auto") -> Dist:
     """Pick this process's device and, under torchrun, join the process group (NCCL for CUDA,
     gloo for CPU). Reuses a process group that already exists."""
     rank, world_size, local_rank = env_ranks()
-    dev = select_device(device, local_rank)
+    dev = select_device(device, local_rank, world_size)
     if world_size > 1 and not dist.is_initialized():
-        if dev.type == "cuda":
-            torch.cuda.set_device(dev)
         dist.init_process_group("nccl" if dev.type == "cuda" else "gloo", timeout=TIMEOUT)
     if dist.is_initialized():
         rank, world_size = dist.get_rank(), dist.get_world_size()

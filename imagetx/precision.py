@@ -1,7 +1,8 @@
 """Which floating-point precision a command computes in, and why.
 
-"auto" picks bf16 where the hardware multiplies bf16 matrices natively: CUDA, and CPUs with
-AVX512-BF16 or AMX (read from the processor's feature flags, not from a timing). Everything else
+"auto" picks bf16 where the hardware multiplies bf16 matrices natively: GPUs of compute
+capability 8.0 or more (Ampere and newer; older ones only emulate it), and CPUs with AVX512-BF16
+or AMX (read from the processor's feature flags, not from a timing). Everything else
 computes in fp32. "fp32" and "bf16" force it; bf16 forced on a CPU without native bf16 runs, with
 a warning that it will be slow.
 
@@ -79,10 +80,22 @@ def precision_problems(value, name: str = "--precision") -> list[str]:
     return [f"{name} must be one of {', '.join(PRECISIONS)}; got {value!r}"]
 
 
+def cuda_native_bf16() -> bool:
+    """Whether the current CUDA device multiplies bf16 natively (compute capability >= 8.0), not
+    counting the emulation that torch >= 2.4 also reports as "supported" by default."""
+    try:
+        return torch.cuda.is_bf16_supported(including_emulation=False)
+    except TypeError:  # torch without the keyword counts native support only
+        return torch.cuda.is_bf16_supported()
+
+
 def native_bf16(device: torch.device) -> tuple[bool, str]:
-    """(whether `device` multiplies bf16 matrices natively, the evidence in words)."""
+    """(whether `device` multiplies bf16 matrices natively, the evidence in words). On CUDA it
+    asks about the current device: select_device made it the one computed on."""
     if device.type == "cuda":
-        return True, "CUDA"
+        if cuda_native_bf16():
+            return True, "this GPU has native bf16"
+        return False, "this GPU has no native bf16 (it needs compute capability 8.0 or more: Ampere or newer)"
     if device.type == "cpu":
         features = cpu_bf16_features()
         if features:

@@ -34,6 +34,7 @@ from tqdm import tqdm
 
 from imagetx import console
 from imagetx.checkpoint import load_weights, make_checkpoint, rng_state, set_rng_state
+from imagetx.compiling import compile_or_eager
 from imagetx.config import RunConfig
 from imagetx.data.batches import batches, check_compatible, dataset_for, describe, unpack
 from imagetx.data.cache import cache_entry, cache_root
@@ -131,7 +132,7 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             objective = DistributedDataParallel(objective, device_ids=ids)
         compile_ = t.compile if isinstance(t.compile, bool) else self.device.type == "cuda"
-        self.objective = torch.compile(objective) if compile_ else objective
+        self.objective = compile_or_eager(objective, self.device) if compile_ else objective
         self.optimizer, self.scheduler, self.cooldown = make_optimizer(model, cfg)
         self.ema = WeightAverage(model, t.ema) if t.ema > 0 else None
         self.precision = resolve_precision(t.precision, self.device)

@@ -69,6 +69,35 @@ def test_usage_errors_exit_2(tmp_path):
     assert not (tmp_path / "a").exists()
 
 
+@pytest.mark.parametrize("gpus, device, torchrun, text", [
+    (0, "cuda", False, "device 'cuda' requested but CUDA is not available here; use cpu or auto"),
+    (0, "cuda:0", False, "device 'cuda:0' requested but CUDA is not available here; use cpu or auto"),
+    (1, "cuda:1", False, "device cuda:1 requested but this machine has 1 GPU(s): cuda:0"),
+    (2, "cuda:2", False, "device cuda:2 requested but this machine has 2 GPU(s): cuda:0 to cuda:1"),
+    (8, "cuda:3", True, "device cuda:3 would put all 2 processes of this torchrun job on one GPU: use device cuda"),
+], ids=["no-cuda", "no-cuda-0", "1-gpu", "2-gpus", "torchrun"])
+def test_a_device_this_machine_cannot_give_is_a_usage_error(monkeypatch, run_dir, tmp_path, gpus, device, torchrun, text):
+    """A GPU that is absent or out of range, or a numbered GPU under torchrun: one `error:` line
+    and exit 2 from every command that computes, before any GPU is bound or file written."""
+    import torch
+
+    def set_device(index):
+        raise AssertionError(f"set_device({index}) for a refused device")
+
+    monkeypatch.setattr(torch.cuda, "is_available", lambda: gpus > 0)
+    monkeypatch.setattr(torch.cuda, "device_count", lambda: gpus)
+    monkeypatch.setattr(torch.cuda, "set_device", set_device)
+    for name, value in {"RANK": "0", "WORLD_SIZE": "2", "LOCAL_RANK": "0"}.items():
+        if torchrun:  # what torchrun sets for its first process (the one that prints)
+            monkeypatch.setenv(name, value)
+        else:
+            monkeypatch.delenv(name, raising=False)
+    one_error_line(invoke("train", "--device", device, "--out", tmp_path / "a", *sets("train.max_steps=1")), 2, text)
+    one_error_line(invoke("eval-bpd", run_dir, "--limit", 2, "--device", device), 2, text)
+    one_error_line(invoke("sample", run_dir, "-n", 1, "--device", device, "--out", tmp_path / "s.png"), 2, text)
+    assert not (tmp_path / "a").exists() and not (tmp_path / "s.png").exists()
+
+
 def test_runtime_errors_exit_1(run_dir, tmp_path):
     one_error_line(invoke("train", "--out", run_dir, *sets()), 1, "is not empty")
     one_error_line(invoke("eval-bpd", tmp_path / "missing.pt"), 1, "no such checkpoint file")

@@ -10,7 +10,10 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import example, given
+from hypothesis import strategies as st
 
+from imagetx import distributed as D
 from imagetx import evaluate, train
 from imagetx.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from imagetx.config import load_config
@@ -34,6 +37,85 @@ def test_select_device():
     if not torch.cuda.is_available():
         with pytest.raises(ConfigError, match="CUDA is not available"):
             select_device("cuda:0")
+
+
+class FakeGPUs:
+    """`count` visible CUDA devices as torch.cuda reports them, without a GPU; `bound` lists the
+    indices passed to torch.cuda.set_device, `groups` the backends of init_process_group."""
+
+    def __init__(self, mp: pytest.MonkeyPatch, count: int, rank: int | None = None, world_size: int = 1,
+                 local_rank: int = 0):
+        self.bound, self.groups = [], []
+        mp.setattr(torch.cuda, "is_available", lambda: count > 0)
+        mp.setattr(torch.cuda, "device_count", lambda: count)
+        mp.setattr(torch.cuda, "set_device", self.bound.append)
+        mp.setattr(D.dist, "is_initialized", lambda: False)
+        mp.setattr(D.dist, "init_process_group", lambda backend, **kwargs: self.groups.append(backend))
+        for name in ("RANK", "WORLD_SIZE", "LOCAL_RANK"):
+            mp.delenv(name, raising=False)
+        if rank is not None:  # as torchrun sets them
+            mp.setenv("RANK", str(rank))
+            mp.setenv("WORLD_SIZE", str(world_size))
+            mp.setenv("LOCAL_RANK", str(local_rank))
+
+
+@given(count=st.integers(1, 8), local_rank=st.integers(0, 7), spec=st.sampled_from(["cuda", "auto"]))
+@example(count=1, local_rank=7, spec="cuda")  # SLURM --gpus-per-task=1: every rank sees only its own GPU 0
+@example(count=2, local_rank=3, spec="cuda")
+@example(count=8, local_rank=7, spec="auto")
+def test_each_torchrun_rank_binds_its_local_gpu(count, local_rank, spec):
+    """Under torchrun, "cuda" and "auto" put local rank r on GPU r % (visible GPUs), made current
+    before the NCCL group is joined: one GPU per process whether a node shows every process all
+    of its GPUs or each process only its own."""
+    with pytest.MonkeyPatch.context() as mp:
+        gpus = FakeGPUs(mp, count, rank=10 + local_rank, world_size=16, local_rank=local_rank)
+        ctx = D.setup(spec)
+        assert ctx.device == torch.device("cuda", local_rank % count)
+        assert gpus.bound == [local_rank % count] and gpus.groups == ["nccl"]
+        assert (ctx.rank, ctx.world_size, ctx.local_rank) == (10 + local_rank, 16, local_rank)
+
+
+@given(count=st.integers(1, 8), index=st.integers(0, 9))
+@example(count=1, index=0)
+@example(count=8, index=7)
+def test_a_single_process_on_a_gpu_makes_it_current(count, index):
+    """One process on cuda:N calls torch.cuda.set_device(N) ("cuda" and "auto" mean GPU 0), so
+    that everything that uses the current device (compiled kernels, the allocator) uses it; an
+    index this machine does not have is a ConfigError that names the ones it has."""
+    with pytest.MonkeyPatch.context() as mp:
+        gpus = FakeGPUs(mp, count)
+        if index < count:
+            assert D.setup(f"cuda:{index}").device == torch.device("cuda", index)
+            assert gpus.bound == [index]
+            for spec in ("cuda", "auto"):
+                assert D.setup(spec).device == torch.device("cuda", 0)
+            assert gpus.bound == [index, 0, 0] and gpus.groups == []
+        else:
+            have = "cuda:0" if count == 1 else f"cuda:0 to cuda:{count - 1}"
+            message = f"cuda:{index} requested but this machine has {count} GPU\\(s\\): {have}$"
+            with pytest.raises(ConfigError, match=message):
+                D.setup(f"cuda:{index}")
+            assert gpus.bound == []
+
+
+@given(world_size=st.integers(2, 16), index=st.integers(0, 7), count=st.integers(0, 8))
+def test_a_numbered_gpu_under_torchrun_is_a_usage_error(world_size, index, count):
+    """cuda:N would put every rank on one GPU: refused before any GPU is touched, saying what to
+    do instead (also on a machine without CUDA, where it is the first thing to fix)."""
+    with pytest.MonkeyPatch.context() as mp:
+        gpus = FakeGPUs(mp, count, rank=world_size - 1, world_size=world_size, local_rank=0)
+        with pytest.raises(ConfigError, match=f"device cuda:{index} would put all {world_size} processes .* "
+                                              "use device cuda, .*CUDA_VISIBLE_DEVICES"):
+            D.setup(f"cuda:{index}")
+        assert gpus.bound == [] and gpus.groups == []
+
+
+def test_cuda_asked_for_on_a_machine_without_it_is_a_usage_error(monkeypatch):
+    gpus = FakeGPUs(monkeypatch, 0)
+    for spec in ("cuda", "cuda:0"):
+        with pytest.raises(ConfigError, match=f"device '{spec}' requested but CUDA is not available here"):
+            D.setup(spec)
+    assert D.setup("auto").device == torch.device("cpu") and gpus.bound == []
 
 
 def test_shards_cover_every_index_once_without_padding():

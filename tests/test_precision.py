@@ -44,8 +44,36 @@ def test_auto_picks_bf16_where_it_is_native_and_says_why(monkeypatch):
     monkeypatch.setattr(precision, "cpu_bf16_features", lambda: ())
     p = precision.resolve("auto", "cpu")
     assert not p.bf16 and "no native bf16" in p.describe()
-    assert precision.resolve("auto", torch.device("cuda", 0)).bf16
     assert not precision.resolve("fp32", "cuda").bf16
+
+
+@pytest.mark.parametrize("native", [True, False])
+def test_auto_on_cuda_picks_bf16_only_where_the_gpu_has_it_natively(monkeypatch, native):
+    """torch >= 2.4 calls a GPU that only emulates bf16 (compute capability < 8.0, e.g. a T4 or
+    V100) "supported"; auto must ask about native support, and bf16 forced there warns."""
+    asked = []
+
+    def is_bf16_supported(including_emulation=True):
+        asked.append(including_emulation)
+        return native or including_emulation
+
+    monkeypatch.setattr(torch.cuda, "is_bf16_supported", is_bf16_supported)
+    p = precision.resolve("auto", torch.device("cuda", 0))
+    assert p.bf16 == native and asked == [False]
+    assert ("this GPU has native bf16" if native else "no native bf16 (it needs compute capability 8.0") in p.describe()
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        assert precision.resolve("bf16", "cuda").bf16
+    assert [str(w.message) for w in caught if "emulated and slowly" in str(w.message)] == ([] if native else [
+        "bf16 was chosen but this GPU has no native bf16 (it needs compute capability 8.0 or more: Ampere or newer): "
+        "it runs, emulated and slowly; fp32 (precision auto or fp32) is faster here"])
+
+
+def test_auto_on_cuda_with_a_torch_that_has_no_emulation_keyword(monkeypatch):
+    """Before the keyword existed, is_bf16_supported() counted native support only."""
+    for native in (True, False):
+        monkeypatch.setattr(torch.cuda, "is_bf16_supported", lambda native=native: native)
+        assert precision.resolve("auto", "cuda").bf16 == native
 
 
 def test_bf16_forced_without_native_support_runs_with_a_warning(monkeypatch):
