@@ -31,6 +31,28 @@ from imagetx.precision import resolve as resolve_precision
 
 
 # ---- bits/dim ------------------------------------------------------------------------------------
+def nll_sums(model, dataset: Dataset, chunks, device: torch.device, num_workers: int = 0, precision: Precision = FP32,
+             source_model=None, advance=None) -> torch.Tensor:
+    """The evaluation's pass over the batches of `chunks` (lists of dataset indices) -> float64
+    (3,) on device: the summed NLL in nats, the number of images and the source model's summed
+    NLL (0 without one). Reads nothing back to the host: on a GPU the batches run without a sync.
+    advance(images) is told each batch's size (a progress bar)."""
+    cfg = model.config
+    totals = torch.zeros(3, dtype=torch.float64, device=device)
+    with torch.inference_mode(), precision.autocast(device):
+        for batch in batches(dataset, iter(chunks), num_workers):
+            x, labels, source = unpack(batch, cfg, device)
+            nll = model.nll(x, labels=labels, source=source)  # (B,) nats, fp32
+            totals[0] += nll.double().sum()
+            totals[1] += x.shape[0]
+            if source_model is not None:
+                own_labels = labels if source_model.config.num_classes else None
+                totals[2] += source_model.nll(source, labels=own_labels).double().sum()
+            if advance is not None:
+                advance(x.shape[0])
+    return totals
+
+
 def evaluate_bpd(
     model: torch.nn.Module,
     dataset: Dataset,
@@ -71,7 +93,6 @@ def evaluate_bpd(
         rank, world = dist.get_rank(), dist.get_world_size()
     mine = shard(n, rank, world)
     chunks = [mine[i : i + batch_size] for i in range(0, len(mine), batch_size)]
-    totals = torch.zeros(3, dtype=torch.float64, device=device)  # (nll_sum, images, source nll_sum)
     if source_model is not None:
         source_model = unwrap_model(source_model).eval()
         check_source_model(cfg, source_model.config)
@@ -79,16 +100,8 @@ def evaluate_bpd(
     model.eval()
     bar = console.progress(n, "eval bpd", "img", enabled=progress and rank == 0)
     try:
-        with torch.inference_mode(), precision.autocast(device):
-            for batch in batches(dataset, iter(chunks), num_workers):
-                x, labels, source = unpack(batch, cfg, device)
-                nll = model.nll(x, labels=labels, source=source)  # (B,) nats, fp32
-                totals[0] += nll.double().sum()
-                totals[1] += x.shape[0]
-                if source_model is not None:
-                    own_labels = labels if source_model.config.num_classes else None
-                    totals[2] += source_model.nll(source, labels=own_labels).double().sum()
-                bar.update(x.shape[0] * world)
+        totals = nll_sums(model, dataset, chunks, device, num_workers, precision, source_model,
+                          advance=lambda images: bar.update(images * world))
     except ValueError as exc:  # the model names what does not fit (size, channels, label range)
         raise RunError(f"{describe(dataset)[0]} does not fit the model: {exc}") from None
     finally:

@@ -7,6 +7,8 @@ cosine or constant, times `Cooldown`'s linear fall to 0 over the end of the run 
 
 from __future__ import annotations
 
+import copy
+
 import math
 
 import torch
@@ -107,25 +109,25 @@ class WeightAverage:
     """An exponential moving average of a model's weights (train.ema; Polyak averaging, as in
     PixelCNN++): after optimizer step t, avg = d_t avg + (1 - d_t) weights with d_t = ema_decay(t).
 
-    `module` is a copy of the model holding the average (torch.optim.swa_utils.AveragedModel),
-    used for held-out evaluation and sample grids and saved in every checkpoint as "ema"; its
-    buffers follow the model's. Deterministic: a resumed run's average is bit-exact."""
+    `module` is a copy of the model holding the average, used for held-out evaluation and sample
+    grids and saved in every checkpoint as "ema"; its buffers are the model's (constant tables,
+    copied once). The step count is host data, so an update reads nothing back from the device
+    (torch.optim.swa_utils.AveragedModel keeps it in a device tensor and reads it every step).
+    Deterministic: a resumed run's average is bit-exact."""
 
     def __init__(self, model: nn.Module, decay: float):
-        from torch.optim.swa_utils import AveragedModel
+        self.decay = decay
+        self.module = copy.deepcopy(model).eval().requires_grad_(False)  # starts at the initial weights
+        self.steps = 0  # optimizer steps folded in
 
-        @torch.no_grad()
-        def update(averaged: list[torch.Tensor], current: list[torch.Tensor], n: torch.Tensor) -> None:
-            torch._foreach_lerp_(averaged, current, 1.0 - ema_decay(int(n), decay))
-
-        self.averaged = AveragedModel(model, multi_avg_fn=update)
-        self.averaged.update_parameters(model)  # the first call copies: the average starts at the initial weights
-        self.module = self.averaged.module.eval().requires_grad_(False)
-
+    @torch.no_grad()
     def update(self, model: nn.Module) -> None:
         """Fold in `model`'s weights after an optimizer step."""
-        self.averaged.update_parameters(model)
+        self.steps += 1
+        averaged = list(self.module.parameters())
+        current = [p.detach() for p in model.parameters()]
+        torch._foreach_lerp_(averaged, current, 1.0 - ema_decay(self.steps, self.decay))
 
     def resume_at(self, step: int) -> None:
         """Continue after optimizer step `step` (the average's weights loaded into `module`)."""
-        self.averaged.n_averaged.fill_(step + 1)
+        self.steps = step

@@ -29,14 +29,16 @@ from __future__ import annotations
 import dataclasses
 from contextlib import contextmanager
 from pathlib import Path
+from types import SimpleNamespace
 from unittest import mock
 
 import pytest
 import torch
 from hypothesis import given, settings
-from torch._subclasses.fake_tensor import FakeTensorMode
+from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake_temporarily
 
-from imagetx import ImageTransformer
+from helpers import TINY_MODEL
+from imagetx import ImageTransformer, ModelConfig
 from imagetx.config import load_config
 from imagetx.model.decoding import IncrementalDecoder, for_decoding
 from model_properties import model_inputs
@@ -48,15 +50,24 @@ CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"
 
 @contextmanager
 def fake_cuda():
-    """Within the block, tensors moved to "cuda:0" are fake CUDA tensors (see the module doc)."""
-    with FakeTensorMode(allow_non_fake_inputs=True):
+    """Within the block, tensors moved to "cuda:0" are fake CUDA tensors (see the module doc);
+    yields the mode."""
+    with FakeTensorMode(allow_non_fake_inputs=True) as mode:
+        yield mode
+
+
+@contextmanager
+def on_a_gpu():
+    """What torch answers about CUDA on a machine with a GPU of native bf16: for code that asks
+    before it builds something (torch.autocast("cuda") switches itself off without one)."""
+    with mock.patch("torch.cuda.is_available", return_value=True), \
+            mock.patch("torch.cuda.is_bf16_supported", return_value=True):
         yield
 
 
 def cuda_autocast(dtype: torch.dtype = torch.bfloat16):
     """torch.autocast("cuda", dtype) as built on a machine with a GPU."""
-    with mock.patch("torch.cuda.is_available", return_value=True), \
-            mock.patch("torch.cuda.is_bf16_supported", return_value=True):
+    with on_a_gpu():
         return torch.autocast("cuda", dtype=dtype)
 
 
@@ -181,3 +192,111 @@ def test_drawn_config_runs_and_samples_on_fake_cuda(config):
 @given(model_configs())
 def test_drawn_config_trains_on_meta(config):
     check_training_step_on_meta(config)
+
+
+# ---- the library functions behind the commands ------------------------------------------------
+def _deepcopy_tensor(self, memo):
+    """Tensor.__deepcopy__ as fake mode can run it: a fake tensor's copy is its clone() (torch
+    cannot deepcopy one: its storage is on no device); a real one's is made outside the mode."""
+    if isinstance(self, FakeTensor):
+        memo[id(self)] = copy_ = self.detach().clone().requires_grad_(self.requires_grad)
+        return copy_
+    with unset_fake_temporarily():
+        return _TENSOR_DEEPCOPY(self, memo)
+
+
+_TENSOR_DEEPCOPY = torch.Tensor.__deepcopy__
+
+
+def _built_on_the_cpu(config):
+    """ImageTransformer(config) built outside the fake mode, as every command builds it: on the
+    CPU, then moved to its device."""
+    with unset_fake_temporarily():
+        return ImageTransformer(config)
+
+
+@pytest.mark.parametrize("precision", ["fp32", "bf16"])
+def test_trainer_builds_and_steps_on_fake_cuda(tmp_path, monkeypatch, precision):
+    """imagetx train's set-up (model, optimizer, schedule, the moving average) on "cuda:0", the
+    forward of a training step under its own autocast, and an optimizer step (gradients of the
+    parameters' shape: the backward runs on meta, test_shipped_config_trains_on_meta)."""
+    import imagetx.train
+    from imagetx.distributed import Dist
+    from imagetx.precision import resolve
+
+    config = load_config(sets=[*TINY_MODEL, "model.num_classes=3", "train.ema=0.9", "train.compile=false",
+                               f"train.precision={precision}", f"train.out={tmp_path / 'run'}"])
+    monkeypatch.setattr(imagetx.train, "ImageTransformer", _built_on_the_cpu)
+    monkeypatch.setattr(torch.Tensor, "__deepcopy__", _deepcopy_tensor)
+    with on_a_gpu():
+        autocast = resolve(precision, CUDA).autocast(CUDA)  # as the trainer's
+    trainer = imagetx.train.Trainer(config, Dist(device=CUDA))
+    trainer.train_set = range(8)  # what load_data reads from disk: build only needs its length
+    x, labels, _ = model_inputs(config.model, batch=2)
+    with fake_cuda(), mock.patch("imagetx.precision.cuda_native_bf16", return_value=True):
+        trainer.build(None)
+        assert {p.device for p in trainer.model.parameters()} == {CUDA}
+        assert {p.device for p in trainer.ema.module.parameters()} == {CUDA}
+        with autocast:
+            nll = trainer.objective(*on(CUDA, x.to(torch.uint8), labels))
+        check_device(nll, CUDA, "the training objective")
+        for p in trainer.model.parameters():
+            p.grad = torch.zeros_like(p)
+        trainer.optimizer.step()
+        trainer.ema.update(trainer.model)
+        trainer.scheduler.step()
+        for p in trainer.model.parameters():
+            check_device(p, CUDA, "a parameter after the optimizer step")
+        for state in trainer.optimizer.state.values():
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.dim():
+                    check_device(value, CUDA, "the optimizer's state")
+
+
+@pytest.mark.parametrize("extra", [dict(num_classes=3), dict(source_size=(4, 4), encoder_layers=1)],
+                         ids=["class-conditional", "super-resolution"])
+def test_eval_bpd_pass_on_fake_cuda(extra):
+    """eval-bpd's pass over a data set (evaluate.nll_sums: CPU batches moved to the device, fp32
+    and bf16) reads nothing back and sums on the device."""
+    import imagetx.evaluate
+    from imagetx.precision import FP32
+    from test_evaluate import Images
+
+    read = imagetx.evaluate.batches
+
+    def batches_read_on_the_cpu(*args, **kwargs):
+        """The data loader's batches, read as real CPU work outside the mode, then handed to the
+        step as the (fake) CPU tensors they are."""
+        it = read(*args, **kwargs)
+        while True:
+            with unset_fake_temporarily():
+                batch = next(it, None)
+            if batch is None:
+                return
+            yield tuple(mode.from_tensor(t) if isinstance(t, torch.Tensor) else t for t in batch)
+
+    config = tiny(ModelConfig(image_size=(8, 8), channels=3, attention="local2d", query_shape=(2, 8),
+                              memory_flange=(2, 4), **extra))
+    dataset = Images(5, config.image_size, num_classes=config.num_classes, source_size=config.source_size)
+    model = ImageTransformer(config).eval()
+    with fake_cuda() as mode, mock.patch.object(imagetx.evaluate, "batches", batches_read_on_the_cpu):
+        model.to(CUDA)
+        for precision in (FP32, SimpleNamespace(autocast=lambda device: cuda_autocast())):  # fp32, bf16
+            totals = imagetx.evaluate.nll_sums(model, dataset, [range(0, 3), range(3, 5)], CUDA, precision=precision)
+            check_device(totals, CUDA, "eval-bpd's sums")
+
+
+@pytest.mark.parametrize("consistent", [False, True])
+def test_super_resolve_on_fake_cuda(consistent):
+    """superres's decoding (superres.super_resolve: sources from the CPU, repeated, decoded in
+    batches, with consistent sampling's AreaConsistency) on "cuda:0"."""
+    from imagetx.superres import super_resolve
+
+    config = tiny(ModelConfig(image_size=(4, 4), channels=1, attention="local1d", block_length=8,
+                              source_size=(2, 2), encoder_layers=1, source_skip=True))
+    model = ImageTransformer(config).eval()
+    sources = torch.randint(0, 256, (2, 2, 2, 1), dtype=torch.uint8)
+    with fake_cuda():
+        model.to(CUDA)
+        images = super_resolve(model, sources, samples=2, batch_size=3, consistent=consistent)
+    assert tuple(images.shape) == (2, 2, 4, 4, 1)
