@@ -120,7 +120,9 @@ def test_samples_at_a_temperature_follow_the_tempered_conditionals(output):
     assert calibration_failures(pit_of_samples(model, images, 0.7, seed=14)) == []
 
 
-@pytest.mark.parametrize("output,wrong_temperature", [("categorical", 0.8), ("dmol", 0.5)])
+# dmol at 0.5 gives a statistic of 1.6 critical distances on average over seeds, too close to the
+# 1.5 asked for to hold for any seed; at 0.4 it is 1.9 to 2.3
+@pytest.mark.parametrize("output,wrong_temperature", [("categorical", 0.8), ("dmol", 0.4)])
 def test_the_test_rejects_samples_from_other_conditionals(output, wrong_temperature):
     # the same samples judged against conditionals at another temperature than they were drawn at
     model = calibrated_model("local2d", output, CASES[4 if output == "categorical" else 6][3])

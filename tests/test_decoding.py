@@ -4,6 +4,8 @@ import pytest
 import torch
 
 from imagetx import ImageTransformer
+from imagetx.data.transforms import area_downsample
+from imagetx.model import noise
 
 from model_properties import check_cache_equals_full_pass, check_same_samples_with_and_without_cache, in_generation_order
 from model_properties import model_inputs as inputs
@@ -81,3 +83,44 @@ def test_a_tiny_temperature_is_greedy_not_nan(output):
     cfg = tiny("local1d", output, block_length=4)
     model = ImageTransformer(cfg).eval()
     assert torch.equal(model.sample(2, temperature=1e-30), model.sample(2, temperature=0.0))
+
+
+@pytest.mark.parametrize("output", ["categorical", "dmol"])
+def test_the_seed_alone_fixes_the_images_and_the_generator_gives_a_seed(output):
+    torch.manual_seed(7)
+    model = ImageTransformer(tiny("local1d", output, block_length=4)).eval()
+    a = model.sample(4, seed=5)
+    assert torch.equal(a, model.sample(4, seed=5))
+    others = [model.sample(4, seed=s) for s in (6, 2**63 + 5)]  # seeds up to 2^64 - 1
+    assert all(not torch.equal(a[i], b[i]) for b in others for i in range(4))  # every image changes
+    assert not any(torch.equal(a[i], a[j]) for i in range(4) for j in range(i))  # images differ from each other
+    # a generator (or torch's default one) stands for one seed drawn from it
+    seed = noise.seed_from(torch.Generator().manual_seed(9))
+    assert torch.equal(model.sample(4, generator=torch.Generator().manual_seed(9)), model.sample(4, seed=seed))
+    torch.manual_seed(10)
+    seed = noise.seed_from()
+    torch.manual_seed(10)
+    assert torch.equal(model.sample(4), model.sample(4, seed=seed))
+    for bad in (-1, 2**64, 1.5):
+        with pytest.raises(ValueError, match="seed must be"):
+            model.sample(1, seed=bad)
+    with pytest.raises(ValueError, match="first_index"):
+        model.sample(1, seed=0, first_index=-1)
+
+
+def test_an_inconsistent_prime_is_named_once_decoding_is_done():
+    # a model.consistent model: every image must area-downsample to its source; a primed top row
+    # of 255s over a source of 0s leaves its cells no value to draw
+    torch.manual_seed(8)
+    cfg = tiny("local1d", block_length=6, image_size=(4, 4), source_size=(2, 2), encoder_layers=1, consistent=True)
+    model = ImageTransformer(cfg).eval()
+    source = torch.zeros(1, 2, 2, 3, dtype=torch.uint8)
+    prime = torch.full((1, 4, 4, 3), 255, dtype=torch.uint8)
+    mask = torch.zeros_like(prime, dtype=torch.bool)
+    mask[:, 0] = True
+    steps = []
+    with pytest.raises(ValueError, match="no value is left to draw"):
+        model.sample(1, source=source, seed=0, prime=prime, prime_mask=mask, progress=lambda k, n: steps.append(k))
+    assert steps[-1] == cfg.seq_len  # decoding ran to the end: the check reads the device once, after it
+    fine = model.sample(1, source=source, seed=0, prime=torch.zeros_like(prime), prime_mask=mask)
+    assert torch.equal(area_downsample(fine, (2, 2)), source)  # a consistent prime is completed

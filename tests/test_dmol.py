@@ -6,6 +6,7 @@ import pytest
 import torch
 
 from imagetx.model.dmol import dmol_log_probs, dmol_nll, dmol_num_params, dmol_sample
+from imagetx.model.noise import value_gumbel
 
 SIZES = [(1, 1), (1, 10), (3, 1), (3, 10)]  # (channels, num_mixtures)
 
@@ -13,6 +14,11 @@ SIZES = [(1, 1), (1, 10), (3, 1), (3, 10)]  # (channels, num_mixtures)
 def pack(logits, means, log_scales, coeffs):
     """Per-group tensors (..., M), (..., C, M), (..., C, M), (..., K, M) -> params (..., P)."""
     return torch.cat([logits, means.flatten(-2), log_scales.flatten(-2), coeffs.flatten(-2)], dim=-1)
+
+
+def noise_for(n, channels, seed):
+    """Sampling noise of n pixels: float32 (n, channels, 256), pixel i as image i at step 0."""
+    return value_gumbel(seed, torch.arange(n), torch.zeros(1, dtype=torch.long), channels)[:, 0]
 
 
 def random_params(n, channels, mixtures, generator, extreme=False):
@@ -133,7 +139,7 @@ def test_nll_equals_chain_of_conditionals(channels, mixtures, extreme):
     params = random_params(512, channels, mixtures, g, extreme)
     x = torch.randint(0, 256, (512, channels), generator=g)
     if extreme:  # also the likely values, not only the astronomically unlikely ones
-        x[::2] = dmol_sample(params[::2], channels, mixtures, generator=g)
+        x[::2] = dmol_sample(params[::2], channels, mixtures, gumbel=noise_for(256, channels, seed=1))
     nll = dmol_nll(params, x, channels, mixtures)
     chained = -dmol_log_probs(params, x, channels, mixtures).gather(-1, x[..., None]).squeeze(-1).sum(-1)
     assert torch.isfinite(nll).all()
@@ -145,7 +151,7 @@ def test_matches_float64_reference(channels, mixtures):
     g = torch.Generator().manual_seed(2)
     params = random_params(256, channels, mixtures, g)
     x = torch.randint(0, 256, (256, channels), generator=g)
-    x[::2] = dmol_sample(params[::2], channels, mixtures, generator=g)  # likely values too
+    x[::2] = dmol_sample(params[::2], channels, mixtures, gumbel=noise_for(128, channels, seed=2))  # likely values too
     torch.testing.assert_close(
         dmol_nll(params, x, channels, mixtures).double(),
         reference_nll(params, x, channels, mixtures),
@@ -197,7 +203,7 @@ def test_coupling_moves_the_mean_of_later_channels():
 
 def test_sampling_is_reproducible_and_validates_temperature():
     params = random_params(64, 3, 10, torch.Generator().manual_seed(3))
-    draw = lambda seed, t=1.0: dmol_sample(params, 3, 10, t, torch.Generator().manual_seed(seed))  # noqa: E731
+    draw = lambda seed, t=1.0: dmol_sample(params, 3, 10, t, noise_for(64, 3, seed))  # noqa: E731
     a = draw(0)
     assert a.shape == (64, 3) and a.dtype == torch.long and a.min() >= 0 and a.max() <= 255
     assert torch.equal(a, draw(0))
@@ -231,11 +237,10 @@ def test_sample_frequencies_match_exact_probabilities_gray():
         torch.zeros(1, 0, 2),
     )
     probs = dmol_log_probs(params, torch.zeros(1, 1, dtype=torch.long), 1, 2).double().exp()[0, 0]
-    g = torch.Generator().manual_seed(5)
-    x = dmol_sample(params.expand(n, -1), 1, 2, generator=g)
+    x = dmol_sample(params.expand(n, -1), 1, 2, gumbel=noise_for(n, 1, seed=5))
     assert total_variation(x[:, 0], probs) < 0.03
     # temperature T samples softmax(log p / T)
-    x = dmol_sample(params.expand(n, -1), 1, 2, temperature=0.5, generator=g)
+    x = dmol_sample(params.expand(n, -1), 1, 2, temperature=0.5, gumbel=noise_for(n, 1, seed=6))
     assert total_variation(x[:, 0], torch.softmax(2.0 * probs.log(), -1)) < 0.03
 
 
@@ -247,7 +252,7 @@ def test_sample_frequencies_match_exact_marginals_rgb():
         torch.tensor([[[-4.0, -4.5], [-4.5, -4.0], [-4.0, -4.0]]]),
         torch.tensor([[[1.0, -1.0], [0.5, 0.5], [-1.0, 1.0]]]),
     )
-    x = dmol_sample(params.expand(n, -1), 3, 2, generator=torch.Generator().manual_seed(6))
+    x = dmol_sample(params.expand(n, -1), 3, 2, gumbel=noise_for(n, 3, seed=6))
     # Exact marginals by summing the conditionals over the (few) likely earlier values.
     p_r = dmol_log_probs(params, torch.zeros(1, 3, dtype=torch.long), 3, 2).double().exp()[0, 0]  # (256,)
     rs = torch.arange(256)
@@ -296,10 +301,41 @@ def test_leading_dims_and_low_precision_params():
     assert nll.shape == (2, 3, 4)
     assert torch.allclose(nll.flatten(), dmol_nll(params.reshape(24, -1), x.reshape(24, 3), 3, 4))
     assert dmol_log_probs(params, x, 3, 4).shape == (2, 3, 4, 3, 256)
-    assert dmol_sample(params, 3, 4, generator=g).shape == (2, 3, 4, 3)
+    assert dmol_sample(params, 3, 4, gumbel=noise_for(24, 3, seed=8).view(2, 3, 4, 3, 256)).shape == (2, 3, 4, 3)
     half = params.bfloat16()
     assert dmol_nll(half, x, 3, 4).dtype == torch.float32
     torch.testing.assert_close(dmol_nll(half, x, 3, 4), dmol_nll(half.float(), x, 3, 4))
     assert dmol_log_probs(half, x, 3, 4).dtype == torch.float32
     with pytest.raises(ValueError, match="shape"):
         dmol_nll(params, x[..., :2], 3, 4)
+
+
+@pytest.mark.parametrize("temperature", [1.0, 0.6, 2.5])
+def test_gumbel_max_draws_the_tempered_softmax_and_never_a_restricted_value(temperature):
+    from imagetx.model.dmol import restrict, sample_softmax
+
+    n = 40000
+    log_p = torch.log_softmax(3.0 * torch.randn(256, generator=torch.Generator().manual_seed(9)), -1)
+    lo, hi = torch.full((n,), 100), torch.full((n,), 140)
+    restricted = restrict(log_p.expand(n, -1), lo, hi)
+    x = sample_softmax(restricted, temperature, noise_for(n, 1, seed=10)[:, 0])
+    assert x.min() >= 100 and x.max() <= 140
+    expected = torch.softmax(restricted[0].double() / temperature, -1)
+    assert total_variation(x, expected) < 0.03
+    # temperature 0 is the argmax, without noise; noise of the wrong shape is an error
+    assert torch.equal(sample_softmax(restricted[:3], 0.0), restricted[:3].argmax(-1))
+    with pytest.raises(ValueError, match="Gumbel noise of shape"):
+        sample_softmax(restricted[:3], temperature)
+
+
+def test_restrict_leaves_an_empty_range_to_its_caller_without_reading_it():
+    from torch._subclasses.fake_tensor import FakeTensorMode
+
+    from imagetx.model.dmol import restrict
+
+    out = restrict(torch.zeros(2, 256), torch.tensor([3, 9]), torch.tensor([5, 8]))  # the second is empty
+    assert torch.isfinite(out[0]).sum() == 3 and torch.isinf(out[1]).all()
+    # it runs in every training step of a model.consistent model: no value may be read back to
+    # the host there (a fake tensor has no values: reading one raises)
+    with FakeTensorMode():
+        assert restrict(torch.zeros(2, 256), torch.tensor([3, 9]), torch.tensor([5, 8])).shape == (2, 256)

@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from imagetx.model import consistency, dmol, kernels, native
+from imagetx.model import consistency, dmol, kernels, native, noise
 from imagetx.model.attention import Position
 
 
@@ -76,29 +76,52 @@ class IncrementalDecoder:
         return m.head(m.final_norm(x))[:, 0]
 
 
-def draw(out: torch.Tensor, config, temperature: float, generator=None, bounds=None) -> torch.Tensor:
+def draw(out: torch.Tensor, config, temperature: float, gumbel=None, bounds=None) -> torch.Tensor:
     """One position's output -> its value(s): long (B,) (categorical) or (B, C) (DMOL).
-    bounds: optional (lo, hi) of the value(s)' shape: draw from the distribution restricted to
-    [lo, hi] and renormalised (see dmol.restrict)."""
+    gumbel: float32 (B, 1, 256) (categorical) or (B, C, 256) (DMOL), the position's own standard
+    Gumbel noise (noise.value_gumbel at its step); not needed at temperature 0. The value is a
+    deterministic function of out and gumbel. bounds: optional (lo, hi) of the value(s)' shape:
+    draw from the distribution restricted to [lo, hi] and renormalised (see dmol.restrict)."""
     if config.output == "dmol":
-        return dmol.dmol_sample(out.float(), config.channels, config.num_mixtures, temperature, generator, bounds)
+        return dmol.dmol_sample(out.float(), config.channels, config.num_mixtures, temperature, gumbel, bounds)
     log_p = out.float() if bounds is None else dmol.restrict(out.float(), *bounds)
-    return dmol.sample_softmax(log_p, temperature, generator)
+    return dmol.sample_softmax(log_p, temperature, None if gumbel is None else gumbel[:, 0])
+
+
+# Gumbel noise is made for this many values at a time (several steps at once: fewer kernel
+# launches on a GPU), 4 MiB of float32
+NOISE_CHUNK = 1 << 20
+
+EMPTY_RANGE = ("no value is left to draw (an empty range): the values placed before it already break the "
+               "restriction, e.g. a primed image that does not area-downsample to its input")
 
 
 def generate(
     model, n, labels=None, source=None, temperature=1.0, generator=None, use_cache=True,
-    prime=None, prime_mask=None, progress=None, constraint=None,
+    prime=None, prime_mask=None, progress=None, constraint=None, seed: int | None = None, first_index: int = 0,
 ) -> torch.Tensor:
     """See ImageTransformer.sample.
 
+    seed, first_index: image i is global image first_index + i, and every value drawn for it is
+    a function of (seed, first_index + i, its generation step) and the model alone (model/noise.py),
+    so a batch of images can be split into batches of any size with matching first_index offsets,
+    and over processes, without changing any image. Without a seed, one is drawn from generator
+    (torch's default generator when that is None too).
+
     constraint: optional object restricting the values drawn, with bounds(g) -> (lo, hi) for grid
     position g (long (n,) each for categorical, (n, C) for DMOL) read before drawing position g,
-    and record(g, value) told every value placed (drawn or primed), in generation order."""
+    and record(g, value) told every value placed (drawn or primed), in generation order. A range
+    left empty by the values placed before it (lo > hi) raises ValueError once decoding is done."""
     cfg = model.config
     dmol.check_temperature(temperature)
     if n < 1:
         raise ValueError(f"number of images must be >= 1, got {n}")
+    if seed is None:
+        seed = noise.seed_from(generator)
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**64:
+        raise ValueError(f"seed must be an integer in [0, 2^64), got {seed!r}")
+    if isinstance(first_index, bool) or not isinstance(first_index, int) or first_index < 0:
+        raise ValueError(f"first_index must be an integer >= 0, got {first_index!r}")
     model.check_inputs(None, labels, source, batch=n)
     if cfg.consistent and constraint is None:  # the model's own distribution is the restricted one
         constraint = consistency.AreaConsistency(source, cfg.image_size)
@@ -113,21 +136,30 @@ def generate(
             raise ValueError(f"prime and prime_mask must both have shape ({n}, {H}, {W}, {C})")
         x = torch.where(prime_mask.to(device), prime.to(device).long(), x)
         keep = prime_mask.to(device).reshape(n, cfg.seq_len, -1)  # per position (and channel)
+    images = first_index + torch.arange(n, device=device)  # (n,) global image indices
+    per_step = 1 if cfg.output == "categorical" else C  # values drawn per generation step
+    chunk = max(1, NOISE_CHUNK // (n * per_step * 256))  # steps whose noise is made together
+    empty = torch.zeros((), dtype=torch.bool, device=device)  # a range left empty (read once, at the end)
     was_training = model.training
     model.eval()
     try:
         flat = x.view(n, cfg.seq_len, -1)  # (n, L, 1) categorical or (n, L, C) DMOL, grid order
         steps = model.layout.order_list  # generation step -> grid position
         decoder = IncrementalDecoder(model, n, labels, source) if use_cache else None
-        prev = None
+        prev = gumbel = None
         for k, g in enumerate(steps):
             if decoder is not None:
                 out = decoder.step(k, prev, None if cells is None else cells.range_inputs(g))
             else:
                 full = model(x, labels, source)  # recompute everything: the reference path
                 out = full.reshape(n, cfg.seq_len, -1)[:, g]
+            if temperature > 0 and k % chunk == 0:
+                ahead = torch.arange(k, min(k + chunk, len(steps)), device=device)
+                gumbel = noise.value_gumbel(seed, images, ahead, per_step)  # (n, S, 1 or C, 256)
             bounds = None if constraint is None else constraint.bounds(g)
-            value = draw(out, cfg, temperature, generator, bounds).view(n, -1)
+            if bounds is not None:
+                empty = empty | (bounds[0] > bounds[1]).any()
+            value = draw(out, cfg, temperature, None if gumbel is None else gumbel[:, k % chunk], bounds).view(n, -1)
             if prime is not None:
                 value = torch.where(keep[:, g], flat[:, g], value)
             flat[:, g] = value
@@ -140,6 +172,8 @@ def generate(
                 progress(k + 1, len(steps))
     finally:
         model.train(was_training)
+    if bool(empty):
+        raise ValueError(EMPTY_RANGE)
     return x.to(torch.uint8)
 
 

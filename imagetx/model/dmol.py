@@ -179,28 +179,35 @@ def check_temperature(temperature) -> None:
 
 
 def restrict(log_p: torch.Tensor, lo: torch.Tensor, hi: torch.Tensor) -> torch.Tensor:
-    """Log-probabilities float (N, 256) with every value outside [lo, hi] (long (N,) each, lo <=
-    hi) set to -inf: sampling from the result draws from the distribution conditioned on the
-    value lying in the range (sample_softmax renormalises)."""
-    if bool((lo > hi).any()):
-        raise ValueError("no value is left to draw or score (an empty range lo > hi): the values before it "
-                         "already break the restriction, e.g. an image that does not area-downsample to its input")
+    """Log-probabilities float (N, 256) with every value outside [lo, hi] (long (N,) each) set to
+    -inf: sampling from the result draws from the distribution conditioned on the value lying in
+    the range (sample_softmax renormalises). A row with lo > hi has no value left: it is all
+    -inf, and the caller that can know why says so (decoding.generate checks once per call;
+    reading the flag back here would be a host sync in every training step of a model.consistent
+    model)."""
     values = torch.arange(log_p.shape[-1], device=log_p.device)
     inside = (values >= lo[:, None]) & (values <= hi[:, None])
     return log_p.masked_fill(~inside, float("-inf"))
 
 
-def sample_softmax(log_p: torch.Tensor, temperature: float, generator: torch.Generator | None = None) -> torch.Tensor:
+def sample_softmax(log_p: torch.Tensor, temperature: float, gumbel: torch.Tensor | None = None) -> torch.Tensor:
     """Unnormalized log-probabilities float (N, K) -> long (N,) drawn from softmax(log_p /
-    temperature); argmax at temperature 0. The one temperature sampler: the categorical output's
-    logits and each DMOL channel's conditional go through it."""
+    temperature) by the Gumbel-max trick, argmax(log_p / temperature + gumbel) with gumbel float32
+    (N, K) standard Gumbel noise (model/noise.py); argmax of log_p at temperature 0, where gumbel
+    is not needed. -inf values are never drawn. The one temperature sampler: the categorical
+    output's logits and each DMOL channel's conditional go through it.
+
+    The sample is a deterministic function of log_p and the noise: with the noise fixed per
+    sub-pixel, an image does not depend on what else is drawn with it."""
     if temperature == 0:
         return log_p.argmax(dim=-1)
+    if gumbel is None or gumbel.shape != log_p.shape:
+        raise ValueError(f"sampling at temperature {temperature} needs Gumbel noise of shape {tuple(log_p.shape)}, "
+                         f"got {None if gumbel is None else tuple(gumbel.shape)}")
     # shifted so the largest is 0 before dividing: a tiny temperature then sends the others to
-    # -inf (greedy in the limit) instead of overflowing every entry to inf and the softmax to NaN
+    # -inf (greedy in the limit) instead of overflowing every entry to inf
     shifted = log_p - log_p.max(dim=-1, keepdim=True).values
-    probs = torch.softmax(shifted / temperature, dim=-1)
-    return torch.multinomial(probs, 1, generator=generator).squeeze(-1)
+    return (shifted / temperature + gumbel).argmax(dim=-1)
 
 
 @torch.no_grad()
@@ -209,14 +216,16 @@ def dmol_sample(
     channels: int,
     num_mixtures: int,
     temperature: float = 1.0,
-    generator: torch.Generator | None = None,
+    gumbel: torch.Tensor | None = None,
     bounds: tuple[torch.Tensor, torch.Tensor] | None = None,
 ) -> torch.Tensor:
     """Draw one pixel per parameter vector, channel by channel from the exact conditionals.
 
     params: float (..., P) -> long (..., C) in [0, 255]. Channel c is drawn from
-    dmol_log_probs(params, x)[..., c, :] / temperature evaluated on the channels drawn before it;
-    temperature 0 takes the argmax of each conditional. Deterministic for a fixed generator.
+    dmol_log_probs(params, x)[..., c, :] / temperature evaluated on the channels drawn before it,
+    by sample_softmax with its own noise gumbel[..., c, :]: gumbel float32 (..., C, 256) standard
+    Gumbel noise (model/noise.py), not needed at temperature 0, which takes the argmax of each
+    conditional. A deterministic function of params and gumbel.
     bounds: optional (lo, hi), long (..., C) each: channel c is drawn from its conditional
     restricted to [lo[..., c], hi[..., c]] (see restrict).
     """
@@ -229,13 +238,15 @@ def dmol_sample(
     prefix = torch.zeros_like(log_weights)  # (N, M) log-likelihood of the drawn channels per component
     if bounds is not None:
         lo, hi = (b.reshape(n, channels) for b in bounds)
+    if gumbel is not None:
+        gumbel = gumbel.reshape(n, channels, -1)  # (N, C, 256)
     for c in range(channels):
         mu = _coupled_mean(means, coeffs, x_scaled, c)  # (N, M)
         table = _value_table(mu, log_scales[:, c])  # (N, M, 256)
         log_p = _conditional(log_weights + prefix, table)  # (N, 256)
         if bounds is not None:
             log_p = restrict(log_p, lo[:, c], hi[:, c])
-        v = sample_softmax(log_p, temperature, generator)  # (N,)
+        v = sample_softmax(log_p, temperature, None if gumbel is None else gumbel[:, c])  # (N,)
         x[:, c] = v
         x_scaled[:, c] = to_unit(v)
         prefix = prefix + table.gather(-1, v[:, None, None].expand(n, m, 1)).squeeze(-1)

@@ -370,19 +370,26 @@ class ImageTransformer(nn.Module):
         prime_mask: torch.Tensor | None = None,
         progress=None,
         constraint=None,
+        seed: int | None = None,
+        first_index: int = 0,
     ) -> torch.Tensor:
         """Draw n images: uint8 (n, H, W, C), in the model's generation order.
 
-        temperature: >= 0 (0 = greedy). prime / prime_mask: uint8 (n, H, W, C) and bool of the
-        same shape: where the mask is True the value is kept instead of sampled (image
-        completion). use_cache=False recomputes the whole model at every step (the reference
-        path); progress: an optional callable(steps_done, steps_total). constraint: restricts
-        the values drawn (see imagetx.model.decoding.generate); a model.consistent model always
-        samples with consistency.AreaConsistency, its own distribution.
+        temperature: >= 0 (0 = greedy). seed: int in [0, 2^64); image i is global image
+        first_index + i and all its randomness is a function of (seed, first_index + i) alone
+        (see imagetx.model.noise), so the same images come out whatever the batch size, as long
+        as each batch gives its first image's global index; without a seed, one is drawn from
+        generator (torch's default generator when None). prime / prime_mask: uint8 (n, H, W, C)
+        and bool of the same shape: where the mask is True the value is kept instead of sampled
+        (image completion). use_cache=False recomputes the whole model at every step (the
+        reference path); progress: an optional callable(steps_done, steps_total). constraint:
+        restricts the values drawn (see imagetx.model.decoding.generate); a model.consistent
+        model always samples with consistency.AreaConsistency, its own distribution.
         """
         from imagetx.model.decoding import generate
 
         return generate(
             self, n, labels=labels, source=source, temperature=temperature, generator=generator,
             use_cache=use_cache, prime=prime, prime_mask=prime_mask, progress=progress, constraint=constraint,
+            seed=seed, first_index=first_index,
         )
