@@ -241,7 +241,9 @@ def sample(
     """Draw images from a checkpoint with the cached decoder: a PNG grid, one PNG per image, or an npz.
 
     Unconditional or per class, at a chosen temperature, with a fixed seed; --prime completes
-    a partial image (several completions with -n).
+    a partial image (several completions with -n). Each image depends only on the seed and its
+    index: under torchrun the processes share the images and write the same files as one, e.g.
+    torchrun --nproc_per_node 4 -m imagetx.cli sample runs/cifar10 -n 50000 --npz samples.npz
     """
     from imagetx.sample import SampleConfig, run
 
@@ -254,14 +256,17 @@ def sample(
     )
     with _expected_failures():
         summary = run(req)
+    if env_ranks()[0] != 0:  # under torchrun the main process reports
+        return
     if as_json:
         typer.echo(json.dumps(summary))
         return
     for path in summary["written"]:
         typer.echo(path)
     fused = ", fused C step" if summary["decoder"] == "fused" else ""
+    processes = f", {summary['processes']} processes" if summary["processes"] > 1 else ""
     console.note(f"{summary['images']} images in {summary['seconds']:.1f} s "
-                 f"({summary['ms_per_position']:.2f} ms per position, {summary['precision']}{fused})")
+                 f"({summary['ms_per_position']:.2f} ms per position, {summary['precision']}{fused}{processes})")
 
 
 @app.command(cls=_Command)
@@ -291,7 +296,8 @@ def superres(
     Images of another size are centre-cropped and area-resized to the model's input size, with a
     notice. comparison.png shows, per input: nearest neighbour, bicubic, the samples (with
     --consistent --report: the unrestricted ones, then the consistent ones), and the ground truth
-    when known.
+    when known. Under torchrun the processes share the sequences; each depends only on the seed
+    and its index, so the files are those of one process.
     """
     from imagetx.superres import SuperResConfig, run
 
@@ -302,6 +308,8 @@ def superres(
     )
     with _expected_failures():
         summary = run(req)
+    if env_ranks()[0] != 0:  # under torchrun the main process reports
+        return
     failures = summary.get("failures") or []
     if as_json:
         typer.echo(json.dumps(summary))
@@ -403,6 +411,7 @@ def eval_fid(
     split: str = typer.Option("test", help="Reference split."),
     limit: Optional[int] = typer.Option(None, help="Use only the first N reference images."),
     batch_size: int = typer.Option(50, help="Images per Inception forward pass."),
+    sample_batch_size: int = typer.Option(64, help="Images decoded together when drawing the samples (per process)."),
     dims: int = typer.Option(2048, help="Inception features: 2048 (standard FID), or 768, 192, 64 for quick relative checks."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     cache_dir: Optional[Path] = typer.Option(None, help="Where reference statistics are cached (default ~/.cache/imagetx/fid)."),
@@ -415,16 +424,19 @@ def eval_fid(
     The reference statistics of a split are cached. Only the standard weights give FIDs
     comparable with published ones, e.g.
     imagetx eval-fid runs/cifar10 --inception-weights pt_inception-2015-12-05-6726825d.pth -n 10000
+    Under torchrun the processes share the drawing of the samples (the same samples as one).
     """
     from imagetx.fid import FidConfig, run
 
     req = FidConfig(
         checkpoint=checkpoint, inception_weights=inception_weights, npz=npz, num=num, temperature=temperature,
         seed=seed, dataset=dataset, data_dir=data_dir, split=split, limit=limit, batch_size=batch_size,
-        dims=dims, device=device, cache_dir=cache_dir, weights=weights,
+        sample_batch_size=sample_batch_size, dims=dims, device=device, cache_dir=cache_dir, weights=weights,
     )
     with _expected_failures():
         result = run(req)
+    if result is None:  # under torchrun the main process scores and reports
+        return
     if as_json:
         typer.echo(json.dumps(result))
         return

@@ -105,11 +105,17 @@ def setup(device: str = "auto") -> Dist:
 
 @contextmanager
 def distributed(device: str = "auto") -> Iterator[Dist]:
-    """setup() for the duration of a block; leaves the process group only if it joined it."""
+    """setup() for the duration of a block; leaves the process group only if it joined it, after
+    a barrier when the block ends normally."""
     joined = not dist.is_initialized()
     ctx = setup(device)
     try:
         yield ctx
+        if joined and is_distributed():
+            # every process finishes before any leaves: a gloo process whose peer tears the group
+            # down while it is still in it can abort ("terminate called without an active
+            # exception"; 2 of 8 two-process `imagetx sample` runs did without this barrier)
+            dist.barrier()
     finally:
         if joined and dist.is_initialized():
             dist.destroy_process_group()
@@ -117,6 +123,13 @@ def distributed(device: str = "auto") -> Iterator[Dist]:
 
 def is_distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+def ranks() -> tuple[int, int]:
+    """(rank, world_size) in the process group; (0, 1) without one."""
+    if not is_distributed():
+        return 0, 1
+    return dist.get_rank(), dist.get_world_size()
 
 
 def all_reduce_sum(tensor: torch.Tensor) -> torch.Tensor:
@@ -187,3 +200,18 @@ def shard(n: int, rank: int, world_size: int) -> range:
     """This process's contiguous share of range(n): every index exactly once over all
     processes, no padding (unlike DistributedSampler); shares differ in size by at most one."""
     return range(rank * n // world_size, (rank + 1) * n // world_size)
+
+
+def gather_shards(mine: torch.Tensor, n: int) -> torch.Tensor:
+    """Every process's rows of a tensor split by shard(n, rank, world_size) -> all n rows in index
+    order, on every process, on `mine`'s device (a CUDA tensor under NCCL, CPU under gloo). The
+    shares differ in size by at most one: each is padded to the largest for one all_gather."""
+    if not is_distributed():
+        return mine
+    world = dist.get_world_size()
+    most = -(-n // world)
+    padded = mine.new_zeros((most, *mine.shape[1:]))
+    padded[: mine.shape[0]] = mine
+    parts = [torch.empty_like(padded) for _ in range(world)]
+    dist.all_gather(parts, padded)
+    return torch.cat([part[: len(shard(n, r, world))] for r, part in enumerate(parts)])

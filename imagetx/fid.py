@@ -21,7 +21,6 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import tempfile
 import warnings
 from dataclasses import dataclass
 from pathlib import Path
@@ -33,7 +32,7 @@ import torch
 from imagetx import console
 from imagetx.atomic import atomic_write
 from imagetx.checks import count_problems, seed_problems, temperature_problems
-from imagetx.distributed import device_problems, select_device
+from imagetx.distributed import device_problems
 from imagetx.errors import ConfigError, RunError, raise_problems
 
 STANDARD_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
@@ -148,7 +147,8 @@ class FidConfig:
     data_dir: str | None = None
     split: str = "test"
     limit: int | None = None  # reference images (None: the whole split)
-    batch_size: int = 50
+    batch_size: int = 50  # images per Inception forward pass
+    sample_batch_size: int = 64  # images decoded together when drawing the samples (per process)
     dims: int = FEATURES  # 2048 for standard FID; fewer for quick relative checks
     device: str = "auto"
     cache_dir: str | os.PathLike | None = None  # default: $XDG_CACHE_HOME/imagetx/fid or ~/.cache/imagetx/fid
@@ -159,6 +159,7 @@ class FidConfig:
         from imagetx.checkpoint import weights_problems
 
         p = count_problems(self.num, "--num") + count_problems(self.batch_size, "--batch-size") + weights_problems(self.weights)
+        p += count_problems(self.sample_batch_size, "--sample-batch-size")
         if self.limit is not None:
             p += count_problems(self.limit, "--limit")
         if self.dims not in DIMS:
@@ -193,20 +194,29 @@ def reference_images(model_cfg, data, split: str, limit: int | None) -> tuple[to
     return images, describe(ds)[0]
 
 
-def run(req: FidConfig) -> dict:
+def run(req: FidConfig) -> dict | None:
     """FID of req's samples against a data set split -> {"fid", "samples", "reference_images",
     "dataset", "split", "weights", "standard_weights", "reference_cache", "cached"}. Raises
-    ConfigError, RunError, CheckpointError, DatasetError."""
+    ConfigError, RunError, CheckpointError, DatasetError. Under torchrun the processes share the
+    drawing of the samples (imagetx.sample.draw: the same samples as one process) and the main
+    process alone scores them; the others return None."""
+    from imagetx.distributed import distributed
+
+    raise_problems(req.problems())
+    with distributed(req.device) as ctx:
+        return _run(req, ctx)
+
+
+def _run(req: FidConfig, ctx) -> dict | None:
     from imagetx.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
     from imagetx.data.batches import data_config_from_checkpoint
 
-    raise_problems(req.problems())
-    device = select_device(req.device)
+    device = ctx.device
     weights = Path(req.inception_weights)
     extractor = load_inception(weights, device, req.dims)  # first: a bad weights file costs no sampling
     digest = sha256(weights)
     standard = digest.startswith(STANDARD_SHA256_PREFIX)
-    if not standard:
+    if not standard and ctx.is_main:
         console.warn(f"{weights} is not the standard FID Inception weights (SHA-256 {digest[:8]}..., expected "
                      f"{STANDARD_SHA256_PREFIX}...): these FIDs are not comparable with published ones")
     path = resolve_checkpoint(req.checkpoint)
@@ -219,13 +229,13 @@ def run(req: FidConfig) -> dict:
     else:
         if cfg.source_size is not None:
             raise ConfigError(["this is a super-resolution model: give its samples with --npz"])
-        from imagetx.sample import SampleConfig, run as sample
+        from imagetx.sample import SampleConfig, draw
 
-        with tempfile.TemporaryDirectory() as tmp:
-            npz = Path(tmp) / "samples.npz"
-            sample(SampleConfig(checkpoint=path, num=req.num, temperature=req.temperature, seed=req.seed,
-                                device=req.device, out=None, npz=npz, progress=req.progress, weights=req.weights))
-            samples = read_npz(npz)
+        samples, _ = draw(SampleConfig(checkpoint=path, num=req.num, temperature=req.temperature, seed=req.seed,
+                                       batch_size=req.sample_batch_size, device=req.device, out=None,
+                                       progress=req.progress, weights=req.weights), ctx)
+    if not ctx.is_main:
+        return None
 
     cache = Path(req.cache_dir) if req.cache_dir is not None else default_cache_dir()
     H, W = cfg.image_size

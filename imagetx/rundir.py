@@ -3,7 +3,7 @@
     RUN/config.toml                 the resolved configuration
     RUN/metrics.jsonl               one JSON object per line (training and held-out rows)
     RUN/checkpoints/step-NNNNNNNN.pt
-    RUN/samples/step-NNNNNNNN.png   sample grids from a fixed generator (comparable across steps)
+    RUN/samples/step-NNNNNNNN.png   sample grids from a fixed seed (comparable across steps)
     RUN/curves.png                  learning curves, redrawn at each evaluation (imagetx.plot)
     RUN/tensorboard/, RUN/wandb/    with train.logger (imagetx.loggers)
 
@@ -181,10 +181,10 @@ class RunDir:
             raise RunError(f"cannot write a checkpoint in {self.path}: {exc.strerror or exc}") from None
 
     def write_samples(self, model, step: int, seed: int, count: int, eval_set, device: torch.device) -> Path:
-        """samples/step-NNNNNNNN.png: `count` samples of `model` from a generator seeded with
-        `seed`, so grids are comparable across steps (rows of source, sample and target for
-        super-resolution, whose sources are the first images of eval_set). Leaves the global
-        generators as they were."""
+        """samples/step-NNNNNNNN.png: `count` samples of `model` drawn with `seed`, the same noise
+        at every step, so grids are comparable across steps (rows of source, sample and target for
+        super-resolution, whose sources are the first images of eval_set). Uses no generator, so
+        the global ones stay as they were."""
         cfg, n = model.config, count
         labels = source = targets = None
         if cfg.num_classes:
@@ -193,13 +193,10 @@ class RunDir:
             targets, source, _ = next(batches(eval_set, iter([list(range(min(n, len(eval_set))))])))
             n = targets.shape[0]
             source = source.to(device)
-        devices = [device] if device.type == "cuda" else []
         was_training = model.training
         model.eval()
-        try:
-            with torch.random.fork_rng(devices=devices):
-                generator = torch.Generator(device).manual_seed(seed)
-                images = model.sample(n, labels=labels, source=source, generator=generator).cpu()
+        try:  # the noise is a function of the seed (model/noise.py): no generator is read or advanced
+            images = model.sample(n, labels=labels, source=source, seed=seed).cpu()
         finally:
             model.train(was_training)
         nrow = None

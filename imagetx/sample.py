@@ -13,7 +13,7 @@ from imagetx import console
 from imagetx.checkpoint import load_model, weights_problems
 from imagetx.checks import (count_problems, label_problems, memory_problems, output_dir_problems,
                             output_file_problems, seed_problems, temperature_problems)
-from imagetx.distributed import device_problems, select_device
+from imagetx.distributed import Dist, device_problems, distributed, gather_shards, shard
 from imagetx.errors import ConfigError, raise_problems
 from imagetx.images import display_scale, fit, read_image, save_grid, save_npz, save_png
 from imagetx.model import native
@@ -94,12 +94,15 @@ def prime_tensors(model, path, rows: int | None, n: int):
     return prime, mask
 
 
-def run(req: SampleConfig) -> dict:
-    """Sample req.num images and write them; returns a summary (paths, timing). Raises
-    ConfigError listing req.problems() before any work."""
-    raise_problems(req.problems())
-    device = select_device(req.device)
-    model = load_model(req.checkpoint, device=device, weights=req.weights)
+def draw(req: SampleConfig, ctx: Dist) -> tuple[torch.Tensor, dict]:
+    """Sample req.num images: under torchrun each process draws its share (distributed.shard) in
+    batches of req.batch_size, and the shares are gathered. Image i's randomness is a function of
+    req.seed and i alone (ImageTransformer.sample's first_index), so the images do not depend on
+    the number of processes or on the batch size.
+
+    -> (images uint8 (num, H, W, C) on the CPU, on every process; a summary: checkpoint,
+    images, labels, timing). Nothing is written."""
+    model = load_model(req.checkpoint, device=ctx.device, weights=req.weights)
     cfg = model.config
     if cfg.source_size is not None:
         raise ConfigError(["this is a super-resolution model: use `imagetx superres` with low-resolution inputs"])
@@ -109,44 +112,34 @@ def run(req: SampleConfig) -> dict:
     prime = mask = None
     if req.prime is not None:
         prime, mask = prime_tensors(model, req.prime, req.prime_rows, req.num)
-    generator = torch.Generator(device=device).manual_seed(req.seed)
-    precision = resolve_precision(req.precision, device)
-    decoder = for_decoding(model, precision.dtype, min(req.batch_size, req.num))
-    batches = [range(i, min(i + req.batch_size, req.num)) for i in range(0, req.num, req.batch_size)]
-    bar = console.progress(len(batches) * cfg.seq_len, "sampling", "pos", enabled=req.progress)
-    images = []
+    precision = resolve_precision(req.precision, ctx.device)
+    mine = shard(req.num, ctx.rank, ctx.world_size)  # global image indices
+    batches = [mine[i : i + req.batch_size] for i in range(0, len(mine), req.batch_size)]
+    decoder = for_decoding(model, precision.dtype, max(1, min(req.batch_size, len(mine))))
+    bar = console.progress(len(batches) * cfg.seq_len, "sampling", "pos", enabled=req.progress and ctx.is_main)
+    H, W = cfg.image_size
+    images = [torch.zeros(0, H, W, cfg.channels, dtype=torch.uint8, device=ctx.device)]  # a share may be empty
     start = time.perf_counter()
     try:
         for idx in batches:
             sl = slice(idx.start, idx.stop)
-            out = decoder.sample(
+            images.append(decoder.sample(
                 len(idx),
-                labels=None if labels is None else labels[sl].to(device),
+                labels=None if labels is None else labels[sl].to(ctx.device),
                 temperature=float(req.temperature),
-                generator=generator,
+                seed=req.seed,
+                first_index=idx.start,
                 use_cache=req.use_cache,
                 prime=None if prime is None else prime[sl],
                 prime_mask=None if mask is None else mask[sl],
                 progress=lambda done, total: bar.update(1),
-            )
-            images.append(out.cpu())
+            ))
     finally:
         bar.close()
+    # on the device: NCCL gathers CUDA tensors
+    images = gather_shards(torch.cat(images), req.num).cpu()
     seconds = time.perf_counter() - start
-    images = torch.cat(images)
-    written = []
-    # Everything is sampled before anything is written, and each file is written atomically.
-    if req.out is not None:
-        written.append(str(save_grid(images, req.out, scale=display_scale(cfg.image_size))))
-    if req.individual is not None:
-        d = Path(req.individual)
-        d.mkdir(parents=True, exist_ok=True)
-        width = len(str(req.num - 1))
-        for i, image in enumerate(images):
-            written.append(str(save_png(image, d / f"sample-{i:0{width}d}.png")))
-    if req.npz is not None:
-        written.append(str(save_npz(images, req.npz)))
-    return {
+    summary = {
         "checkpoint": str(req.checkpoint),
         "images": int(images.shape[0]),
         "image_size": list(cfg.image_size),
@@ -156,7 +149,37 @@ def run(req: SampleConfig) -> dict:
         "precision": precision.name,
         "decoder": "fused" if req.use_cache and native.applies(decoder) else "torch",
         "labels": None if labels is None else labels.tolist(),
+        "processes": ctx.world_size,
         "seconds": round(seconds, 3),
-        "ms_per_position": round(1000 * seconds / (len(batches) * cfg.seq_len), 4),
-        "written": written,
+        "ms_per_position": round(1000 * seconds / (max(1, len(batches)) * cfg.seq_len), 4),
     }
+    return images, summary
+
+
+def write(req: SampleConfig, images: torch.Tensor, image_size: tuple[int, int]) -> list[str]:
+    """Write the grid, the individual PNGs and the npz that req asks for, each file atomically;
+    -> the paths written."""
+    written = []
+    if req.out is not None:
+        written.append(str(save_grid(images, req.out, scale=display_scale(image_size))))
+    if req.individual is not None:
+        d = Path(req.individual)
+        d.mkdir(parents=True, exist_ok=True)
+        width = len(str(req.num - 1))
+        for i, image in enumerate(images):
+            written.append(str(save_png(image, d / f"sample-{i:0{width}d}.png")))
+    if req.npz is not None:
+        written.append(str(save_npz(images, req.npz)))
+    return written
+
+
+def run(req: SampleConfig) -> dict:
+    """Sample req.num images and write them; returns a summary (paths, timing). Raises
+    ConfigError listing req.problems() before any work. Under torchrun the processes share the
+    sampling (see draw) and the main process alone writes; the others return "written": []."""
+    raise_problems(req.problems())
+    with distributed(req.device) as ctx:
+        images, summary = draw(req, ctx)
+        # Everything is sampled before anything is written, and each file is written atomically.
+        written = write(req, images, tuple(summary["image_size"])) if ctx.is_main else []
+    return {**summary, "written": written}

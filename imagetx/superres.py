@@ -29,7 +29,7 @@ from imagetx import console
 from imagetx.atomic import atomic_write
 from imagetx.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint, stored_config, weights_problems
 from imagetx.checks import count_problems, label_problems, output_dir_problems, seed_problems, temperature_problems
-from imagetx.distributed import device_problems, select_device
+from imagetx.distributed import Dist, device_problems, distributed, gather_shards, ranks, shard
 from imagetx.errors import ConfigError, ImageFileError, RunError, raise_problems
 from imagetx.model.consistency import AreaConsistency, factors
 from imagetx.model.decoding import for_decoding
@@ -186,24 +186,29 @@ def super_resolve(
     samples: int = 1,
     labels: torch.Tensor | None = None,
     temperature: float = 0.9,
-    generator: torch.Generator | None = None,
+    seed: int = 0,
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
     consistent: bool = False,
 ) -> torch.Tensor:
-    """sources uint8 (N, h, w, C) -> samples uint8 (N, K, H, W, C), K = samples.
+    """sources uint8 (N, h, w, C) -> samples uint8 (N, K, H, W, C), K = samples, on the CPU.
 
     Each source is repeated K times and the N*K sequences are decoded batch_size at a time with
-    the cached decoder (the encoder runs once per batch). labels: long (N,) or None. consistent:
-    draw each sub-pixel from the model's conditional restricted to the values that keep the
-    image's area downsampling equal to its source (AreaConsistency)."""
+    the cached decoder (the encoder runs once per batch). Sequence j = i*K + k (input i, sample k)
+    is global image j of ImageTransformer.sample: its randomness is a function of seed and j
+    alone. Under torchrun each process decodes its share of the sequences (distributed.shard) and
+    every process returns all of them. labels: long (N,) or None. consistent: draw each sub-pixel
+    from the model's conditional restricted to the values that keep the image's area downsampling
+    equal to its source (AreaConsistency)."""
     device = next(model.parameters()).device
     N = sources.shape[0]
+    H, W = model.config.image_size
     rep_sources = sources.repeat_interleave(samples, dim=0)  # (N*K, h, w, C), input-major
     rep_labels = None if labels is None else labels.repeat_interleave(samples, dim=0)
-    out = []
-    for start in range(0, N * samples, batch_size):
-        sl = slice(start, min(start + batch_size, N * samples))
+    mine = shard(N * samples, *ranks())  # global sequence indices
+    out = [torch.zeros(0, H, W, model.config.channels, dtype=torch.uint8, device=device)]  # a share may be empty
+    for start in range(mine.start, mine.stop, batch_size):
+        sl = slice(start, min(start + batch_size, mine.stop))
         constraint = None
         if consistent:
             constraint = AreaConsistency(rep_sources[sl].to(device), model.config.image_size,
@@ -214,15 +219,17 @@ def super_resolve(
                 labels=None if rep_labels is None else rep_labels[sl].to(device),
                 source=rep_sources[sl].to(device),
                 temperature=float(temperature),
-                generator=generator,
+                seed=seed,
+                first_index=sl.start,
                 progress=progress,
                 constraint=constraint,
             )
         except ValueError as exc:  # the model names what does not fit
             raise RunError(f"the inputs do not fit the model: {exc}") from None
-        out.append(images.cpu())
-    H, W = model.config.image_size
-    return torch.cat(out).view(N, samples, H, W, model.config.channels)  # (N, K, H, W, C)
+        out.append(images)
+    # on the device: NCCL gathers CUDA tensors
+    everything = gather_shards(torch.cat(out), N * samples).cpu()
+    return everything.view(N, samples, H, W, model.config.channels)  # (N, K, H, W, C)
 
 
 def upscale(sources: torch.Tensor, size: tuple[int, int], method: str) -> torch.Tensor:
@@ -277,9 +284,17 @@ def run(req: SuperResConfig) -> dict:
     {"checkpoint", "inputs" (names), "samples_per_input", "temperature", "seed", "image_size",
     "source_size", "written", "failures", "consistent", "metrics" (None without report),
     "metrics_unrestricted" (with consistent and report: the unrestricted samples' metrics, else
-    None), "seconds" (sampling)}."""
+    None), "seconds" (sampling)}. Under torchrun the processes share the sampling (super_resolve)
+    and the main process alone scores and writes; the others return "written": [] and no metrics."""
     raise_problems(req.problems())
-    device = select_device(req.device)
+    with distributed(req.device) as ctx:
+        return _run(req, ctx)
+
+
+def _run(req: SuperResConfig, ctx: Dist) -> dict:
+    device = ctx.device
+    # notices about the inputs once, from the main process
+    notify = console.note if ctx.is_main else (lambda message: None)
     path = resolve_checkpoint(req.checkpoint)
     ckpt = load_checkpoint(path, map_location=device)
     model = model_from_checkpoint(ckpt, path, device, req.weights).eval()
@@ -293,12 +308,12 @@ def run(req: SuperResConfig) -> dict:
 
     failures: list[dict] = []
     if req.inputs is not None:
-        inputs, failures = load_file_inputs(req.inputs, cfg, req.label)
+        inputs, failures = load_file_inputs(req.inputs, cfg, req.label, notify)
     else:
         from imagetx.data.batches import data_config_from_checkpoint
 
         data = data_config_from_checkpoint(ckpt, path, req.dataset, req.data_dir)
-        inputs = load_dataset_inputs(cfg, data, req.split, req.num)
+        inputs = load_dataset_inputs(cfg, data, req.split, req.num, notify)
     del ckpt
     sources = torch.stack([x.source for x in inputs])  # (N, h, w, C)
     labels = torch.tensor([x.label for x in inputs]) if cfg.num_classes else None
@@ -308,22 +323,25 @@ def run(req: SuperResConfig) -> dict:
     # a model.consistent model has only one: its own distribution is the restricted one
     modes = [False, True] if req.consistent and req.report and not cfg.consistent else [req.consistent or cfg.consistent]
     passes = len(modes)
-    bar = console.progress(passes * math.ceil(total / req.batch_size) * cfg.seq_len, "super-resolving", "pos",
-                           enabled=req.progress)
+    mine = len(shard(total, ctx.rank, ctx.world_size))  # sequences this process decodes
+    bar = console.progress(passes * math.ceil(mine / req.batch_size) * cfg.seq_len, "super-resolving", "pos",
+                           enabled=req.progress and ctx.is_main)
     start = time.perf_counter()
     precision = resolve_precision(req.precision, device)
-    decoder = for_decoding(model, precision.dtype, min(req.batch_size, total))
+    decoder = for_decoding(model, precision.dtype, max(1, min(req.batch_size, mine)))
     drawn = {}
     try:
         for consistent in modes:
-            generator = torch.Generator(device=device).manual_seed(req.seed)
-            drawn[consistent] = super_resolve(decoder, sources, req.samples, labels, req.temperature, generator,
+            drawn[consistent] = super_resolve(decoder, sources, req.samples, labels, req.temperature, req.seed,
                                               req.batch_size, progress=lambda done, steps: bar.update(1),
                                               consistent=consistent)
     finally:
         bar.close()
     seconds = time.perf_counter() - start
     samples = drawn[modes[-1]]
+    if not ctx.is_main:  # the main process scores and writes
+        return {"inputs": [x.name for x in inputs], "written": [], "failures": failures, "metrics": None,
+                "metrics_unrestricted": None, "seconds": round(seconds, 3)}
 
     nearest = upscale(sources, cfg.image_size, "nearest")
     bicubic = upscale(sources, cfg.image_size, "bicubic")

@@ -6,6 +6,7 @@ import json
 import os
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 import pytest
@@ -262,3 +263,62 @@ def test_processes_that_see_different_checkpoints_refuse_to_start(monkeypatch, t
     trainer = T.Trainer(load_config(sets=[*TINY, f"train.out={tmp_path}"]), Dist(world_size=2))
     with pytest.raises(RunError, match=r"process 0: step 8, process 1: none\); every node must see the same run"):
         trainer.set_up("auto", tmp_path / "step-8.pt", {"step": 8})
+
+
+def _launch(args: list[str], processes: int, timeout: int = 300) -> tuple[subprocess.CompletedProcess, float]:
+    """`imagetx ARGS` in one process (torch's default threads: every core) or under torchrun with
+    `processes` gloo processes of one thread each -> (the finished process, its wall seconds)."""
+    env = {**os.environ, "PYTHONPATH": str(ROOT)}
+    command = [sys.executable, "-m", "imagetx.cli", *args]
+    if processes > 1:
+        env["OMP_NUM_THREADS"] = "1"
+        command = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", str(processes),
+                   "-m", "imagetx.cli", *args]
+    start = time.perf_counter()
+    proc = subprocess.run(command, cwd=ROOT, env=env, capture_output=True, text=True, timeout=timeout)
+    return proc, time.perf_counter() - start
+
+
+def test_two_gloo_processes_sample_the_same_npz_as_one_byte_for_byte(tmp_path):
+    from test_sample import write_checkpoint
+
+    path, _ = write_checkpoint(tmp_path, attention="local1d", block_length=4, num_classes=3)
+    # batches of 2: one process decodes images [0 1] [2 3] [4 5] [6], two decode [0 1] [2] and
+    # [3 4] [5 6], each batch from its first image's global index
+    args = ["sample", str(path), "-n", "7", "--batch-size", "2", "--seed", "5", "--device", "cpu", "--json"]
+    results = {}
+    for processes in (1, 2):
+        out = tmp_path / f"out{processes}"
+        out.mkdir()
+        proc, wall = _launch([*args, "--npz", str(out / "s.npz")], processes)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        assert len(lines) == 1, proc.stdout  # the main process alone reports
+        summary = json.loads(lines[0])
+        assert summary["processes"] == processes and summary["written"] == [str(out / "s.npz")]
+        assert sorted(os.listdir(out)) == ["s.npz"]  # written once, no stray temporary file
+        results[processes] = (out / "s.npz").read_bytes(), summary["seconds"], wall
+    assert results[2][0] == results[1][0]
+    print(f"\nsampling 7 images: 1 process {results[1][1]:.2f} s ({results[1][2]:.1f} s wall), "
+          f"2 gloo processes {results[2][1]:.2f} s ({results[2][2]:.1f} s wall)")
+
+
+def test_two_gloo_processes_super_resolve_a_dataset_as_one(tmp_path):
+    from test_superres import write_checkpoint
+
+    path, _ = write_checkpoint(tmp_path, data={"name": "builtin", "task": "superres", "builtin_size": 8},
+                               image_size=(8, 8), source_size=(2, 2))
+    # both modes (--consistent --report): unrestricted and consistent samples, 6 sequences each
+    args = ["superres", str(path), "--dataset", "builtin", "-n", "3", "--samples", "2", "--batch-size", "4",
+            "--seed", "2", "--device", "cpu", "--consistent", "--report", "--json"]
+    files, metrics = {}, {}
+    for processes in (1, 2):
+        out = tmp_path / f"out{processes}"
+        proc, _ = _launch([*args, "--out", str(out)], processes)
+        assert proc.returncode == 0, proc.stderr[-4000:]
+        lines = [line for line in proc.stdout.splitlines() if line.startswith("{")]
+        assert len(lines) == 1, proc.stdout  # the main process alone reports
+        metrics[processes] = json.loads(lines[0])["metrics"]
+        files[processes] = {p.name: p.read_bytes() for p in sorted(out.iterdir())}
+    assert len(files[1]) == 3 * 2 + 1  # a PNG per sample and comparison.png
+    assert files[2] == files[1] and metrics[2] == metrics[1]

@@ -70,8 +70,9 @@ def test_eval_fid_equals_independent_computation_and_caches(checkpoint, random_w
     from imagetx.config import DataConfig
     from imagetx.sample import SampleConfig, run as sample
 
+    # the samples are drawn 5 at a time here and 16 at a time by `sample` below: the same images
     req = dict(checkpoint=checkpoint, inception_weights=random_weights, num=12, limit=16, dims=64,
-               batch_size=8, device="cpu", cache_dir=tmp_path / "cache", progress=False)
+               batch_size=8, sample_batch_size=5, device="cpu", cache_dir=tmp_path / "cache", progress=False)
     first = run(FidConfig(**req))
     assert "not the standard FID Inception weights" in capsys.readouterr().err
     assert (first["samples"], first["reference_images"], first["cached"]) == (12, 16, False)
