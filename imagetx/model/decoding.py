@@ -111,7 +111,9 @@ def generate(
     constraint: optional object restricting the values drawn, with bounds(g) -> (lo, hi) for grid
     position g (long (n,) each for categorical, (n, C) for DMOL) read before drawing position g,
     and record(g, value) told every value placed (drawn or primed), in generation order. A range
-    left empty by the values placed before it (lo > hi) raises ValueError once decoding is done."""
+    left empty by the values placed before it (lo > hi) raises ValueError once decoding is done:
+    only primed values can do that (a drawn value is always inside its range, and a range is
+    never empty while the values before it were in theirs), so without a prime nothing is read."""
     cfg = model.config
     dmol.check_temperature(temperature)
     if n < 1:
@@ -139,7 +141,8 @@ def generate(
     images = first_index + torch.arange(n, device=device)  # (n,) global image indices
     per_step = 1 if cfg.output == "categorical" else C  # values drawn per generation step
     chunk = max(1, NOISE_CHUNK // (n * per_step * 256))  # steps whose noise is made together
-    empty = torch.zeros((), dtype=torch.bool, device=device)  # a range left empty (read once, at the end)
+    # a range left empty by primed values, read once at the end
+    empty = torch.zeros((), dtype=torch.bool, device=device) if prime is not None and constraint is not None else None
     was_training = model.training
     model.eval()
     try:
@@ -157,7 +160,7 @@ def generate(
                 ahead = torch.arange(k, min(k + chunk, len(steps)), device=device)
                 gumbel = noise.value_gumbel(seed, images, ahead, per_step)  # (n, S, 1 or C, 256)
             bounds = None if constraint is None else constraint.bounds(g)
-            if bounds is not None:
+            if empty is not None:
                 empty = empty | (bounds[0] > bounds[1]).any()
             value = draw(out, cfg, temperature, None if gumbel is None else gumbel[:, k % chunk], bounds).view(n, -1)
             if prime is not None:
@@ -172,7 +175,7 @@ def generate(
                 progress(k + 1, len(steps))
     finally:
         model.train(was_training)
-    if bool(empty):
+    if empty is not None and bool(empty):
         raise ValueError(EMPTY_RANGE)
     return x.to(torch.uint8)
 
