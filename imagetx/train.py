@@ -130,7 +130,9 @@ class Trainer:
         objective: nn.Module = Objective(model)
         if ctx.is_distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
-            objective = DistributedDataParallel(objective, device_ids=ids)
+            # every buffer of the model is a constant table built at construction: broadcasting
+            # them from rank 0 before each forward pass (DDP's default) would copy tens of MB for nothing
+            objective = DistributedDataParallel(objective, device_ids=ids, broadcast_buffers=False)
         compile_ = t.compile if isinstance(t.compile, bool) else self.device.type == "cuda"
         self.objective = compile_or_eager(objective, self.device) if compile_ else objective
         self.optimizer, self.scheduler, self.cooldown = make_optimizer(model, cfg)

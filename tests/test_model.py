@@ -251,3 +251,33 @@ def test_local1d_without_the_private_flash_operators_takes_the_windowed_path(mon
     monkeypatch.setattr(kernels, "local1d_flash", None)  # raises if the model still tried it
     assert not kernels.local1d_flash_applies(torch.zeros(1, 1, 3 * cfg.attn_dim), 0.0)
     check_fast_equals_dense(model, x)
+
+
+@pytest.mark.parametrize("extra", [
+    dict(attention="local1d", block_length=16, relative="logits"),
+    dict(attention="local2d", query_shape=(2, 6), memory_flange=(1, 6), relative="rotary", num_classes=2),
+    dict(attention="local1d", block_length=8, source_size=(2, 5), encoder_layers=1, source_skip=True,
+         consistent=True, range_input=True),
+], ids=["local1d-logits", "local2d-rotary-classes", "superres-consistent"])
+def test_buffers_are_constants_that_training_never_changes(extra):
+    """Every buffer is a table built at construction: training steps (bf16 autocast and fp32),
+    evaluation and sampling leave each one bit for bit as it was. DDP relies on it
+    (broadcast_buffers=False: nothing to send from rank 0 before each forward pass)."""
+    torch.manual_seed(4)
+    cfg = tiny(image_size=(4, 5), **extra)
+    model = ImageTransformer(cfg)
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    assert before, "the model registers its tables as buffers"
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, labels, source = inputs(cfg)
+    for dtype in (torch.bfloat16, torch.float32):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype == torch.bfloat16):
+            model.nll(x, labels, source).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    model.eval()
+    with torch.inference_mode():
+        model.nll(x, labels, source)
+        model.sample(2, labels, source, seed=0)
+    for name, b in model.named_buffers():
+        assert torch.equal(b, before[name]), f"buffer {name} changed"

@@ -151,7 +151,10 @@ class ImageTransformer(nn.Module):
         self.final_norm = nn.LayerNorm(d) if config.norm == "pre" else nn.Identity()
         self.activation_checkpointing = False
         if layout.window_mask is not None:  # the local patterns' additive mask, built once, moved with the model
-            self.register_buffer("window_bias", window_bias(layout.window_mask, config.n_heads), persistent=False)
+            bias = window_bias(layout.window_mask, config.n_heads)
+            self.register_buffer("window_bias", bias, persistent=False)
+            # and in bf16, autocast's dtype: a cast per forward pass costs more than the copy
+            self.register_buffer("window_bias_bf16", bias.to(torch.bfloat16), persistent=False)
         if layout.kind == "local2d":  # where the decoding caches gather each block's keys from
             self.register_buffer("visibility", torch.tensor(layout.visibility), persistent=False)
 
@@ -229,11 +232,14 @@ class ImageTransformer(nn.Module):
             raise ValueError("this model has no encoder (source_size unset): do not pass a source")
 
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
-        """The local patterns' additive mask in dtype, shared by all layers: the window_bias
-        buffer itself in float32, a cast of it otherwise (nothing kept between calls, so a
-        compiled step sees the same module state at every step)."""
+        """The local patterns' additive mask in dtype, shared by all layers: a buffer built once
+        (float32 and bfloat16), a cast of one in any other dtype (nothing is kept between calls,
+        so a compiled step sees the same module state at every step)."""
         if self.layout.window_mask is None:
             return None
+        for bias in (self.window_bias, self.window_bias_bf16):
+            if bias.dtype == dtype:
+                return bias
         return self.window_bias.to(dtype)
 
     def condition(self, labels=None, source=None):
