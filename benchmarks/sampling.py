@@ -178,7 +178,6 @@ def main() -> None:
         slow = uncached_ms_per_step(model, steps, batch)
         result[f"batch{batch}"]["uncached_fp32_ms_per_subpixel_step"] = round(slow, 1)
         result[f"batch{batch}"]["cached_speedup"] = round(slow / result[f"batch{batch}"]["ms_per_subpixel_step"], 1)
-    result["reference_dense_gpt_ms_per_subpixel"] = 45.0  # REFERENCE.md section 5, same machine type
     if args.sizes:
         sizes = {}
         for name, extra in {

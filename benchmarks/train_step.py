@@ -156,7 +156,6 @@ def main() -> None:
         "matmul_peak_gflops_by_precision": {k: round(max(v), 1) for k, v in peaks.items()},
         "peak_rss_gb": round(peak_rss_mb() / 1024, 2),
         "peak_device_memory_gb": None if device.type == "cpu" else round(peak_device_gb(device), 2),
-        "reference_port": {"seconds_per_step": 31, "peak_gb": 14, "mfu": 0.66},
     }
     if baseline is not None:
         result["fp32_seconds_per_step"] = [round(t, 2) for t in baseline]

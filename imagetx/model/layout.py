@@ -10,10 +10,11 @@ attention a pair of views:
 - local2d: the grid padded up to whole blocks (Hp, Wp), stored block after block in block-raster
   order (length Hp*Wp). Padding positions carry no data; they are masked out as keys.
 
-Two kinds of masks live here. `dense_mask` builds the (Lp, Lp) pattern straight from the
-definitions in REFERENCE.md and is the reference every fast path is tested against. The
-`window_*` tensors describe the same pattern as, per query block, a fixed window of keys plus a
-(block, query, key) mask: that is what the fast attention and the decoding caches use.
+Two kinds of masks live here. `dense_mask` builds the (Lp, Lp) pattern straight from each
+pattern's definition (spelled out in its docstring) and is the reference every fast path is
+tested against. The `window_*` tensors describe the same pattern as, per query block, a fixed
+window of keys plus a (block, query, key) mask: that is what the fast attention and the
+decoding caches use.
 """
 
 from __future__ import annotations
@@ -200,7 +201,7 @@ def _layout_2d(config: ModelConfig, rows: int, cols: int) -> Layout:
 
 
 def dense_mask(layout: Layout, config: ModelConfig) -> torch.Tensor:
-    """bool (Lp, Lp) straight from the definitions in REFERENCE.md (unclipped sizes).
+    """bool (Lp, Lp) straight from the definitions below (unclipped sizes).
 
     local1d: key j visible from query i iff j <= i and j // lq >= i // lq - 1 (raster order).
     local2d: top flange (fh rows above the block, fw columns of overhang either side), left
