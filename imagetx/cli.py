@@ -7,9 +7,27 @@ value), 130 after Ctrl-C (a checkpoint is saved first), 143 after SIGTERM.
 
 from __future__ import annotations
 
+import signal
+import sys
+
+
+def _interrupted_while_starting(signum, frame):
+    sys.stderr.write("error: interrupted\n")
+    raise SystemExit(130)
+
+
+# The error boundary goes up before anything slow is imported (Typer here, torch in each command):
+# a Ctrl-C while the console script starts is one line and exit 130, as later, not a traceback.
+# Only while this module is imported; from then on main() catches the KeyboardInterrupt.
+_sigint_before = signal.getsignal(signal.SIGINT)
+if _sigint_before is signal.default_int_handler:
+    try:
+        signal.signal(signal.SIGINT, _interrupted_while_starting)
+    except ValueError:  # imported outside the main thread: nothing to install
+        pass
+
 import json
 import os
-import sys
 import traceback
 import warnings
 from contextlib import contextmanager
@@ -24,7 +42,6 @@ try:  # Typer >= 0.17 carries its own copy of Click
 except ImportError:
     from click.exceptions import ClickException as _ClickException
     from click.exceptions import NoArgsIsHelpError as _NoArgsIsHelp
-from imagetx.distributed import env_ranks
 from imagetx import console
 from imagetx.errors import CheckpointError, ConfigError, DatasetError, RunError
 
@@ -186,6 +203,8 @@ def eval_bpd(
     )
     with _expected_failures():
         result = run(eval_config)
+    from imagetx.distributed import env_ranks
+
     if env_ranks()[0] != 0:
         return
     if as_json:
@@ -434,6 +453,9 @@ def eval_fid(
 
 
 _COMPUTE_COMMANDS = {"train", "eval-bpd", "sample", "superres", "eval-fid"}
+
+if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:  # the module is imported: main() takes over
+    signal.signal(signal.SIGINT, _sigint_before)
 
 
 def main() -> None:
