@@ -63,6 +63,9 @@ def read_export(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: export format {version!r} is newer than this imagetx reads ({EXPORT_VERSION}); upgrade imagetx")
     if not isinstance(meta.get("model"), dict):
         raise CheckpointError(f"{path / CONFIG}: incomplete, it has no model config")
+    step = meta.get("step") or 0
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{path / CONFIG}: its step is {str(step)[:40]!r}, not a whole number >= 0")
     try:  # read on the CPU, then moved: any device torch names works, as with torch.load
         weights = {k: v.to(map_location) for k, v in load_file(path / WEIGHTS).items()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -75,7 +78,7 @@ def read_export(path: str | os.PathLike, map_location="cpu") -> dict:
         config["train"] = {"ema": meta["training"]["ema"]}
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "imagetx_version": meta.get("imagetx_version"),
-        "step": int(meta.get("step") or 0), "model": weights, "optimizer": None, "scheduler": None,
+        "step": step, "model": weights, "optimizer": None, "scheduler": None,
         "exported_weights": "ema" if meta.get("weights") == "ema" else "trained",
         "config": config,
     }

@@ -64,8 +64,9 @@ def resume_from(config: RunConfig, resume: str | os.PathLike | None) -> tuple[Ru
     saved = {section: dict(values) for section, values in stored_config(ckpt, path).items()}
     try:  # the model keys an older checkpoint lacks take today's defaults, as when loading its weights
         saved["model"] = ModelConfig.from_dict(saved["model"]).to_dict()
+        resolve_config([], base=saved)  # the checkpoint's own values: a bad one is the file's fault (exit 1), not the user's
     except (ConfigError, TypeError) as exc:
-        raise CheckpointError(f"{path}: its model config is not valid for this imagetx: {exc}") from None
+        raise CheckpointError(f"{path}: its config is not valid for this imagetx: {exc}") from None
     mine = config.to_dict()
     given = {f"{s}.{k}" for s, values in mine.items() for k in values} if config.explicit is None else config.explicit
     given = given | {"train.out"} if auto else given
