@@ -160,12 +160,15 @@ def save_checkpoint(run_dir: str | os.PathLike, checkpoint: Mapping, keep: int =
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint file, an export folder (itself), or a run directory (-> its newest
     checkpoint). Raises CheckpointError."""
-    from imagetx.export import is_export
+    from imagetx.export import incomplete_export, is_export
 
     path = Path(path)
     if is_export(path):
         return path
     if path.is_dir():
+        missing = incomplete_export(path)  # not a run directory: no "no checkpoints in DIR/checkpoints"
+        if missing:
+            raise CheckpointError(missing)
         latest = latest_checkpoint(path)
         if latest is None:
             raise CheckpointError(f"{path}: no checkpoints in {path / 'checkpoints'}")

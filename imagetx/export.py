@@ -43,6 +43,20 @@ def is_export(path: str | os.PathLike) -> bool:
     return path.is_dir() and (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
 
 
+def incomplete_export(path: str | os.PathLike) -> str | None:
+    """What is missing from a folder that holds part of an export (config.json or
+    model.safetensors, and no checkpoints/ of a run), as one line; None for anything else."""
+    path = Path(path)
+    if not path.is_dir() or (path / "checkpoints").exists():
+        return None
+    present = [name for name in (WEIGHTS, CONFIG) if (path / name).is_file()]
+    if not present or len(present) == 2:
+        return None
+    missing = WEIGHTS if present == [CONFIG] else CONFIG
+    return (f"{path}: an incomplete `imagetx export` folder: {missing} is missing (an export holds "
+            f"{WEIGHTS} and {CONFIG}); export the run again")
+
+
 # ---- reading -------------------------------------------------------------------------------------
 def read_export(path: str | os.PathLike, map_location="cpu") -> dict:
     """An export folder -> a checkpoint dict as load_checkpoint returns it (no optimizer or
