@@ -111,6 +111,21 @@ def _expected_failures():
         raise typer.Exit(1) from None
 
 
+def _check_outputs(files=(), dirs=()) -> None:
+    """The one check of every command's outputs, at the boundary and before any work: each
+    (flag, path) of a file to write (files) or a directory to write into (dirs), None for one
+    not given. An output that is a directory where a file is meant (or the other way round), or
+    in a directory that does not exist or cannot be written, is a usage error (exit 2) in every
+    command alike. sample and superres make the same checks (imagetx.checks) in their own
+    problems(), where they are reported together with the command's other usage errors."""
+    from imagetx.checks import output_dir_problems, output_file_problems
+    from imagetx.errors import raise_problems
+
+    problems = [p for flag, path in files if path is not None for p in output_file_problems(path, flag)]
+    problems += [p for flag, path in dirs if path is not None for p in output_dir_problems(path, flag)]
+    raise_problems(problems)
+
+
 @app.command(cls=_Command)
 def train(
     config: Optional[Path] = typer.Option(
@@ -162,6 +177,7 @@ def train(
 
             typer.echo(resume_from(resolved, resume)[0].to_toml(), nl=False)
             return
+        _check_outputs(dirs=[("--out", resolved.train.out)])
         summary = training.run(resolved, resume=resume)
     code = training.EXIT_STATUS[summary["status"]]
     if code:
@@ -373,6 +389,7 @@ def plot(
     from imagetx.plot import plot_runs
 
     with _expected_failures():
+        _check_outputs(files=[("--out", out)])
         summary = plot_runs(runs, out)
     if as_json:
         typer.echo(json.dumps(summary))
@@ -399,6 +416,7 @@ def export(
     from imagetx.export import export as export_run
 
     with _expected_failures():
+        _check_outputs(dirs=[("--out", out)])
         summary = export_run(run, out, weights)
     if as_json:
         typer.echo(json.dumps(summary))
@@ -443,6 +461,7 @@ def eval_fid(
         dims=dims, device=device, cache_dir=cache_dir, weights=weights,
     )
     with _expected_failures():
+        _check_outputs(dirs=[("--cache-dir", cache_dir)])
         result = run(req)
     if as_json:
         typer.echo(json.dumps(result))
