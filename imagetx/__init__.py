@@ -5,10 +5,21 @@ library's entry points: ModelConfig and ImageTransformer build a model, load_mod
 directory, checkpoint file or `imagetx export` folder.
 """
 
-from imagetx.errors import ConfigError
-from imagetx.model.config import ModelConfig
-from imagetx.model.transformer import ImageTransformer
-from imagetx.checkpoint import load_model  # noqa: E402  (needs the model classes above)
+from importlib import import_module
 
 __all__ = ["ConfigError", "ModelConfig", "ImageTransformer", "load_model"]
 __version__ = "0.1.1"
+
+# Imported on first use, not with the package: `import imagetx` stays free of torch, so the console
+# script installs its error boundary (imagetx.cli) before anything slow is imported, and a Ctrl-C
+# during start-up is one line, not a traceback.
+_HOMES = {"ConfigError": "imagetx.errors", "ModelConfig": "imagetx.model.config",
+          "ImageTransformer": "imagetx.model.transformer", "load_model": "imagetx.checkpoint"}
+
+
+def __getattr__(name: str):
+    if name in _HOMES:
+        value = getattr(import_module(_HOMES[name]), name)
+        globals()[name] = value
+        return value
+    raise AttributeError(f"module 'imagetx' has no attribute {name!r}")

@@ -19,6 +19,7 @@ directory, then renamed with os.replace: a crash never leaves a half-written che
 from __future__ import annotations
 
 import os
+import pickle
 import random
 import re
 import warnings
@@ -159,12 +160,15 @@ def save_checkpoint(run_dir: str | os.PathLike, checkpoint: Mapping, keep: int =
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint file, an export folder (itself), or a run directory (-> its newest
     checkpoint). Raises CheckpointError."""
-    from imagetx.export import is_export
+    from imagetx.export import incomplete_export, is_export
 
     path = Path(path)
     if is_export(path):
         return path
     if path.is_dir():
+        missing = incomplete_export(path)  # not a run directory: no "no checkpoints in DIR/checkpoints"
+        if missing:
+            raise CheckpointError(missing)
         latest = latest_checkpoint(path)
         if latest is None:
             raise CheckpointError(f"{path}: no checkpoints in {path / 'checkpoints'}")
@@ -184,23 +188,7 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", mmap: bool = Fa
     path = resolve_checkpoint(path)
     if is_export(path):  # safetensors and JSON: nothing to unpickle
         return read_export(path, map_location)
-    try:
-        with open(path, "rb"):
-            pass
-    except OSError as exc:
-        raise CheckpointError(f"{path}: cannot read it: {exc.strerror or exc}") from None
-    try:
-        ckpt = torch.load(path, map_location=map_location, weights_only=True, mmap=mmap)
-    except Exception as exc:  # damage shows as RuntimeError, OSError, EOFError, UnpicklingError...
-        text = str(exc)
-        if "Unsupported global" in text:
-            raise CheckpointError(
-                f"{path}: not an imagetx checkpoint (it holds Python objects, not plain tensors and values)"
-            ) from None
-        if "WeightsUnpickler error:" in text:  # torch's explanation wraps the actual reason
-            text = text.split("WeightsUnpickler error:", 1)[1].split("Check the documentation")[0]
-        detail = " ".join(text.split())[:200] or type(exc).__name__
-        raise CheckpointError(f"{path}: not a readable checkpoint (truncated or corrupt: {detail})") from None
+    ckpt = read_torch_file(path, "checkpoint", map_location=map_location, mmap=mmap)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an imagetx checkpoint (no '{FORMAT}' marker)")
     version = ckpt.get("format_version")
@@ -215,7 +203,101 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", mmap: bool = Fa
         missing.append("config.model")
     if missing:
         raise CheckpointError(f"{path}: incomplete checkpoint, missing {', '.join(missing)}")
+    wrong = _field_problems(ckpt)
+    if wrong:
+        raise CheckpointError(f"{path}: not a valid checkpoint: {'; '.join(wrong[:3])}")
     return ckpt
+
+
+def _is_count(value) -> bool:
+    return isinstance(value, int) and not isinstance(value, bool) and value >= 0
+
+
+def _field_problems(ckpt: Mapping) -> list[str]:
+    """Every field of a checkpoint whose type is not what make_checkpoint writes, one line each:
+    what training, evaluation and export read, checked once so that a tampered field is a
+    CheckpointError and never an exception deep inside a command."""
+    problems = []
+
+    def wrong(name: str, value, expected: str) -> None:
+        problems.append(f"its {name} is {str(value)[:40]!r}, not {expected}")
+
+    if not _is_count(ckpt["step"]):
+        wrong("step", ckpt["step"], "a whole number >= 0")
+    for key in ("model", "config"):
+        if not isinstance(ckpt[key], Mapping):
+            wrong(key, ckpt[key], "a dict")
+    for key in ("ema", "optimizer", "scheduler", "cooldown", "data_position"):
+        if ckpt.get(key) is not None and not isinstance(ckpt[key], Mapping):
+            wrong(key, ckpt[key], "a dict")
+    position = ckpt.get("data_position")
+    if isinstance(position, Mapping):
+        for key in ("epoch", "index"):
+            if key in position and not _is_count(position[key]):
+                wrong(f"data_position.{key}", position[key], "a whole number >= 0")
+    cooldown = ckpt.get("cooldown")
+    if isinstance(cooldown, Mapping) and cooldown.get("by_time"):
+        for key in ("start", "end"):
+            if not _is_count(cooldown.get(key)):
+                wrong(f"cooldown.{key}", cooldown.get(key), "a whole number >= 0")
+    if "world_size" in ckpt and not (_is_count(ckpt["world_size"]) and ckpt["world_size"] >= 1):
+        wrong("world_size", ckpt["world_size"], "a whole number >= 1")
+    rng = ckpt.get("rng")
+    if rng is not None:
+        ok = isinstance(rng, list) and all(
+            isinstance(r, Mapping) and isinstance(r.get("torch"), torch.Tensor)
+            and all(isinstance(c, torch.Tensor) for c in (r.get("cuda") or []))
+            and isinstance(r.get("python"), Mapping) and isinstance(r["python"].get("state"), torch.Tensor)
+            and _is_count(r["python"].get("version")) and isinstance(r["python"].get("gauss"), (float, type(None)))
+            for r in rng
+        )
+        if not ok:
+            problems.append("its rng is not one generator state per process")
+    return problems
+
+
+_TORCH_ZIP = b"PK\x03\x04"  # torch.save's format since PyTorch 1.6: a zip archive
+_TORCH_LEGACY = pickle.dumps(torch.serialization.MAGIC_NUMBER, protocol=2)  # the older one begins with this
+_PICKLE = b"\x80"  # any other pickle (protocol 2 and later)
+
+
+def read_torch_file(path: str | os.PathLike, what: str = "checkpoint", map_location="cpu", mmap: bool = False):
+    """The one reader of a file torch.save wrote (checkpoints, --inception-weights): unpickled
+    with weights_only=True, so that only tensors and plain values are ever built. The file is
+    classified before and around torch.load, and each kind of unusable file is one line that
+    says what the file is, never torch's own text (which suggests weights_only=False: the one
+    change that would let a crafted file run code):
+
+        empty, or a torch.save file that ends early or is damaged -> "not a readable {what}"
+        a file that carries Python objects or code                -> "not {what}: ... never executes"
+        anything else (an image, text, random bytes)              -> "not a {what} at all"
+
+    Raises CheckpointError naming `path`."""
+    path = Path(path)
+    article = "an imagetx checkpoint" if what == "checkpoint" else f"a {what}"
+    try:
+        with open(path, "rb") as f:
+            head = f.read(len(_TORCH_LEGACY))
+    except OSError as exc:
+        raise CheckpointError(f"{path}: cannot read it: {exc.strerror or exc}") from None
+    if not head:
+        raise CheckpointError(f"{path}: not a readable {what} (truncated or corrupt: the file is empty)")
+    objects = (f"{path}: not {article}: it carries Python objects or code, not only tensors and plain values; "
+               "imagetx never executes those, so it does not read the file")
+    zipped, legacy = head.startswith(_TORCH_ZIP), head == _TORCH_LEGACY
+    if not (zipped or legacy):
+        if head.startswith(_PICKLE):  # a pickle, but not one torch.save wrote
+            raise CheckpointError(objects)
+        raise CheckpointError(f"{path}: not {article} at all (not a file that torch.save writes)")
+    try:
+        with warnings.catch_warnings():  # torch's notes on pickle protocols are not the user's business
+            warnings.simplefilter("ignore")
+            return torch.load(path, map_location=map_location, weights_only=True, mmap=mmap and zipped)
+    except pickle.UnpicklingError:  # a global or an instruction that weights_only refuses to run
+        raise CheckpointError(objects) from None
+    except Exception as exc:  # damage shows as RuntimeError, EOFError, KeyError, ... from the reader
+        reason = "its zip archive cannot be read" if zipped else "it ends early or is damaged"
+        raise CheckpointError(f"{path}: not a readable {what} (truncated or corrupt: {reason}, {type(exc).__name__})") from None
 
 
 def stored_config(ckpt: Mapping, path: str | os.PathLike = "checkpoint") -> dict:

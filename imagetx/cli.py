@@ -7,9 +7,27 @@ value), 130 after Ctrl-C (a checkpoint is saved first), 143 after SIGTERM.
 
 from __future__ import annotations
 
+import signal
+import sys
+
+
+def _interrupted_while_starting(signum, frame):
+    sys.stderr.write("error: interrupted\n")
+    raise SystemExit(130)
+
+
+# The error boundary goes up before anything slow is imported (Typer here, torch in each command):
+# a Ctrl-C while the console script starts is one line and exit 130, as later, not a traceback.
+# Only while this module is imported; from then on main() catches the KeyboardInterrupt.
+_sigint_before = signal.getsignal(signal.SIGINT)
+if _sigint_before is signal.default_int_handler:
+    try:
+        signal.signal(signal.SIGINT, _interrupted_while_starting)
+    except ValueError:  # imported outside the main thread: nothing to install
+        pass
+
 import json
 import os
-import sys
 import traceback
 import warnings
 from contextlib import contextmanager
@@ -24,7 +42,6 @@ try:  # Typer >= 0.17 carries its own copy of Click
 except ImportError:
     from click.exceptions import ClickException as _ClickException
     from click.exceptions import NoArgsIsHelpError as _NoArgsIsHelp
-from imagetx.distributed import env_ranks
 from imagetx import console
 from imagetx.errors import CheckpointError, ConfigError, DatasetError, RunError
 
@@ -94,6 +111,21 @@ def _expected_failures():
         raise typer.Exit(1) from None
 
 
+def _check_outputs(files=(), dirs=()) -> None:
+    """The one check of every command's outputs, at the boundary and before any work: each
+    (flag, path) of a file to write (files) or a directory to write into (dirs), None for one
+    not given. An output that is a directory where a file is meant (or the other way round), or
+    in a directory that does not exist or cannot be written, is a usage error (exit 2) in every
+    command alike. sample and superres make the same checks (imagetx.checks) in their own
+    problems(), where they are reported together with the command's other usage errors."""
+    from imagetx.checks import output_dir_problems, output_file_problems
+    from imagetx.errors import raise_problems
+
+    problems = [p for flag, path in files if path is not None for p in output_file_problems(path, flag)]
+    problems += [p for flag, path in dirs if path is not None for p in output_dir_problems(path, flag)]
+    raise_problems(problems)
+
+
 @app.command(cls=_Command)
 def train(
     config: Optional[Path] = typer.Option(
@@ -145,6 +177,7 @@ def train(
 
             typer.echo(resume_from(resolved, resume)[0].to_toml(), nl=False)
             return
+        _check_outputs(dirs=[("--out", resolved.train.out)])
         summary = training.run(resolved, resume=resume)
     code = training.EXIT_STATUS[summary["status"]]
     if code:
@@ -186,6 +219,8 @@ def eval_bpd(
     )
     with _expected_failures():
         result = run(eval_config)
+    from imagetx.distributed import env_ranks
+
     if env_ranks()[0] != 0:
         return
     if as_json:
@@ -362,6 +397,7 @@ def plot(
     from imagetx.plot import plot_runs
 
     with _expected_failures():
+        _check_outputs(files=[("--out", out)])
         summary = plot_runs(runs, out)
     if as_json:
         typer.echo(json.dumps(summary))
@@ -388,6 +424,7 @@ def export(
     from imagetx.export import export as export_run
 
     with _expected_failures():
+        _check_outputs(dirs=[("--out", out)])
         summary = export_run(run, out, weights)
     if as_json:
         typer.echo(json.dumps(summary))
@@ -434,6 +471,7 @@ def eval_fid(
         sample_batch_size=sample_batch_size, dims=dims, device=device, cache_dir=cache_dir, weights=weights,
     )
     with _expected_failures():
+        _check_outputs(dirs=[("--cache-dir", cache_dir)])
         result = run(req)
     if result is None:  # under torchrun the main process scores and reports
         return
@@ -446,6 +484,9 @@ def eval_fid(
 
 
 _COMPUTE_COMMANDS = {"train", "eval-bpd", "sample", "superres", "eval-fid"}
+
+if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:  # the module is imported: main() takes over
+    signal.signal(signal.SIGINT, _sigint_before)
 
 
 def main() -> None:

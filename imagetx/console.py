@@ -8,15 +8,20 @@ redrawn below the line instead of being broken by it.
 
 from __future__ import annotations
 
+import os
 import sys
 import time
 
-from imagetx.distributed import env_ranks
+
+def _rank() -> int:
+    """torchrun's RANK (0 without torchrun), read here rather than through imagetx.distributed
+    so that printing a line never imports torch: the CLI says "interrupted" while it starts up."""
+    return int(os.environ.get("RANK", 0))
 
 
 def say(kind: str, message: str) -> None:
     """Print `kind: message` on stderr (rank 0 only). kind: "note", "warning" or "error"."""
-    if env_ranks()[0] != 0:
+    if _rank() != 0:
         return
     from tqdm import tqdm
 
@@ -61,7 +66,7 @@ def progress(total: int, desc: str, unit: str, enabled: bool = True, initial: in
     """A progress display on stderr with update(n) and close(): tqdm's bar on a terminal; in a
     log file or CI a `note:` line every 30 seconds and one at the end, not carriage-return frames.
     Nothing when not enabled or on ranks other than 0."""
-    if not enabled or env_ranks()[0] != 0:
+    if not enabled or _rank() != 0:
         return _Silent()
     if sys.stderr.isatty():
         from tqdm import tqdm

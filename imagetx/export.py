@@ -43,6 +43,20 @@ def is_export(path: str | os.PathLike) -> bool:
     return path.is_dir() and (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
 
 
+def incomplete_export(path: str | os.PathLike) -> str | None:
+    """What is missing from a folder that holds part of an export (config.json or
+    model.safetensors, and no checkpoints/ of a run), as one line; None for anything else."""
+    path = Path(path)
+    if not path.is_dir() or (path / "checkpoints").exists():
+        return None
+    present = [name for name in (WEIGHTS, CONFIG) if (path / name).is_file()]
+    if not present or len(present) == 2:
+        return None
+    missing = WEIGHTS if present == [CONFIG] else CONFIG
+    return (f"{path}: an incomplete `imagetx export` folder: {missing} is missing (an export holds "
+            f"{WEIGHTS} and {CONFIG}); export the run again")
+
+
 # ---- reading -------------------------------------------------------------------------------------
 def read_export(path: str | os.PathLike, map_location="cpu") -> dict:
     """An export folder -> a checkpoint dict as load_checkpoint returns it (no optimizer or
@@ -63,6 +77,9 @@ def read_export(path: str | os.PathLike, map_location="cpu") -> dict:
         raise CheckpointError(f"{path}: export format {version!r} is newer than this imagetx reads ({EXPORT_VERSION}); upgrade imagetx")
     if not isinstance(meta.get("model"), dict):
         raise CheckpointError(f"{path / CONFIG}: incomplete, it has no model config")
+    step = meta.get("step") or 0
+    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
+        raise CheckpointError(f"{path / CONFIG}: its step is {str(step)[:40]!r}, not a whole number >= 0")
     try:  # read on the CPU, then moved: any device torch names works, as with torch.load
         weights = {k: v.to(map_location) for k, v in load_file(path / WEIGHTS).items()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
@@ -75,7 +92,7 @@ def read_export(path: str | os.PathLike, map_location="cpu") -> dict:
         config["train"] = {"ema": meta["training"]["ema"]}
     return {
         "format": FORMAT, "format_version": FORMAT_VERSION, "imagetx_version": meta.get("imagetx_version"),
-        "step": int(meta.get("step") or 0), "model": weights, "optimizer": None, "scheduler": None,
+        "step": step, "model": weights, "optimizer": None, "scheduler": None,
         "exported_weights": "ema" if meta.get("weights") == "ema" else "trained",
         "config": config,
     }

@@ -68,11 +68,13 @@ def load_inception(weights: str | os.PathLike, device: torch.device | str = "cpu
     path = Path(weights)
     if not path.is_file():
         raise RunError(f"--inception-weights {path}: no such file; {_where_from()}")
-    try:
-        state = torch.load(path, map_location="cpu", weights_only=True)
-    except Exception as exc:  # truncated, corrupt, or a pickle with code in it
-        detail = " ".join(str(exc).split())[:160] or type(exc).__name__
-        raise RunError(f"--inception-weights {path}: not a readable weights file ({detail}); {_where_from()}") from None
+    from imagetx.checkpoint import read_torch_file
+    from imagetx.errors import CheckpointError
+
+    try:  # the one reader of torch files: says what a bad file is, never how to lower the guard
+        state = read_torch_file(path, "weights file")
+    except CheckpointError as exc:
+        raise RunError(f"--inception-weights {exc}; {_where_from()}") from None
     if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
         raise RunError(f"--inception-weights {path}: not a state dict of tensors; {_where_from()}")
     # pytorch-fid fetches its weights inside the constructor: hand it the user's instead

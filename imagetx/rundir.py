@@ -18,11 +18,12 @@ from __future__ import annotations
 import json
 import math
 import os
+from contextlib import contextmanager
 from pathlib import Path
 
 import torch
 
-from imagetx.atomic import atomic_write
+from imagetx.atomic import _alive, atomic_write
 from imagetx import console
 from imagetx.checkpoint import (
     check_resumable,
@@ -64,8 +65,9 @@ def resume_from(config: RunConfig, resume: str | os.PathLike | None) -> tuple[Ru
     saved = {section: dict(values) for section, values in stored_config(ckpt, path).items()}
     try:  # the model keys an older checkpoint lacks take today's defaults, as when loading its weights
         saved["model"] = ModelConfig.from_dict(saved["model"]).to_dict()
+        resolve_config([], base=saved)  # the checkpoint's own values: a bad one is the file's fault (exit 1), not the user's
     except (ConfigError, TypeError) as exc:
-        raise CheckpointError(f"{path}: its model config is not valid for this imagetx: {exc}") from None
+        raise CheckpointError(f"{path}: its config is not valid for this imagetx: {exc}") from None
     mine = config.to_dict()
     given = {f"{s}.{k}" for s, values in mine.items() for k in values} if config.explicit is None else config.explicit
     given = given | {"train.out"} if auto else given
@@ -111,6 +113,9 @@ class RunDir:
         self.path = Path(path)
         self.metrics = None
         self.lock = RunLock(self.path)  # held by the main process from prepare() to unlock()
+        self._committed_grids: set[Path] = set()
+        self._metrics_size: int | None = None
+        self._had: dict[str, bool] = {}  # whether each of _REPLACED existed at the last commit
 
     def prepare(self, resume: str | os.PathLike | None, checkpoint: Path | None, step: int | None) -> None:
         """Check that the run may write here (a new or empty directory, or the run `checkpoint`
@@ -148,37 +153,142 @@ class RunDir:
     def unlock(self) -> None:
         self.lock.release()
 
-    def write_config(self, config: RunConfig) -> None:
-        save_config(config, self.path / "config.toml")
+    # ---- nothing lost on a full disk -------------------------------------------------------------
+    # The directory always describes a checkpoint: the one the run started from, or the newest it
+    # wrote. A write that fails (a full disk, a directory gone read-only) takes back everything the
+    # run wrote after that checkpoint, with renames, truncation and deletion, which need no free
+    # space; a resume first removes what a killed run left of steps after the checkpoint it
+    # continues from. (TensorBoard and W&B files are the loggers' own and are left as they are.)
+    _REPLACED = ("config.toml", "curves.png")  # rewritten whole: a hard link keeps the committed copy
 
-    def open_metrics(self, resumed_step: int | None) -> None:
+    def start(self, config: RunConfig, resumed_step: int | None) -> None:
+        """Begin writing: reconcile a resumed run with its checkpoint (`resumed_step`), take the
+        directory as it is now as the state to return to, write config.toml, open metrics.jsonl."""
+        for stale in self.path.glob(".*.committed-*"):  # left by a run that was killed
+            pid = stale.name.rsplit("-", 1)[-1]
+            if pid.isdigit() and not _alive(int(pid)):
+                stale.unlink(missing_ok=True)
+        if resumed_step is not None:
+            for step, grid in self._grids().items():
+                if step > resumed_step:  # drawn by a run that stopped before its next checkpoint
+                    grid.unlink(missing_ok=True)
+        metrics = self.path / "metrics.jsonl"
+        self._commit(metrics.stat().st_size if metrics.is_file() else None)
+        with self._writing("config.toml"):
+            save_config(config, self.path / "config.toml")
+        with self._writing("metrics.jsonl"):
+            self._open_metrics(resumed_step)
+
+    def _backup(self, name: str) -> Path:
+        return self.path / f".{name}.committed-{os.getpid()}"
+
+    def _grids(self) -> dict[int, Path]:
+        grids = {}
+        for p in (self.path / "samples").glob("step-*.png"):
+            if p.stem[5:].isdigit():
+                grids[int(p.stem[5:])] = p
+        return grids
+
+    def _commit(self, metrics_size: int | None) -> None:
+        """The files as they are now become the state a failed write returns to."""
+        self._had = {}
+        for name in self._REPLACED:
+            backup = self._backup(name)
+            backup.unlink(missing_ok=True)
+            self._had[name] = (self.path / name).is_file()
+            if self._had[name]:
+                try:
+                    os.link(self.path / name, backup)
+                except OSError:  # a file system without hard links: a failure leaves the newer copy
+                    pass
+        self._committed_grids = set(self._grids().values())
+        self._metrics_size = metrics_size  # None: metrics.jsonl did not exist
+
+    def _discard_backups(self) -> None:
+        for name in self._REPLACED:
+            self._backup(name).unlink(missing_ok=True)
+
+    def roll_back(self) -> None:
+        """Return to the committed state: the files as at the run's start or its newest checkpoint."""
+        if self.metrics is not None:
+            try:
+                self.metrics.close()
+            except OSError:  # the buffered rest of a row: it is cut off below
+                pass
+            self.metrics = None
+        steps = [
+            lambda: [p.unlink(missing_ok=True) for p in self._grids().values() if p not in self._committed_grids],
+            lambda: os.truncate(self.path / "metrics.jsonl", self._metrics_size) if self._metrics_size is not None
+            else (self.path / "metrics.jsonl").unlink(missing_ok=True),
+        ]
+        for name in self._REPLACED:
+            steps.append(lambda n=name: self._restore(n))
+        for step in steps:
+            try:
+                step()
+            except OSError:  # the directory itself is gone or read-only: nothing more can be done
+                pass
+
+    def _restore(self, name: str) -> None:
+        backup, path = self._backup(name), self.path / name
+        if not backup.exists():
+            if not self._had.get(name, True):  # the run made it
+                path.unlink(missing_ok=True)
+        elif path.exists() and os.path.samefile(backup, path):  # never replaced (rename would keep both names)
+            backup.unlink()
+        else:
+            os.replace(backup, path)
+
+    @contextmanager
+    def _writing(self, what: str):
+        try:
+            yield
+        except OSError as exc:
+            self.roll_back()
+            raise RunError(f"cannot write {what} in {self.path}: {exc.strerror or exc}; the run directory is "
+                           "left as at its newest checkpoint") from None
+
+    def _open_metrics(self, resumed_step: int | None) -> None:
         """Start metrics.jsonl, keeping a resumed run's rows up to its checkpoint: rows written
-        after it (before a crash) are written again by this run."""
+        after it (before a crash) are written again by this run. They are the file's end, which
+        is cut off in place; an older file with rows out of order is rewritten."""
         path = self.path / "metrics.jsonl"
-        kept: list[str] = []
         if resumed_step is not None and path.exists():
-            for line in path.read_text().splitlines():
+            lines = path.read_bytes().splitlines(keepends=True)
+            kept, prefix, in_prefix = [], 0, True
+            for line in lines:
                 try:
                     row = json.loads(line)
-                except json.JSONDecodeError:
-                    continue  # a row cut off by a crash
-                if isinstance(row, dict) and row.get("step", 0) <= resumed_step:
+                except (json.JSONDecodeError, UnicodeDecodeError):
+                    row = None  # a row cut off by a crash
+                step = row.get("step", 0) if isinstance(row, dict) else None
+                if line.endswith(b"\n") and isinstance(step, int) and step <= resumed_step:
                     kept.append(line)
-        atomic_write(path, "".join(f"{line}\n" for line in kept).encode())
+                    prefix += len(line) if in_prefix else 0
+                else:
+                    in_prefix = False
+            if sum(map(len, kept)) == prefix:
+                if prefix != path.stat().st_size:
+                    os.truncate(path, prefix)
+            else:
+                atomic_write(path, b"".join(kept))
+            self._metrics_size = path.stat().st_size
         self.metrics = open(path, "a", buffering=1)
 
     def log(self, row: dict) -> None:
-        self.metrics.write(json.dumps(row) + "\n")
+        with self._writing("metrics.jsonl"):
+            self.metrics.write(json.dumps(row) + "\n")
 
     def close(self) -> None:
         if self.metrics is not None:
             self.metrics.close()
+        self._discard_backups()
 
     def save_checkpoint(self, ckpt: dict, keep: int) -> Path:
-        try:
-            return save_checkpoint(self.path, ckpt, keep=keep)
-        except OSError as exc:
-            raise RunError(f"cannot write a checkpoint in {self.path}: {exc.strerror or exc}") from None
+        with self._writing("a checkpoint"):
+            path = save_checkpoint(self.path, ckpt, keep=keep)
+        self._commit(self.path.joinpath("metrics.jsonl").stat().st_size if self.metrics is not None else None)
+        return path
 
     def write_samples(self, model, step: int, seed: int, count: int, eval_set, device: torch.device) -> Path:
         """samples/step-NNNNNNNN.png: `count` samples of `model` drawn with `seed`, the same noise
@@ -207,6 +317,7 @@ class RunDir:
             images = torch.stack([up, images, targets.cpu().to(torch.uint8)], dim=1).flatten(0, 1)  # (3n, H, W, C)
             nrow = 3 * max(1, int(math.sqrt(n / 3)))
         path = self.path / "samples" / f"step-{step:08d}.png"
-        path.parent.mkdir(exist_ok=True)
-        save_grid(images, path, nrow=nrow, scale=display_scale(cfg.image_size))
+        with self._writing(f"samples/{path.name}"):
+            path.parent.mkdir(exist_ok=True)
+            save_grid(images, path, nrow=nrow, scale=display_scale(cfg.image_size))
         return path

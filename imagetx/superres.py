@@ -28,7 +28,8 @@ from PIL import Image
 from imagetx import console
 from imagetx.atomic import atomic_write
 from imagetx.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint, stored_config, weights_problems
-from imagetx.checks import count_problems, label_problems, output_dir_problems, seed_problems, temperature_problems
+from imagetx.checks import (count_problems, label_problems, memory_problems, output_dir_problems, seed_problems,
+                            temperature_problems)
 from imagetx.distributed import Dist, device_problems, distributed, gather_shards, ranks, shard
 from imagetx.errors import ConfigError, ImageFileError, RunError, raise_problems
 from imagetx.model.consistency import AreaConsistency, factors
@@ -319,6 +320,8 @@ def _run(req: SuperResConfig, ctx: Dist) -> dict:
     labels = torch.tensor([x.label for x in inputs]) if cfg.num_classes else None
 
     total = len(inputs) * req.samples
+    # every sample is kept until all are drawn, as in `imagetx sample`: a count no memory holds is a usage error
+    raise_problems(memory_problems(total * cfg.num_dims, f"{total} samples of {cfg.num_dims} bytes", "--samples"))
     # --consistent --report also draws the unrestricted samples (same seed), to score both modes;
     # a model.consistent model has only one: its own distribution is the restricted one
     modes = [False, True] if req.consistent and req.report and not cfg.consistent else [req.consistent or cfg.consistent]

@@ -269,8 +269,7 @@ class Trainer:
         self.last_checkpoint, self.last_eval, self.last_eval_step, self.train_bpd = ckpt_path, None, None, None
         self.saved_step = self.step if ckpt_path is not None else None
         if ctx.is_main:
-            self.run_dir.write_config(self.config)
-            self.run_dir.open_metrics(self.step if ckpt_path is not None else None)
+            self.run_dir.start(self.config, self.step if ckpt_path is not None else None)
             self.logger = make_logger(self.t.logger, self.run_dir.path, self.config)
             self.announce(ckpt_path)
 

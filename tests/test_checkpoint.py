@@ -125,7 +125,7 @@ def test_bad_files_give_one_clear_line(tmp_path):
     (tmp_path / "truncated.pt").write_bytes(data[: len(data) // 2])
     one_line_error(tmp_path / "truncated.pt", "truncated or corrupt")
     (tmp_path / "noise.pt").write_bytes(bytes(range(256)) * 10)
-    one_line_error(tmp_path / "noise.pt", "truncated or corrupt")
+    one_line_error(tmp_path / "noise.pt", "not an imagetx checkpoint at all")
     torch.save({"state_dict": model.state_dict()}, tmp_path / "foreign.pt")
     one_line_error(tmp_path / "foreign.pt", "not an imagetx checkpoint")
     torch.save(model, tmp_path / "pickled.pt")
@@ -213,3 +213,61 @@ def test_checkpoints_from_before_model_range_input_load_without_it(tmp_path):
         loaded = load_model(save_checkpoint(tmp_path / str(drop_key), ckpt))
         assert loaded.config == config.model and (loaded.range_embed is None) == drop_key
         torch.testing.assert_close(loaded.nll(x, source=source), model.nll(x, source=source))
+
+
+class _RunsCode:
+    """What a crafted checkpoint carries: unpickling it would call print (or anything else)."""
+
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
+def test_the_reader_says_what_a_file_is_and_never_relays_torchs_advice(tmp_path, recwarn):
+    """Each kind of unusable file is one line that says what the file is; none repeats torch's
+    suggestion of weights_only=False, and nothing in the file is executed."""
+    import os
+    import pickle
+
+    from imagetx.checkpoint import read_torch_file
+
+    torch.save({"format": "imagetx-checkpoint", "x": _RunsCode()}, tmp_path / "code.pt")
+    torch.save({"x": _RunsCode()}, tmp_path / "legacy-code.pt", _use_new_zipfile_serialization=False)
+    (tmp_path / "pickle.pt").write_bytes(pickle.dumps({"model": {}}, protocol=4))
+    (tmp_path / "random.pt").write_bytes(os.urandom(4096))
+    (tmp_path / "text.pt").write_text("hello")
+    (tmp_path / "empty.pt").write_bytes(b"")
+    torch.save({"a": torch.zeros(3)}, tmp_path / "legacy.pt", _use_new_zipfile_serialization=False)
+    (tmp_path / "legacy-cut.pt").write_bytes((tmp_path / "legacy.pt").read_bytes()[:40])
+    torch.save({"a": torch.zeros(3)}, tmp_path / "zip.pt")
+    (tmp_path / "zip-cut.pt").write_bytes((tmp_path / "zip.pt").read_bytes()[:300])
+    expected = {
+        "code.pt": "carries Python objects or code", "legacy-code.pt": "carries Python objects or code",
+        "pickle.pt": "carries Python objects or code", "random.pt": "not a weights file at all",
+        "text.pt": "not a weights file at all", "empty.pt": "the file is empty",
+        "legacy-cut.pt": "truncated or corrupt", "zip-cut.pt": "truncated or corrupt",
+    }
+    for name, words in expected.items():
+        with pytest.raises(CheckpointError) as info:
+            read_torch_file(tmp_path / name, "weights file")
+        message = str(info.value)
+        assert words in message and str(tmp_path / name) in message and "\n" not in message, message
+        assert "weights_only" not in message and "PyTorch" not in message, message
+    assert not [w for w in recwarn if "pickle protocol" in str(w.message)]  # torch's notes stay inside
+    for name in ("legacy.pt", "zip.pt"):
+        assert torch.equal(read_torch_file(tmp_path / name)["a"], torch.zeros(3))
+    one_line_error(tmp_path / "code.pt", "imagetx never executes")
+
+
+@pytest.mark.parametrize("field,value,words", [
+    ("step", "five", "its step is 'five'"), ("step", -1, "its step is '-1'"), ("step", True, "its step is 'True'"),
+    ("data_position", {"epoch": "x", "index": 0}, "data_position.epoch"), ("rng", [{"torch": 1}], "its rng"),
+    ("cooldown", {"by_time": True, "start": "a", "end": 3}, "cooldown.start"), ("world_size", 0, "world_size"),
+    ("optimizer", "adam", "its optimizer is 'adam'"), ("ema", [1], "its ema"),
+])
+def test_fields_of_the_wrong_type_are_one_line(tmp_path, field, value, words):
+    config = tiny_config()
+    model = ImageTransformer(config.model)
+    ckpt = make_checkpoint(model=model, config=config.to_dict(), step=1)
+    ckpt[field] = value
+    torch.save(ckpt, path := tmp_path / "step-00000001.pt")
+    one_line_error(path, words)

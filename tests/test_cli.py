@@ -169,3 +169,26 @@ def test_eval_bpd_rejects_an_unknown_key_in_the_checkpoint(run_dir, tmp_path):
     path = tmp_path / "step-00000002.pt"
     torch.save(ckpt, path)
     one_error_line(invoke("eval-bpd", path, "--limit", 2, "--device", "cpu"), 1, "unknown key data.shuffle_buffer")
+
+
+@pytest.mark.parametrize("delay", [0.05, 0.2, 0.5, 1.0])
+def test_ctrl_c_while_the_console_script_starts_is_one_line(tmp_path, delay):
+    """A real process, since the point is the interpreter importing imagetx and torch: a SIGINT at
+    any moment of the first second ends in exit 130 without a traceback."""
+    import os
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    root = Path(__file__).resolve().parents[1]
+    env = dict(os.environ, IMAGETX_ALLOCATOR="system", PYTHONPATH=str(root))
+    script = [sys.executable, "-c", "from imagetx.cli import main; main()"]
+    proc = subprocess.Popen(script + ["train", "--out", str(tmp_path / "run"), "--device", "cpu", "--max-steps", "100000",
+                                      *sets()], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    time.sleep(delay)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130, (proc.returncode, err)
+    assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
+    assert len([line for line in err.splitlines() if line.startswith("error: ")]) <= 1, err

@@ -116,3 +116,16 @@ def test_damaged_exports_are_one_line(run_dir, tmp_path):
     (tmp_path / "m" / "config.json").write_text("{not json")
     result = CliRunner().invoke(app, ["sample", str(tmp_path / "m"), "--device", "cpu"])
     assert result.exit_code == 1 and "not readable JSON" in result.output and "Traceback" not in result.output
+
+
+@pytest.mark.parametrize("missing", ["model.safetensors", "config.json"])
+def test_an_export_missing_a_file_is_named_as_such(run_dir, tmp_path, missing):
+    """Not taken for a run directory ("no checkpoints in DIR/checkpoints"): the export is
+    incomplete, and the line names the file it lacks."""
+    export(run_dir, tmp_path / "m")
+    (tmp_path / "m" / missing).unlink()
+    for command in (["sample", "--out", str(tmp_path / "s.png")], ["eval-bpd"], ["export", "--out", str(tmp_path / "e")]):
+        result = CliRunner().invoke(app, [command[0], str(tmp_path / "m"), *command[1:]])
+        assert result.exit_code == 1 and result.stderr.count("\n") == 1, result.output
+        assert f"incomplete `imagetx export` folder: {missing} is missing" in result.stderr, result.stderr
+        assert "no checkpoints" not in result.stderr

@@ -103,18 +103,27 @@ def test_standard_features_are_2048_wide(random_weights):
     assert feats.shape == (2, 2048) and np.isfinite(feats).all()
 
 
+class RunsCode:
+    def __reduce__(self):
+        return (print, ("this ran",))
+
+
 def test_bad_weights_files_are_one_line(checkpoint, tmp_path):
     runner = CliRunner()
     bad = tmp_path / "bad.pth"
     bad.write_bytes(b"not a weights file")
     other = tmp_path / "other.pth"
     torch.save({"fc.weight": torch.zeros(2, 2)}, other)
-    for path, words in ((tmp_path / "missing.pth", "no such file"), (bad, "not a readable weights file"),
+    code = tmp_path / "code.pth"
+    torch.save({"fc.weight": torch.zeros(2), "x": RunsCode()}, code)
+    for path, words in ((tmp_path / "missing.pth", "no such file"), (bad, "not a weights file at all"),
+                        (code, "carries Python objects or code"),
                         (other, "not the FID Inception-v3 weights")):
         with pytest.raises(RunError, match=words):
             load_inception(path)
         result = runner.invoke(app, ["eval-fid", str(checkpoint), "--inception-weights", str(path), "--device", "cpu"])
         assert result.exit_code == 1 and result.output.count("\n") == 1, result.output
         assert "pt_inception-2015-12-05-6726825d.pth" in result.output and "Traceback" not in result.output
+        assert "weights_only" not in result.output  # never the advice that lowers torch's guard
     result = runner.invoke(app, ["eval-fid", str(checkpoint), "--inception-weights", str(bad), "--dims", "100"])
     assert result.exit_code == 2 and "--dims must be one of 64, 192, 768, 2048" in result.output

@@ -16,6 +16,7 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
+import torch
 from PIL import Image
 
 from imagetx.cli import main
@@ -61,7 +62,23 @@ def files(tmp_path_factory):
     Image.fromarray(np.zeros((2, 2, 3), np.uint8)).save(root / "ok.png")
     (root / "a-file").write_text("x")
     (root / "latin1.toml").write_bytes('[train]\nout = "caf\xe9"\n'.encode("latin-1"))
+    torch.save({"fc.weight": torch.zeros(2), "x": RunsCode()}, root / "code.pt")  # unpickling it runs code
+    (root / "random.pth").write_bytes(b"\x00" + np.random.default_rng(0).bytes(4096))
+    five = torch.load(gen, weights_only=True)
+    five["step"] = "five"
+    torch.save(five, root / "five.pt")
+    (root / "half-export").mkdir()  # an export without its weights
+    (root / "half-export" / "config.json").write_text('{"format": "imagetx-export", "format_version": 1}')
+    (root / "plotrun").mkdir()
+    (root / "plotrun" / "metrics.jsonl").write_text('{"step": 1, "train_bpd": 5.0, "elapsed_s": 1.0}\n')
     return root, gen, sr
+
+
+class RunsCode:
+    """What a crafted file carries: unpickling it would call print (or anything else)."""
+
+    def __reduce__(self):
+        return (print, ("this ran",))
 
 
 TABLE = [
@@ -128,11 +145,41 @@ TABLE = [
     (["eval-bpd", "{root}/not-a-checkpoint.pt"], 1, "not-a-checkpoint.pt"),
     # plot, export, eval-fid, train.logger
     (["plot"], 2, "Missing argument"),
+    (["plot", "{root}/plotrun", "--out", "{out}"], 2, "is a directory"),
+    (["plot", "{root}/plotrun", "--out", "{root}/a-file/c.png"], 2, "is a file, not a directory"),
+    (["plot", "{root}/plotrun", "--out", "{root}/no/such/c.png"], 2, "does not exist"),
+    (["plot", "{root}/gen/run", "--out", "{out}/c.png"], 1, "no metrics.jsonl"),
+    (["export", "{root}/code.pt", "--out", "{out}/e"], 1, "imagetx never executes"),
+    (["export", "{root}/five.pt", "--out", "{out}/e"], 1, "its step is 'five'"),
+    (["export", "{root}/half-export", "--out", "{out}/e"], 1, "model.safetensors is missing"),
+    (["export", "{gen}", "--out", "{out}/e", "--weights", "best"], 2, "--weights must be one of"),
+    (["export", "{gen}", "--out", "{out}/e", "--weights", "ema"], 1, "no moving average"),
+    (["eval-fid", "{gen}", "--inception-weights", "{root}/random.pth"], 1, "not a weights file at all"),
+    (["eval-fid", "{gen}", "--inception-weights", "{root}/code.pt"], 1, "imagetx never executes"),
+    (["eval-fid", "{gen}", "--inception-weights", "{root}/random.pth", "--cache-dir", "{root}/a-file"], 2, "not a directory"),
+    (["eval-fid", "{gen}", "--inception-weights", "{root}/random.pth", "--weights", "x"], 2, "--weights must be one of"),
+    (["eval-bpd", "{sr}", "--source-model", "{root}/code.pt"], 1, "imagetx never executes"),
+    (["eval-bpd", "{sr}", "--source-model", "{root}/half-export"], 1, "model.safetensors is missing"),
+    (["eval-bpd", "{sr}", "--source-model", "{root}/five.pt"], 1, "its step is 'five'"),
+    (["superres", "{sr}", "--input", "{root}/ok.png", "--consistent", "--samples", "0", "--out", "{out}/sr"], 2, "--samples"),
+    (["superres", "{sr}", "--input", "{root}/broken.png", "--consistent", "--out", "{out}/sr"], 1, "broken.png"),
+    (["superres", "{sr}", "--input", "{root}/ok.png", "--weights", "x", "--out", "{out}/sr"], 2, "--weights must be one of"),
+    (["sample", "{gen}", "--weights", "best", "--out", "{out}/a.png"], 2, "--weights must be one of"),
+    (["sample", "{gen}", "--weights", "ema", "--out", "{out}/a.png"], 1, "no moving average"),
+    (["sample", "{root}/code.pt", "--out", "{out}/a.png"], 1, "imagetx never executes"),
+    (["sample", "{root}/half-export", "--out", "{out}/a.png"], 1, "model.safetensors is missing"),
+    (["eval-bpd", "{root}/five.pt"], 1, "its step is 'five'"),
+    (["eval-bpd", "{gen}", "--weights", "x"], 2, "--weights must be one of"),
+    (["train", "--out", "{root}/a-file"], 2, "not a directory"),
+    (["train", "--resume", "{root}/five.pt", "--out", "{out}/run"], 1, "its step is 'five'"),
+    (["train", "--resume", "{root}/code.pt", "--out", "{out}/run"], 1, "imagetx never executes"),
+    (["train", "--set", "data.cache_dir=", "--out", "{out}/run"], 2, "data.cache_dir"),
+    (["train", "--set", "data.cache_dir=[1]", "--out", "{out}/run"], 2, "data.cache_dir"),
     (["plot", "{root}", "--out", "{out}/c.png"], 1, "no metrics.jsonl"),
     (["plot", "{root}/nowhere", "--out", "{out}/c.png"], 1, "no such directory"),
     (["export", "{gen}"], 2, "Missing option '--out'"),
     (["export", "{gen}", "--out", "{root}"], 1, "is not empty"),
-    (["export", "{gen}", "--out", "{root}/a-file"], 1, "is a file"),
+    (["export", "{gen}", "--out", "{root}/a-file"], 2, "is not a directory"),
     (["export", "{root}/missing.pt", "--out", "{out}/e"], 1, "missing.pt"),
     (["export", "{root}/empty.pt", "--out", "{out}/e"], 1, "empty.pt"),
     (["eval-fid", "{gen}", "--inception-weights", "{root}/missing.pth"], 1, "pt_inception-2015-12-05-6726825d.pth"),
@@ -204,3 +251,92 @@ def test_evaluation_refuses_a_result_that_is_not_finite(tmp_path, monkeypatch, c
     check_refused(monkeypatch, capsys, tmp_path, ["eval-bpd", path, "--limit", 4, "--json"], codes=(1,),
                   text="cannot be evaluated")
     assert capsys.readouterr().out == ""  # no JSON with a NaN in it
+
+
+# ---- outputs in a directory that cannot be written: the same usage error in every command ----------
+OUTPUTS = [
+    ["sample", "{gen}", "--out", "{ro}/a.png"], ["sample", "{gen}", "--npz", "{ro}/a.npz"],
+    ["sample", "{gen}", "--individual", "{ro}/each"], ["superres", "{sr}", "--input", "{root}/ok.png", "--out", "{ro}/sr"],
+    ["plot", "{root}/plotrun", "--out", "{ro}/c.png"], ["export", "{gen}", "--out", "{ro}/e"],
+    ["train", "--out", "{ro}/run"], ["eval-fid", "{gen}", "--inception-weights", "{root}/random.pth", "--cache-dir", "{ro}/c"],
+]
+
+
+@pytest.mark.parametrize("args", OUTPUTS, ids=[" ".join(a[:1] + a[-2:-1]) for a in OUTPUTS])
+def test_an_output_in_a_read_only_directory_is_a_usage_error_everywhere(files, monkeypatch, capsys, args):
+    import os
+
+    root, gen, sr = files
+    ro = root / "read-only"
+    ro.mkdir(exist_ok=True)
+    access = os.access  # tests may run as root, for whom every directory is writable: say it is not
+    monkeypatch.setattr(os, "access", lambda p, mode, **kw: False if os.path.abspath(p) == str(ro) else access(p, mode, **kw))
+    args = [a.format(root=root, gen=gen, sr=sr, ro=ro) for a in args]
+    check_refused(monkeypatch, capsys, root, args, codes=(2,), text="writable")
+    assert not any(ro.iterdir())
+
+
+# ---- values drawn across the ranges of the newer options -------------------------------------------
+def outside_unit_interval(value) -> bool:
+    try:
+        number = float(value)
+    except (TypeError, ValueError, OverflowError):
+        return True
+    return not (math.isfinite(number) and 0.0 <= number < 1.0)
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    key=st.sampled_from(["train.ema", "train.cooldown"]),
+    value=st.one_of(
+        st.floats(allow_nan=True, allow_infinity=True).filter(outside_unit_interval).map(repr),
+        st.sampled_from(["1", "1.0", "-0.0001", "nan", "inf", "\"0.5\"", "[0.5]", "true", "1e400"]),
+    ),
+)
+def test_moving_average_and_cooldown_outside_0_1_are_usage_errors(files, tmp_path_factory, monkeypatch, capsys, key, value):
+    assume(outside_unit_interval(value))
+    root, _, _ = files
+    out = tmp_path_factory.mktemp("o")
+    check_refused(monkeypatch, capsys, root, ["train", "--set", f"{key}={value}", "--out", out / "run"], codes=(2,), text=key)
+    assert not (out / "run").exists()
+
+
+def fid_accepted(flag: str, text: str) -> bool:
+    try:
+        number = float(text) if flag == "--temperature" else int(text)
+    except ValueError:
+        return False
+    if flag == "--dims":
+        return number in (64, 192, 768, 2048)
+    if flag == "--temperature":
+        return math.isfinite(number) and number >= 0
+    if flag == "--seed":
+        return 0 <= number < 2**63
+    return number >= 1  # -n, --batch-size, --limit
+
+
+@settings(max_examples=20, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    flag=st.sampled_from(["--dims", "-n", "--batch-size", "--limit", "--temperature", "--seed"]),
+    value=st.one_of(st.integers(-(10**20), 4096).map(str), st.sampled_from(["nan", "-inf", "-0.5", "", "x", "1e400"])),
+)
+def test_eval_fid_values_out_of_range_are_usage_errors(files, monkeypatch, capsys, flag, value):
+    assume(not fid_accepted(flag, value))
+    root, gen, _ = files
+    args = ["eval-fid", gen, "--inception-weights", root / "random.pth", flag, value]
+    check_refused(monkeypatch, capsys, root, args, codes=(2,))
+
+
+@settings(max_examples=15, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(
+    flag=st.sampled_from(["--samples", "--temperature", "--seed", "--batch-size"]),
+    value=st.one_of(st.integers(-(10**20), 0).map(str), st.integers(2**63, 10**30).map(str),
+                    st.sampled_from(["nan", "-inf", "-0.5", "", "x"])),
+)
+def test_consistent_superres_values_out_of_range_are_usage_errors(files, tmp_path_factory, monkeypatch, capsys, flag, value):
+    # --samples past what memory holds is refused, like -n in `imagetx sample`
+    assume(not (accepted("-n" if flag == "--samples" else flag, value)))
+    root, _, sr = files
+    out = tmp_path_factory.mktemp("o")
+    args = ["superres", sr, "--input", root / "ok.png", "--consistent", flag, value, "--out", out / "sr"]
+    check_refused(monkeypatch, capsys, root, args, codes=(2,))

@@ -70,8 +70,9 @@ def test_plot_without_metrics_is_one_line(tmp_path):
         assert result.exit_code == 1
         assert result.output.count("\n") == 1 and "Traceback" not in result.output
     assert not (tmp_path / "x.png").exists()
+    # the same usage error (exit 2) as `imagetx sample --out DIR`
     result = CliRunner().invoke(app, ["plot", str(fake_run(tmp_path / "a")), "--out", str(tmp_path)])
-    assert result.exit_code == 1 and "is a directory" in result.output
+    assert result.exit_code == 2 and "is a directory" in result.output
 
 
 def test_trainer_refreshes_curves_and_survives_a_failure(tmp_path, monkeypatch):

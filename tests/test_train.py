@@ -343,3 +343,97 @@ def test_resume_from_a_checkpoint_that_cannot_continue_is_one_clear_error(tmp_pa
         torch.save(broken, tmp_path / "broken.pt")
         with pytest.raises(CheckpointError, match=message):
             train.run(tiny(tmp_path / f"new-{key}", "train.max_steps=3"), resume=tmp_path / "broken.pt")
+
+
+def test_a_full_disk_at_any_write_of_a_resume_leaves_the_run_as_it_was(tmp_path, monkeypatch):
+    """Each write a resumed run makes (config.toml, metrics rows, curves.png, the sample grid,
+    the checkpoint) fails in turn with ENOSPC: the run exits 1 with one line, and the directory is
+    byte for byte what it was, with no row or file of a step whose checkpoint was never written.
+    A failure that training rides over (curves.png) leaves a completed run. Then a resume of the
+    disk that failed at the checkpoint equals an uninterrupted one."""
+    import errno
+    import hashlib
+    import shutil
+    from contextlib import contextmanager
+
+    import imagetx.atomic as atomic
+    from imagetx.rundir import RunDir
+    from typer.testing import CliRunner
+
+    from imagetx.cli import app
+
+    extra = ["train.eval_every=2", "train.eval_images=4", "train.sample_every=2", "train.sample_count=2",
+             "train.checkpoint_every=0"]
+    template = tmp_path / "template"
+    train.run(tiny(template, "train.max_steps=2", *extra))
+    args = ["train", "--out", None, "--resume", "auto", "--device", "cpu", "--max-steps", "4",
+            *[a for s in [*TINY, *extra] for a in ("--set", s)]]
+
+    def snapshot(root):
+        return {str(p.relative_to(root)): hashlib.sha256(p.read_bytes()).hexdigest()
+                for p in sorted(root.rglob("*")) if p.is_file() and p.name != ".lock"}
+
+    before = snapshot(template)
+    writes, fail_at = [0], [0]
+
+    def count(what):
+        writes[0] += 1
+        if writes[0] == fail_at[0]:
+            raise OSError(errno.ENOSPC, "No space left on device", what)
+
+    original_path, original_open = atomic.atomic_path, RunDir._open_metrics
+
+    @contextmanager
+    def failing_path(path):
+        with original_path(path) as tmp:
+            yield tmp
+            count(str(path))  # after the data went to the temporary: as a full disk fails at fsync
+
+    class FullDiskFile:  # metrics.jsonl, whose rows are appended
+        def __init__(self, f):
+            self.f = f
+
+        def write(self, text):
+            count("metrics.jsonl")
+            return self.f.write(text)
+
+        def __getattr__(self, name):
+            return getattr(self.f, name)
+
+    def failing_open(self, resumed_step):
+        original_open(self, resumed_step)
+        self.metrics = FullDiskFile(self.metrics)
+
+    monkeypatch.setattr(atomic, "atomic_path", failing_path)
+    monkeypatch.setattr(RunDir, "_open_metrics", failing_open)
+    runner = CliRunner()
+    reference = tmp_path / "reference"
+    shutil.copytree(template, reference)
+    writes[0], fail_at[0] = 0, 0
+    assert runner.invoke(app, [a if a is not None else str(reference) for a in args]).exit_code == 0
+    total = writes[0]
+    assert total >= 6, total  # config.toml, 3 rows, curves.png, the grid, the checkpoint
+    outcomes = []
+    for k in range(1, total + 1):
+        out = tmp_path / f"fail-{k}"
+        shutil.copytree(template, out)
+        writes[0], fail_at[0] = 0, k
+        result = runner.invoke(app, [a if a is not None else str(out) for a in args])
+        errors = [line for line in result.stderr.splitlines() if line.startswith("error: ")]
+        assert "Traceback" not in result.output, result.output
+        if result.exit_code == 0:  # curves.png could not be drawn: a warning, and training went on
+            assert "could not draw" in result.stderr and (out / "checkpoints" / "step-00000004.pt").exists()
+            outcomes.append("completed")
+            continue
+        assert result.exit_code == 1 and len(errors) == 1 and "No space left on device" in errors[0], result.stderr
+        assert snapshot(out) == before, (k, result.stderr)
+        assert not [p for p in out.rglob("*") if ".tmp-" in p.name or ".committed-" in p.name]
+        outcomes.append("unchanged")
+        if k < total:  # unchanged, the next resume is the uninterrupted one: shown once, for the last write
+            continue
+        fail_at[0] = 0  # the disk has room again: the resume ends where the uninterrupted one did
+        assert runner.invoke(app, [a if a is not None else str(out) for a in args]).exit_code == 0
+        done, ref = torch.load(out / "checkpoints" / "step-00000004.pt"), torch.load(reference / "checkpoints" / "step-00000004.pt")
+        assert all(torch.equal(done["model"][n], ref["model"][n]) for n in ref["model"])
+        assert curve(out) == curve(reference) and sorted(snapshot(out)) == sorted(snapshot(reference))
+    assert outcomes.count("unchanged") >= total - 1, outcomes
