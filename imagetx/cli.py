@@ -280,6 +280,7 @@ def sample(
     index: under torchrun the processes share the images and write the same files as one, e.g.
     torchrun --nproc_per_node 4 -m imagetx.cli sample runs/cifar10 -n 50000 --npz samples.npz
     """
+    from imagetx.distributed import env_ranks
     from imagetx.sample import SampleConfig, run
 
     if out is None and individual is None and npz is None:
@@ -334,6 +335,7 @@ def superres(
     when known. Under torchrun the processes share the sequences; each depends only on the seed
     and its index, so the files are those of one process.
     """
+    from imagetx.distributed import env_ranks
     from imagetx.superres import SuperResConfig, run
 
     req = SuperResConfig(
