@@ -69,10 +69,23 @@ def _one_line(exc: BaseException) -> str:
 
 
 class _Command(typer.core.TyperCommand):
-    """Usage lines name arguments plainly (`imagetx sample [OPTIONS] CHECKPOINT`), not in braces."""
+    """Usage lines name arguments plainly (`imagetx sample [OPTIONS] CHECKPOINT`), not in braces;
+    a Ctrl-C anywhere in a command is one `error: interrupted` line and exit 130 (Typer alone
+    turns it into a silent 130 where it lands outside the error boundary, e.g. while the command
+    imports its modules)."""
 
     def collect_usage_pieces(self, ctx) -> list[str]:
         return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in super().collect_usage_pieces(ctx)]
+
+    ran = False  # a command was invoked: it reports its own interruption (see main)
+
+    def invoke(self, ctx):
+        _Command.ran = True
+        try:
+            return super().invoke(ctx)
+        except KeyboardInterrupt:
+            console.error("interrupted")
+            raise typer.Exit(130) from None
 
 
 @contextmanager
@@ -487,6 +500,25 @@ def eval_fid(
 
 _COMPUTE_COMMANDS = {"train", "eval-bpd", "sample", "superres", "eval-fid"}
 
+
+def _import_torch_deferring_ctrl_c() -> None:
+    """Import torch (and numpy through it) with SIGINT held back until the import is done.
+
+    torch's start-up imports numpy from C++ and treats any failure as "numpy unavailable", clearing
+    the error: a Ctrl-C that lands there is lost and the command runs on (a training run then goes
+    on for its whole length). Elsewhere in the import a Ctrl-C can abort the process from inside a
+    pybind11 callback, or leave a half-imported extension that fails as "cannot load module more
+    than once". Held back, it is delivered as soon as the import ends: one `error: interrupted`
+    line and exit 130, as at any later moment."""
+    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: nothing to hold back
+        import torch  # noqa: F401
+        return
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    try:
+        import torch  # noqa: F401
+    finally:
+        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+
 if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:  # the module is imported: main() takes over
     signal.signal(signal.SIGINT, _sigint_before)
 
@@ -502,6 +534,7 @@ def main() -> None:
             from imagetx.memory import restart_with_fast_allocator
 
             restart_with_fast_allocator()
+            _import_torch_deferring_ctrl_c()
         code = app(standalone_mode=False, prog_name="imagetx")
     except _ClickException as exc:  # Typer's own usage errors, in the same one-line form as ours
         if isinstance(exc, _NoArgsIsHelp):
@@ -513,6 +546,8 @@ def main() -> None:
     except (KeyboardInterrupt, typer.Abort):  # Ctrl-C while Python, torch or the command starts up
         console.error("interrupted")
         sys.exit(130)
+    if code == 130 and not _Command.ran:  # Ctrl-C while the arguments were parsed: Typer's silent 130
+        console.error("interrupted")
     sys.exit(code if isinstance(code, int) else 0)
 
 

@@ -19,7 +19,6 @@ from pathlib import Path
 
 import torch
 from torch import nn
-from torch._dynamo.exc import BackendCompilerFailed  # Inductor's build errors derive from it
 
 
 def toolchain_problems(device: torch.device | str) -> list[str]:
@@ -62,6 +61,9 @@ class CompiledOrEager(nn.Module):
     def forward(self, *args, **kwargs):
         compiled = self.__dict__["_compiled"]
         if compiled is not None:
+            # imported here: torch._dynamo pulls in Triton, a second of start-up for every run
+            from torch._dynamo.exc import BackendCompilerFailed  # Inductor's build errors derive from it
+
             try:
                 return compiled(*args, **kwargs)
             except BackendCompilerFailed as exc:
