@@ -366,9 +366,9 @@ def _parallel(model, flat, labels, source, temperature, seed, images, per_step, 
                 constraint.record(g, v)
             if cells is not None:
                 cells.record(g, v)
+            if progress is not None:  # once per position, as sequential decoding calls it
+                progress(k + j + 1, L)
         k += accepted
-        if progress is not None:
-            progress(k, L)
     flat[:, order] = vals
     return empty
 
