@@ -188,7 +188,7 @@ class Local1DCache:
 
     def _shift(self, top: int) -> None:
         """Move the blocks from `top` on to the front: block `top` to slot 0."""
-        src, n = (top - self.top) * self.lq, (self.top + self.span - top) * self.lq
+        src, n = (top - self.top) * self.lq, max(0, self.top + self.span - top) * self.lq  # n = 0: nothing kept
         for t in (self.k, self.v):
             moved = t[:, :, src : src + n]
             t[:, :, :n] = moved.clone() if src < n else moved  # overlapping ranges: through a copy
