@@ -284,6 +284,8 @@ def sample(
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole model at every step (the slow reference path)."),
     precision: str = typer.Option("auto", help="auto (bf16 where the hardware has it natively), fp32 or bf16; the softmax over values stays fp32."),
     weights: str = _weights_option(),
+    decode: str = typer.Option("auto", help="sequential (one position per step), parallel (Jacobi passes of --window positions: the same images) or auto (parallel where faster: the fused CPU step at batch 1)."),
+    window: int = typer.Option(16, help="Positions per pass of --decode parallel."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of the written paths."),
 ) -> None:
     """Draw images from a checkpoint with the cached decoder: a PNG grid, one PNG per image, or an npz.
@@ -302,6 +304,7 @@ def sample(
         checkpoint=checkpoint, num=num, temperature=temperature, label=label, seed=seed,
         batch_size=batch_size, device=device, out=out, individual=individual, npz=npz,
         prime=prime, prime_rows=prime_rows, use_cache=not no_cache, precision=precision, weights=weights,
+        decode=decode, window=window,
     )
     with _expected_failures():
         summary = run(req)
@@ -338,6 +341,8 @@ def superres(
     consistent: bool = typer.Option(False, help="Draw only values that keep each sample's area downsampling equal to its input, "
                                     "exactly; with --report the unrestricted samples are drawn and scored too."),
     weights: str = _weights_option(),
+    decode: str = typer.Option("auto", help="sequential (one position per step), parallel (Jacobi passes of --window positions: the same images) or auto (parallel where faster: the fused CPU step at batch 1)."),
+    window: int = typer.Option(16, help="Positions per pass of --decode parallel."),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Super-resolve low-resolution images with a conditional (encoder-decoder) checkpoint.
@@ -355,6 +360,7 @@ def superres(
         checkpoint=checkpoint, inputs=input, dataset=dataset, data_dir=data_dir, split=split, num=num,
         samples=samples, temperature=temperature, label=label, seed=seed, batch_size=batch_size,
         device=device, out=out, report=report, precision=precision, consistent=consistent, weights=weights,
+        decode=decode, window=window,
     )
     with _expected_failures():
         summary = run(req)
@@ -467,6 +473,8 @@ def eval_fid(
     dims: int = typer.Option(2048, help="Inception features: 2048 (standard FID), or 768, 192, 64 for quick relative checks."),
     device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
     cache_dir: Optional[Path] = typer.Option(None, help="Where reference statistics are cached (default ~/.cache/imagetx/fid)."),
+    decode: str = typer.Option("auto", help="sequential (one position per step), parallel (Jacobi passes of --window positions: the same images) or auto (parallel where faster: the fused CPU step at batch 1)."),
+    window: int = typer.Option(16, help="Positions per pass of --decode parallel."),
     weights: str = _weights_option(),
     as_json: bool = typer.Option(False, "--json", help='Print {"fid", "samples", "reference_images", "dataset", "split", ...} as JSON.'),
 ) -> None:
@@ -484,6 +492,7 @@ def eval_fid(
         checkpoint=checkpoint, inception_weights=inception_weights, npz=npz, num=num, temperature=temperature,
         seed=seed, dataset=dataset, data_dir=data_dir, split=split, limit=limit, batch_size=batch_size,
         sample_batch_size=sample_batch_size, dims=dims, device=device, cache_dir=cache_dir, weights=weights,
+        decode=decode, window=window,
     )
     with _expected_failures():
         _check_outputs(dirs=[("--cache-dir", cache_dir)])

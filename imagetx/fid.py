@@ -156,9 +156,12 @@ class FidConfig:
     cache_dir: str | os.PathLike | None = None  # default: $XDG_CACHE_HOME/imagetx/fid or ~/.cache/imagetx/fid
     progress: bool = True
     weights: str = "auto"  # the checkpoint's weights that draw the samples (checkpoint.weights_key)
+    decode: str = "auto"  # how the samples are drawn: "sequential", "parallel" or "auto" (the same samples)
+    window: int = 16  # positions per pass of parallel decoding (decoding.DEFAULT_WINDOW)
 
     def problems(self) -> list[str]:
         from imagetx.checkpoint import weights_problems
+        from imagetx.model.decoding import decode_problems
 
         p = count_problems(self.num, "--num") + count_problems(self.batch_size, "--batch-size") + weights_problems(self.weights)
         p += count_problems(self.sample_batch_size, "--sample-batch-size")
@@ -166,6 +169,7 @@ class FidConfig:
             p += count_problems(self.limit, "--limit")
         if self.dims not in DIMS:
             p.append(f"--dims must be one of {', '.join(map(str, DIMS))}; got {self.dims}")
+        p += decode_problems(self.decode, self.window)
         return p + temperature_problems(self.temperature) + seed_problems(self.seed) + device_problems(self.device)
 
 
@@ -235,7 +239,8 @@ def _run(req: FidConfig, ctx) -> dict | None:
 
         samples, _ = draw(SampleConfig(checkpoint=path, num=req.num, temperature=req.temperature, seed=req.seed,
                                        batch_size=req.sample_batch_size, device=req.device, out=None,
-                                       progress=req.progress, weights=req.weights), ctx)
+                                       progress=req.progress, weights=req.weights, decode=req.decode,
+                                       window=req.window), ctx)
     if not ctx.is_main:
         return None
 

@@ -17,7 +17,7 @@ from imagetx.distributed import Dist, device_problems, distributed, gather_shard
 from imagetx.errors import ConfigError, raise_problems
 from imagetx.images import display_scale, fit, read_image, save_grid, save_npz, save_png
 from imagetx.model import native
-from imagetx.model.decoding import for_decoding
+from imagetx.model.decoding import DEFAULT_WINDOW, decode_problems, for_decoding
 from imagetx.precision import precision_problems
 from imagetx.precision import resolve as resolve_precision
 
@@ -42,11 +42,13 @@ class SampleConfig:
     progress: bool = True
     precision: str = "auto"  # "auto" (bf16 where the hardware has it natively), "fp32" or "bf16"
     weights: str = "auto"  # "auto" (the moving average when the run kept one), "ema" or "trained" (checkpoint.weights_key)
+    decode: str = "auto"  # "sequential", "parallel" or "auto" (model/decoding.py: the same images in each)
+    window: int = DEFAULT_WINDOW  # positions per pass of parallel decoding
 
     def problems(self) -> list[str]:
         """Every problem with the arguments, one line each, checked before any work starts
         (outputs that cannot be written included)."""
-        p = []
+        p = decode_problems(self.decode, self.window)
         p += count_problems(self.num, "--num") + count_problems(self.batch_size, "--batch-size")
         p += temperature_problems(self.temperature)
         p += device_problems(self.device) + precision_problems(self.precision) + weights_problems(self.weights)
@@ -133,6 +135,8 @@ def draw(req: SampleConfig, ctx: Dist) -> tuple[torch.Tensor, dict]:
                 prime=None if prime is None else prime[sl],
                 prime_mask=None if mask is None else mask[sl],
                 progress=lambda done, total: bar.update(1),
+                decode=req.decode if req.use_cache else "sequential",
+                window=req.window,
             ))
     finally:
         bar.close()

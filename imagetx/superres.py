@@ -33,7 +33,7 @@ from imagetx.checks import (count_problems, label_problems, memory_problems, out
 from imagetx.distributed import Dist, device_problems, distributed, gather_shards, ranks, shard
 from imagetx.errors import ConfigError, ImageFileError, RunError, raise_problems
 from imagetx.model.consistency import AreaConsistency, factors
-from imagetx.model.decoding import for_decoding
+from imagetx.model.decoding import DEFAULT_WINDOW, decode_problems, for_decoding
 from imagetx.precision import precision_problems
 from imagetx.precision import resolve as resolve_precision
 from imagetx.images import IMAGE_SUFFIXES, comparison_grid, fit, list_images, png_bytes, read_image, to_pil
@@ -62,6 +62,8 @@ class SuperResConfig:
     precision: str = "auto"  # sampling: "auto" (bf16 where native), "fp32" or "bf16"; the report's bits/dim stay fp32
     consistent: bool = False  # every sample area-downsamples exactly to its input (AreaConsistency)
     weights: str = "auto"  # "auto" (the moving average when the run kept one), "ema" or "trained" (checkpoint.weights_key)
+    decode: str = "auto"  # "sequential", "parallel" or "auto" (model/decoding.py: the same samples in each)
+    window: int = DEFAULT_WINDOW  # positions per pass of parallel decoding
 
     def problems(self) -> list[str]:
         """Every problem with the arguments, one line each, checked before any work starts."""
@@ -77,7 +79,7 @@ class SuperResConfig:
         p += count_problems(self.samples, "--samples") + count_problems(self.batch_size, "--batch-size")
         p += temperature_problems(self.temperature)
         p += device_problems(self.device) + precision_problems(self.precision) + weights_problems(self.weights)
-        p += seed_problems(self.seed)
+        p += seed_problems(self.seed) + decode_problems(self.decode, self.window)
         if self.out is None:
             p.append("--out DIR is required")
         else:
@@ -191,6 +193,8 @@ def super_resolve(
     batch_size: int = 16,
     progress: Callable[[int, int], None] | None = None,
     consistent: bool = False,
+    decode: str = "sequential",
+    window: int = DEFAULT_WINDOW,
 ) -> torch.Tensor:
     """sources uint8 (N, h, w, C) -> samples uint8 (N, K, H, W, C), K = samples, on the CPU.
 
@@ -200,7 +204,8 @@ def super_resolve(
     alone. Under torchrun each process decodes its share of the sequences (distributed.shard) and
     every process returns all of them. labels: long (N,) or None. consistent: draw each sub-pixel
     from the model's conditional restricted to the values that keep the image's area downsampling
-    equal to its source (AreaConsistency)."""
+    equal to its source (AreaConsistency). decode, window: see decoding.generate (the same
+    samples in every mode)."""
     device = next(model.parameters()).device
     N = sources.shape[0]
     H, W = model.config.image_size
@@ -224,6 +229,8 @@ def super_resolve(
                 first_index=sl.start,
                 progress=progress,
                 constraint=constraint,
+                decode=decode,
+                window=window,
             )
         except ValueError as exc:  # the model names what does not fit
             raise RunError(f"the inputs do not fit the model: {exc}") from None
@@ -337,7 +344,7 @@ def _run(req: SuperResConfig, ctx: Dist) -> dict:
         for consistent in modes:
             drawn[consistent] = super_resolve(decoder, sources, req.samples, labels, req.temperature, req.seed,
                                               req.batch_size, progress=lambda done, steps: bar.update(1),
-                                              consistent=consistent)
+                                              consistent=consistent, decode=req.decode, window=req.window)
     finally:
         bar.close()
     seconds = time.perf_counter() - start

@@ -106,3 +106,18 @@ def test_os_errors_are_one_line_and_debug_shows_tracebacks(tmp_path, monkeypatch
     monkeypatch.setenv("IMAGETX_DEBUG", "1")
     result = invoke("sample", tmp_path / "x.pt", "--out", tmp_path / "a.png")
     assert result.exit_code == 1 and isinstance(result.exception, OSError)
+
+
+def test_decode_and_window_are_checked_and_give_the_same_images(tmp_path):
+    path, _ = write_generator(tmp_path, attention="local1d", block_length=4)
+    a = tmp_path / "a.png"
+    one_error_line(invoke("sample", path, "--decode", "fast", "--out", a), 2, "--decode must be one of")
+    one_error_line(invoke("sample", path, "--window", 0, "--out", a), 2, "--window must be a positive integer")
+    assert invoke("sample", path, "--window", "2.5", "--out", a).exit_code == 2  # Typer's own parse error
+    assert not a.exists()
+    npz = {mode: tmp_path / f"{mode}.npz" for mode in ("sequential", "parallel", "auto")}
+    for mode, out in npz.items():
+        result = invoke("sample", path, "-n", 2, "--seed", 3, "--decode", mode, "--window", 5, "--npz", out)
+        assert result.exit_code == 0, result.output
+    images = [np.load(out)["arr_0"] for out in npz.values()]
+    assert all(np.array_equal(images[0], other) for other in images[1:])

@@ -17,7 +17,8 @@ config is covered without editing this file) and for Hypothesis-drawn configurat
 pattern, both outputs, classes, super-resolution, consistent, range_input, relative logits and
 rotary):
 - a training forward pass in fp32 and under bf16 autocast, and an eval-mode nll;
-- cached decoding through two block boundaries in fp32 and bf16 (for_decoding's copies);
+- cached decoding through two block boundaries in fp32 and bf16 (for_decoding's copies), one
+  position at a time and in parallel decoding's passes;
 - the backward pass and the optimizer step of `imagetx train` (meta);
 and, on drawn configurations, the library functions behind the commands: `generate` (`sample`,
 run grids, `eval-fid`'s sampling), `super_resolve` (`superres`), the evaluation loop of
@@ -114,6 +115,16 @@ def check_decoding(model, labels, source, steps: list[int]) -> None:
         for k in steps:
             out = decoder.step(k, prev, ranges)
             check_device(out, CUDA, f"the decoder's output at step {k} ({dtype})")
+        # parallel decoding's passes of 3 positions, going back inside the last pass as a wrong
+        # guess makes it (the cache's rewind and the local 2D regather included)
+        W = 3
+        decoder = IncrementalDecoder(model, 2, labels, source, window=W)
+        values = torch.zeros((2, W) if cfg.output == "categorical" else (2, W, cfg.channels), dtype=torch.long, device=CUDA)
+        ranges = torch.zeros(2, W, 3, dtype=torch.long, device=CUDA) if cfg.range_input else None
+        for k in steps:
+            w = min(W, cfg.seq_len - k)
+            out = decoder.steps(k, values[:, : w - 1 if k == 0 else w], None if ranges is None else ranges[:, :w])
+            check_device(out, CUDA, f"the decoder's output of a pass at step {k} ({dtype})")
 
 
 def check_model_on_fake_cuda(config, decode: str = "steps") -> None:

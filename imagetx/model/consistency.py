@@ -100,6 +100,15 @@ class AreaConsistency:
         self.placed[:, i, j, c] += value.long()
         self.left[i, j, c] -= 1
 
+    def snapshot(self) -> tuple[torch.Tensor, torch.Tensor]:
+        """The values placed so far, to restore() after a parallel decoding pass has recorded
+        its guesses."""
+        return self.placed.clone(), self.left.clone()
+
+    def restore(self, state: tuple[torch.Tensor, torch.Tensor]) -> None:
+        self.placed.copy_(state[0])
+        self.left.copy_(state[1])
+
 
 class CellOrder(nn.Module):
     """The teacher-forced side, for one geometry: which cell sum each sub-pixel belongs to and where

@@ -45,19 +45,24 @@ class IncrementalDecoder:
     parameters (B, P), equal to model(x)[position k] for any x with that prefix. A
     model.range_input model also takes position k's range inputs, long (B, 3) (see
     AreaConsistency.range_inputs).
+
+    window > 1: steps(k, values) also runs positions k .. k + W - 1 (W <= window) in one pass, for
+    parallel decoding (see generate); a later call may start anywhere after the last pass's first
+    position, and positions it computes again overwrite their keys in the caches.
     """
 
-    def __init__(self, model, batch: int, labels=None, source=None):
+    def __init__(self, model, batch: int, labels=None, source=None, window: int = 1):
         self.model = model
+        self.window = window
         p = next(model.parameters())
         like = torch.empty(0, device=p.device, dtype=p.dtype)
         self.cond, memory = model.condition(labels, source)  # (B, 1 or Lp, d) or None
         self.position = Position()
         visibility = getattr(model, "visibility", None)  # local 2D: a buffer on the model's device
-        self.caches = [block.make_cache(batch, like, self.position, memory, visibility) for block in model.blocks]
+        self.caches = [block.make_cache(batch, like, self.position, memory, visibility, window) for block in model.blocks]
         self.gen_to_internal = model.layout.gen_to_internal_list  # host data: no device read per step
         # every layer in one C call where it applies (bf16 on a CPU with AVX512-BF16; model/native)
-        self.fused = native.FusedStep(model, self.caches, batch) if native.applies(model) else None
+        self.fused = native.FusedStep(model, self.caches, batch, window) if native.applies(model) else None
         per_step = () if model.config.output == "categorical" else (model.config.channels,)
         self.no_values = torch.zeros(batch, 0, *per_step, dtype=torch.long, device=p.device)  # step 0's input: the start vector
 
@@ -74,6 +79,44 @@ class IncrementalDecoder:
             for block, cache in zip(m.blocks, self.caches):
                 x = block(x, cache=cache)
         return m.head(m.final_norm(x))[:, 0]
+
+    def steps(self, k: int, values: torch.Tensor, ranges=None) -> torch.Tensor:
+        """Positions k .. k + W - 1 in one pass (1 <= W <= window): values, the values at steps
+        k - 1 .. k + W - 2 (from step 0 when k = 0: W - 1 of them), long (B, W or W - 1) or
+        (B, ., C) for DMOL; ranges: model.range_input only, long (B, W, 3) of the W positions ->
+        their outputs (B, W, 256 or P), each equal to step()'s at its position given those inputs.
+
+        The fused step computes the W rows in one call, each exactly as a one-position call does
+        (decode.c), reading every weight once per pass. The torch path runs the W positions one
+        at a time through step(): torch's products do not round a row the same way for every
+        number of rows (fp32 on the CPU: a one-row product takes another kernel than a W-row
+        one), and a parallel pass must give the bits a sequential step gives."""
+        W = values.shape[1] + (1 if k == 0 else 0)
+        if not 1 <= W <= self.window or k + W > len(self.gen_to_internal):
+            raise ValueError(f"a pass takes 1 to {self.window} positions inside the image, got {W} from step {k}")
+        for cache, _ in self.caches:
+            cache.reserve(k, k + W - 1)
+        if self.fused is None:
+            outs = []
+            for j in range(W):
+                prev = None if k + j == 0 else values[:, j - 1 if k == 0 else j]
+                outs.append(self.step(k + j, prev, None if ranges is None else ranges[:, j]))
+            return torch.stack(outs, dim=1)
+        m = self.model
+        internals = self.gen_to_internal[k : k + W]
+        x = m.decoder_input(m.embed_inputs(values, k, ranges), self.cond, m.gen_to_internal[k : k + W])  # (B, W, d)
+        cache = self.caches[0][0]
+        if cache.second_buffers() is not None and self.fused.ring_rows is None:  # window 1: the one-position step
+            return self.step(k, None if k == 0 else values[:, 0], None if ranges is None else ranges[:, 0])[:, None]
+        if self.fused.ring_rows is not None:  # local 2D: keys read straight from the ring
+            slots, los, his, at = self.fused.ring_places(internals)
+            x = self.fused.run(x, slots, los, his, None, internals, at)
+        else:
+            places = [cache.place(k + j) for j in range(W)]
+            slots, los, his, off2 = (list(c) for c in zip(*places))
+            x = self.fused.run(x, slots, los, his, off2, internals)
+        self.position.step, self.position.internal = k + W - 1, internals[-1]
+        return m.head(m.final_norm(x))
 
 
 def draw(out: torch.Tensor, config, temperature: float, gumbel=None, bounds=None) -> torch.Tensor:
@@ -96,11 +139,43 @@ EMPTY_RANGE = ("no value is left to draw (an empty range): the values placed bef
                "restriction, e.g. a primed image that does not area-downsample to its input")
 
 
+DECODE_MODES = ("sequential", "parallel", "auto")
+GUESSES = ("above", "zeros", "random")
+# positions per pass of parallel decoding, chosen by benchmarks/sampling.py --decode (docs/benchmarks.md)
+DEFAULT_WINDOW = 16
+
+
+def decode_problems(decode, window) -> list[str]:
+    """What is wrong with a decoding mode and window size, one line each (none: [])."""
+    p = []
+    if decode not in DECODE_MODES:
+        p.append(f"--decode must be one of {', '.join(DECODE_MODES)}, got {decode!r}")
+    if isinstance(window, bool) or not isinstance(window, int) or window < 1:
+        p.append(f"--window must be a positive integer, got {window!r}")
+    return p
+
+
+def resolve_decode(model, decode: str, n: int, use_cache: bool = True) -> str:
+    """"auto" -> "parallel" where it is exact and measured faster: the fused C step (model/native)
+    at batch 1 (benchmarks/sampling.py --decode); "sequential" elsewhere. Other modes as given."""
+    if decode != "auto":
+        return decode
+    return "parallel" if use_cache and n == 1 and native.applies(model) else "sequential"
+
+
 def generate(
     model, n, labels=None, source=None, temperature=1.0, generator=None, use_cache=True,
     prime=None, prime_mask=None, progress=None, constraint=None, seed: int | None = None, first_index: int = 0,
+    decode: str = "sequential", window: int = DEFAULT_WINDOW, first_guess: str = "above",
 ) -> torch.Tensor:
     """See ImageTransformer.sample.
+
+    decode: "sequential" (one position per step), "parallel" (Jacobi iteration with the same fixed
+    noise: passes of `window` positions, each guessed first from the sub-pixel above, first_guess
+    "above", or "zeros" or "random" values, then from the last pass; each pass keeps every position
+    whose inputs were already right; see _parallel) or "auto" (resolve_decode). The images are
+    the same in every mode: bit for bit where a pass computes every position as a one-position
+    step does (the fused C step; the torch path runs a pass one position at a time).
 
     seed, first_index: image i is global image first_index + i, and every value drawn for it is
     a function of (seed, first_index + i, its generation step) and the model alone (model/noise.py),
@@ -116,6 +191,14 @@ def generate(
     never empty while the values before it were in theirs), so without a prime nothing is read."""
     cfg = model.config
     dmol.check_temperature(temperature)
+    problems = decode_problems(decode, window) + ([] if first_guess in GUESSES else [f"first_guess must be one of {GUESSES}"])
+    if problems:
+        raise ValueError("; ".join(problems))
+    decode = resolve_decode(model, decode, n, use_cache)
+    if decode == "parallel" and not use_cache:
+        raise ValueError("parallel decoding needs the cache (use_cache=True)")
+    if decode == "parallel" and constraint is not None and not hasattr(constraint, "snapshot"):
+        raise ValueError("parallel decoding needs a constraint with snapshot() and restore()")
     if n < 1:
         raise ValueError(f"number of images must be >= 1, got {n}")
     if seed is None:
@@ -145,6 +228,16 @@ def generate(
     empty = torch.zeros((), dtype=torch.bool, device=device) if prime is not None and constraint is not None else None
     was_training = model.training
     model.eval()
+    if decode == "parallel":
+        try:
+            flat = x.view(n, cfg.seq_len, -1)
+            empty = _parallel(model, flat, labels, source, temperature, seed, images, per_step, window, constraint,
+                              cells, keep if prime is not None else None, empty, progress, first_guess)
+        finally:
+            model.train(was_training)
+        if empty is not None and bool(empty):
+            raise ValueError(EMPTY_RANGE)
+        return x.to(torch.uint8)
     try:
         flat = x.view(n, cfg.seq_len, -1)  # (n, L, 1) categorical or (n, L, C) DMOL, grid order
         steps = model.layout.order_list  # generation step -> grid position
@@ -178,6 +271,106 @@ def generate(
     if empty is not None and bool(empty):
         raise ValueError(EMPTY_RANGE)
     return x.to(torch.uint8)
+
+
+def _above(layout) -> list[int]:
+    """Per generation step, the step of the sub-pixel above it (same column, the row before;
+    always generated earlier in every order here), or -1 in the first row: host data."""
+    step_of = {g: k for k, g in enumerate(layout.order_list)}
+    return [step_of[g - layout.cols] if g >= layout.cols else -1 for g in layout.order_list]
+
+
+def _parallel(model, flat, labels, source, temperature, seed, images, per_step, window, constraint, cells, keep,
+              empty, progress, first_guess):
+    """Parallel (Jacobi) decoding into flat (n, L, 1 or C) (grid order, primed values in place,
+    keep: where they are, or None); returns the `empty` flag as generate keeps it.
+
+    Every position's noise is fixed (noise.value_gumbel at its step), so its value is a function
+    of the values before it. A pass runs positions k .. k + W - 1 on guesses of their inputs, draws
+    every one of them, and keeps the longest run from k whose inputs were right: position k always
+    (its inputs are final), position k + j when the values drawn at k .. k + j - 1 equal the guesses
+    the pass took; the batch moves on by its smallest run (one read back per pass). The values drawn
+    past the run are the next pass's guesses. The bounds and range inputs of model.consistent and
+    model.range_input follow the guesses inside a pass and are rolled back to the values kept."""
+    cfg = model.config
+    n, L = flat.shape[0], cfg.seq_len
+    device = flat.device
+    steps = model.layout.order_list  # generation step -> grid position
+    order = torch.tensor(steps, device=device)
+    vals = flat[:, order]  # (n, L, per) generation order: primed values, zeros elsewhere
+    kept = None if keep is None else keep[:, order]  # (n, L, per) bool
+    if first_guess == "random":  # a fixed pattern of its own: the guesses must not change the result
+        at = torch.arange(L, device=device)[:, None], torch.arange(per_step, device=device)
+        random = noise.hash64(seed ^ 1, images[:, None, None], *at) & 255  # (n, L, per)
+        vals = random if kept is None else torch.where(kept, vals, random)
+    above = _above(model.layout)
+    decoder = IncrementalDecoder(model, n, labels, source, window)
+    chunk = max(window, NOISE_CHUNK // (n * per_step * 256))
+    noise_from, gumbel = 0, None
+    k = frontier = 0
+    while k < L:
+        W = min(window, L - k)
+        if first_guess == "above":  # new positions: the sub-pixel above, as it stands now
+            for p in range(frontier, k + W):
+                if above[p] >= 0:
+                    guess = vals[:, above[p]]
+                    vals[:, p] = guess if kept is None else torch.where(kept[:, p], vals[:, p], guess)
+        frontier = max(frontier, k + W)
+        guesses = vals[:, k : k + W]  # (n, W, per)
+        inputs = vals[:, max(k - 1, 0) : k + W - 1]
+        inputs = inputs[..., 0] if cfg.output == "categorical" else inputs
+        bounds = ranges = None
+        if constraint is not None or cells is not None:  # follow the guesses, then roll back
+            follow = [c for c in (constraint, cells) if c is not None]
+            saved = [c.snapshot() for c in follow]
+            los, his, rows = [], [], []
+            for j in range(W):
+                g, v = steps[k + j], guesses[:, j, 0] if cfg.output == "categorical" else guesses[:, j]
+                if constraint is not None:
+                    lo, hi = constraint.bounds(g)
+                    los.append(lo)
+                    his.append(hi)
+                if cells is not None:
+                    rows.append(cells.range_inputs(g))
+                for c in follow:
+                    c.record(g, v)
+            for c, state in zip(follow, saved):
+                c.restore(state)
+            if constraint is not None:
+                # (n * W,) categorical, (n * W, C) DMOL: one row per drawn position
+                bounds = tuple(torch.stack(b, 1).flatten(0, 1) for b in (los, his))
+            if cells is not None:
+                ranges = torch.stack(rows, 1)  # (n, W, 3)
+        out = decoder.steps(k, inputs, ranges)  # (n, W, out)
+        gumbel_now = None
+        if temperature > 0:
+            if gumbel is None or k + W > noise_from + gumbel.shape[1]:
+                noise_from = k
+                ahead = torch.arange(k, min(k + max(chunk, W), L), device=device)
+                gumbel = noise.value_gumbel(seed, images, ahead, per_step)  # (n, S, per, 256)
+            gumbel_now = gumbel[:, k - noise_from : k - noise_from + W].reshape(n * W, per_step, -1)
+        drawn = draw(out.reshape(n * W, -1), cfg, temperature, gumbel_now, bounds).view(n, W, -1)
+        if kept is not None:
+            drawn = torch.where(kept[:, k : k + W], guesses, drawn)
+        wrong = (drawn != guesses).any(-1)  # (n, W)
+        run = torch.where(wrong.any(1), wrong.int().argmax(1) + 1, W)  # (n,) positions kept per image
+        vals[:, k : k + W] = drawn
+        accepted = int(run.min())  # the one read back per pass
+        if empty is not None:  # a range left empty by primed values, among the positions kept
+            lo, hi = (b.view(n, W, -1)[:, :accepted] for b in bounds)
+            empty = empty | (lo > hi).any()
+        for j in range(accepted):
+            g = steps[k + j]
+            v = drawn[:, j, 0] if cfg.output == "categorical" else drawn[:, j]
+            if constraint is not None:
+                constraint.record(g, v)
+            if cells is not None:
+                cells.record(g, v)
+            if progress is not None:  # once per position, as sequential decoding calls it
+                progress(k + j + 1, L)
+        k += accepted
+    flat[:, order] = vals
+    return empty
 
 
 @torch.inference_mode()

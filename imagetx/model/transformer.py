@@ -52,10 +52,11 @@ class Block(nn.Module):
             x = self.residual(x, lambda t: self.cross(t, memory, cache=cross_cache), self.norm_cross)
         return self.residual(x, self.ffn, self.norm_ffn)
 
-    def make_cache(self, batch: int, like, position, memory=None, visibility=None) -> tuple:
-        """The caches that decode `batch` images one position at a time through forward()."""
+    def make_cache(self, batch: int, like, position, memory=None, visibility=None, window: int = 1) -> tuple:
+        """The caches that decode `batch` images one position at a time through forward()
+        (window: positions per pass of parallel decoding, see Attention.make_cache)."""
         cross = self.cross.memory_cache(memory) if self.cross is not None else None
-        return self.attn.make_cache(batch, like, position, visibility), cross
+        return self.attn.make_cache(batch, like, position, visibility, window), cross
 
 
 def _readable(t: torch.Tensor) -> bool:
@@ -378,6 +379,8 @@ class ImageTransformer(nn.Module):
         constraint=None,
         seed: int | None = None,
         first_index: int = 0,
+        decode: str = "sequential",
+        window: int | None = None,
     ) -> torch.Tensor:
         """Draw n images: uint8 (n, H, W, C), in the model's generation order.
 
@@ -391,11 +394,13 @@ class ImageTransformer(nn.Module):
         reference path); progress: an optional callable(steps_done, steps_total). constraint:
         restricts the values drawn (see imagetx.model.decoding.generate); a model.consistent
         model always samples with consistency.AreaConsistency, its own distribution.
+        decode: "sequential", "parallel" (Jacobi passes of `window` positions, default
+        decoding.DEFAULT_WINDOW) or "auto": the same images in every mode (see decoding.generate).
         """
-        from imagetx.model.decoding import generate
+        from imagetx.model.decoding import DEFAULT_WINDOW, generate
 
         return generate(
             self, n, labels=labels, source=source, temperature=temperature, generator=generator,
             use_cache=use_cache, prime=prime, prime_mask=prime_mask, progress=progress, constraint=constraint,
-            seed=seed, first_index=first_index,
+            seed=seed, first_index=first_index, decode=decode, window=DEFAULT_WINDOW if window is None else window,
         )

@@ -99,8 +99,7 @@ def library() -> ctypes.CDLL | None:
         return None
     lib.decode_step.restype = None
     lib.decode_step.argtypes = [
-        ctypes.POINTER(Layer), ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int, ctypes.c_int,
-        ctypes.c_int, ctypes.c_float, ctypes.c_void_p, ctypes.c_long, ctypes.c_long, ctypes.c_long, ctypes.c_long,
+        ctypes.POINTER(Layer), *[ctypes.c_int] * 8, ctypes.c_float, ctypes.c_void_p, *[ctypes.c_void_p] * 6,
         ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int, ctypes.c_long, ctypes.c_void_p,
     ]
     lib.decode_scratch_floats.restype = ctypes.c_long
@@ -159,17 +158,22 @@ def _ptr(t: torch.Tensor | None) -> int | None:
     return None if t is None else t.data_ptr()
 
 
+def _longs(values) -> ctypes.Array:
+    return (ctypes.c_long * len(values))(*values)
+
+
 class FusedStep:
-    """The decoder layers of an IncrementalDecoder's model as one decode_step call per position.
+    """The decoder layers of an IncrementalDecoder's model as one decode_step call per step of
+    1 to `window` positions.
 
     model: the bf16 decoding copy (linear layers plain nn.Linear: see decoding.for_decoding);
     caches: the decoder's (self-attention cache, cross MemoryCache or None) per layer, whose
     buffers the C code reads and writes in place."""
 
-    def __init__(self, model, caches: list, batch: int):
+    def __init__(self, model, caches: list, batch: int, window: int = 1):
         self.lib = library()
         cfg = model.config
-        self.B = batch
+        self.B, self.window = batch, window
         self.d, self.h, self.hd, self.f = cfg.d_model, cfg.n_heads, cfg.head_dim, cfg.d_ff
         self.pre_norm = int(cfg.norm == "pre")
         self.eps = model.blocks[0].norm_attn.eps
@@ -210,9 +214,17 @@ class FusedStep:
         self.layers = (Layer * len(layers))(*layers)
         self.keys = keys
         a = self.h * self.hd
-        n = self.lib.decode_scratch_floats(batch, self.d, a, self.f, self.h, keys)
+        n = self.lib.decode_scratch_floats(batch * window, self.d, a, self.f, self.h, keys)
         self.scratch = torch.empty(n, dtype=torch.float32)
-        self.x = torch.empty(batch, self.d, dtype=torch.float32)
+        self.x = torch.empty(batch * window, self.d, dtype=torch.float32)
+        # local 2D parallel passes read the keys from the ring (see ring_places): per block, its
+        # window's keys in visibility order as ring rows
+        cache = caches[0][0]
+        self.ring_rows = None
+        if window > 1 and cache.second_buffers() is not None:
+            rows = [cache.ring_rows(b) for b in range(model.layout.num_blocks)]
+            self.ring_rows = torch.tensor(rows, dtype=torch.long)  # (blocks, window) CPU: this path is CPU only
+            self.ring_cache = cache
         # rotary: every position's angles in fp32, once; a step passes its row
         rotary = model.relative if cfg.relative == "rotary" else None
         self.cos = None if rotary is None else rotary.cos.float().contiguous()
@@ -229,16 +241,44 @@ class FusedStep:
         return t.data_ptr()
 
     def __call__(self, x: torch.Tensor, slot: int, lo: int, hi: int, off2: int, internal: int) -> torch.Tensor:
-        """x (B, 1, d): the decoder input at this position -> the last layer's output (B, 1, d)
-        in x's dtype."""
-        self.x.copy_(x.view(self.B, self.d))
+        """One position: x (B, 1, d), the decoder input at this position, with its cache places
+        (cache.prepare()) and internal index -> the last layer's output (B, 1, d) in x's dtype."""
+        return self.run(x, [slot], [lo], [hi], [off2], [internal])
+
+    def ring_places(self, internals: list[int]) -> tuple[list[int], ...]:
+        """A local 2D pass's places in ring mode: the keys stay in the ring, where each position
+        writes its key (a ring row) and reads its block's keys (ring_rows) -> (slot, lo, hi, rows_at)."""
+        cache = self.ring_cache
+        width = cache.ring_k.shape[3]
+        slots, his, at = [], [], []
+        for internal in internals:
+            blk, i = divmod(internal, cache.lq)
+            row, col = cache.ring_place(internal)
+            slots.append(row * width + col)
+            his.append(cache.count[blk][i])
+            at.append(blk * self.ring_rows.shape[1])
+        return slots, [0] * len(internals), his, at
+
+    def run(self, x: torch.Tensor, slot, lo, hi, off2, internals, rows_at=None) -> torch.Tensor:
+        """W positions of each image: x (B, W, d) their decoder inputs; per position its cache
+        places (lists of W ints: see FullCache.prepare; off2 None without second buffers) and
+        internal index; rows_at: None, or the ring mode's (ring_places) -> the last layer's
+        outputs (B, W, d) in x's dtype. Each row is computed as a one-position step computes it."""
+        W = x.shape[1]
+        if W > self.window:
+            raise ValueError(f"this fused step takes at most {self.window} positions, got {W}")
+        out = self.x[: self.B * W]
+        out.copy_(x.reshape(self.B * W, self.d))
         cos = sin = None
         P = 0
         if self.cos is not None:
-            cos, sin = self.cos[internal], self.sin[internal]  # contiguous rows: no copy
-            P = cos.numel()
+            cos, sin = self.cos[internals], self.sin[internals]  # (W, P) contiguous copies
+            P = cos.shape[1]
+        ring = rows_at is not None
         self.lib.decode_step(
-            self.layers, len(self.layers), self.B, self.d, self.h, self.hd, self.f, self.pre_norm, self.eps,
-            self.x.data_ptr(), slot, lo, hi, off2, _ptr(cos), _ptr(sin), P, self.keys, self.scratch.data_ptr(),
+            self.layers, len(self.layers), self.B, W, self.d, self.h, self.hd, self.f, self.pre_norm, self.eps,
+            out.data_ptr(), _longs(slot), _longs(lo), _longs(hi), None if off2 is None or ring else _longs(off2),
+            self.ring_rows.data_ptr() if ring else None, _longs(rows_at) if ring else None,
+            _ptr(cos), _ptr(sin), P, self.keys, self.scratch.data_ptr(),
         )
-        return self.x.to(x.dtype).view(self.B, 1, self.d)
+        return out.to(x.dtype).view(self.B, W, self.d)

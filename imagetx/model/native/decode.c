@@ -1,7 +1,11 @@
 /* One step of cached decoding through every decoder layer, in one call: the bf16 decoder at batch
  * 1-16 on a CPU with AVX512-BF16 (imagetx/model/native/__init__.py compiles, loads and calls it).
+ * A step decodes W consecutive positions of each image (W = 1: sequential decoding; W > 1: a
+ * pass of parallel decoding): B * W rows, each with its own cache places, computed exactly as a
+ * one-position step computes it (every row has its own sums, in the same order, whatever B and
+ * W), so a pass and W one-position steps give the same bits.
  *
- * Per layer, for B images and one position each (post-LN: x = LN(x + sublayer(x)); pre-LN:
+ * Per layer, for each row (post-LN: x = LN(x + sublayer(x)); pre-LN:
  * x = x + sublayer(LN(x))):
  *   self-attention  qkv = Wqkv x (no bias); optional rotary rotation of q and k; k and v written
  *                   to the cache at `slot` (and to a second place when given: the local 2D ring);
@@ -143,22 +147,24 @@ TARGET static inline __m512 dot_key(const bf16 *k, const bf16 *q, long full, lon
 
 /* One query over keys K[lo:hi] and values V[lo:hi] (rows of hd bf16): out (hd fp32) =
  * softmax_j(scale * q . k_j) v_j, q bf16 (hd). p: scratch of hi - lo floats. Keys four at a
- * time (independent sums); values 64 dimensions (two cache lines of a row) at a time. */
+ * time (independent sums); values 64 dimensions (two cache lines of a row) at a time. rows: NULL,
+ * or key j is row rows[j] of K and V (the same arithmetic over the same keys in the same order). */
+#define ROW(j) (rows ? rows[j] : (j))
 TARGET static void attend_one(float *out, const bf16 *q, float scale, const bf16 *K, const bf16 *V, long lo, long hi,
-                              long hd, float *p) {
+                              long hd, float *p, const long *rows) {
     const long full = hd / 32, rest = hd % 32;
     const __mmask32 tail = rest ? (__mmask32)((1ull << rest) - 1) : 0;
     float best = -INFINITY;
     long j = lo;
     for (; j + 4 <= hi; j += 4) {
-        __m512 a0 = dot_key(K + j * hd, q, full, rest, tail), a1 = dot_key(K + (j + 1) * hd, q, full, rest, tail);
-        __m512 a2 = dot_key(K + (j + 2) * hd, q, full, rest, tail), a3 = dot_key(K + (j + 3) * hd, q, full, rest, tail);
+        __m512 a0 = dot_key(K + ROW(j) * hd, q, full, rest, tail), a1 = dot_key(K + ROW(j + 1) * hd, q, full, rest, tail);
+        __m512 a2 = dot_key(K + ROW(j + 2) * hd, q, full, rest, tail), a3 = dot_key(K + ROW(j + 3) * hd, q, full, rest, tail);
         p[j - lo] = _mm512_reduce_add_ps(a0) * scale;
         p[j + 1 - lo] = _mm512_reduce_add_ps(a1) * scale;
         p[j + 2 - lo] = _mm512_reduce_add_ps(a2) * scale;
         p[j + 3 - lo] = _mm512_reduce_add_ps(a3) * scale;
     }
-    for (; j < hi; j++) p[j - lo] = _mm512_reduce_add_ps(dot_key(K + j * hd, q, full, rest, tail)) * scale;
+    for (; j < hi; j++) p[j - lo] = _mm512_reduce_add_ps(dot_key(K + ROW(j) * hd, q, full, rest, tail)) * scale;
     for (j = 0; j < hi - lo; j++) best = p[j] > best ? p[j] : best;
     float total = 0.f;
     for (j = 0; j < hi - lo; j++) {
@@ -172,7 +178,7 @@ TARGET static void attend_one(float *out, const bf16 *q, float scale, const bf16
         for (int u = 0; u < 4; u++) n[u] = hd - c - 16 * u < 0 ? 0 : hd - c - 16 * u > 16 ? 16 : hd - c - 16 * u;
         __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
         for (j = lo; j < hi; j++) {
-            const bf16 *vj = V + j * hd + c;
+            const bf16 *vj = V + ROW(j) * hd + c;
             const __m512 w = _mm512_set1_ps(p[j - lo]);
             a0 = _mm512_fmadd_ps(w, load16(vj, n[0]), a0);
             if (n[1]) a1 = _mm512_fmadd_ps(w, load16(vj + 16, n[1]), a1);
@@ -197,24 +203,33 @@ long decode_scratch_floats(int B, int d, int a, int f, int h, long keys) {
     return (long)B * d * 2 + (long)B * 3 * a + (long)B * a + (long)B * f + x_bf + (long)h * B * (keys + 16) + 64;
 }
 
-/* x (B, d) fp32: the decoder input in, the last layer's output out. slot: where this position's
- * key and value go in each self-attention cache, [lo, hi): the cached keys it attends to;
- * off2: its place in the second buffers (elements from k2/v2; ignored where those are NULL).
- * cos, sin: NULL, or the rotary angles of this position (P pairs: dimension i and P + i of each
- * head's q and k rotate by pair i). keys: the largest hi - lo and mem_len, for the scratch. */
-TARGET void decode_step(const Layer *layers, int n_layers, int B, int d, int h, int hd, int f, int pre_norm,
-                        float eps, float *x, long slot, long lo, long hi, long off2, const float *cos,
-                        const float *sin, int P, long keys, float *scratch) {
+/* x (B * W, d) fp32: the decoder inputs in (row b * W + j: image b, the step's position j), the
+ * last layer's outputs out. Per position j: slot[j], where its key and value go in each
+ * self-attention cache; [lo[j], hi[j]), the cached keys it attends to; off2[j], its place in the
+ * second buffers (elements from k2/v2; ignored where those are NULL or off2 is NULL).
+ * key_rows: NULL, or the ring mode of the local 2D parallel pass: the keys are kept in the second
+ * buffers only, seen as rows of hd (slot[j] is the row position j writes), and position j attends
+ * to rows key_rows[rows_at[j] + i] for i in [lo[j], hi[j]).
+ * cos, sin: NULL, or the rotary angles of the W positions (W, P): dimension i and P + i of each
+ * head's q and k rotate by pair i. keys: the largest hi - lo and mem_len, for the scratch.
+ * Every position's key is written before any position attends, so a position sees those of the
+ * positions before it in the step. */
+TARGET void decode_step(const Layer *layers, int n_layers, int B, int W, int d, int h, int hd, int f, int pre_norm,
+                        float eps, float *x, const long *slot, const long *lo, const long *hi, const long *off2,
+                        const long *key_rows, const long *rows_at, const float *cos, const float *sin, int P,
+                        long keys, float *scratch) {
     const int a = h * hd;
-    float *t = scratch;                   /* (B, d): the normalised input of a sublayer (pre-LN) */
-    float *y = t + (long)B * d;           /* (B, d): a sublayer's output */
-    float *qkv = y + (long)B * d;         /* (B, 3a) */
-    float *o = qkv + (long)B * 3 * a;     /* (B, a): attention output */
-    float *hid = o + (long)B * a;         /* (B, f) */
-    bf16 *xb = (bf16 *)(hid + (long)B * f);  /* (B, xs) bf16: the vector entering a product */
+    const int N = B * W;                  /* rows */
+    float *t = scratch;                   /* (N, d): the normalised input of a sublayer (pre-LN) */
+    float *y = t + (long)N * d;           /* (N, d): a sublayer's output */
+    float *qkv = y + (long)N * d;         /* (N, 3a) */
+    float *o = qkv + (long)N * 3 * a;     /* (N, a): attention output */
+    float *hid = o + (long)N * a;         /* (N, f) */
+    bf16 *xb = (bf16 *)(hid + (long)N * f);  /* (N, xs) bf16: the vector entering a product */
     const long xs = row_len(d, f, a);
-    float *probs = (float *)(xb + (long)B * xs + 32);
+    float *probs = (float *)(xb + (long)N * xs + 32);
     const float scale = 1.f / sqrtf((float)hd);
+    const int ring = key_rows != NULL;
 
 #pragma omp parallel
     {
@@ -226,77 +241,97 @@ TARGET void decode_step(const Layer *layers, int n_layers, int B, int d, int h, 
                 const bf16 *nb = sub == 0 ? L->ln1_b : sub == 1 ? L->lnc_b : L->ln2_b;
                 /* the sublayer's input, rounded to bf16 */
 #pragma omp for schedule(static)
-                for (int b = 0; b < B; b++) {
-                    const float *in = x + (long)b * d;
+                for (int r = 0; r < N; r++) {
+                    const float *in = x + (long)r * d;
                     if (pre_norm) {
-                        layer_norm(t + (long)b * d, in, nw, nb, d, eps);
-                        in = t + (long)b * d;
+                        layer_norm(t + (long)r * d, in, nw, nb, d, eps);
+                        in = t + (long)r * d;
                     }
-                    round_input(xb + (long)b * xs, in, d);
+                    round_input(xb + (long)r * xs, in, d);
                 }
                 if (sub == 2) {  /* feed-forward */
-                    gemv(L->w1, L->b1, xb, xs, hid, f, B, f, d);
+                    gemv(L->w1, L->b1, xb, xs, hid, f, N, f, d);
 #pragma omp for schedule(static)
-                    for (int b = 0; b < B; b++) {
-                        float *hb = hid + (long)b * f;
+                    for (int r = 0; r < N; r++) {
+                        float *hb = hid + (long)r * f;
                         for (long i = 0; i < f; i++) hb[i] = hb[i] > 0.f ? hb[i] : 0.f;
-                        round_input(xb + (long)b * xs, hb, f);
+                        round_input(xb + (long)r * xs, hb, f);
                     }
-                    gemv(L->w2, L->b2, xb, xs, y, d, B, d, f);
+                    gemv(L->w2, L->b2, xb, xs, y, d, N, d, f);
                 } else {
                     const int cross = sub == 1;
                     if (cross)
-                        gemv(L->wq_c, NULL, xb, xs, qkv, 3 * a, B, a, d);
+                        gemv(L->wq_c, NULL, xb, xs, qkv, 3 * a, N, a, d);
                     else
-                        gemv(L->wqkv, NULL, xb, xs, qkv, 3 * a, B, 3 * a, d);
+                        gemv(L->wqkv, NULL, xb, xs, qkv, 3 * a, N, 3 * a, d);
+                    if (!cross) {  /* every position's key and value into the cache first */
 #pragma omp for schedule(static)
-                    for (int bh = 0; bh < B * h; bh++) {
-                        int b = bh / h, head = bh % h;
-                        float *q = qkv + (long)b * 3 * a + (long)head * hd;
-                        float *k = q + a, *v = q + 2 * a;
+                        for (int rh = 0; rh < N * h; rh++) {
+                            int r = rh / h, head = rh % h, b = r / W, j = r % W;
+                            float *q = qkv + (long)r * 3 * a + (long)head * hd;
+                            float *k = q + a, *v = q + 2 * a;
+                            if (cos) {  /* rotary: pairs (i, P + i) of q and k */
+                                const float *cj = cos + (long)j * P, *sj = sin + (long)j * P;
+                                for (int i = 0; i < P; i++) {
+                                    float q1 = q[i], q2 = q[P + i], k1 = k[i], k2 = k[P + i];
+                                    q[i] = q1 * cj[i] - q2 * sj[i];
+                                    q[P + i] = q2 * cj[i] + q1 * sj[i];
+                                    k[i] = k1 * cj[i] - k2 * sj[i];
+                                    k[P + i] = k2 * cj[i] + k1 * sj[i];
+                                }
+                            }
+                            if (ring) {
+                                round_row(L->k2 + b * L->k2_b + head * L->k2_h + slot[j] * hd, k, hd);
+                                round_row(L->v2 + b * L->k2_b + head * L->k2_h + slot[j] * hd, v, hd);
+                                continue;
+                            }
+                            bf16 *kc = L->k + b * L->cache_b + head * L->cache_h;
+                            bf16 *vc = L->v + b * L->cache_b + head * L->cache_h;
+                            round_row(kc + slot[j] * hd, k, hd);
+                            round_row(vc + slot[j] * hd, v, hd);
+                            if (L->k2 && off2) {
+                                memcpy(L->k2 + b * L->k2_b + head * L->k2_h + off2[j], kc + slot[j] * hd, hd * sizeof(bf16));
+                                memcpy(L->v2 + b * L->k2_b + head * L->k2_h + off2[j], vc + slot[j] * hd, hd * sizeof(bf16));
+                            }
+                        }
+                    }
+#pragma omp for schedule(static)
+                    for (int rh = 0; rh < N * h; rh++) {
+                        int r = rh / h, head = rh % h, b = r / W, j = r % W;
+                        const float *q = qkv + (long)r * 3 * a + (long)head * hd;
                         const bf16 *K, *V;
+                        const long *rows = NULL;
                         long from, to;
                         if (cross) {
                             K = L->mk + b * L->mem_b + head * L->mem_h;
                             V = L->mv + b * L->mem_b + head * L->mem_h;
                             from = 0;
                             to = L->mem_len;
+                        } else if (ring) {
+                            K = L->k2 + b * L->k2_b + head * L->k2_h;
+                            V = L->v2 + b * L->k2_b + head * L->k2_h;
+                            rows = key_rows + rows_at[j];
+                            from = lo[j];
+                            to = hi[j];
                         } else {
-                            if (cos) {  /* rotary: pairs (i, P + i) of q and k */
-                                for (int i = 0; i < P; i++) {
-                                    float q1 = q[i], q2 = q[P + i], k1 = k[i], k2 = k[P + i];
-                                    q[i] = q1 * cos[i] - q2 * sin[i];
-                                    q[P + i] = q2 * cos[i] + q1 * sin[i];
-                                    k[i] = k1 * cos[i] - k2 * sin[i];
-                                    k[P + i] = k2 * cos[i] + k1 * sin[i];
-                                }
-                            }
-                            bf16 *kc = L->k + b * L->cache_b + head * L->cache_h;
-                            bf16 *vc = L->v + b * L->cache_b + head * L->cache_h;
-                            round_row(kc + slot * hd, k, hd);
-                            round_row(vc + slot * hd, v, hd);
-                            if (L->k2) {
-                                memcpy(L->k2 + b * L->k2_b + head * L->k2_h + off2, kc + slot * hd, hd * sizeof(bf16));
-                                memcpy(L->v2 + b * L->k2_b + head * L->k2_h + off2, vc + slot * hd, hd * sizeof(bf16));
-                            }
-                            K = kc;
-                            V = vc;
-                            from = lo;
-                            to = hi;
+                            K = L->k + b * L->cache_b + head * L->cache_h;
+                            V = L->v + b * L->cache_b + head * L->cache_h;
+                            from = lo[j];
+                            to = hi[j];
                         }
                         bf16 qb[hd + 32];  /* the query rounded to bf16, as the keys are */
                         round_row(qb, q, hd);
-                        attend_one(o + (long)b * a + (long)head * hd, qb, scale, K, V, from, to, hd,
-                                   probs + (long)bh * (keys + 16));
+                        attend_one(o + (long)r * a + (long)head * hd, qb, scale, K, V, from, to, hd,
+                                   probs + (long)rh * (keys + 16), rows);
                     }
 #pragma omp for schedule(static)
-                    for (int b = 0; b < B; b++) round_input(xb + (long)b * xs, o + (long)b * a, a);
-                    gemv(cross ? L->wo_c : L->wo, NULL, xb, xs, y, d, B, d, a);
+                    for (int r = 0; r < N; r++) round_input(xb + (long)r * xs, o + (long)r * a, a);
+                    gemv(cross ? L->wo_c : L->wo, NULL, xb, xs, y, d, N, d, a);
                 }
                 /* the residual, and post-LN's norm */
 #pragma omp for schedule(static)
-                for (int b = 0; b < B; b++) {
-                    float *xr = x + (long)b * d, *yr = y + (long)b * d;
+                for (int r = 0; r < N; r++) {
+                    float *xr = x + (long)r * d, *yr = y + (long)r * d;
                     for (long i = 0; i < d; i++) xr[i] += yr[i];
                     if (!pre_norm) {
                         layer_norm(yr, xr, nw, nb, d, eps);
