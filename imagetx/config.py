@@ -25,15 +25,15 @@ except ModuleNotFoundError:  # Python 3.10
 
 from imagetx.checks import seed_problems
 from imagetx.data.cache import cache_dir_problems
-from imagetx.distributed import device_problems
+from imagetx.system.distributed import device_problems
 from imagetx.errors import ConfigError, raise_problems
 from imagetx.model.config import ModelConfig
-from imagetx.precision import precision_problems
+from imagetx.system.precision import precision_problems
 
 TASKS = ("generate", "superres")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("rsqrt", "cosine", "constant")
-LOGGERS = ("none", "tensorboard", "wandb")  # imagetx.loggers
+LOGGERS = ("none", "tensorboard", "wandb")  # imagetx.training.loggers
 
 
 def quickstart_model() -> ModelConfig:
@@ -108,7 +108,7 @@ class TrainConfig:
     cooldown: float = 0.0  # fraction of the run at its end over which the learning rate falls linearly to 0 (ours; 0: none); of max_minutes when that limit comes first, and the run then ends where the fall does
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
     grad_accum: int = 1  # micro-batches per optimizer step
-    ema: float = 0.0  # decay of an exponential moving average of the weights, which evaluations, samples and every command reading the checkpoint then use (0: none; see imagetx.optim.WeightAverage)
+    ema: float = 0.0  # decay of an exponential moving average of the weights, which evaluations, samples and every command reading the checkpoint then use (0: none; see imagetx.training.optim.WeightAverage)
     precision: str = "auto"  # "auto" (bf16 autocast where native: GPUs from Ampere on, CPUs with AMX or AVX512-BF16), "fp32" or "bf16"
     compile: bool | str = "auto"  # torch.compile: "auto" (CUDA only), true or false
     activation_checkpointing: bool = False  # recompute activations in backward: less memory
@@ -171,7 +171,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     # the "section.key"s that a config file, flag or --set gave (load_config records them); None
     # for a config built in Python, where every key counts as given. Resuming a run takes the
-    # other keys, the architecture first, from the checkpoint (imagetx.rundir.resume_from).
+    # other keys, the architecture first, from the checkpoint (imagetx.training.rundir.resume_from).
     explicit: frozenset[str] | None = field(default=None, compare=False, repr=False)
 
     def problems(self) -> list[str]:
@@ -341,7 +341,7 @@ def resolve_config(
 
 def save_config(config: RunConfig, path: str | os.PathLike) -> None:
     """Write the config as TOML, atomically."""
-    from imagetx.atomic import atomic_write
+    from imagetx.system.atomic import atomic_write
 
     atomic_write(path, config.to_toml().encode())
 

@@ -20,8 +20,8 @@ import shutil
 from pathlib import Path
 
 
-from imagetx.atomic import remove_stale_temporaries
-from imagetx.checkpoint import (
+from imagetx.system.atomic import remove_stale_temporaries
+from imagetx.storage.checkpoint import (
     FORMAT,
     FORMAT_VERSION,
     load_checkpoint,

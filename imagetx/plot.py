@@ -16,7 +16,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imagetx.atomic import atomic_write
+from imagetx.system.atomic import atomic_write
 from imagetx.errors import RunError
 
 

@@ -268,7 +268,7 @@ def test_two_processes_converting_at_once_one_converts_the_other_reuses(tmp_path
 def test_training_on_the_cache_equals_training_on_the_decoded_data(tmp_path, capsys):
     """Same data, same order, same parameters, with DataLoader workers reading the mapped file too."""
     from imagetx import train
-    from imagetx.checkpoint import latest_checkpoint, load_checkpoint
+    from imagetx.storage.checkpoint import latest_checkpoint, load_checkpoint
     from test_train import TINY, curve, tiny
 
     write_cifar10(tmp_path / "data", n=8)

@@ -11,7 +11,7 @@ import torch
 from typer.testing import CliRunner
 
 from imagetx import load_model, train
-from imagetx.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
+from imagetx.storage.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from imagetx.cli import app
 from imagetx.config import load_config
 from imagetx.errors import CheckpointError, RunError

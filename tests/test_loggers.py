@@ -8,7 +8,8 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from imagetx import loggers, train
+from imagetx import train
+from imagetx.training import loggers
 from imagetx.cli import app
 from imagetx.config import load_config
 from imagetx.errors import ConfigError, RunError

@@ -15,12 +15,13 @@ import torch
 
 from typer.testing import CliRunner
 
-from imagetx import precision, train
+from imagetx import train
+from imagetx.system import precision
 from imagetx.cli import app
-from imagetx.checkpoint import load_model
+from imagetx.storage.checkpoint import load_model
 from imagetx.config import load_config
 from imagetx.data.batches import dataset_for
-from imagetx.evaluate import evaluate_bpd
+from imagetx.eval_bpd import evaluate_bpd
 from imagetx.model.decoding import for_decoding, teacher_forced_outputs
 from helpers import TINY_MODEL
 from model_properties import model_outputs, total_variation

@@ -16,7 +16,7 @@ import torch
 from typer.testing import CliRunner
 
 from imagetx import ImageTransformer, ModelConfig, train
-from imagetx.checkpoint import latest_checkpoint, load_model
+from imagetx.storage.checkpoint import latest_checkpoint, load_model
 from imagetx.cli import app
 from imagetx.config import load_config
 from imagetx.errors import ConfigError

@@ -15,7 +15,7 @@ from collections.abc import Iterator, Mapping, Sequence
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from imagetx.checkpoint import stored_config
+from imagetx.storage.checkpoint import stored_config
 from imagetx.config import DataConfig
 from imagetx.errors import DatasetError, RunError
 from imagetx.model.config import ModelConfig

@@ -34,10 +34,10 @@ import torch
 from torch.utils.data import DataLoader
 
 from imagetx import console
-from imagetx.atomic import atomic_path, atomic_write
+from imagetx.system.atomic import atomic_path, atomic_write
 from imagetx.data.dataset import ImageDataset, StreamedImageDataset
 from imagetx.errors import DatasetError
-from imagetx.lock import FileLock
+from imagetx.system.lock import FileLock
 
 FORMAT = 1  # bump when the files or what a reader returns change: old entries are then rebuilt
 OFF = "off"

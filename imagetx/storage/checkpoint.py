@@ -29,7 +29,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imagetx.atomic import atomic_write
+from imagetx.system.atomic import atomic_write
 from imagetx.errors import CheckpointError, ConfigError
 from imagetx.model.config import ModelConfig
 
