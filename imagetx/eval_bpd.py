@@ -21,13 +21,14 @@ from imagetx.storage.checkpoint import (
     describe_weights, load_checkpoint, model_from_checkpoint, resolve_checkpoint, unwrap_model, weights_key,
     weights_problems,
 )
-from imagetx.data.batches import batches, check_compatible, data_config_from_checkpoint, dataset_for, describe, unpack
-from imagetx.system.distributed import all_reduce_sum, device_problems, distributed, shard
+from imagetx.config import data_config_from_checkpoint
+from imagetx.data.batches import batches, check_compatible, dataset_for, describe, unpack
 from imagetx.errors import ConfigError, RunError
-from imagetx.training.metrics import bits_per_dim
 from imagetx.model.config import ModelConfig
+from imagetx.system.distributed import all_reduce_sum, device_problems, distributed, shard
 from imagetx.system.precision import FP32, Precision, precision_problems
 from imagetx.system.precision import resolve as resolve_precision
+from imagetx.training.metrics import bits_per_dim
 
 
 # ---- bits/dim ------------------------------------------------------------------------------------

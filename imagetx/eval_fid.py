@@ -211,7 +211,7 @@ def run(req: FidConfig) -> dict | None:
 
 def _run(req: FidConfig, ctx) -> dict | None:
     from imagetx.storage.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
-    from imagetx.data.batches import data_config_from_checkpoint
+    from imagetx.config import data_config_from_checkpoint
 
     device = ctx.device
     weights = Path(req.inception_weights)

@@ -27,7 +27,8 @@ from PIL import Image
 
 from imagetx import console
 from imagetx.system.atomic import atomic_write
-from imagetx.storage.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint, stored_config, weights_problems
+from imagetx.config import stored_config
+from imagetx.storage.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint, weights_problems
 from imagetx.checks import (count_problems, label_problems, memory_problems, output_dir_problems, seed_problems,
                             temperature_problems)
 from imagetx.system.distributed import Dist, device_problems, distributed, gather_shards, ranks, shard
@@ -311,7 +312,7 @@ def _run(req: SuperResConfig, ctx: Dist) -> dict:
     if req.inputs is not None:
         inputs, failures = load_file_inputs(req.inputs, cfg, req.label, notify)
     else:
-        from imagetx.data.batches import data_config_from_checkpoint
+        from imagetx.config import data_config_from_checkpoint
 
         data = data_config_from_checkpoint(ckpt, path, req.dataset, req.data_dir)
         inputs = load_dataset_inputs(cfg, data, req.split, req.num, notify)

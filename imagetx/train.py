@@ -33,21 +33,22 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from imagetx import console
-from imagetx.storage.checkpoint import load_weights, make_checkpoint, rng_state, set_rng_state
-from imagetx.training.compiling import compile_or_eager
 from imagetx.config import RunConfig
 from imagetx.data.batches import batches, check_compatible, dataset_for, describe, unpack
-from imagetx.data.cache import cache_entry, cache_root
+from imagetx.data.cache import cache_entry
 from imagetx.data.order import DataOrder, RankBatches
-from imagetx.system.distributed import Dist, all_gather_object, all_reduce_sum, distributed, main_first, node_main_first
 from imagetx.errors import CheckpointError, RunError
 from imagetx.eval_bpd import evaluate_bpd
+from imagetx.model.transformer import ImageTransformer
+from imagetx.storage.checkpoint import load_weights, make_checkpoint, rng_state, set_rng_state
+from imagetx.system.allocator import allocator_in_use, find_fast_allocator
+from imagetx.system.distributed import Dist, all_gather_object, all_reduce_sum, distributed, main_first, node_main_first
+from imagetx.system.paths import cache_root
+from imagetx.system.precision import resolve as resolve_precision
+from imagetx.training.compiling import compile_or_eager
 from imagetx.training.loggers import Logger, check_installed, make_logger
 from imagetx.training.metrics import bits_per_dim
-from imagetx.system.allocator import allocator_in_use, find_fast_allocator
-from imagetx.model.transformer import ImageTransformer
 from imagetx.training.optim import WeightAverage, make_optimizer
-from imagetx.system.precision import resolve as resolve_precision
 from imagetx.training.rundir import RunDir, resume_from
 from imagetx.training.signals import StopSignals
 

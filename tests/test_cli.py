@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from imagetx.storage.checkpoint import latest_checkpoint
 from imagetx.cli import app
 from imagetx.eval_bpd import evaluate_bpd
+from imagetx.storage.checkpoint import latest_checkpoint
 from helpers import TINY_MODEL
 
 TINY = [

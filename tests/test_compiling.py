@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from imagetx.training import compiling
 from imagetx.storage.checkpoint import model_state_dict, unwrap_model
+from imagetx.training import compiling
 from helpers import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]

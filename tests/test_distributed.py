@@ -15,11 +15,11 @@ from hypothesis import example, given
 from hypothesis import strategies as st
 
 from imagetx import eval_bpd, train
-from imagetx.system import distributed as D
-from imagetx.storage.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from imagetx.config import load_config
-from imagetx.system.distributed import select_device, shard
 from imagetx.model.config import ConfigError
+from imagetx.storage.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from imagetx.system import distributed as D
+from imagetx.system.distributed import select_device, shard
 from helpers import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -184,8 +184,8 @@ def test_two_gloo_processes_match_one(tmp_path, precision, rel):
 
 RESUMABLE = """
 import json, os, sys, time
-import imagetx.train as T
 from imagetx.config import load_config
+import imagetx.train as T
 
 out, pids, sets, resume = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
 with open(os.path.join(pids, os.environ["RANK"]), "w") as f:

@@ -13,10 +13,10 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from imagetx import train
-from imagetx.storage.checkpoint import latest_checkpoint, load_checkpoint, load_model
 from imagetx.cli import app
 from imagetx.config import load_config
 from imagetx.errors import CheckpointError, ConfigError
+from imagetx.storage.checkpoint import latest_checkpoint, load_checkpoint, load_model
 from imagetx.training.optim import WeightAverage, ema_decay
 
 TINY = [

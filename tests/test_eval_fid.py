@@ -15,10 +15,10 @@ pytest.importorskip("pytorch_fid")
 pytest.importorskip("scipy")
 
 from imagetx import ImageTransformer
-from imagetx.storage.checkpoint import make_checkpoint, save_checkpoint
 from imagetx.cli import app
 from imagetx.errors import RunError
 from imagetx.eval_fid import FidConfig, features, frechet_distance, load_inception, run
+from imagetx.storage.checkpoint import make_checkpoint, save_checkpoint
 from test_model import tiny
 
 

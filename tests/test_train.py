@@ -15,11 +15,11 @@ import pytest
 import torch
 
 from imagetx import train
-from imagetx.storage.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from imagetx.config import RunConfig, load_config
 from imagetx.data.order import DataOrder
 from imagetx.errors import CheckpointError, RunError
 from imagetx.model.config import ConfigError
+from imagetx.storage.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from imagetx.training.optim import lr_factor
 from helpers import TINY_MODEL
 

@@ -23,22 +23,21 @@ from pathlib import Path
 
 import torch
 
-from imagetx.system.atomic import _alive, atomic_write
 from imagetx import console
+from imagetx.system.atomic import _alive, atomic_write
 from imagetx.storage.checkpoint import (
     check_resumable,
     list_checkpoints,
     load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
-    stored_config,
 )
-from imagetx.config import RunConfig, resolve_config, save_config
-from imagetx.errors import CheckpointError, ConfigError, RunError
+from imagetx.config import RunConfig, resolve_config, save_config, stored_config
 from imagetx.data.batches import batches
+from imagetx.errors import CheckpointError, ConfigError, RunError
+from imagetx.model.config import ModelConfig
 from imagetx.storage.images import display_scale, save_grid
 from imagetx.system.lock import RunLock
-from imagetx.model.config import ModelConfig
 
 
 def resume_from(config: RunConfig, resume: str | os.PathLike | None) -> tuple[RunConfig, Path | None, dict | None]:
