@@ -34,7 +34,7 @@ SIZES = {"32x32x3": (32, 32), "64x64x3": (64, 64)}
 
 
 def run_case(pattern: str, size: str, batch: int, repeats: int) -> dict:
-    from imagetx.memory import use_mmap_for_large_tensors
+    from imagetx.system.allocator import use_mmap_for_large_tensors
     from imagetx import ImageTransformer, ModelConfig
     from imagetx.model import reference_mode
 

@@ -116,7 +116,7 @@ def main() -> None:
     from imagetx import ImageTransformer, ModelConfig
     from imagetx.model import native
     from imagetx.model.decoding import for_decoding
-    from imagetx.precision import resolve
+    from imagetx.system.precision import resolve
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")

@@ -22,7 +22,7 @@ are reported too: `matmul_burst_gflops`, `mfu_vs_burst`.
     python benchmarks/train_step.py --device cuda --precision bf16 --compile --no-baseline --peak-window 1   # on a GPU
 
 Like the `imagetx` command, it restarts itself with tcmalloc or jemalloc preloaded when one is
-installed (see imagetx/memory.py); --allocator system measures with the C library's malloc.
+installed (see imagetx/system/allocator.py); --allocator system measures with the C library's malloc.
 
 --compile runs the loss through torch.compile (Inductor's fused C++ kernels on CPU), as
 `imagetx train --set train.compile=true` does; its one-off compile time is reported apart.
@@ -61,8 +61,8 @@ def training_step(nll, opt, x, cfg, precision, device) -> None:
 
 def main() -> None:
     from imagetx import ImageTransformer, ModelConfig
-    from imagetx.memory import allocator_in_use, restart_with_fast_allocator, use_mmap_for_large_tensors
-    from imagetx.precision import resolve
+    from imagetx.system.allocator import allocator_in_use, restart_with_fast_allocator, use_mmap_for_large_tensors
+    from imagetx.system.precision import resolve
 
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--precision", choices=("auto", "fp32", "bf16"), default="auto")

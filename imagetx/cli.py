@@ -26,6 +26,7 @@ if _sigint_before is signal.default_int_handler:
     except ValueError:  # imported outside the main thread: nothing to install
         pass
 
+import importlib
 import json
 import os
 import traceback
@@ -183,10 +184,10 @@ def train(
         "data.name": dataset, "data.data_dir": data_dir, "data.download": True if download else None,
     }
     with _expected_failures():
-        # on resume, the keys given here go over the checkpoint's config (imagetx.rundir.resume_from)
+        # on resume, the keys given here go over the checkpoint's config (imagetx.training.rundir.resume_from)
         resolved = load_config(config, flags, set_ or [])
         if show_config:
-            from imagetx.rundir import resume_from
+            from imagetx.training.rundir import resume_from
 
             typer.echo(resume_from(resolved, resume)[0].to_toml(), nl=False)
             return
@@ -223,7 +224,7 @@ def eval_bpd(
     Under torchrun every image is counted exactly once, e.g.
     torchrun --nproc_per_node 4 -m imagetx.cli eval-bpd runs/cifar10 --json
     """
-    from imagetx.evaluate import EvalConfig, run
+    from imagetx.eval_bpd import EvalConfig, run
 
     eval_config = EvalConfig(
         checkpoint=checkpoint, dataset=dataset, data_dir=data_dir, split=split, limit=limit,
@@ -232,7 +233,7 @@ def eval_bpd(
     )
     with _expected_failures():
         result = run(eval_config)
-    from imagetx.distributed import env_ranks
+    from imagetx.system.distributed import env_ranks
 
     if env_ranks()[0] != 0:
         return
@@ -295,7 +296,7 @@ def sample(
     index: under torchrun the processes share the images and write the same files as one, e.g.
     torchrun --nproc_per_node 4 -m imagetx.cli sample runs/cifar10 -n 50000 --npz samples.npz
     """
-    from imagetx.distributed import env_ranks
+    from imagetx.system.distributed import env_ranks
     from imagetx.sample import SampleConfig, run
 
     if out is None and individual is None and npz is None:
@@ -353,7 +354,7 @@ def superres(
     when known. Under torchrun the processes share the sequences; each depends only on the seed
     and its index, so the files are those of one process.
     """
-    from imagetx.distributed import env_ranks
+    from imagetx.system.distributed import env_ranks
     from imagetx.superres import SuperResConfig, run
 
     req = SuperResConfig(
@@ -486,7 +487,7 @@ def eval_fid(
     imagetx eval-fid runs/cifar10 --inception-weights pt_inception-2015-12-05-6726825d.pth -n 10000
     Under torchrun the processes share the drawing of the samples (the same samples as one).
     """
-    from imagetx.fid import FidConfig, run
+    from imagetx.eval_fid import FidConfig, run
 
     req = FidConfig(
         checkpoint=checkpoint, inception_weights=inception_weights, npz=npz, num=num, temperature=temperature,
@@ -519,14 +520,13 @@ def _import_torch_deferring_ctrl_c() -> None:
     pybind11 callback, or leave a half-imported extension that fails as "cannot load module more
     than once". Held back, it is delivered as soon as the import ends: one `error: interrupted`
     line and exit 130, as at any later moment."""
-    if not hasattr(signal, "pthread_sigmask"):  # not POSIX: nothing to hold back
-        import torch  # noqa: F401
-        return
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT})
+    posix = hasattr(signal, "pthread_sigmask")  # elsewhere there is nothing to hold back
+    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if posix else None
     try:
-        import torch  # noqa: F401
+        importlib.import_module("torch")
     finally:
-        signal.pthread_sigmask(signal.SIG_SETMASK, held)
+        if posix:
+            signal.pthread_sigmask(signal.SIG_SETMASK, held)
 
 if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:  # the module is imported: main() takes over
     signal.signal(signal.SIGINT, _sigint_before)
@@ -534,13 +534,13 @@ if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:  # the module
 
 def main() -> None:
     """The console script: the compute commands first restart once with tcmalloc or jemalloc
-    preloaded when one is installed (see imagetx.memory; IMAGETX_ALLOCATOR=system to keep malloc)."""
+    preloaded when one is installed (see imagetx.system.allocator; IMAGETX_ALLOCATOR=system to keep malloc)."""
     # library warnings (a skipped file in a data set, an outdated checkpoint) are one line on
     # stderr, like every other diagnostic
     warnings.showwarning = lambda message, *args, **kwargs: console.warn(str(message))
     try:
         if len(sys.argv) > 1 and sys.argv[1] in _COMPUTE_COMMANDS:
-            from imagetx.memory import restart_with_fast_allocator
+            from imagetx.system.allocator import restart_with_fast_allocator
 
             restart_with_fast_allocator()
             _import_torch_deferring_ctrl_c()

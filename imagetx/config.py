@@ -1,4 +1,6 @@
-"""The configuration of a training run: dataclasses, TOML in and out, `--set` overrides, validation.
+"""The configuration of a training run: dataclasses, TOML in and out, `--set` overrides, validation,
+and the configuration a checkpoint was saved with (`stored_config`, `data_config_from_checkpoint`).
+Reading and merging the TOML layers, whatever the schema, is imagetx.storage.toml.
 
 One precedence rule, lowest first: dataclass defaults < `--config FILE.toml` < explicit CLI flags
 < repeated `--set section.key=value`. `RunConfig()` itself is the quickstart setup (builtin data,
@@ -7,33 +9,25 @@ One precedence rule, lowest first: dataclass defaults < `--config FILE.toml` < e
 
 from __future__ import annotations
 
-import difflib
 import math
 import os
-import types
 import typing
 from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field, fields
 from typing import Any
 
-import tomli_w
-
-try:
-    import tomllib
-except ModuleNotFoundError:  # Python 3.10
-    import tomli as tomllib
-
 from imagetx.checks import seed_problems
-from imagetx.data.cache import cache_dir_problems
-from imagetx.distributed import device_problems
-from imagetx.errors import ConfigError, raise_problems
+from imagetx.errors import CheckpointError, ConfigError, raise_problems
 from imagetx.model.config import ModelConfig
-from imagetx.precision import precision_problems
+from imagetx.storage.toml import check_type, layers_from, merge_layers, toml_value
+from imagetx.system.distributed import device_problems
+from imagetx.system.paths import cache_dir_problems
+from imagetx.system.precision import precision_problems
 
 TASKS = ("generate", "superres")
 OPTIMIZERS = ("adam", "adamw")
 SCHEDULES = ("rsqrt", "cosine", "constant")
-LOGGERS = ("none", "tensorboard", "wandb")  # imagetx.loggers
+LOGGERS = ("none", "tensorboard", "wandb")  # imagetx.training.loggers
 
 
 def quickstart_model() -> ModelConfig:
@@ -108,7 +102,7 @@ class TrainConfig:
     cooldown: float = 0.0  # fraction of the run at its end over which the learning rate falls linearly to 0 (ours; 0: none); of max_minutes when that limit comes first, and the run then ends where the fall does
     grad_clip: float = 1.0  # max global gradient norm (0: no clipping)
     grad_accum: int = 1  # micro-batches per optimizer step
-    ema: float = 0.0  # decay of an exponential moving average of the weights, which evaluations, samples and every command reading the checkpoint then use (0: none; see imagetx.optim.WeightAverage)
+    ema: float = 0.0  # decay of an exponential moving average of the weights, which evaluations, samples and every command reading the checkpoint then use (0: none; see imagetx.training.optim.WeightAverage)
     precision: str = "auto"  # "auto" (bf16 autocast where native: GPUs from Ampere on, CPUs with AMX or AVX512-BF16), "fp32" or "bf16"
     compile: bool | str = "auto"  # torch.compile: "auto" (CUDA only), true or false
     activation_checkpointing: bool = False  # recompute activations in backward: less memory
@@ -171,7 +165,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     # the "section.key"s that a config file, flag or --set gave (load_config records them); None
     # for a config built in Python, where every key counts as given. Resuming a run takes the
-    # other keys, the architecture first, from the checkpoint (imagetx.rundir.resume_from).
+    # other keys, the architecture first, from the checkpoint (imagetx.training.rundir.resume_from).
     explicit: frozenset[str] | None = field(default=None, compare=False, repr=False)
 
     def problems(self) -> list[str]:
@@ -209,43 +203,50 @@ class RunConfig:
         for section, values in self.to_dict().items():
             lines += ["", f"[{section}]"]
             # TOML has no null: a None value is written by leaving the key out (it is the default)
-            lines += [f"{k} = {_toml_value(v)}" for k, v in values.items() if v is not None]
+            lines += [f"{k} = {toml_value(v)}" for k, v in values.items() if v is not None]
         return "\n".join(lines) + "\n"
 
 
 SECTIONS: dict[str, type] = {"model": ModelConfig, "data": DataConfig, "train": TrainConfig}
 
 
+# ---- from a checkpoint --------------------------------------------------------------------------
+def stored_config(ckpt: Mapping, path: str | os.PathLike = "checkpoint") -> dict:
+    """The run configuration (RunConfig.to_dict()) of a loaded checkpoint. Raises CheckpointError
+    naming the first section or key that this imagetx does not know: never silently dropped."""
+    config, known = ckpt["config"], RunConfig().to_dict()
+    for section, values in config.items():
+        if section not in known:
+            raise CheckpointError(f"{path}: its config has an unknown section [{section}]; it is not from this imagetx")
+        for key in values if isinstance(values, Mapping) else ():
+            if key not in known[section]:
+                raise CheckpointError(f"{path}: its config has an unknown key {section}.{key}; it is not from this imagetx")
+    return config
+
+
+def data_config_from_checkpoint(
+    ckpt: Mapping,
+    path: str | os.PathLike = "checkpoint",
+    dataset: str | None = None,
+    data_dir: str | None = None,
+    download: bool = False,
+) -> DataConfig:
+    """The data settings of a loaded checkpoint, with the data set and directory the user names.
+    Naming another data set starts from the defaults: the CelebA protocol and builtin size only
+    carry over for the data set the model was trained on. The data cache is this machine's
+    default (IMAGETX_CACHE_DIR or the user cache folder), not the folder of the machine that
+    trained. Raises CheckpointError naming a key this imagetx does not know."""
+    data = DataConfig(**dict(stored_config(ckpt, path).get("data") or {}))
+    data.cache_dir = None
+    if dataset is not None and dataset != data.name:
+        data = DataConfig(name=dataset)
+    if data_dir is not None:
+        data.data_dir = data_dir
+    data.download = download
+    return data
+
+
 # ---- loading and overrides ----------------------------------------------------------------------
-def read_toml(path: str | os.PathLike) -> dict:
-    """Read a TOML file; a missing or malformed file raises ConfigError naming it."""
-    try:
-        with open(path, "rb") as f:
-            return tomllib.load(f)
-    except FileNotFoundError:
-        raise ConfigError([f"config file {path} does not exist"]) from None
-    except OSError as exc:
-        raise ConfigError([f"cannot read config file {path}: {exc.strerror}"]) from None
-    except tomllib.TOMLDecodeError as exc:
-        raise ConfigError([f"config file {path} is not valid TOML: {exc}"]) from None
-    except UnicodeDecodeError as exc:
-        raise ConfigError([f"config file {path} is not UTF-8 text (byte {exc.start}): save it as UTF-8"]) from None
-
-
-def parse_set(item: str) -> tuple[str, Any]:
-    """`section.key=value` -> ("section.key", value). The value is read as a TOML literal
-    (`8`, `1e-3`, `true`, `[16, 16]`, `"x"`) and otherwise taken as a plain string (`cuda:1`)."""
-    key, sep, text = item.partition("=")
-    key = key.strip()
-    if not sep or key.count(".") != 1 or not all(key.split(".")):
-        raise ConfigError([f"--set expects section.key=value (e.g. train.lr=1e-3), got {item!r}"])
-    try:
-        value = tomllib.loads(f"v = {text.strip()}")["v"]
-    except tomllib.TOMLDecodeError:
-        value = text.strip()
-    return key, value
-
-
 def load_config(
     path: str | os.PathLike | None = None,
     flags: Mapping[str, Any] | None = None,
@@ -255,28 +256,7 @@ def load_config(
     ...} from explicit CLI flags; None values ignored) < `sets` ("section.key=value" strings).
     The keys the file, flags and sets give are recorded in RunConfig.explicit (a resumed run
     takes the others from its checkpoint). Raises ConfigError listing every problem."""
-    layers: list[tuple[str, Mapping]] = []
-    if path is not None:
-        layers.append((str(path), read_toml(path)))
-    nested: dict[str, dict] = {}
-    for key, value in (flags or {}).items():
-        if value is not None:
-            section, name = key.split(".")
-            nested.setdefault(section, {})[name] = value
-    if nested:
-        layers.append(("command-line flags", nested))
-    problems: list[str] = []
-    set_layer: dict[str, dict] = {}
-    for item in sets:
-        try:
-            key, value = parse_set(item)
-        except ConfigError as exc:
-            problems += exc.problems
-            continue
-        section, name = key.split(".")
-        set_layer.setdefault(section, {})[name] = value
-    if set_layer:
-        layers.append(("--set", set_layer))
+    layers, problems = layers_from(path, flags, sets)
     return resolve_config(layers, problems)
 
 
@@ -285,39 +265,15 @@ def resolve_config(
 ) -> RunConfig:
     """Merge (source, nested dict) layers over the defaults and `base` (a resumed checkpoint's
     config), type-check and validate. RunConfig.explicit records the keys the layers give."""
-    problems = list(problems or [])
-    defaults = RunConfig().to_dict()
-    merged = {section: dict(values) for section, values in defaults.items()}
-    explicit: set[str] = set()
-    given = [(source, layer, True) for source, layer in layers]
-    if base is not None:
-        given.insert(0, ("the checkpoint's config", base, False))
-    for source, layer, counts in given:
-        if not isinstance(layer, Mapping):
-            problems.append(f"{source}: expected a table of sections, got {type(layer).__name__}")
-            continue
-        for section, values in layer.items():
-            if section not in SECTIONS:
-                problems.append(f"unknown section [{section}] in {source}{_suggest(section, SECTIONS)}")
-                continue
-            if not isinstance(values, Mapping):
-                problems.append(f"[{section}] in {source} must be a table, got {values!r}")
-                continue
-            for key, value in values.items():
-                if key not in merged[section]:
-                    known = merged[section]
-                    problems.append(f"unknown key {section}.{key} in {source}{_suggest(key, known, section)}")
-                    continue
-                merged[section][key] = value
-                if counts:
-                    explicit.add(f"{section}.{key}")
+    merged, explicit, unknown = merge_layers(RunConfig().to_dict(), layers, base)
+    problems = list(problems or []) + unknown
 
     sections: dict[str, Any] = {}
     for section, cls in SECTIONS.items():
         hints = typing.get_type_hints(cls)
         values = {}
         for key, value in merged[section].items():
-            checked, problem = _check_type(value, hints[key], f"{section}.{key}")
+            checked, problem = check_type(value, hints[key], f"{section}.{key}")
             if problem:
                 problems.append(problem)
             else:
@@ -341,76 +297,10 @@ def resolve_config(
 
 def save_config(config: RunConfig, path: str | os.PathLike) -> None:
     """Write the config as TOML, atomically."""
-    from imagetx.atomic import atomic_write
+    from imagetx.system.atomic import atomic_write
 
     atomic_write(path, config.to_toml().encode())
 
 
-# ---- helpers ------------------------------------------------------------------------------------
 def _plain(value):
     return list(value) if isinstance(value, tuple) else value
-
-
-def _toml_value(v) -> str:
-    """One TOML value; arrays of scalars on one line (`[16, 16]`)."""
-    if isinstance(v, (list, tuple)):
-        return "[" + ", ".join(_toml_value(x) for x in v) + "]"
-    return tomli_w.dumps({"v": v})[len("v = "):].strip()
-
-
-def _suggest(key: str, known: Iterable[str], section: str | None = None) -> str:
-    close = difflib.get_close_matches(key, list(known), n=1)
-    if not close:
-        return ""
-    return f"; did you mean {section + '.' if section else ''}{close[0]}?"
-
-
-_NOUNS = {int: "integer", float: "number", str: "string", bool: "boolean"}
-
-
-def _describe_type(hint) -> str:
-    if typing.get_origin(hint) is tuple:
-        args = typing.get_args(hint)
-        return f"a list of {len(args)} {_NOUNS.get(args[0], 'value')}s"
-    if hint is bool:
-        return "true or false"
-    noun = _NOUNS.get(hint, getattr(hint, "__name__", str(hint)))
-    return f"an {noun}" if noun[0] in "aeiou" else f"a {noun}"
-
-
-def _check_type(value, hint, key: str) -> tuple[Any, str | None]:
-    """-> (value converted to the field's type, None) or (None, a problem naming the key)."""
-    origin, args = typing.get_origin(hint), typing.get_args(hint)
-    if origin in (typing.Union, types.UnionType):
-        if value is None and type(None) in args:
-            return None, None
-        for arg in args:
-            if arg is not type(None):
-                checked, problem = _check_type(value, arg, key)
-                if problem is None:
-                    return checked, None
-        names = " or ".join(_describe_type(a) for a in args if a is not type(None))
-        return None, f"{key} must be {names}, got {value!r}"
-    problem = f"{key} must be {_describe_type(hint)}, got {value!r}"
-    if origin is tuple:
-        if not isinstance(value, (list, tuple)) or len(value) != len(args):
-            return None, problem
-        out = []
-        for v, a in zip(value, args):
-            checked, bad = _check_type(v, a, key)
-            if bad:
-                return None, problem
-            out.append(checked)
-        return tuple(out), None
-    if hint is bool:
-        ok = isinstance(value, bool)
-    elif hint is int:
-        ok = isinstance(value, int) and not isinstance(value, bool)
-    elif hint is float:
-        ok = isinstance(value, (int, float)) and not isinstance(value, bool)
-        value = float(value) if ok else value
-    elif hint is str:
-        ok = isinstance(value, str)
-    else:
-        raise TypeError(f"no type check for {hint!r} ({key})")
-    return (value, None) if ok else (None, problem)

@@ -14,7 +14,7 @@ import time
 
 
 def _rank() -> int:
-    """torchrun's RANK (0 without torchrun), read here rather than through imagetx.distributed
+    """torchrun's RANK (0 without torchrun), read here rather than through imagetx.system.distributed
     so that printing a line never imports torch: the CLI says "interrupted" while it starts up."""
     return int(os.environ.get("RANK", 0))
 

@@ -8,8 +8,8 @@
     DIR/samples.png         the run's newest sample grid (when it has one)
 
 The folder is written beside its final name (.DIR.tmp-PID) and renamed into place: it appears
-whole or not at all. `read_export` turns a folder back into what load_checkpoint returns, so
-load_model, sample, eval-bpd and superres take it like a checkpoint; nothing is unpickled.
+whole or not at all. imagetx.storage.export_format reads it back (`read_export`), so load_model,
+sample, eval-bpd and superres take it like a checkpoint; nothing is unpickled.
 """
 
 from __future__ import annotations
@@ -19,83 +19,11 @@ import os
 import shutil
 from pathlib import Path
 
-
-from imagetx.atomic import remove_stale_temporaries
-from imagetx.checkpoint import (
-    FORMAT,
-    FORMAT_VERSION,
-    load_checkpoint,
-    model_from_checkpoint,
-    resolve_checkpoint,
-    stored_config,
-    weights_key,
-)
-from imagetx.errors import CheckpointError, RunError
-
-EXPORT_FORMAT = "imagetx-export"
-EXPORT_VERSION = 1
-WEIGHTS, CONFIG, CARD, GRID = "model.safetensors", "config.json", "README.md", "samples.png"
-
-
-def is_export(path: str | os.PathLike) -> bool:
-    """A folder `imagetx export` wrote (it holds config.json and model.safetensors)."""
-    path = Path(path)
-    return path.is_dir() and (path / CONFIG).is_file() and (path / WEIGHTS).is_file()
-
-
-def incomplete_export(path: str | os.PathLike) -> str | None:
-    """What is missing from a folder that holds part of an export (config.json or
-    model.safetensors, and no checkpoints/ of a run), as one line; None for anything else."""
-    path = Path(path)
-    if not path.is_dir() or (path / "checkpoints").exists():
-        return None
-    present = [name for name in (WEIGHTS, CONFIG) if (path / name).is_file()]
-    if not present or len(present) == 2:
-        return None
-    missing = WEIGHTS if present == [CONFIG] else CONFIG
-    return (f"{path}: an incomplete `imagetx export` folder: {missing} is missing (an export holds "
-            f"{WEIGHTS} and {CONFIG}); export the run again")
-
-
-# ---- reading -------------------------------------------------------------------------------------
-def read_export(path: str | os.PathLike, map_location="cpu") -> dict:
-    """An export folder -> a checkpoint dict as load_checkpoint returns it (no optimizer or
-    scheduler: it samples and evaluates, it does not resume). Only JSON and safetensors are read.
-    Raises CheckpointError naming the file and what is wrong."""
-    from safetensors import SafetensorError
-    from safetensors.torch import load_file
-
-    path = Path(path)
-    try:
-        meta = json.loads((path / CONFIG).read_text())
-    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
-        raise CheckpointError(f"{path / CONFIG}: not readable JSON ({exc})") from None
-    if not isinstance(meta, dict) or meta.get("format") != EXPORT_FORMAT:
-        raise CheckpointError(f"{path / CONFIG}: not an imagetx export (no '{EXPORT_FORMAT}' marker)")
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > EXPORT_VERSION:
-        raise CheckpointError(f"{path}: export format {version!r} is newer than this imagetx reads ({EXPORT_VERSION}); upgrade imagetx")
-    if not isinstance(meta.get("model"), dict):
-        raise CheckpointError(f"{path / CONFIG}: incomplete, it has no model config")
-    step = meta.get("step") or 0
-    if not isinstance(step, int) or isinstance(step, bool) or step < 0:
-        raise CheckpointError(f"{path / CONFIG}: its step is {str(step)[:40]!r}, not a whole number >= 0")
-    try:  # read on the CPU, then moved: any device torch names works, as with torch.load
-        weights = {k: v.to(map_location) for k, v in load_file(path / WEIGHTS).items()}
-    except (SafetensorError, OSError, ValueError, RuntimeError) as exc:
-        detail = " ".join(str(exc).split())[:200] or type(exc).__name__
-        raise CheckpointError(f"{path / WEIGHTS}: not a readable safetensors file (truncated or corrupt: {detail})") from None
-    config = {"model": meta["model"]}
-    if isinstance(meta.get("data"), dict):
-        config["data"] = meta["data"]
-    if isinstance(meta.get("training"), dict) and "ema" in meta["training"]:
-        config["train"] = {"ema": meta["training"]["ema"]}
-    return {
-        "format": FORMAT, "format_version": FORMAT_VERSION, "imagetx_version": meta.get("imagetx_version"),
-        "step": step, "model": weights, "optimizer": None, "scheduler": None,
-        "exported_weights": "ema" if meta.get("weights") == "ema" else "trained",
-        "config": config,
-    }
+from imagetx.config import stored_config
+from imagetx.errors import RunError
+from imagetx.storage.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint, weights_key
+from imagetx.storage.export_format import CARD, CONFIG, EXPORT_FORMAT, EXPORT_VERSION, GRID, WEIGHTS
+from imagetx.system.atomic import remove_stale_temporaries
 
 
 # ---- writing -------------------------------------------------------------------------------------

@@ -16,8 +16,8 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from imagetx.atomic import atomic_write
 from imagetx.errors import RunError
+from imagetx.system.atomic import atomic_write
 
 
 @dataclass

@@ -10,16 +10,16 @@ from pathlib import Path
 import torch
 
 from imagetx import console
-from imagetx.checkpoint import load_model, weights_problems
+from imagetx.storage.checkpoint import load_model, weights_problems
 from imagetx.checks import (count_problems, label_problems, memory_problems, output_dir_problems,
                             output_file_problems, seed_problems, temperature_problems)
-from imagetx.distributed import Dist, device_problems, distributed, gather_shards, shard
+from imagetx.system.distributed import Dist, device_problems, distributed, gather_shards, shard
 from imagetx.errors import ConfigError, raise_problems
-from imagetx.images import display_scale, fit, read_image, save_grid, save_npz, save_png
+from imagetx.storage.images import display_scale, fit, read_image, save_grid, save_npz, save_png
 from imagetx.model import native
 from imagetx.model.decoding import DEFAULT_WINDOW, decode_problems, for_decoding
-from imagetx.precision import precision_problems
-from imagetx.precision import resolve as resolve_precision
+from imagetx.system.precision import precision_problems
+from imagetx.system.precision import resolve as resolve_precision
 
 
 @dataclass

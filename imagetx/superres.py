@@ -4,7 +4,7 @@ Inputs are image files (converted and fitted to the model's source size, with a 
 held-out images of a data set, whose low-resolution versions are made exactly as in training,
 so the ground truth can be shown and scored. K samples per input are drawn with the cached
 decoder; one PNG per sample and one comparison grid are written to the output directory after
-all sampling is done. With `report`, each input gets (see imagetx.metrics): the conditional
+all sampling is done. With `report`, each input gets (see imagetx.training.metrics): the conditional
 bits/dim of its ground truth, the consistency of its samples with it, and the PSNR of the samples
 (averaged over the K samples) and of the bicubic upscale against the ground truth. With
 `consistent`, every sample area-downsamples exactly to its input (AreaConsistency); with both
@@ -26,18 +26,19 @@ import torch
 from PIL import Image
 
 from imagetx import console
-from imagetx.atomic import atomic_write
-from imagetx.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint, stored_config, weights_problems
+from imagetx.system.atomic import atomic_write
+from imagetx.config import stored_config
+from imagetx.storage.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint, weights_problems
 from imagetx.checks import (count_problems, label_problems, memory_problems, output_dir_problems, seed_problems,
                             temperature_problems)
-from imagetx.distributed import Dist, device_problems, distributed, gather_shards, ranks, shard
+from imagetx.system.distributed import Dist, device_problems, distributed, gather_shards, ranks, shard
 from imagetx.errors import ConfigError, ImageFileError, RunError, raise_problems
 from imagetx.model.consistency import AreaConsistency, factors
 from imagetx.model.decoding import DEFAULT_WINDOW, decode_problems, for_decoding
-from imagetx.precision import precision_problems
-from imagetx.precision import resolve as resolve_precision
-from imagetx.images import IMAGE_SUFFIXES, comparison_grid, fit, list_images, png_bytes, read_image, to_pil
-from imagetx.metrics import compute_metrics
+from imagetx.system.precision import precision_problems
+from imagetx.system.precision import resolve as resolve_precision
+from imagetx.storage.images import IMAGE_SUFFIXES, comparison_grid, fit, list_images, png_bytes, read_image, to_pil
+from imagetx.training.metrics import compute_metrics
 
 
 @dataclass
@@ -318,7 +319,7 @@ def _run(req: SuperResConfig, ctx: Dist) -> dict:
     if req.inputs is not None:
         inputs, failures = load_file_inputs(req.inputs, cfg, req.label, notify)
     else:
-        from imagetx.data.batches import data_config_from_checkpoint
+        from imagetx.config import data_config_from_checkpoint
 
         data = data_config_from_checkpoint(ckpt, path, req.dataset, req.data_dir)
         inputs = load_dataset_inputs(cfg, data, req.split, req.num, notify)

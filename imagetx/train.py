@@ -1,11 +1,11 @@
 """`imagetx train`: one `run(config)` that trains, evaluates, samples and checkpoints: the loop.
 
-What it writes and how a run resumes live in imagetx.rundir (config.toml, metrics.jsonl,
-checkpoints/, samples/), the optimizer and schedule in imagetx.optim, the order images are read
-in in imagetx.data.order, Ctrl-C / SIGTERM handling in imagetx.signals. metrics.jsonl holds
+What it writes and how a run resumes live in imagetx.training.rundir (config.toml, metrics.jsonl,
+checkpoints/, samples/), the optimizer and schedule in imagetx.training.optim, the order images are read
+in in imagetx.data.order, Ctrl-C / SIGTERM handling in imagetx.training.signals. metrics.jsonl holds
 training rows {step, loss, train_bpd, lr, grad_norm, images_per_sec, epoch, ...} and held-out
 rows {step, eval_bpd, eval_images, eval_split, eval_dataset, elapsed_s}. With train.logger the same
-numbers also go to TensorBoard or W&B (imagetx.loggers); RUN/curves.png is redrawn at each evaluation.
+numbers also go to TensorBoard or W&B (imagetx.training.loggers); RUN/curves.png is redrawn at each evaluation.
 
 The loss is the training objective in bits/dim: mean NLL of the batch / (H*W*C * ln 2). `loss` is
 the loss of that step's batch, `train_bpd` its mean over the steps since the previous row; the
@@ -33,23 +33,24 @@ from torch.nn.parallel import DistributedDataParallel
 from tqdm import tqdm
 
 from imagetx import console
-from imagetx.checkpoint import load_weights, make_checkpoint, rng_state, set_rng_state
-from imagetx.compiling import compile_or_eager
 from imagetx.config import RunConfig
 from imagetx.data.batches import batches, check_compatible, dataset_for, describe, unpack
-from imagetx.data.cache import cache_entry, cache_root
+from imagetx.data.cache import cache_entry
 from imagetx.data.order import DataOrder, RankBatches
-from imagetx.distributed import Dist, all_gather_object, all_reduce_sum, distributed, main_first, node_main_first
 from imagetx.errors import CheckpointError, RunError
-from imagetx.evaluate import evaluate_bpd
-from imagetx.loggers import Logger, check_installed, make_logger
-from imagetx.metrics import bits_per_dim
-from imagetx.memory import allocator_in_use, find_fast_allocator
+from imagetx.eval_bpd import evaluate_bpd
 from imagetx.model.transformer import ImageTransformer
-from imagetx.optim import WeightAverage, make_optimizer
-from imagetx.precision import resolve as resolve_precision
-from imagetx.rundir import RunDir, resume_from
-from imagetx.signals import StopSignals
+from imagetx.storage.checkpoint import load_weights, make_checkpoint, rng_state, set_rng_state
+from imagetx.system.allocator import allocator_in_use, find_fast_allocator
+from imagetx.system.distributed import Dist, all_gather_object, all_reduce_sum, distributed, main_first, node_main_first
+from imagetx.system.paths import cache_root
+from imagetx.system.precision import resolve as resolve_precision
+from imagetx.training.compiling import compile_or_eager
+from imagetx.training.loggers import Logger, check_installed, make_logger
+from imagetx.training.metrics import bits_per_dim
+from imagetx.training.optim import WeightAverage, make_optimizer
+from imagetx.training.rundir import RunDir, resume_from
+from imagetx.training.signals import StopSignals
 
 EXIT_STATUS = {"completed": 0, "time_limit": 0, "interrupted": 130, "terminated": 143}
 
@@ -71,7 +72,7 @@ def run(config: RunConfig, resume: str | os.PathLike | None = None) -> dict:
 
     resume: None (the output directory must be new or empty), "auto" (continue from the newest
     checkpoint in train.out if there is one) or a checkpoint path. The architecture comes from
-    the checkpoint, as with `imagetx train --resume`: see imagetx.rundir.resume_from.
+    the checkpoint, as with `imagetx train --resume`: see imagetx.training.rundir.resume_from.
 
     Returns a summary {"status": "completed" | "time_limit" | "interrupted" | "terminated",
     "step", "run_dir", "checkpoint", "train_bpd", "eval_bpd", "eval_step", "minutes"} (eval_step:
@@ -101,7 +102,7 @@ class Trainer:
         self.run_dir = RunDir(self.t.out)
         self.device = ctx.device
         self.curves_failed = False  # RUN/curves.png could not be drawn (warned once)
-        self.logger = Logger()  # train.logger's, on the main process (imagetx.loggers)
+        self.logger = Logger()  # train.logger's, on the main process (imagetx.training.loggers)
 
     # ---- set-up --------------------------------------------------------------------------------
     def load_data(self):

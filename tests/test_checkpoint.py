@@ -7,7 +7,7 @@ import random
 import pytest
 import torch
 
-from imagetx.checkpoint import (
+from imagetx.storage.checkpoint import (
     atomic_write,
     latest_checkpoint,
     list_checkpoints,
@@ -228,7 +228,7 @@ def test_the_reader_says_what_a_file_is_and_never_relays_torchs_advice(tmp_path,
     import os
     import pickle
 
-    from imagetx.checkpoint import read_torch_file
+    from imagetx.storage.checkpoint import read_torch_file
 
     torch.save({"format": "imagetx-checkpoint", "x": _RunsCode()}, tmp_path / "code.pt")
     torch.save({"x": _RunsCode()}, tmp_path / "legacy-code.pt", _use_new_zipfile_serialization=False)

@@ -8,9 +8,9 @@ from pathlib import Path
 import pytest
 from typer.testing import CliRunner
 
-from imagetx.checkpoint import latest_checkpoint
 from imagetx.cli import app
-from imagetx.evaluate import evaluate_bpd
+from imagetx.eval_bpd import evaluate_bpd
+from imagetx.storage.checkpoint import latest_checkpoint
 from helpers import TINY_MODEL
 
 TINY = [
@@ -114,7 +114,7 @@ def test_runtime_errors_exit_1(run_dir, tmp_path):
 
 
 def test_eval_bpd_json_and_table(run_dir):
-    from imagetx.checkpoint import load_model
+    from imagetx.storage.checkpoint import load_model
     from imagetx.data.batches import dataset_for
     from imagetx.config import RunConfig
 

@@ -1,5 +1,5 @@
 """torch.compile on a machine that cannot build its code: a warning and eager execution, never a
-traceback (imagetx.compiling)."""
+traceback (imagetx.training.compiling)."""
 
 from __future__ import annotations
 
@@ -13,8 +13,8 @@ import pytest
 import torch
 from torch import nn
 
-from imagetx import compiling
-from imagetx.checkpoint import model_state_dict, unwrap_model
+from imagetx.storage.checkpoint import model_state_dict, unwrap_model
+from imagetx.training import compiling
 from helpers import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]

@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from imagetx.config import RunConfig, load_config, parse_set, save_config, tomllib
+from imagetx.config import RunConfig, load_config, save_config
 from imagetx.model.config import ConfigError, ModelConfig
+from imagetx.storage.toml import parse_set, tomllib
 
 CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 

@@ -9,10 +9,10 @@ from hypothesis import given
 from hypothesis import strategies as st
 
 from imagetx import train
-from imagetx.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from imagetx.config import load_config
 from imagetx.errors import ConfigError
-from imagetx.optim import Cooldown, lr_factor
+from imagetx.storage.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from imagetx.training.optim import Cooldown, lr_factor
 from test_train import TINY, curve, rows, tiny
 
 fractions = st.floats(0.01, 0.95)

@@ -19,7 +19,8 @@ from PIL import Image
 
 from imagetx.data import DatasetError, load_dataset
 from imagetx.data import cache as data_cache
-from imagetx.data.cache import CachedDataset, cache_root
+from imagetx.data.cache import CachedDataset
+from imagetx.system.paths import cache_root
 from test_data import channel_major, random_images, write_celeba, write_cifar10, write_pngs
 
 
@@ -268,7 +269,7 @@ def test_two_processes_converting_at_once_one_converts_the_other_reuses(tmp_path
 def test_training_on_the_cache_equals_training_on_the_decoded_data(tmp_path, capsys):
     """Same data, same order, same parameters, with DataLoader workers reading the mapped file too."""
     from imagetx import train
-    from imagetx.checkpoint import latest_checkpoint, load_checkpoint
+    from imagetx.storage.checkpoint import latest_checkpoint, load_checkpoint
     from test_train import TINY, curve, tiny
 
     write_cifar10(tmp_path / "data", n=8)
@@ -298,7 +299,7 @@ def test_image_files_are_decoded_by_several_processes_with_progress(tmp_path, mo
 
 
 def test_eval_uses_this_machines_cache_not_the_one_in_the_checkpoint(tmp_path):
-    from imagetx.data.batches import data_config_from_checkpoint
+    from imagetx.config import data_config_from_checkpoint
 
     ckpt = {"config": {"data": {"name": "cifar10", "cache_dir": "/elsewhere/cache"}}}
     assert data_config_from_checkpoint(ckpt).cache_dir is None

@@ -30,7 +30,7 @@ import torch
 
 from imagetx import ImageTransformer, ModelConfig
 from imagetx.model import reference_mode, windowed_local1d
-from imagetx.precision import resolve
+from imagetx.system.precision import resolve
 from helpers import TINY_MODEL
 from model_properties import check_cache_equals_full_pass, model_inputs
 
@@ -205,11 +205,11 @@ def test_imagetx_train_from_the_command_line(tmp_path, device):
 @pytest.mark.cuda
 @pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
 def test_eval_bpd_on_cuda_equals_cpu(tmp_path):
-    from imagetx import evaluate
+    from imagetx import eval_bpd
 
     assert train_cli(tmp_path / "run", "cpu").exit_code == 0
     bpd = {
-        device: evaluate.run(evaluate.EvalConfig(tmp_path / "run", limit=64, batch_size=16, device=device,
+        device: eval_bpd.run(eval_bpd.EvalConfig(tmp_path / "run", limit=64, batch_size=16, device=device,
                                                  progress=False))["bpd"]
         for device in ("cpu", "cuda")
     }
@@ -228,7 +228,7 @@ def test_torchrun_with_nccl_on_every_gpu(tmp_path):
         cwd=ROOT, env=env, capture_output=True, text=True, timeout=300,
     )
     assert proc.returncode == 0, proc.stderr[-4000:]
-    from imagetx.checkpoint import latest_checkpoint, load_checkpoint
+    from imagetx.storage.checkpoint import latest_checkpoint, load_checkpoint
 
     ckpt = load_checkpoint(latest_checkpoint(tmp_path / "run"))
     assert ckpt["step"] == 3 and ckpt["world_size"] == gpus

@@ -14,12 +14,12 @@ import torch
 from hypothesis import example, given
 from hypothesis import strategies as st
 
-from imagetx import distributed as D
-from imagetx import evaluate, train
-from imagetx.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from imagetx import eval_bpd, train
 from imagetx.config import load_config
-from imagetx.distributed import select_device, shard
 from imagetx.model.config import ConfigError
+from imagetx.storage.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from imagetx.system import distributed as D
+from imagetx.system.distributed import select_device, shard
 from helpers import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -130,14 +130,14 @@ def test_shards_cover_every_index_once_without_padding():
 CHILD = """
 import json, sys
 import torch.distributed as dist
-from imagetx import evaluate, train
+from imagetx import eval_bpd, train
 from imagetx.config import load_config
-from imagetx.distributed import distributed
+from imagetx.system.distributed import distributed
 
 ckpt, out, result_file, sets = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4])
 with distributed("cpu") as ctx:  # joins the gloo group from torchrun's environment
     assert dist.get_world_size() == 2 and ctx.world_size == 2
-    bpd = evaluate.run(evaluate.EvalConfig(ckpt, limit=7, batch_size=2, device="cpu", progress=False))
+    bpd = eval_bpd.run(eval_bpd.EvalConfig(ckpt, limit=7, batch_size=2, device="cpu", progress=False))
     summary = train.run(load_config(sets=sets + [f"train.out={out}"]))
     if ctx.is_main:
         with open(result_file, "w") as f:
@@ -152,7 +152,7 @@ def test_two_gloo_processes_match_one(tmp_path, precision, rel):
     tiny = [*TINY, f"train.precision={precision}"]
     train.run(load_config(sets=[*tiny, "train.batch_size=4", "train.max_steps=2", f"train.out={base}"]))
     ckpt = latest_checkpoint(base)
-    one = evaluate.run(evaluate.EvalConfig(ckpt, limit=7, batch_size=3, device="cpu", progress=False))
+    one = eval_bpd.run(eval_bpd.EvalConfig(ckpt, limit=7, batch_size=3, device="cpu", progress=False))
 
     child = tmp_path / "child.py"
     child.write_text(CHILD)
@@ -184,8 +184,8 @@ def test_two_gloo_processes_match_one(tmp_path, precision, rel):
 
 RESUMABLE = """
 import json, os, sys, time
-import imagetx.train as T
 from imagetx.config import load_config
+import imagetx.train as T
 
 out, pids, sets, resume = sys.argv[1], sys.argv[2], json.loads(sys.argv[3]), sys.argv[4]
 with open(os.path.join(pids, os.environ["RANK"]), "w") as f:
@@ -256,7 +256,7 @@ def test_ddp_resume_after_one_process_is_killed_is_bit_exact(tmp_path):
 def test_processes_that_see_different_checkpoints_refuse_to_start(monkeypatch, tmp_path):
     """A node that cannot see the run directory would start afresh while the others resume."""
     from imagetx import train as T
-    from imagetx.distributed import Dist
+    from imagetx.system.distributed import Dist
     from imagetx.errors import RunError
 
     monkeypatch.setattr(T, "all_gather_object", lambda obj: [obj, None])

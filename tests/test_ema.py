@@ -13,11 +13,11 @@ from hypothesis import strategies as st
 from typer.testing import CliRunner
 
 from imagetx import train
-from imagetx.checkpoint import latest_checkpoint, load_checkpoint, load_model
 from imagetx.cli import app
 from imagetx.config import load_config
 from imagetx.errors import CheckpointError, ConfigError
-from imagetx.optim import WeightAverage, ema_decay
+from imagetx.storage.checkpoint import latest_checkpoint, load_checkpoint, load_model
+from imagetx.training.optim import WeightAverage, ema_decay
 
 TINY = [
     *TINY_MODEL, "train.batch_size=4", "train.warmup_steps=3", "train.log_every=1", "train.eval_every=3",
@@ -69,8 +69,8 @@ def test_a_run_saves_the_average_and_evaluates_with_it(ema_run):
     # what the run logged at its last evaluation is the average's bits/dim, not the trained weights'
     logged = [json.loads(line) for line in (ema_run / "metrics.jsonl").read_text().splitlines()]
     last_eval = [r for r in logged if "eval_bpd" in r][-1]
-    from imagetx.evaluate import EvalConfig
-    from imagetx.evaluate import run as evaluate
+    from imagetx.eval_bpd import EvalConfig
+    from imagetx.eval_bpd import run as evaluate
 
     averaged = evaluate(EvalConfig(ema_run, limit=8, progress=False, device="cpu"))
     trained = evaluate(EvalConfig(ema_run, limit=8, progress=False, device="cpu", weights="trained"))

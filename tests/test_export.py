@@ -11,12 +11,12 @@ import torch
 from typer.testing import CliRunner
 
 from imagetx import load_model, train
-from imagetx.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from imagetx.cli import app
 from imagetx.config import load_config
 from imagetx.errors import CheckpointError, RunError
 from imagetx.export import export
 from imagetx.model.transformer import ImageTransformer
+from imagetx.storage.checkpoint import load_checkpoint, make_checkpoint, save_checkpoint
 from helpers import TINY_MODEL
 
 pytest.importorskip("safetensors")

@@ -157,9 +157,9 @@ def check_model_on_fake_cuda(config, decode: str = "steps") -> None:
 
 
 def check_training_step_on_meta(config) -> None:
-    """The backward pass and one optimizer step of `imagetx train` (imagetx.optim) on meta."""
+    """The backward pass and one optimizer step of `imagetx train` (imagetx.training.optim) on meta."""
     from imagetx.config import RunConfig
-    from imagetx.optim import make_optimizer
+    from imagetx.training.optim import make_optimizer
 
     meta = torch.device("meta")
     model = ImageTransformer(config).to(meta).train()
@@ -232,8 +232,8 @@ def test_trainer_builds_and_steps_on_fake_cuda(tmp_path, monkeypatch, precision)
     forward of a training step under its own autocast, and an optimizer step (gradients of the
     parameters' shape: the backward runs on meta, test_shipped_config_trains_on_meta)."""
     import imagetx.train
-    from imagetx.distributed import Dist
-    from imagetx.precision import resolve
+    from imagetx.system.distributed import Dist
+    from imagetx.system.precision import resolve
 
     config = load_config(sets=[*TINY_MODEL, "model.num_classes=3", "train.ema=0.9", "train.compile=false",
                                f"train.precision={precision}", f"train.out={tmp_path / 'run'}"])
@@ -244,7 +244,7 @@ def test_trainer_builds_and_steps_on_fake_cuda(tmp_path, monkeypatch, precision)
     trainer = imagetx.train.Trainer(config, Dist(device=CUDA))
     trainer.train_set = range(8)  # what load_data reads from disk: build only needs its length
     x, labels, _ = model_inputs(config.model, batch=2)
-    with fake_cuda(), mock.patch("imagetx.precision.cuda_native_bf16", return_value=True):
+    with fake_cuda(), mock.patch("imagetx.system.precision.cuda_native_bf16", return_value=True):
         trainer.build(None)
         assert {p.device for p in trainer.model.parameters()} == {CUDA}
         assert {p.device for p in trainer.ema.module.parameters()} == {CUDA}
@@ -269,11 +269,11 @@ def test_trainer_builds_and_steps_on_fake_cuda(tmp_path, monkeypatch, precision)
 def test_eval_bpd_pass_on_fake_cuda(extra):
     """eval-bpd's pass over a data set (evaluate.nll_sums: CPU batches moved to the device, fp32
     and bf16) reads nothing back and sums on the device."""
-    import imagetx.evaluate
-    from imagetx.precision import FP32
-    from test_evaluate import Images
+    import imagetx.eval_bpd
+    from imagetx.system.precision import FP32
+    from test_eval_bpd import Images
 
-    read = imagetx.evaluate.batches
+    read = imagetx.eval_bpd.batches
 
     def batches_read_on_the_cpu(*args, **kwargs):
         """The data loader's batches, read as real CPU work outside the mode, then handed to the
@@ -290,10 +290,10 @@ def test_eval_bpd_pass_on_fake_cuda(extra):
                               memory_flange=(2, 4), **extra))
     dataset = Images(5, config.image_size, num_classes=config.num_classes, source_size=config.source_size)
     model = ImageTransformer(config).eval()
-    with fake_cuda() as mode, mock.patch.object(imagetx.evaluate, "batches", batches_read_on_the_cpu):
+    with fake_cuda() as mode, mock.patch.object(imagetx.eval_bpd, "batches", batches_read_on_the_cpu):
         model.to(CUDA)
         for precision in (FP32, SimpleNamespace(autocast=lambda device: cuda_autocast())):  # fp32, bf16
-            totals = imagetx.evaluate.nll_sums(model, dataset, [range(0, 3), range(3, 5)], CUDA, precision=precision)
+            totals = imagetx.eval_bpd.nll_sums(model, dataset, [range(0, 3), range(3, 5)], CUDA, precision=precision)
             check_device(totals, CUDA, "eval-bpd's sums")
 
 

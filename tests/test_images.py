@@ -7,7 +7,7 @@ import pytest
 from PIL import Image
 
 from imagetx.errors import ImageFileError
-from imagetx.images import pil_to_tensor, read_image
+from imagetx.storage.images import pil_to_tensor, read_image
 
 
 @pytest.mark.parametrize("channels", [1, 3])

@@ -9,11 +9,11 @@ import time
 import pytest
 
 from imagetx.errors import RunError
-from imagetx.lock import RunLock
+from imagetx.system.lock import RunLock
 
 HOLD = """
 import sys, time
-from imagetx.lock import RunLock
+from imagetx.system.lock import RunLock
 lock = RunLock(sys.argv[1]).acquire()
 print("locked", flush=True)
 time.sleep(60)

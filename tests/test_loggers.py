@@ -8,10 +8,11 @@ import json
 import pytest
 from typer.testing import CliRunner
 
-from imagetx import loggers, train
+from imagetx import train
 from imagetx.cli import app
 from imagetx.config import load_config
 from imagetx.errors import ConfigError, RunError
+from imagetx.training import loggers
 from helpers import TINY_MODEL
 
 TINY = [*TINY_MODEL, "train.batch_size=4", "train.max_steps=4", "train.log_every=2", "train.eval_every=4",

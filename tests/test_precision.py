@@ -15,13 +15,15 @@ import torch
 
 from typer.testing import CliRunner
 
-from imagetx import precision, train
+from imagetx import train
 from imagetx.cli import app
-from imagetx.checkpoint import load_model
 from imagetx.config import load_config
 from imagetx.data.batches import dataset_for
-from imagetx.evaluate import evaluate_bpd
+from imagetx.eval_bpd import evaluate_bpd
 from imagetx.model.decoding import for_decoding, teacher_forced_outputs
+from imagetx.storage.checkpoint import load_model
+from imagetx.system import precision
+from imagetx.system.cpu import bf16_features
 from helpers import TINY_MODEL
 from model_properties import model_outputs, total_variation
 
@@ -34,7 +36,7 @@ OLDER = "processor\t: 0\nflags\t\t: fpu sse2 avx2 avx512f\n"
     (AMD_ZEN4, ("avx512_bf16",)), (INTEL_AMX, ("amx_bf16", "avx512_bf16")), (OLDER, ()), ("", ()),
 ])
 def test_native_bf16_is_read_from_the_processor_flags(cpuinfo, features):
-    assert precision.bf16_features(cpuinfo) == features
+    assert bf16_features(cpuinfo) == features
 
 
 def test_auto_picks_bf16_where_it_is_native_and_says_why(monkeypatch):

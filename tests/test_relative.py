@@ -16,11 +16,11 @@ import torch
 from typer.testing import CliRunner
 
 from imagetx import ImageTransformer, ModelConfig, train
-from imagetx.checkpoint import latest_checkpoint, load_model
 from imagetx.cli import app
 from imagetx.config import load_config
 from imagetx.errors import ConfigError
 from imagetx.model.relative import RelativeLogits, attention_logits, offsets
+from imagetx.storage.checkpoint import latest_checkpoint, load_model
 from helpers import TINY_MODEL
 
 

@@ -6,12 +6,12 @@ import torch
 from PIL import Image
 
 from imagetx import ImageTransformer
-from imagetx.checkpoint import make_checkpoint, save_checkpoint
 from imagetx.data import area_downsample
 from imagetx.errors import CheckpointError, ConfigError
-from imagetx.images import ImageFileError
 from imagetx.model import native
 from imagetx.sample import SampleConfig, run
+from imagetx.storage.checkpoint import make_checkpoint, save_checkpoint
+from imagetx.storage.images import ImageFileError
 
 from test_model import tiny
 

@@ -10,11 +10,11 @@ import torch
 from PIL import Image
 
 from imagetx import ImageTransformer
-from imagetx.checkpoint import make_checkpoint, save_checkpoint
 from imagetx.data.transforms import area_downsample
 from imagetx.errors import ConfigError, RunError
-from imagetx.metrics import PSNR_CAP, compute_metrics, consistency, psnr
+from imagetx.storage.checkpoint import make_checkpoint, save_checkpoint
 from imagetx.superres import LowRes, SuperResConfig, run, upscale
+from imagetx.training.metrics import PSNR_CAP, compute_metrics, consistency, psnr
 
 from test_model import tiny
 

@@ -15,12 +15,12 @@ import pytest
 import torch
 
 from imagetx import train
-from imagetx.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
 from imagetx.config import RunConfig, load_config
 from imagetx.data.order import DataOrder
 from imagetx.errors import CheckpointError, RunError
 from imagetx.model.config import ConfigError
-from imagetx.optim import lr_factor
+from imagetx.storage.checkpoint import latest_checkpoint, list_checkpoints, load_checkpoint
+from imagetx.training.optim import lr_factor
 from helpers import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -92,7 +92,7 @@ def test_schedule_warmup_then_rsqrt_cosine_constant():
 def test_the_fused_optimizer_takes_the_steps_of_the_textbook_one(optimizer):
     """make_optimizer's fused kernel against torch's single-tensor Adam/AdamW: same parameters after
     a few steps with the configured betas, eps, weight decay and a changing learning rate."""
-    from imagetx.optim import make_optimizer
+    from imagetx.training.optim import make_optimizer
 
     config = load_config(None, sets=[f"train.optimizer={optimizer}", "train.weight_decay=0.01", "train.warmup_steps=2"])
     torch.manual_seed(0)
@@ -356,8 +356,8 @@ def test_a_full_disk_at_any_write_of_a_resume_leaves_the_run_as_it_was(tmp_path,
     import shutil
     from contextlib import contextmanager
 
-    import imagetx.atomic as atomic
-    from imagetx.rundir import RunDir
+    import imagetx.system.atomic as atomic
+    from imagetx.training.rundir import RunDir
     from typer.testing import CliRunner
 
     from imagetx.cli import app

@@ -3,29 +3,30 @@
 `dataset_for` loads the split a `DataConfig` names at the model's size (as super-resolution pairs
 for an encoder-decoder), `check_compatible` says whether it can feed the model, `batches` collates
 lists of indices into batches and `unpack` moves a batch to the device as the model takes it.
-`data_config_from_checkpoint` is the one way to rebuild a `DataConfig` from a checkpoint (plus the
-data set the user names), used by `imagetx eval-bpd` and `imagetx superres`.
+The `DataConfig` a checkpoint was trained with comes back through
+imagetx.config.data_config_from_checkpoint.
 """
 
 from __future__ import annotations
 
-import os
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterator, Sequence
+from typing import TYPE_CHECKING
 
 import torch
 from torch.utils.data import DataLoader, Dataset
 
-from imagetx.checkpoint import stored_config
-from imagetx.config import DataConfig
 from imagetx.errors import DatasetError, RunError
 from imagetx.model.config import ModelConfig
+
+if TYPE_CHECKING:  # the config schema sits above the data layer: its type is named, never imported
+    from imagetx.config import DataConfig
 
 
 def dataset_for(model: ModelConfig, data: DataConfig, split: str, download: bool | None = None) -> Dataset:
     """The `split` of the data set `data` names, at the model's image size and channel count;
     wrapped as (target, source, label) items for a super-resolution model. Raises DatasetError."""
     from imagetx.data import SuperResDataset, load_dataset
-    from imagetx.data.cache import cache_root
+    from imagetx.system.paths import cache_root
 
     celeba_protocol = model.source_size is not None and data.celeba_protocol
     dataset = load_dataset(
@@ -48,28 +49,6 @@ def dataset_for(model: ModelConfig, data: DataConfig, split: str, download: bool
         except ValueError as exc:
             raise RunError(f"{dataset.description} cannot make super-resolution pairs: {exc}") from None
     return dataset
-
-
-def data_config_from_checkpoint(
-    ckpt: Mapping,
-    path: str | os.PathLike = "checkpoint",
-    dataset: str | None = None,
-    data_dir: str | None = None,
-    download: bool = False,
-) -> DataConfig:
-    """The data settings of a loaded checkpoint, with the data set and directory the user names.
-    Naming another data set starts from the defaults: the CelebA protocol and builtin size only
-    carry over for the data set the model was trained on. The data cache is this machine's
-    default (IMAGETX_CACHE_DIR or the user cache folder), not the folder of the machine that
-    trained. Raises CheckpointError naming a key this imagetx does not know."""
-    data = DataConfig(**dict(stored_config(ckpt, path).get("data") or {}))
-    data.cache_dir = None
-    if dataset is not None and dataset != data.name:
-        data = DataConfig(name=dataset)
-    if data_dir is not None:
-        data.data_dir = data_dir
-    data.download = download
-    return data
 
 
 def describe(dataset: Dataset) -> tuple[str, str]:

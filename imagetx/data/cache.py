@@ -34,35 +34,15 @@ import torch
 from torch.utils.data import DataLoader
 
 from imagetx import console
-from imagetx.atomic import atomic_path, atomic_write
 from imagetx.data.dataset import ImageDataset, StreamedImageDataset
 from imagetx.errors import DatasetError
-from imagetx.lock import FileLock
+from imagetx.system.atomic import atomic_path, atomic_write
+from imagetx.system.lock import FileLock
+from imagetx.system.paths import OFF
 
 FORMAT = 1  # bump when the files or what a reader returns change: old entries are then rebuilt
-OFF = "off"
 CHUNK = 256  # images decoded per DataLoader batch while converting
 MAX_DECODERS = 8  # worker processes decoding image files while converting
-
-
-def cache_root(setting: str | None) -> Path | None:
-    """The cache folder `data.cache_dir` names: a path, "off" (None: no cache), or None for the
-    default: $IMAGETX_CACHE_DIR, else $XDG_CACHE_HOME/imagetx, else ~/.cache/imagetx."""
-    if setting == OFF:
-        return None
-    if setting:
-        return Path(setting).expanduser()
-    if os.environ.get("IMAGETX_CACHE_DIR"):
-        return Path(os.environ["IMAGETX_CACHE_DIR"]).expanduser()
-    base = os.environ.get("XDG_CACHE_HOME") or Path.home() / ".cache"
-    return Path(base).expanduser() / "imagetx"
-
-
-def cache_dir_problems(setting, key: str = "data.cache_dir") -> list[str]:
-    """The one check of a cache_dir setting: None (default), "off" or a non-empty path."""
-    if setting is None or (isinstance(setting, str) and setting.strip()):
-        return []
-    return [f'{key} must name a folder or be "{OFF}"; got {setting!r}']
 
 
 # ---- what an entry is made from -------------------------------------------------------------

@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import torch
 
-from imagetx.distributed import Dist
+from imagetx.system.distributed import Dist
 
 
 class DataOrder:

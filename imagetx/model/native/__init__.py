@@ -50,7 +50,7 @@ class Layer(ctypes.Structure):
 
 
 def _cache_dir() -> Path:
-    from imagetx.data.cache import cache_root
+    from imagetx.system.paths import cache_root
 
     root = cache_root(None)
     return (root if root is not None else Path(tempfile.gettempdir()) / "imagetx") / "native"
@@ -123,7 +123,7 @@ def turned_off():
 def enabled() -> bool:
     """IMAGETX_NATIVE is not "0", neither turned_off nor reference_mode is on, and this CPU has
     AVX512-BF16."""
-    from imagetx.precision import cpu_bf16_features
+    from imagetx.system.cpu import cpu_bf16_features
 
     return (
         os.environ.get("IMAGETX_NATIVE", "1") != "0" and not _OFF[0] and kernels.enabled()

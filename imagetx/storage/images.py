@@ -12,8 +12,8 @@ import numpy as np
 import torch
 from PIL import Image, UnidentifiedImageError
 
-from imagetx.atomic import atomic_write
 from imagetx.errors import ImageFileError
+from imagetx.system.atomic import atomic_write
 
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg", ".bmp", ".gif", ".webp", ".tif", ".tiff", ".ppm", ".pgm")
 

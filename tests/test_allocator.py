@@ -9,8 +9,8 @@ from pathlib import Path
 
 import pytest
 
-from imagetx import memory
-from imagetx.memory import allocator_in_use, fast_allocator_env, find_fast_allocator
+from imagetx.system import allocator
+from imagetx.system.allocator import allocator_in_use, fast_allocator_env, find_fast_allocator
 from helpers import TINY_MODEL
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -28,13 +28,13 @@ def test_allocator_in_use_reads_ld_preload(preload, kind):
 
 
 def test_fast_allocator_env(monkeypatch):
-    monkeypatch.setattr(memory, "find_fast_allocator", lambda: "libtcmalloc_minimal.so.4")
+    monkeypatch.setattr(allocator, "find_fast_allocator", lambda: "libtcmalloc_minimal.so.4")
     env = fast_allocator_env({"PATH": "/bin", "LD_PRELOAD": "libother.so"})
     assert env == {"PATH": "/bin", "LD_PRELOAD": "libtcmalloc_minimal.so.4 libother.so"}
     assert fast_allocator_env({})["LD_PRELOAD"] == "libtcmalloc_minimal.so.4"
     assert fast_allocator_env({"IMAGETX_ALLOCATOR": "system"}) is None  # opted out
     assert fast_allocator_env({"LD_PRELOAD": "libjemalloc.so.2"}) is None  # already preloaded: no loop
-    monkeypatch.setattr(memory, "find_fast_allocator", lambda: None)
+    monkeypatch.setattr(allocator, "find_fast_allocator", lambda: None)
     assert fast_allocator_env({}) is None  # nothing installed: keep malloc
 
 

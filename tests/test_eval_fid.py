@@ -15,10 +15,10 @@ pytest.importorskip("pytorch_fid")
 pytest.importorskip("scipy")
 
 from imagetx import ImageTransformer
-from imagetx.checkpoint import make_checkpoint, save_checkpoint
 from imagetx.cli import app
 from imagetx.errors import RunError
-from imagetx.fid import FidConfig, features, frechet_distance, load_inception, run
+from imagetx.eval_fid import FidConfig, features, frechet_distance, load_inception, run
+from imagetx.storage.checkpoint import make_checkpoint, save_checkpoint
 from test_model import tiny
 
 
@@ -43,7 +43,7 @@ def checkpoint(tmp_path_factory):
 
 
 def independent_fid(a: np.ndarray, b: np.ndarray) -> float:
-    """FID from features, written apart from imagetx.fid: tr((S1 S2)^1/2) as the sum of the square
+    """FID from features, written apart from imagetx.eval_fid: tr((S1 S2)^1/2) as the sum of the square
     roots of the eigenvalues of S1^1/2 S2 S1^1/2 (symmetric, so numpy's eigh and scipy's PSD root)."""
     from scipy.linalg import sqrtm
 
@@ -66,7 +66,7 @@ def test_frechet_distance_of_known_gaussians():
 
 
 def test_eval_fid_equals_independent_computation_and_caches(checkpoint, random_weights, tmp_path, capsys):
-    from imagetx.fid import reference_images, read_npz
+    from imagetx.eval_fid import reference_images, read_npz
     from imagetx.config import DataConfig
     from imagetx.sample import SampleConfig, run as sample
 

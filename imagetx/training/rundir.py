@@ -5,7 +5,7 @@
     RUN/checkpoints/step-NNNNNNNN.pt
     RUN/samples/step-NNNNNNNN.png   sample grids from a fixed seed (comparable across steps)
     RUN/curves.png                  learning curves, redrawn at each evaluation (imagetx.plot)
-    RUN/tensorboard/, RUN/wandb/    with train.logger (imagetx.loggers)
+    RUN/tensorboard/, RUN/wandb/    with train.logger (imagetx.training.loggers)
 
 `resume_from` is the one place a resumed run is resolved: it finds the checkpoint (`--resume
 auto` or a path), loads it once and returns the config to use: the keys the user gave (a config
@@ -23,22 +23,21 @@ from pathlib import Path
 
 import torch
 
-from imagetx.atomic import _alive, atomic_write
 from imagetx import console
-from imagetx.checkpoint import (
+from imagetx.system.atomic import _alive, atomic_write
+from imagetx.storage.checkpoint import (
     check_resumable,
     list_checkpoints,
     load_checkpoint,
     resolve_checkpoint,
     save_checkpoint,
-    stored_config,
 )
-from imagetx.config import RunConfig, resolve_config, save_config
-from imagetx.errors import CheckpointError, ConfigError, RunError
+from imagetx.config import RunConfig, resolve_config, save_config, stored_config
 from imagetx.data.batches import batches
-from imagetx.images import display_scale, save_grid
-from imagetx.lock import RunLock
+from imagetx.errors import CheckpointError, ConfigError, RunError
 from imagetx.model.config import ModelConfig
+from imagetx.storage.images import display_scale, save_grid
+from imagetx.system.lock import RunLock
 
 
 def resume_from(config: RunConfig, resume: str | os.PathLike | None) -> tuple[RunConfig, Path | None, dict | None]:

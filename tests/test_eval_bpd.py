@@ -9,7 +9,7 @@ import torch
 from torch.utils.data import Dataset
 
 from imagetx.errors import ConfigError, RunError
-from imagetx.evaluate import evaluate_bpd
+from imagetx.eval_bpd import evaluate_bpd
 from imagetx.model.config import ModelConfig
 from imagetx.model.transformer import ImageTransformer
 
@@ -86,7 +86,7 @@ def test_data_that_cannot_feed_the_model_is_a_clear_error():
 
 
 def test_eval_config_lists_every_problem():
-    from imagetx.evaluate import EvalConfig, run
+    from imagetx.eval_bpd import EvalConfig, run
 
     config = EvalConfig("missing.pt", limit=0, batch_size=0, num_workers=-1, device="tpu")
     assert len(config.problems()) == 4 and all("\n" not in p for p in config.problems())
@@ -102,7 +102,7 @@ def test_source_model_gives_the_chain_rule_total(tmp_path):
 
     from typer.testing import CliRunner
 
-    from imagetx.checkpoint import make_checkpoint, save_checkpoint
+    from imagetx.storage.checkpoint import make_checkpoint, save_checkpoint
     from imagetx.cli import app
     from imagetx.config import DataConfig
     from imagetx.data.batches import dataset_for

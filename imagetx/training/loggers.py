@@ -36,7 +36,7 @@ def check_installed(name: str) -> None:
 
 def read_rgb(path: Path) -> np.ndarray:
     """A PNG the run wrote -> uint8 (H, W, 3)."""
-    from imagetx.images import read_image
+    from imagetx.storage.images import read_image
 
     return read_image(path, channels=3)[0].numpy()
 

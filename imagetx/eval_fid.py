@@ -30,9 +30,9 @@ import numpy as np
 import torch
 
 from imagetx import console
-from imagetx.atomic import atomic_write
+from imagetx.system.atomic import atomic_write
 from imagetx.checks import count_problems, seed_problems, temperature_problems
-from imagetx.distributed import device_problems
+from imagetx.system.distributed import device_problems
 from imagetx.errors import ConfigError, RunError, raise_problems
 
 STANDARD_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
@@ -68,7 +68,7 @@ def load_inception(weights: str | os.PathLike, device: torch.device | str = "cpu
     path = Path(weights)
     if not path.is_file():
         raise RunError(f"--inception-weights {path}: no such file; {_where_from()}")
-    from imagetx.checkpoint import read_torch_file
+    from imagetx.storage.checkpoint import read_torch_file
     from imagetx.errors import CheckpointError
 
     try:  # the one reader of torch files: says what a bad file is, never how to lower the guard
@@ -160,8 +160,8 @@ class FidConfig:
     window: int = 16  # positions per pass of parallel decoding (decoding.DEFAULT_WINDOW)
 
     def problems(self) -> list[str]:
-        from imagetx.checkpoint import weights_problems
         from imagetx.model.decoding import decode_problems
+        from imagetx.storage.checkpoint import weights_problems
 
         p = count_problems(self.num, "--num") + count_problems(self.batch_size, "--batch-size") + weights_problems(self.weights)
         p += count_problems(self.sample_batch_size, "--sample-batch-size")
@@ -206,7 +206,7 @@ def run(req: FidConfig) -> dict | None:
     ConfigError, RunError, CheckpointError, DatasetError. Under torchrun the processes share the
     drawing of the samples (imagetx.sample.draw: the same samples as one process) and the main
     process alone scores them; the others return None."""
-    from imagetx.distributed import distributed
+    from imagetx.system.distributed import distributed
 
     raise_problems(req.problems())
     with distributed(req.device) as ctx:
@@ -214,8 +214,8 @@ def run(req: FidConfig) -> dict | None:
 
 
 def _run(req: FidConfig, ctx) -> dict | None:
-    from imagetx.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
-    from imagetx.data.batches import data_config_from_checkpoint
+    from imagetx.storage.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+    from imagetx.config import data_config_from_checkpoint
 
     device = ctx.device
     weights = Path(req.inception_weights)

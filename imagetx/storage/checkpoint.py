@@ -29,9 +29,10 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from imagetx.atomic import atomic_write
 from imagetx.errors import CheckpointError, ConfigError
 from imagetx.model.config import ModelConfig
+from imagetx.storage.export_format import incomplete_export, is_export, read_export
+from imagetx.system.atomic import atomic_write
 
 FORMAT = "imagetx-checkpoint"
 FORMAT_VERSION = 1
@@ -160,8 +161,6 @@ def save_checkpoint(run_dir: str | os.PathLike, checkpoint: Mapping, keep: int =
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
     """A checkpoint file, an export folder (itself), or a run directory (-> its newest
     checkpoint). Raises CheckpointError."""
-    from imagetx.export import incomplete_export, is_export
-
     path = Path(path)
     if is_export(path):
         return path
@@ -183,11 +182,9 @@ def load_checkpoint(path: str | os.PathLike, map_location="cpu", mmap: bool = Fa
 
     Raises CheckpointError (one line naming the file) when it is missing, truncated, not an
     imagetx checkpoint, or from a newer format."""
-    from imagetx.export import is_export, read_export
-
     path = resolve_checkpoint(path)
     if is_export(path):  # safetensors and JSON: nothing to unpickle
-        return read_export(path, map_location)
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, **read_export(path, map_location)}
     ckpt = read_torch_file(path, "checkpoint", map_location=map_location, mmap=mmap)
     if not isinstance(ckpt, dict) or ckpt.get("format") != FORMAT:
         raise CheckpointError(f"{path}: not an imagetx checkpoint (no '{FORMAT}' marker)")
@@ -298,21 +295,6 @@ def read_torch_file(path: str | os.PathLike, what: str = "checkpoint", map_locat
     except Exception as exc:  # damage shows as RuntimeError, EOFError, KeyError, ... from the reader
         reason = "its zip archive cannot be read" if zipped else "it ends early or is damaged"
         raise CheckpointError(f"{path}: not a readable {what} (truncated or corrupt: {reason}, {type(exc).__name__})") from None
-
-
-def stored_config(ckpt: Mapping, path: str | os.PathLike = "checkpoint") -> dict:
-    """The run configuration (RunConfig.to_dict()) of a loaded checkpoint. Raises CheckpointError
-    naming the first section or key that this imagetx does not know: never silently dropped."""
-    from imagetx.config import RunConfig
-
-    config, known = ckpt["config"], RunConfig().to_dict()
-    for section, values in config.items():
-        if section not in known:
-            raise CheckpointError(f"{path}: its config has an unknown section [{section}]; it is not from this imagetx")
-        for key in values if isinstance(values, Mapping) else ():
-            if key not in known[section]:
-                raise CheckpointError(f"{path}: its config has an unknown key {section}.{key}; it is not from this imagetx")
-    return config
 
 
 WEIGHTS = ("auto", "ema", "trained")

@@ -17,17 +17,18 @@ import torch
 from torch.utils.data import Dataset
 
 from imagetx import console
-from imagetx.checkpoint import (
+from imagetx.storage.checkpoint import (
     describe_weights, load_checkpoint, model_from_checkpoint, resolve_checkpoint, unwrap_model, weights_key,
     weights_problems,
 )
-from imagetx.data.batches import batches, check_compatible, data_config_from_checkpoint, dataset_for, describe, unpack
-from imagetx.distributed import all_reduce_sum, device_problems, distributed, shard
+from imagetx.config import data_config_from_checkpoint
+from imagetx.data.batches import batches, check_compatible, dataset_for, describe, unpack
 from imagetx.errors import ConfigError, RunError
-from imagetx.metrics import bits_per_dim
 from imagetx.model.config import ModelConfig
-from imagetx.precision import FP32, Precision, precision_problems
-from imagetx.precision import resolve as resolve_precision
+from imagetx.system.distributed import all_reduce_sum, device_problems, distributed, shard
+from imagetx.system.precision import FP32, Precision, precision_problems
+from imagetx.system.precision import resolve as resolve_precision
+from imagetx.training.metrics import bits_per_dim
 
 
 # ---- bits/dim ------------------------------------------------------------------------------------
@@ -77,7 +78,7 @@ def evaluate_bpd(
     the target's dimensions) and "chain_bpd": bpd + source_bits_per_target_dim, the bits/dim of
     the targets under p(source) p(target | source), comparable with an unconditional model's.
     """
-    from imagetx.distributed import is_distributed
+    from imagetx.system.distributed import is_distributed
 
     model = unwrap_model(model)
     cfg: ModelConfig = model.config
