@@ -141,7 +141,9 @@ EMPTY_RANGE = ("no value is left to draw (an empty range): the values placed bef
 
 DECODE_MODES = ("sequential", "parallel", "auto")
 GUESSES = ("above", "zeros", "random")
-# positions per pass of parallel decoding, chosen by benchmarks/sampling.py --decode (docs/benchmarks.md)
+# positions per pass of parallel decoding: a 16-position pass of the fused step cost about 1.7x a
+# one-position step at the CIFAR-10 config on 2 Zen 4 cores (docs/commands.md); not yet tuned on a
+# trained model's acceptance
 DEFAULT_WINDOW = 16
 
 
