@@ -69,8 +69,14 @@ def remove_stale_temporaries(path: str | os.PathLike) -> list[Path]:
     """Delete .NAME.tmp-PID files (or folders) beside path whose process no longer runs (a save
     that was killed half-way); -> the files removed. A temporary of a running process is left alone."""
     path = Path(path)
+    return remove_left_by_dead_processes(path.parent, f".{path.name}.tmp-*")
+
+
+def remove_left_by_dead_processes(folder: str | os.PathLike, pattern: str) -> list[Path]:
+    """Delete the files (or folders) in folder that match pattern and end in -PID of a process
+    that no longer runs (this one's are kept); -> the files removed."""
     removed = []
-    for tmp in path.parent.glob(f".{path.name}.tmp-*"):
+    for tmp in Path(folder).glob(pattern):
         pid = tmp.name.rsplit("-", 1)[-1]
         if pid.isdigit() and int(pid) != os.getpid() and not _alive(int(pid)):
             if tmp.is_dir() and not tmp.is_symlink():  # a folder written whole (imagetx export)

@@ -24,7 +24,7 @@ from pathlib import Path
 import torch
 
 from imagetx import console
-from imagetx.system.atomic import _alive, atomic_write
+from imagetx.system.atomic import atomic_write, remove_left_by_dead_processes
 from imagetx.storage.checkpoint import (
     check_resumable,
     list_checkpoints,
@@ -163,10 +163,7 @@ class RunDir:
     def start(self, config: RunConfig, resumed_step: int | None) -> None:
         """Begin writing: reconcile a resumed run with its checkpoint (`resumed_step`), take the
         directory as it is now as the state to return to, write config.toml, open metrics.jsonl."""
-        for stale in self.path.glob(".*.committed-*"):  # left by a run that was killed
-            pid = stale.name.rsplit("-", 1)[-1]
-            if pid.isdigit() and not _alive(int(pid)):
-                stale.unlink(missing_ok=True)
+        remove_left_by_dead_processes(self.path, ".*.committed-*")  # a killed run's backups
         if resumed_step is not None:
             for step, grid in self._grids().items():
                 if step > resumed_step:  # drawn by a run that stopped before its next checkpoint

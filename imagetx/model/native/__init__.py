@@ -272,7 +272,11 @@ class FusedStep:
         cos = sin = None
         P = 0
         if self.cos is not None:
-            cos, sin = self.cos[internals], self.sin[internals]  # (W, P) contiguous copies
+            first = internals[0]
+            if internals == list(range(first, first + W)):  # consecutive rows (always for one position): a view
+                cos, sin = self.cos[first : first + W], self.sin[first : first + W]
+            else:  # a local 2D pass across padding: (W, P) contiguous copies
+                cos, sin = self.cos[internals], self.sin[internals]
             P = cos.shape[1]
         ring = rows_at is not None
         self.lib.decode_step(
