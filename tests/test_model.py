@@ -6,12 +6,14 @@ import math
 
 import pytest
 import torch
+from hypothesis import given, settings
 
 from imagetx import ConfigError, ImageTransformer, ModelConfig
 from imagetx.model import reference_mode
 from imagetx.model.layout import make_layout
 from model_properties import check_dependencies, check_fast_equals_dense, windows_as_dense
 from model_properties import model_inputs as inputs
+from test_properties import model_configs
 
 TINY = dict(n_layers=2, d_model=32, n_heads=2, d_ff=48, dropout=0.0)
 
@@ -279,5 +281,24 @@ def test_buffers_are_constants_that_training_never_changes(extra):
     with torch.inference_mode():
         model.nll(x, labels, source)
         model.sample(2, labels, source, seed=0)
+    for name, b in model.named_buffers():
+        assert torch.equal(b, before[name]), f"buffer {name} changed"
+
+
+@settings(max_examples=10, deadline=None)
+@given(model_configs())
+def test_buffers_of_drawn_models_stay_constant_through_training(config):
+    """The same property over drawn configurations (every pattern, output and conditioning): one
+    bf16 and one fp32 training step change no buffer."""
+    torch.manual_seed(5)
+    model = ImageTransformer(config)
+    before = {name: b.clone() for name, b in model.named_buffers()}
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    x, labels, source = inputs(config)
+    for dtype in (torch.bfloat16, torch.float32):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype == torch.bfloat16):
+            model.nll(x, labels, source).mean().backward()
+        opt.step()
+        opt.zero_grad()
     for name, b in model.named_buffers():
         assert torch.equal(b, before[name]), f"buffer {name} changed"
