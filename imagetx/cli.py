@@ -19,12 +19,15 @@ def _interrupted_while_starting(signum, frame):
 # The error boundary goes up before anything slow is imported (Typer here, torch in each command):
 # a Ctrl-C while the console script starts is one line and exit 130, as later, not a traceback.
 # Only while this module is imported; from then on main() catches the KeyboardInterrupt.
-_sigint_before = signal.getsignal(signal.SIGINT)
-if _sigint_before is signal.default_int_handler:
-    try:
-        signal.signal(signal.SIGINT, _interrupted_while_starting)
-    except ValueError:  # imported outside the main thread: nothing to install
-        pass
+try:
+    _sigint_before = signal.getsignal(signal.SIGINT)
+    if _sigint_before is signal.default_int_handler:
+        try:
+            signal.signal(signal.SIGINT, _interrupted_while_starting)
+        except ValueError:  # imported outside the main thread: nothing to install
+            pass
+except KeyboardInterrupt:  # it came while the handler was being installed (signal.signal runs Python code)
+    _interrupted_while_starting(signal.SIGINT, None)
 
 import importlib
 import json
