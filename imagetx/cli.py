@@ -201,13 +201,18 @@ def train(
         raise typer.Exit(code)
 
 
+def _checkpoint_argument(what: str = ""):
+    return typer.Argument(..., metavar="CHECKPOINT", help=f"{what}a checkpoint file, run directory (its newest checkpoint), "
+                          "`imagetx export` folder or pretrained model's name (imagetx models).")
+
+
 def _weights_option():
     return typer.Option("auto", help="auto (the moving average of the weights when the run kept one: train.ema), ema, or trained.")
 
 
 @app.command("eval-bpd", cls=_Command)
 def eval_bpd(
-    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint file, run directory (its newest checkpoint) or `imagetx export` folder."),
+    checkpoint: Path = _checkpoint_argument(),
     dataset: Optional[str] = typer.Option(None, help="Data set name (default: the one the model was trained on)."),
     data_dir: Optional[str] = typer.Option(None, help="Directory holding the data set."),
     split: str = typer.Option("test", help="Split to evaluate."),
@@ -273,7 +278,7 @@ def eval_bpd(
 
 @app.command(cls=_Command)
 def sample(
-    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint file, run directory (its newest checkpoint) or `imagetx export` folder."),
+    checkpoint: Path = _checkpoint_argument(),
     num: int = typer.Option(16, "--num", "-n", help="Number of images."),
     temperature: float = typer.Option(1.0, help="Sampling temperature (>= 0; 0 = greedy)."),
     label: Optional[int] = typer.Option(None, help="Class for class-conditional models (default: a balanced spread over classes)."),
@@ -327,7 +332,7 @@ def sample(
 
 @app.command(cls=_Command)
 def superres(
-    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="A super-resolution checkpoint (its run directory, or its `imagetx export` folder)."),
+    checkpoint: Path = _checkpoint_argument("A super-resolution model: "),
     input: Optional[Path] = typer.Option(None, "--input", "-i", help="A low-resolution image, or a directory of images."),
     dataset: Optional[str] = typer.Option(None, help="Or: make low-resolution inputs from held-out images of this data set."),
     data_dir: Optional[str] = typer.Option(None, help="Directory holding --dataset."),
@@ -434,6 +439,30 @@ def plot(
 
 
 @app.command(cls=_Command)
+def models(
+    as_json: bool = typer.Option(False, "--json", help='Print [{"name", "kind", "image_size", "dataset", "bpd", "split", "images", "steps", "hours", "cpu", "commit", ...}] as JSON.'),
+) -> None:
+    """The pretrained models installed with imagetx, with their held-out bits/dim. A name works
+    wherever a checkpoint does, e.g.  imagetx sample fashion-mnist --label 7 -n 16
+    (each model's card: imagetx/pretrained/NAME/README.md)."""
+    from imagetx.storage.pretrained import catalog
+
+    rows = catalog()
+    if as_json:
+        typer.echo(json.dumps(rows))
+        return
+    if not rows:
+        console.note("no pretrained models are installed")
+    for r in rows:
+        H, W = r["image_size"]
+        typer.echo(f"{r['name']}: {H}x{W}x{r['channels']}, {r['kind']}, trained on {r['dataset']}")
+        held = "no held-out bits/dim recorded" if r["bpd"] is None else f"{r['bpd']:.4f} bits/dim on {r['images']} {r['split']} images"
+        hours = "" if r["hours"] is None else f" in {r['hours']:.2f} h"
+        where = f" on {r['cpu']} (commit {r['commit']})" if r["cpu"] else ""
+        typer.echo(f"    {held}; {r['steps']} steps{hours}{where}")
+
+
+@app.command(cls=_Command)
 def export(
     run: Path = typer.Argument(..., metavar="RUN", help="Run directory (its newest checkpoint) or a checkpoint file."),
     out: Path = typer.Option(..., "--out", "-o", help="New (or empty) folder to write."),
@@ -462,7 +491,7 @@ def export(
 
 @app.command("eval-fid", cls=_Command)
 def eval_fid(
-    checkpoint: Path = typer.Argument(..., metavar="CHECKPOINT", help="Checkpoint file, run directory (its newest checkpoint) or `imagetx export` folder."),
+    checkpoint: Path = _checkpoint_argument(),
     inception_weights: Path = typer.Option(..., help="pytorch-fid's Inception-v3 weights file, pt_inception-2015-12-05-6726825d.pth (never downloaded)."),
     npz: Optional[Path] = typer.Option(None, help="Samples to score: uint8 (N, H, W, C) under arr_0 (imagetx sample --npz); default: draw --num."),
     num: int = typer.Option(1000, "--num", "-n", help="Samples to draw when no --npz is given."),

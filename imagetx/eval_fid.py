@@ -33,6 +33,7 @@ from imagetx import console
 from imagetx.system.atomic import atomic_write
 from imagetx.checks import count_problems, seed_problems, temperature_problems
 from imagetx.system.distributed import device_problems
+from imagetx.system.paths import file_sha256
 from imagetx.errors import ConfigError, RunError, raise_problems
 
 STANDARD_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
@@ -46,14 +47,6 @@ def _where_from() -> str:
     return (f"the standard file is {STANDARD_WEIGHTS} (pytorch-fid's Inception-v3, SHA-256 beginning "
             f"{STANDARD_SHA256_PREFIX}), from {STANDARD_URL}; download it on a machine with a network and "
             "pass its path")
-
-
-def sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        for chunk in iter(lambda: f.read(1 << 20), b""):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 # ---- the feature extractor -------------------------------------------------------------------------
@@ -220,7 +213,7 @@ def _run(req: FidConfig, ctx) -> dict | None:
     device = ctx.device
     weights = Path(req.inception_weights)
     extractor = load_inception(weights, device, req.dims)  # first: a bad weights file costs no sampling
-    digest = sha256(weights)
+    digest = file_sha256(weights)
     standard = digest.startswith(STANDARD_SHA256_PREFIX)
     if not standard and ctx.is_main:
         console.warn(f"{weights} is not the standard FID Inception weights (SHA-256 {digest[:8]}..., expected "

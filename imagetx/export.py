@@ -2,7 +2,9 @@
 
     DIR/model.safetensors   the bare model's weights (no DDP or torch.compile prefixes)
     DIR/config.json         {"format": "imagetx-export", "format_version", "imagetx_version", "step",
-                             "model": ModelConfig, "data": DataConfig, "held_out", "training"}
+                             "model": ModelConfig, "data": DataConfig, "held_out", "training",
+                             "weights_sha256" (checked at every load); a pretrained model's also
+                             "provenance" (scripts/publish_pretrained.py)}
     DIR/README.md           a model card: what it is, the data set, held-out bits/dim with its split
                             and image count, training time and steps, the sample grid, commands
     DIR/samples.png         the run's newest sample grid (when it has one)
@@ -22,8 +24,9 @@ from pathlib import Path
 from imagetx.config import stored_config
 from imagetx.errors import RunError
 from imagetx.storage.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint, weights_key
-from imagetx.storage.export_format import CARD, CONFIG, EXPORT_FORMAT, EXPORT_VERSION, GRID, WEIGHTS
+from imagetx.storage.export_format import CARD, CONFIG, EXPORT_FORMAT, EXPORT_VERSION, GRID, WEIGHTS, model_kind
 from imagetx.system.atomic import remove_stale_temporaries
+from imagetx.system.paths import file_sha256
 
 
 # ---- writing -------------------------------------------------------------------------------------
@@ -89,6 +92,8 @@ def export(run: str | os.PathLike, out: str | os.PathLike, weights: str = "auto"
         "parameters": sum(p.numel() for p in model.parameters()),
     }
     grid = newest_grid(run_dir, step)
+    if grid is not None:
+        meta["samples_step"] = int(grid.stem[5:])
     tmp = out.parent / f".{out.name}.tmp-{os.getpid()}"
     try:
         out.parent.mkdir(parents=True, exist_ok=True)
@@ -97,10 +102,14 @@ def export(run: str | os.PathLike, out: str | os.PathLike, weights: str = "auto"
         # tensors that share storage (tied weights) are stored once each, contiguous, on the CPU
         weights = {k: v.detach().cpu().contiguous().clone() for k, v in model.state_dict().items()}
         save_file(weights, tmp / WEIGHTS, metadata={"format": EXPORT_FORMAT, "step": str(step)})
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp / WEIGHTS, 0o666 & ~umask)  # safetensors writes it 0600; readable like the other files
+        meta["weights_sha256"] = file_sha256(tmp / WEIGHTS)  # read_export checks it at every load
         (tmp / CONFIG).write_text(json.dumps(meta, indent=2) + "\n")
         if grid is not None:
             shutil.copyfile(grid, tmp / GRID)
-        (tmp / CARD).write_text(model_card(meta, out.name, int(grid.stem[5:]) if grid is not None else None))
+        (tmp / CARD).write_text(model_card(meta, out.name))
         for f in tmp.iterdir():
             with open(f, "rb") as handle:
                 os.fsync(handle.fileno())
@@ -117,18 +126,14 @@ def export(run: str | os.PathLike, out: str | os.PathLike, weights: str = "auto"
             "files": sorted(p.name for p in out.iterdir()), "held_out": summary["held_out"], "weights": which}
 
 
-def model_card(meta: dict, name: str, grid_step: int | None) -> str:
-    """README.md of an export: a model card in Markdown."""
+def model_card(meta: dict, name: str) -> str:
+    """README.md of an export (its config.json's `meta`): a model card in Markdown."""
+    grid_step = meta.get("samples_step")
     m, data, held, tr = meta["model"], meta["data"], meta["held_out"], meta["training"]
     H, W = m["image_size"]
     what = [f"{m['attention']} attention", f"{m['n_layers']} layers", f"d_model {m['d_model']}",
             f"{m['output']} output", f"{meta['parameters'] / 1e6:.2f}M parameters"]
-    kind = "unconditional"
-    if m.get("num_classes"):
-        kind = f"class-conditional on {m['num_classes']} classes"
-    if m.get("source_size"):
-        h, w = m["source_size"]
-        kind = f"super-resolution from {h}x{w}"
+    kind = model_kind(m)
     details = ", ".join(f"{k} {v}" for k, v in data.items() if k not in ("name", "download", "num_workers") and v not in (None, False))
     lines = [
         f"# {name}: an Image Transformer ({kind}, {H}x{W}x{m['channels']})",
@@ -145,7 +150,16 @@ def model_card(meta: dict, name: str, grid_step: int | None) -> str:
         "## Results",
         "",
     ]
-    if held:
+    prov = meta.get("provenance")
+    if prov:
+        lines.append(f"Exact bits/dim on the whole `{prov['test']['split']}` split ({prov['test']['images']} images): "
+                     f"**{prov['test']['bpd']:.4f}**; on its first {prov['test_first']['images']}: "
+                     f"{prov['test_first']['bpd']:.4f} (an fp32 pass in eval mode, `imagetx eval-bpd`).")
+        if prov.get("chain_rule"):
+            c = prov["chain_rule"]
+            lines.append(f"With the input's own model `{c['source_model']}`, the chain-rule total over both resolutions: "
+                         f"**{c['bpd']:.4f}** bits per target dimension.")
+    elif held:
         lines.append(f"Held-out bits/dim: **{held['bpd']:.4f}** on the `{held['split']}` split "
                      f"({held['images']} images, step {held['step']}), an exact fp32 pass in eval mode.")
     else:
@@ -154,6 +168,10 @@ def model_card(meta: dict, name: str, grid_step: int | None) -> str:
     per_step = f", {tr['images_per_step']} images per step" if tr.get("images_per_step") else ""
     extra = ", ".join(f"{k} {tr[k]}" for k in ("optimizer", "lr", "schedule", "precision") if k in tr)
     lines += ["", "## Training", "", f"{tr['steps']} optimizer steps in {minutes}{per_step}" + (f" ({extra})." if extra else "."), ""]
+    if prov:
+        lines += [f"- command: `{prov['command']}`", f"- commit: {prov['commit']}", f"- CPU: {prov['cpu']}",
+                  f"- hours: {prov['hours']:.2f}", f"- published: {prov['date']}",
+                  f"- sha256 of {WEIGHTS}: `{meta['weights_sha256']}` (checked whenever it is loaded)", ""]
     if grid_step is not None:
         lines += ["## Samples", "", f"![samples]({GRID})", "", f"Drawn by the run at step {grid_step} (fixed seed).", ""]
     lines += ["## Use", "", "```bash", f"imagetx sample {name} --num 16 --out samples.png"]

@@ -147,7 +147,7 @@ def test_the_console_script_reports_usage_errors_in_one_line(tmp_path):
     import sys
 
     env = dict(os.environ, IMAGETX_ALLOCATOR="system")
-    script = [sys.executable, "-c", "print('started', flush=True); from imagetx.cli import main; main()"]
+    script = [sys.executable, "-c", "from imagetx.cli import main; main()"]
     for args, text in [(["sample"], "Missing argument 'CHECKPOINT'"), (["sample", "x", "--bogus"], "No such option: --bogus"),
                        (["sample", "x", "-n", "abc"], "Invalid value for '--num'")]:
         result = subprocess.run(script + args, capture_output=True, text=True, env=env, cwd=tmp_path)

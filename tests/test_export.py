@@ -111,6 +111,11 @@ def test_damaged_exports_are_one_line(run_dir, tmp_path):
     export(run_dir, tmp_path / "m")
     weights = tmp_path / "m" / "model.safetensors"
     weights.write_bytes(weights.read_bytes()[:100])
+    with pytest.raises(CheckpointError, match="its sha256 is not the one config.json records"):
+        load_model(tmp_path / "m")
+    meta = json.loads((tmp_path / "m" / "config.json").read_text())
+    del meta["weights_sha256"]  # as exports written before the hash was recorded
+    (tmp_path / "m" / "config.json").write_text(json.dumps(meta))
     with pytest.raises(CheckpointError, match="not a readable safetensors file"):
         load_model(tmp_path / "m")
     (tmp_path / "m" / "config.json").write_text("{not json")

@@ -32,6 +32,7 @@ from torch import nn
 from imagetx.errors import CheckpointError, ConfigError
 from imagetx.model.config import ModelConfig
 from imagetx.storage.export_format import incomplete_export, is_export, read_export
+from imagetx.storage.pretrained import find_pretrained, pretrained_names
 from imagetx.system.atomic import atomic_write
 
 FORMAT = "imagetx-checkpoint"
@@ -159,9 +160,12 @@ def save_checkpoint(run_dir: str | os.PathLike, checkpoint: Mapping, keep: int =
 
 # ---- loading -------------------------------------------------------------------------------------
 def resolve_checkpoint(path: str | os.PathLike) -> Path:
-    """A checkpoint file, an export folder (itself), or a run directory (-> its newest
-    checkpoint). Raises CheckpointError."""
+    """A checkpoint file, an export folder (itself), a run directory (-> its newest checkpoint),
+    or the name of a pretrained model when no such path exists (-> its export folder, in the
+    package). Raises CheckpointError."""
     path = Path(path)
+    if not path.exists() and find_pretrained(path) is not None:
+        return find_pretrained(path)
     if is_export(path):
         return path
     if path.is_dir():
@@ -173,6 +177,9 @@ def resolve_checkpoint(path: str | os.PathLike) -> Path:
             raise CheckpointError(f"{path}: no checkpoints in {path / 'checkpoints'}")
         return latest
     if not path.exists():
+        if len(path.parts) == 1 and not path.suffix:  # it reads as a name
+            raise CheckpointError(f"{path}: no such checkpoint, run directory or pretrained model (pretrained: "
+                                  f"{', '.join(pretrained_names()) or 'none installed'}; `imagetx models` lists them)")
         raise CheckpointError(f"{path}: no such checkpoint file")
     return path
 

@@ -14,10 +14,21 @@ import os
 from pathlib import Path
 
 from imagetx.errors import CheckpointError
+from imagetx.system.paths import file_sha256
 
 EXPORT_FORMAT = "imagetx-export"
 EXPORT_VERSION = 1
 WEIGHTS, CONFIG, CARD, GRID = "model.safetensors", "config.json", "README.md", "samples.png"
+
+
+def model_kind(model: dict) -> str:
+    """What a model config (ModelConfig.to_dict()) generates, in words."""
+    if model.get("source_size"):
+        h, w = model["source_size"]
+        return f"super-resolution from {h}x{w}"
+    if model.get("num_classes"):
+        return f"class-conditional on {model['num_classes']} classes"
+    return "unconditional"
 
 
 def is_export(path: str | os.PathLike) -> bool:
@@ -62,6 +73,10 @@ def read_export(path: str | os.PathLike, map_location="cpu") -> dict:
     step = meta.get("step") or 0
     if not isinstance(step, int) or isinstance(step, bool) or step < 0:
         raise CheckpointError(f"{path / CONFIG}: its step is {str(step)[:40]!r}, not a whole number >= 0")
+    recorded = meta.get("weights_sha256")
+    if recorded is not None and (path / WEIGHTS).is_file() and file_sha256(path / WEIGHTS) != recorded:
+        raise CheckpointError(f"{path / WEIGHTS}: its sha256 is not the one {CONFIG} records (the file was "
+                              "changed or damaged after export); export the run again or reinstall imagetx")
     try:  # read on the CPU, then moved: any device torch names works, as with torch.load
         weights = {k: v.to(map_location) for k, v in load_file(path / WEIGHTS).items()}
     except (SafetensorError, OSError, ValueError, RuntimeError) as exc:

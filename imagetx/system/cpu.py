@@ -28,3 +28,24 @@ def cpu_bf16_features() -> tuple[str, ...]:
         return bf16_features(Path("/proc/cpuinfo").read_text(errors="replace"))
     except OSError:
         return ()
+
+
+def cpu_description() -> str:
+    """This processor as a results table names it: the model name lscpu shows (/proc/cpuinfo),
+    its native bf16 features and the cores this process may use, e.g. "AMD EPYC (avx512_bf16),
+    2 cores"; platform.processor() where /proc/cpuinfo cannot be read."""
+    import os
+    import platform
+
+    name = ""
+    try:
+        for line in Path("/proc/cpuinfo").read_text(errors="replace").splitlines():
+            if line.startswith("model name"):
+                name = line.partition(":")[2].strip()
+                break
+    except OSError:
+        pass
+    name = name or platform.processor() or platform.machine() or "unknown CPU"
+    features = f" ({', '.join(cpu_bf16_features())})" if cpu_bf16_features() else ""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return f"{name}{features}, {cores} cores"

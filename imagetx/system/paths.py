@@ -1,8 +1,10 @@
 """Where imagetx keeps files between runs: one cache root, shared by the decoded-data cache
-(imagetx.data.cache) and the compiled decoding step (imagetx.model.native)."""
+(imagetx.data.cache) and the compiled decoding step (imagetx.model.native); and the one file hash
+(exported weights, the FID Inception weights)."""
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -27,3 +29,12 @@ def cache_dir_problems(setting, key: str = "data.cache_dir") -> list[str]:
     if setting is None or (isinstance(setting, str) and setting.strip()):
         return []
     return [f'{key} must name a folder or be "{OFF}"; got {setting!r}']
+
+
+def file_sha256(path: str | os.PathLike) -> str:
+    """The hex sha256 of a file, read in 1 MiB pieces."""
+    digest = hashlib.sha256()
+    with open(path, "rb") as handle:
+        for piece in iter(lambda: handle.read(1 << 20), b""):
+            digest.update(piece)
+    return digest.hexdigest()
