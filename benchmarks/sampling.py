@@ -24,6 +24,16 @@ only the cached decoder, with each of the three in one run, at each batch size, 
 milliseconds per step and their ratios to "none":
 
     python benchmarks/sampling.py --compare-relative [--steps 256] [--batches 1,16]
+
+--decode measures parallel (Jacobi) decoding against one position per step (imagetx sample
+--decode). On a trained model (--model: a pretrained name, run directory or checkpoint; default
+the packaged fashion-mnist) at temperature 1: for each window of --windows, the passes per image
+and the mean positions accepted per pass, at batch 1; then the wall time of --decode parallel
+(at the window with the fewest passes x pass cost) against --decode sequential at each batch
+size, and whether the images are identical. At the published CIFAR-10 config, untrained: the
+cost of a W-position pass relative to a one-position step, for each window. One run, one machine:
+
+    python benchmarks/sampling.py --decode [--model fashion-mnist] [--images 8] [--windows 4,8,16,32,64]
 """
 
 from __future__ import annotations
@@ -112,6 +122,93 @@ def compare_relative(args, device, precision, batches) -> dict:
     }
 
 
+def pass_cost_ratios(precision, device, windows, repeats: int = 30) -> dict:
+    """At the published CIFAR-10 config: milliseconds of a W-position pass over the cache
+    (IncrementalDecoder.steps, at positions past the first block) / one-position step, per W."""
+    from imagetx import ImageTransformer, ModelConfig
+    from imagetx.model.decoding import IncrementalDecoder, for_decoding
+
+    torch.manual_seed(0)
+    model = for_decoding(ImageTransformer(ModelConfig(dropout=0.0)).to(device).eval(), precision.dtype, 1)
+    start = 300
+    ms = {}
+    with torch.inference_mode():
+        dec = IncrementalDecoder(model, 1, window=max(windows))
+        prev = None
+        for k in range(start):
+            prev = dec.step(k, prev).float().argmax(-1)
+        values = torch.zeros(1, max(windows), dtype=torch.long, device=device)
+        for W in [1, *windows]:
+            for _ in range(3):  # warm up; a pass at the same k overwrites the same cache rows
+                dec.steps(start, values[:, :W])
+            sync(device)
+            t = time.perf_counter()
+            for _ in range(repeats):
+                dec.steps(start, values[:, :W])
+            sync(device)
+            ms[W] = 1000 * (time.perf_counter() - t) / repeats
+    return {"ms_one_position": round(ms[1], 3),
+            "pass_over_one_position": {str(W): round(ms[W] / ms[1], 3) for W in windows}}
+
+
+def decode_benchmark(args, device, precision) -> dict:
+    """--decode: passes per image and wall time of parallel against sequential decoding on a
+    trained model, and the cost of a W-position pass at the CIFAR-10 config."""
+    from imagetx import load_model
+    from imagetx.model import native
+    from imagetx.model.decoding import IncrementalDecoder, for_decoding
+    from imagetx.storage.checkpoint import resolve_checkpoint
+
+    windows = [int(w) for w in args.windows.split(",")]
+    model = load_model(args.model, device=device)
+    cfg = model.config
+    labels = (lambda n: torch.arange(n, device=device) % cfg.num_classes) if cfg.num_classes else (lambda n: None)
+    passes = {"n": 0}
+    real_steps = IncrementalDecoder.steps
+
+    def counted(self, *a, **k):
+        passes["n"] += 1
+        return real_steps(self, *a, **k)
+
+    def draw(batch: int, decode: str, window: int) -> tuple[torch.Tensor, float]:
+        decoder = for_decoding(model, precision.dtype, batch)
+        out, t = [], time.perf_counter()
+        for first in range(0, args.images, batch):
+            n = min(batch, args.images - first)
+            out.append(decoder.sample(n, labels=labels(n), seed=0, first_index=first, decode=decode, window=window))
+        return torch.cat(out), time.perf_counter() - t
+
+    by_window = {}
+    IncrementalDecoder.steps = counted
+    try:
+        for W in windows:
+            passes["n"] = 0
+            draw(1, "parallel", W)
+            per_image = passes["n"] / args.images
+            by_window[str(W)] = {"passes_per_image": round(per_image, 1),
+                                 "mean_accepted_per_pass": round(cfg.seq_len / per_image, 2)}
+    finally:
+        IncrementalDecoder.steps = real_steps
+    costs = pass_cost_ratios(precision, device, windows)
+    # the window whose passes x pass cost (at the CIFAR-10 config) is least
+    best = min(windows, key=lambda W: by_window[str(W)]["passes_per_image"] * costs["pass_over_one_position"][str(W)])
+    timing = {}
+    for batch in [int(b) for b in args.batches.split(",")]:
+        seq, t_seq = draw(batch, "sequential", best)
+        par, t_par = draw(batch, "parallel", best)
+        timing[f"batch{batch}"] = {"sequential_s_per_image": round(t_seq / args.images, 3),
+                                   "parallel_s_per_image": round(t_par / args.images, 3),
+                                   "parallel_speedup": round(t_seq / t_par, 2),
+                                   "identical_images": bool(torch.equal(seq, par))}
+    return {
+        "model": str(resolve_checkpoint(args.model)), "sub_pixels": cfg.seq_len, "images": args.images,
+        "temperature": 1.0, "first_guess": "the sub-pixel above, then the last pass",
+        "precision": precision.describe(), "decoder": "fused C step" if native.applies(for_decoding(model, precision.dtype, 1)) else "torch",
+        "torch_threads": torch.get_num_threads(), "batch1_by_window": by_window,
+        "cifar10_config_pass_cost": costs, "window": best, "wall_time": timing,
+    }
+
+
 def main() -> None:
     from imagetx import ImageTransformer, ModelConfig
     from imagetx.model import native
@@ -128,6 +225,10 @@ def main() -> None:
     ap.add_argument("--relative", choices=RELATIVES, default="none", help="model.relative (ours, not the paper's)")
     ap.add_argument("--compare-relative", action="store_true",
                     help="time the cached decoder with none, logits and rotary and print their ratios to none")
+    ap.add_argument("--decode", action="store_true", help="parallel against sequential decoding (see above)")
+    ap.add_argument("--model", default="fashion-mnist", help="--decode: a pretrained name, run directory or checkpoint")
+    ap.add_argument("--images", type=int, default=8, help="--decode: images drawn per measurement")
+    ap.add_argument("--windows", default="4,8,16,32,64", help="--decode: window sizes, comma-separated")
     args = ap.parse_args()
     device = torch.device(args.device)
     batches = [int(b) for b in args.batches.split(",")]
@@ -135,6 +236,9 @@ def main() -> None:
     torch.manual_seed(0)
     if args.compare_relative:
         print(json.dumps(compare_relative(args, device, precision, batches), indent=2))
+        return
+    if args.decode:
+        print(json.dumps(decode_benchmark(args, device, precision), indent=2))
         return
     bandwidth = memory_bandwidth_gbs(device=device)
     peaks = {name: matmul_peak_gflops(dtype=dtype, device=device) for name, dtype in (("fp32", torch.float32), ("bf16", torch.bfloat16))}
