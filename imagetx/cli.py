@@ -143,6 +143,34 @@ def _check_outputs(files=(), dirs=()) -> None:
     raise_problems(problems)
 
 
+# Options several commands take, declared once each (Typer needs a fresh Option per parameter).
+def _device_option():
+    return typer.Option("auto", help="auto, cpu, cuda or cuda:N.")
+
+
+def _decode_option():
+    return typer.Option("auto", help="sequential (one position per step), parallel (Jacobi passes of --window positions: "
+                        "the same images) or auto (parallel where faster: the fused CPU step at batch 1).")
+
+
+def _window_option():
+    # model.decoding.DEFAULT_WINDOW, written out: this module imports no torch (tests/test_cli.py checks they agree)
+    return typer.Option(16, help="Positions per pass of --decode parallel.")
+
+
+def _download_option():
+    return typer.Option(False, "--download", help="Fetch the data set through torchvision if missing.")
+
+
+def _checkpoint_argument(what: str = ""):
+    return typer.Argument(..., metavar="CHECKPOINT", help=f"{what}Checkpoint file, run directory (its newest checkpoint), "
+                          "`imagetx export` folder or a pretrained model's name (imagetx models).")
+
+
+def _weights_option():
+    return typer.Option("auto", help="auto (the moving average of the weights when the run kept one: train.ema), ema, or trained.")
+
+
 @app.command(cls=_Command)
 def train(
     config: Optional[Path] = typer.Option(
@@ -165,7 +193,7 @@ def train(
     ),
     dataset: Optional[str] = typer.Option(None, help="Data set name, e.g. cifar10, fashion-mnist [data.name]."),
     data_dir: Optional[str] = typer.Option(None, help="Directory holding the data set [data.data_dir]."),
-    download: bool = typer.Option(False, "--download", help="Fetch the data set through torchvision if missing."),
+    download: bool = _download_option(),
     show_config: bool = typer.Option(
         False, "--show-config", help="Print the resolved configuration (TOML, with --resume the resumed one) and exit."
     ),
@@ -201,15 +229,6 @@ def train(
         raise typer.Exit(code)
 
 
-def _checkpoint_argument(what: str = ""):
-    return typer.Argument(..., metavar="CHECKPOINT", help=f"{what}a checkpoint file, run directory (its newest checkpoint), "
-                          "`imagetx export` folder or pretrained model's name (imagetx models).")
-
-
-def _weights_option():
-    return typer.Option("auto", help="auto (the moving average of the weights when the run kept one: train.ema), ema, or trained.")
-
-
 @app.command("eval-bpd", cls=_Command)
 def eval_bpd(
     checkpoint: Path = _checkpoint_argument(),
@@ -218,8 +237,8 @@ def eval_bpd(
     split: str = typer.Option("test", help="Split to evaluate."),
     limit: Optional[int] = typer.Option(None, min=1, help="Evaluate only the first N images."),
     batch_size: int = typer.Option(64, min=1, help="Images per forward pass (per process)."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
-    download: bool = typer.Option(False, "--download", help="Fetch the data set through torchvision if missing."),
+    device: str = _device_option(),
+    download: bool = _download_option(),
     num_workers: int = typer.Option(0, min=0, help="DataLoader worker processes."),
     precision: str = typer.Option("fp32", help="fp32 (exact), or bf16 / auto (bf16 where native): faster, approximate, labelled so."),
     source_model: Optional[Path] = typer.Option(None, metavar="RUN", help="Super-resolution: a model of the low-resolution inputs; "
@@ -284,7 +303,7 @@ def sample(
     label: Optional[int] = typer.Option(None, help="Class for class-conditional models (default: a balanced spread over classes)."),
     seed: int = typer.Option(0, help="Random seed: the same seed gives the same images."),
     batch_size: int = typer.Option(16, help="Images decoded together."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    device: str = _device_option(),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Grid PNG (default: samples.png unless --individual or --npz is given)."),
     individual: Optional[Path] = typer.Option(None, help="Directory for one PNG per image."),
     npz: Optional[Path] = typer.Option(None, help="Write all images as a uint8 (N, H, W, C) array under arr_0 (what FID tools read)."),
@@ -293,8 +312,8 @@ def sample(
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole model at every step (the slow reference path)."),
     precision: str = typer.Option("auto", help="auto (bf16 where the hardware has it natively), fp32 or bf16; the softmax over values stays fp32."),
     weights: str = _weights_option(),
-    decode: str = typer.Option("auto", help="sequential (one position per step), parallel (Jacobi passes of --window positions: the same images) or auto (parallel where faster: the fused CPU step at batch 1)."),
-    window: int = typer.Option(16, help="Positions per pass of --decode parallel."),
+    decode: str = _decode_option(),
+    window: int = _window_option(),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of the written paths."),
 ) -> None:
     """Draw images from a checkpoint with the cached decoder: a PNG grid, one PNG per image, or an npz.
@@ -332,7 +351,7 @@ def sample(
 
 @app.command(cls=_Command)
 def superres(
-    checkpoint: Path = _checkpoint_argument("A super-resolution model: "),
+    checkpoint: Path = _checkpoint_argument("A super-resolution model. "),
     input: Optional[Path] = typer.Option(None, "--input", "-i", help="A low-resolution image, or a directory of images."),
     dataset: Optional[str] = typer.Option(None, help="Or: make low-resolution inputs from held-out images of this data set."),
     data_dir: Optional[str] = typer.Option(None, help="Directory holding --dataset."),
@@ -343,15 +362,15 @@ def superres(
     label: Optional[int] = typer.Option(None, help="Class, for class-conditional models with --input."),
     seed: int = typer.Option(0, help="Random seed."),
     batch_size: int = typer.Option(16, help="Sequences decoded together."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    device: str = _device_option(),
     out: Path = typer.Option(Path("superres"), "--out", "-o", help="Output directory: one PNG per sample and comparison.png."),
     report: bool = typer.Option(False, help="Score the samples: conditional bits/dim, consistency, PSNR."),
     precision: str = typer.Option("auto", help="Sampling precision: auto (bf16 where native), fp32 or bf16; --report's bits/dim stay fp32."),
     consistent: bool = typer.Option(False, help="Draw only values that keep each sample's area downsampling equal to its input, "
                                     "exactly; with --report the unrestricted samples are drawn and scored too."),
     weights: str = _weights_option(),
-    decode: str = typer.Option("auto", help="sequential (one position per step), parallel (Jacobi passes of --window positions: the same images) or auto (parallel where faster: the fused CPU step at batch 1)."),
-    window: int = typer.Option(16, help="Positions per pass of --decode parallel."),
+    decode: str = _decode_option(),
+    window: int = _window_option(),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Super-resolve low-resolution images with a conditional (encoder-decoder) checkpoint.
@@ -504,10 +523,10 @@ def eval_fid(
     batch_size: int = typer.Option(50, help="Images per Inception forward pass."),
     sample_batch_size: int = typer.Option(64, help="Images decoded together when drawing the samples (per process)."),
     dims: int = typer.Option(2048, help="Inception features: 2048 (standard FID), or 768, 192, 64 for quick relative checks."),
-    device: str = typer.Option("auto", help="auto, cpu, cuda or cuda:N."),
+    device: str = _device_option(),
     cache_dir: Optional[Path] = typer.Option(None, help="Where reference statistics are cached (default ~/.cache/imagetx/fid)."),
-    decode: str = typer.Option("auto", help="sequential (one position per step), parallel (Jacobi passes of --window positions: the same images) or auto (parallel where faster: the fused CPU step at batch 1)."),
-    window: int = typer.Option(16, help="Positions per pass of --decode parallel."),
+    decode: str = _decode_option(),
+    window: int = _window_option(),
     weights: str = _weights_option(),
     as_json: bool = typer.Option(False, "--json", help='Print {"fid", "samples", "reference_images", "dataset", "split", ...} as JSON.'),
 ) -> None:

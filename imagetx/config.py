@@ -73,11 +73,9 @@ class DataConfig:
         if self.num_workers < 0:
             p.append(f"data.num_workers must be >= 0, got {self.num_workers}")
         p += cache_dir_problems(self.cache_dir)
-        try:
-            from imagetx.data import DATASETS
-        except ImportError:  # the data package is optional for checking a config file's shape
-            DATASETS = None
-        if DATASETS is not None and self.name not in DATASETS:
+        from imagetx.data import DATASETS
+
+        if self.name not in DATASETS:
             p.append(f"data.name must be one of {', '.join(DATASETS)}; got {self.name!r}")
         return p
 

@@ -196,3 +196,11 @@ def test_ctrl_c_while_the_console_script_starts_is_one_line(tmp_path, delay):
     assert proc.returncode == 130, (proc.returncode, err)
     assert "Traceback" not in err and "KeyboardInterrupt" not in err, err
     assert len([line for line in err.splitlines() if line.startswith("error: ")]) <= 1, err
+
+
+def test_the_window_option_s_default_is_the_decoder_s():
+    """cli writes the default out (it imports no torch); the library's is the one that counts."""
+    from imagetx.cli import _window_option
+    from imagetx.model.decoding import DEFAULT_WINDOW
+
+    assert _window_option().default == DEFAULT_WINDOW

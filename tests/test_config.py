@@ -145,3 +145,37 @@ def test_a_config_that_is_not_utf8_names_the_file(tmp_path):
     path.write_bytes('[train]\nout = "caf\xe9"\n'.encode("latin-1"))
     with pytest.raises(ConfigError, match="latin1.toml is not UTF-8 text"):
         load_config(path)
+
+
+# Each file in configs/ is complete: every key, with its comment, so a file is the whole run and
+# can be copied and edited alone (TOML has no includes, and a base file would hide what a run
+# used). The cost is repetition, and what keeps the copies honest is this table: a variant differs
+# from the config it is a variant of in these keys and no others.
+VARIANTS = {
+    ("cifar10", "cifar10_2d"): {"model.attention", "model.block_length", "train.out"},
+    ("cifar10", "cifar10_relative"): {"model.relative", "train.out"},
+    ("cifar10", "cifar10_dmol"): {"model.output", "model.d_model", "model.n_heads", "model.d_ff", "model.attention_dim",
+                                  "model.dropout", "model.positional", "train.batch_size", "train.lr", "train.out"},
+    ("cifar10", "imagenet32"): {"data.name", "model.dropout", "train.eval_every", "train.out"},
+    ("imagenet64_1d", "imagenet64_2d"): {"model.attention", "model.block_length", "model.query_shape",
+                                         "model.memory_flange", "train.out"},
+    ("celeba_superres_1d", "celeba_superres_2d"): {"model.attention", "model.block_length", "model.query_shape",
+                                                   "model.memory_flange", "model.n_layers", "model.encoder_layers",
+                                                   "train.batch_size", "train.out"},
+    ("fashion_mnist", "fashion_mnist_classes"): {"model.num_classes", "train.max_steps", "train.max_minutes",
+                                                 "train.cooldown", "train.eval_every", "train.out"},
+    ("fashion_mnist", "fashion_mnist_superres"): {"data.task", "model.source_size", "model.encoder_layers",
+                                                  "model.source_skip", "model.consistent", "model.range_input",
+                                                  "train.ema", "train.out"},
+}
+
+
+@pytest.mark.parametrize("base, variant", sorted(VARIANTS), ids=lambda v: v)
+def test_a_variant_config_differs_only_where_intended(base, variant):
+    root = Path(__file__).resolve().parents[1] / "configs"
+
+    def flat(name):
+        return {f"{s}.{k}": v for s, values in load_config(root / f"{name}.toml").to_dict().items() for k, v in values.items()}
+
+    a, b = flat(base), flat(variant)
+    assert {k for k in a if a[k] != b[k]} == VARIANTS[(base, variant)]

@@ -270,7 +270,7 @@ def test_training_on_the_cache_equals_training_on_the_decoded_data(tmp_path, cap
     """Same data, same order, same parameters, with DataLoader workers reading the mapped file too."""
     from imagetx import train
     from imagetx.storage.checkpoint import latest_checkpoint, load_checkpoint
-    from test_train import TINY, curve, tiny
+    from test_train import curve, tiny
 
     write_cifar10(tmp_path / "data", n=8)
     runs = {}

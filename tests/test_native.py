@@ -108,3 +108,39 @@ def test_the_library_is_built_once_into_the_cache(monkeypatch, tmp_path):
         assert native.library() is not None and built[0].stat().st_mtime_ns == stamp  # reused, not rebuilt
     finally:
         native.library.cache_clear()
+
+
+@needs_native
+def test_the_c_and_ctypes_sides_agree_and_a_drift_is_caught(monkeypatch):
+    """decode.c exports its ABI number and Layer's size and field offsets; the loader compares
+    them with the ctypes mirror, so a field added on one side only cannot go unnoticed."""
+    import ctypes
+
+    lib, real = native.library(), native.Layer
+    assert native.contract_problem(lib) is None
+
+    class Shorter(ctypes.Structure):
+        _fields_ = real._fields_[:-1]
+
+    monkeypatch.setattr(native, "Layer", Shorter)
+    assert native.contract_problem(lib) == ("decode.c's Layer and its ctypes mirror differ (fields only in decode.c: "
+                                            "['mem_len'], only in ctypes: [])")
+
+    class Swapped(ctypes.Structure):
+        fields = list(real._fields_)
+        fields.insert(1, fields.pop(12))  # cache_b moved up: same size, same count, wrong places
+        _fields_ = fields
+
+    monkeypatch.undo()
+    monkeypatch.setattr(native, "Layer", Swapped)
+    assert "the same fields in another order" in native.contract_problem(lib)
+
+    class Narrow(ctypes.Structure):  # the same names, one of them narrower than in C
+        _fields_ = [(name, ctypes.c_int if name == "mem_b" else kind) for name, kind in real._fields_]
+
+    monkeypatch.undo()
+    monkeypatch.setattr(native, "Layer", Narrow)
+    assert native.contract_problem(lib) == "Layer.mem_b is 8 bytes at byte 192 in decode.c, 4 at 192 in its ctypes mirror"
+    monkeypatch.undo()
+    monkeypatch.setattr(native, "ABI", native.ABI + 1)
+    assert "DECODE_ABI" in native.contract_problem(lib)

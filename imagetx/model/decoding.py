@@ -14,7 +14,7 @@ import torch
 from torch import nn
 
 from imagetx.model import consistency, dmol, kernels, native, noise
-from imagetx.model.attention import Position
+from imagetx.model.cache import Position
 
 
 def for_decoding(model, dtype: torch.dtype = torch.float32, batch: int = 1):

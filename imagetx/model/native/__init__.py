@@ -97,6 +97,11 @@ def library() -> ctypes.CDLL | None:
         warnings.warn(f"the fused decoding step could not be built ({exc}): cached sampling takes the slower torch path",
                       stacklevel=3)
         return None
+    problem = contract_problem(lib)
+    if problem is not None:
+        warnings.warn(f"the fused decoding step was not used: {problem}; cached sampling takes the slower torch path "
+                      "(this is a bug in imagetx: please report it)", stacklevel=3)
+        return None
     lib.decode_step.restype = None
     lib.decode_step.argtypes = [
         ctypes.POINTER(Layer), *[ctypes.c_int] * 8, ctypes.c_float, ctypes.c_void_p, *[ctypes.c_void_p] * 6,
@@ -105,6 +110,38 @@ def library() -> ctypes.CDLL | None:
     lib.decode_scratch_floats.restype = ctypes.c_long
     lib.decode_scratch_floats.argtypes = [ctypes.c_int] * 5 + [ctypes.c_long]
     return lib
+
+
+ABI = 2  # decode.c's DECODE_ABI that the argtypes above and Layer are written for
+
+
+def contract_problem(lib: ctypes.CDLL) -> str | None:
+    """What differs between decode.c and its ctypes side (None: nothing): its DECODE_ABI, or
+    Layer's field names and order, its size, or any field's offset or size."""
+    lib.decode_abi.restype = ctypes.c_int
+    lib.decode_abi.argtypes = []
+    if lib.decode_abi() != ABI:
+        return f"decode.c is at DECODE_ABI {lib.decode_abi()}, its ctypes side at {ABI}"
+    lib.decode_layer_names.restype = ctypes.c_char_p
+    lib.decode_layer_names.argtypes = []
+    lib.decode_layer_layout.restype = ctypes.c_long
+    lib.decode_layer_layout.argtypes = [ctypes.POINTER(ctypes.c_long), ctypes.POINTER(ctypes.c_long), ctypes.c_int]
+    c_names = lib.decode_layer_names().decode().strip(",").split(",")
+    names = [name for name, _ in Layer._fields_]
+    if c_names != names:
+        only_c, only_py = [n for n in c_names if n not in names], [n for n in names if n not in c_names]
+        detail = f"fields only in decode.c: {only_c}, only in ctypes: {only_py}" if only_c or only_py else "the same fields in another order"
+        return f"decode.c's Layer and its ctypes mirror differ ({detail})"
+    offsets, sizes = (ctypes.c_long * len(names))(), (ctypes.c_long * len(names))()
+    size = lib.decode_layer_layout(offsets, sizes, len(names))
+    if size != ctypes.sizeof(Layer):
+        return f"decode.c's Layer is {size} bytes, its ctypes mirror {ctypes.sizeof(Layer)}"
+    for name, offset, width in zip(names, offsets, sizes):
+        field = getattr(Layer, name)
+        if (field.offset, field.size) != (offset, width):
+            return (f"Layer.{name} is {width} bytes at byte {offset} in decode.c, {field.size} at {field.offset} "
+                    "in its ctypes mirror")
+    return None
 
 
 _OFF = [False]

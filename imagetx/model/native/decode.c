@@ -22,6 +22,7 @@
  */
 #include <immintrin.h>
 #include <math.h>
+#include <stddef.h>
 #include <omp.h>
 #include <stdint.h>
 #include <string.h>
@@ -42,6 +43,35 @@ typedef struct {
     long mem_b, mem_h;
     long mem_len;
 } Layer;
+
+/* The contract with the ctypes side (imagetx/model/native/__init__.py), checked when the library
+ * is loaded: DECODE_ABI, raised with any change to an exported function's arguments, and Layer's
+ * size and field offsets, so that a field added here and not there (or the other way round) is
+ * caught before any step runs. */
+#define DECODE_ABI 2
+
+int decode_abi(void) { return DECODE_ABI; }
+
+/* Layer's fields in declaration order (sizeof(Layer) catches one added to the struct and not here). */
+#define LAYER_FIELDS(X) X(wqkv) X(wo) X(w1) X(b1) X(w2) X(b2) X(ln1_w) X(ln1_b) X(ln2_w) X(ln2_b) X(k) X(v) \
+    X(cache_b) X(cache_h) X(k2) X(v2) X(k2_b) X(k2_h) X(wq_c) X(wo_c) X(lnc_w) X(lnc_b) X(mk) X(mv) X(mem_b) X(mem_h) \
+    X(mem_len)
+#define LAYER_OFFSET(f) (long)offsetof(Layer, f),
+#define LAYER_SIZE(f) (long)sizeof(((Layer *)0)->f),
+#define LAYER_NAME(f) #f ","
+
+/* The field names, comma-separated, in declaration order. */
+const char *decode_layer_names(void) { return LAYER_FIELDS(LAYER_NAME); }
+
+/* Writes the offsets and sizes of Layer's first n fields, in declaration order; returns sizeof(Layer). */
+long decode_layer_layout(long *offsets, long *sizes, int n) {
+    static const long at[] = {LAYER_FIELDS(LAYER_OFFSET)}, size[] = {LAYER_FIELDS(LAYER_SIZE)};
+    for (int i = 0; i < n && i < (int)(sizeof(at) / sizeof(at[0])); i++) {
+        offsets[i] = at[i];
+        sizes[i] = size[i];
+    }
+    return (long)sizeof(Layer);
+}
 
 static inline float bf16_to_f32(bf16 v) {
     uint32_t u = (uint32_t)v << 16;
