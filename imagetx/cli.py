@@ -155,7 +155,7 @@ def _decode_option():
 
 def _window_option():
     # model.decoding.DEFAULT_WINDOW, written out: this module imports no torch (tests/test_cli.py checks they agree)
-    return typer.Option(16, help="Positions per pass of --decode parallel.")
+    return typer.Option(8, help="Positions per pass of --decode parallel.")
 
 
 def _download_option():

@@ -141,10 +141,10 @@ EMPTY_RANGE = ("no value is left to draw (an empty range): the values placed bef
 
 DECODE_MODES = ("sequential", "parallel", "auto")
 GUESSES = ("above", "zeros", "random")
-# positions per pass of parallel decoding: a 16-position pass of the fused step cost about 1.7x a
-# one-position step at the CIFAR-10 config on 2 Zen 4 cores (docs/commands.md); not yet tuned on a
-# trained model's acceptance
-DEFAULT_WINDOW = 16
+# positions per pass of parallel decoding, chosen on the trained packaged models at batch 1
+# (benchmarks/sampling.py --decode, docs/benchmarks.md): 8 was within 3% of the fastest window on
+# both fashion-mnist (4) and shapes (16)
+DEFAULT_WINDOW = 8
 
 
 def decode_problems(decode, window) -> list[str]:
