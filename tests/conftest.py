@@ -21,13 +21,3 @@ _common = dict(deadline=None, print_blob=True, suppress_health_check=[HealthChec
 settings.register_profile("ci", derandomize=True, database=None, **_common)
 settings.register_profile("thorough", max_examples=10 * settings.default.max_examples, **_common)
 settings.load_profile(os.environ.get("IMAGETX_HYPOTHESIS", "ci"))
-
-
-def pytest_collection_modifyitems(config, items):
-    """Tests marked `slow` run only when asked for (`-m slow`, or any -m expression naming it)."""
-    if "slow" in (config.getoption("-m") or ""):
-        return
-    skip = __import__("pytest").mark.skip(reason="slow: run with -m slow")
-    for item in items:
-        if "slow" in item.keywords:
-            item.add_marker(skip)

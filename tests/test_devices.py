@@ -3,7 +3,7 @@
 Each test takes `device`; its CUDA case is marked `cuda` and skipped without a GPU
 (`benchmarks/gpu_check.sh` runs them with `-m cuda`). On CPU the same code runs wherever the
 path allows it: local 1D through the key windows and additive mask that CUDA takes
-(`windowed_local1d`), bf16 autocast, and torch.compile (slow on CPU: marked `slow`). What only
+(`windowed_local1d`), bf16 autocast, and torch.compile (slow on CPU: marked `slow`, so the fast tier leaves it out). What only
 a GPU can show (NCCL, eval-bpd on CUDA against CPU) is CUDA-only.
 
 - every attention pattern's fast path (and both outputs, class labels, the encoder-decoder)

@@ -199,6 +199,7 @@ T.run(load_config(sets=sets + [f"train.out={out}"]), resume=None if resume == "n
 """
 
 
+@pytest.mark.slow
 def test_ddp_resume_after_one_process_is_killed_is_bit_exact(tmp_path):
     """2 gloo processes on a cached data set: SIGKILL one mid-run, resume both with --resume
     auto, and the parameters, losses and data position equal those of an uninterrupted run."""
@@ -303,6 +304,7 @@ def test_two_gloo_processes_sample_the_same_npz_as_one_byte_for_byte(tmp_path):
           f"2 gloo processes {results[2][1]:.2f} s ({results[2][2]:.1f} s wall)")
 
 
+@pytest.mark.slow
 def test_two_gloo_processes_super_resolve_a_dataset_as_one(tmp_path):
     from test_superres import write_checkpoint
 

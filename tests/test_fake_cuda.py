@@ -192,6 +192,7 @@ def test_shipped_config_trains_on_meta(path):
 
 
 # ---- drawn configurations ---------------------------------------------------------------------
+@pytest.mark.slow
 @settings(max_examples=20, deadline=None)
 @given(model_configs())
 def test_drawn_config_runs_and_samples_on_fake_cuda(config):

@@ -119,6 +119,7 @@ elif sys.argv[0].endswith("train_step.py"):
 '''
 
 
+@pytest.mark.slow
 @NO_GPU
 def test_one_gpu_without_a_compiler_and_a_stage_out_of_time(tmp_path):
     """As on a GPU machine with one GPU, no C compiler and a training step that hangs: compile is

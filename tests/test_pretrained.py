@@ -69,7 +69,7 @@ def test_each_samples_by_name_from_the_cli(name, tmp_path, monkeypatch):
     assert (tmp_path / "grid.png").is_file() or (tmp_path / "sr").is_dir()
 
 
-@pytest.mark.parametrize("name", NAMES)
+@pytest.mark.parametrize("name", [pytest.param(n, marks=pytest.mark.slow) if n != "shapes" else n for n in NAMES])
 def test_each_card_s_number_is_re_measured(name):
     """Exact fp32 bits/dim on the first 1000 test images within 0.01 of the card's (the issue's
     tolerance; the pass is deterministic, so in practice they agree to rounding)."""
