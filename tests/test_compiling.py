@@ -90,12 +90,18 @@ class Recorder(nn.Module):
         return "no_sync of the wrapped module"
 
 
-def test_a_build_that_fails_at_the_first_call_falls_back_to_eager(monkeypatch):
+def test_a_build_that_fails_at_the_first_call_falls_back_to_eager():
     """Inductor without a working C++ compiler fails when it builds the first graph; that call
     and every later one run eagerly, with one warning, and the wrapper is invisible elsewhere."""
     import torch._inductor.config as inductor
 
-    monkeypatch.setattr(inductor.cpp, "cxx", (None, "/opt/no-such-c++"))
+    # inductor's own patch, not monkeypatch: monkeypatch's undo deletes a config entry it read as
+    # missing, and later compiles in the same process then fail (the compiled-step tests)
+    with inductor.patch({"cpp.cxx": (None, "/opt/no-such-c++")}):
+        _fails_at_the_first_call_then_eager()
+
+
+def _fails_at_the_first_call_then_eager():
     module = Recorder()
     wrapped = compiling.CompiledOrEager(module)
     x = torch.randn(4, 3)
