@@ -302,7 +302,7 @@ class RunDir:
         was_training = model.training
         model.eval()
         try:  # the noise is a function of the seed (model/noise.py): no generator is read or advanced
-            images = model.sample(n, labels=labels, source=source, seed=seed, decode="auto").cpu()  # the same images in every mode
+            images = model.sample(n, labels=labels, source=source, seed=seed).cpu()
         finally:
             model.train(was_training)
         nrow = None
