@@ -255,6 +255,18 @@ def test_local1d_without_the_private_flash_operators_takes_the_windowed_path(mon
     check_fast_equals_dense(model, x)
 
 
+def train_bf16_then_fp32(model, batch):
+    """One bf16-autocast and one fp32 Adam step on batch = (x, labels, source); returns batch."""
+    x, labels, source = batch
+    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
+    for dtype in (torch.bfloat16, torch.float32):
+        with torch.autocast("cpu", dtype=dtype, enabled=dtype == torch.bfloat16):
+            model.nll(x, labels, source).mean().backward()
+        opt.step()
+        opt.zero_grad()
+    return batch
+
+
 @pytest.mark.parametrize("extra", [
     dict(attention="local1d", block_length=16, relative="logits"),
     dict(attention="local2d", query_shape=(2, 6), memory_flange=(1, 6), relative="rotary", num_classes=2),
@@ -270,13 +282,7 @@ def test_buffers_are_constants_that_training_never_changes(extra):
     model = ImageTransformer(cfg)
     before = {name: b.clone() for name, b in model.named_buffers()}
     assert before, "the model registers its tables as buffers"
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x, labels, source = inputs(cfg)
-    for dtype in (torch.bfloat16, torch.float32):
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype == torch.bfloat16):
-            model.nll(x, labels, source).mean().backward()
-        opt.step()
-        opt.zero_grad()
+    x, labels, source = train_bf16_then_fp32(model, inputs(cfg))
     model.eval()
     with torch.inference_mode():
         model.nll(x, labels, source)
@@ -293,12 +299,6 @@ def test_buffers_of_drawn_models_stay_constant_through_training(config):
     torch.manual_seed(5)
     model = ImageTransformer(config)
     before = {name: b.clone() for name, b in model.named_buffers()}
-    opt = torch.optim.Adam(model.parameters(), lr=1e-2)
-    x, labels, source = inputs(config)
-    for dtype in (torch.bfloat16, torch.float32):
-        with torch.autocast("cpu", dtype=dtype, enabled=dtype == torch.bfloat16):
-            model.nll(x, labels, source).mean().backward()
-        opt.step()
-        opt.zero_grad()
+    x, labels, source = train_bf16_then_fp32(model, inputs(config))
     for name, b in model.named_buffers():
         assert torch.equal(b, before[name]), f"buffer {name} changed"
