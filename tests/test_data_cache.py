@@ -231,6 +231,7 @@ def test_cache_root_and_config(monkeypatch):
 CONVERT = textwrap.dedent(
     """
     import sys, time
+    from pathlib import Path
     from imagetx.data import cache, load_dataset
     write = cache._write
     def slow_write(entry, *args):
@@ -238,6 +239,9 @@ CONVERT = textwrap.dedent(
         time.sleep(1.5)  # long enough for the other process to find the entry locked
         write(entry, *args)
     cache._write = slow_write
+    print("ready", flush=True)
+    while not Path(sys.argv[3]).exists():  # both start together, however long each took to import torch
+        time.sleep(0.01)
     ds = load_dataset("cifar10", sys.argv[1], cache_dir=sys.argv[2])
     x, y = ds.get_batch(range(len(ds)))
     print("sum", int(x.sum()), int(y.sum()), flush=True)
@@ -246,14 +250,16 @@ CONVERT = textwrap.dedent(
 
 
 def test_two_processes_converting_at_once_one_converts_the_other_reuses(tmp_path):
-    data, cache = tmp_path / "data", tmp_path / "cache"
+    data, cache, go = tmp_path / "data", tmp_path / "cache", tmp_path / "go"
     write_cifar10(data, n=40)
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(filter(None, [os.getcwd(), os.environ.get("PYTHONPATH")])))
     procs = [
-        subprocess.Popen([sys.executable, "-c", CONVERT, str(data), str(cache)], env=env, text=True,
+        subprocess.Popen([sys.executable, "-c", CONVERT, str(data), str(cache), str(go)], env=env, text=True,
                          stdout=subprocess.PIPE, stderr=subprocess.PIPE)
         for _ in range(2)
     ]
+    assert [p.stdout.readline() for p in procs] == ["ready\n", "ready\n"]
+    go.touch()
     outs = [p.communicate(timeout=120) for p in procs]
     assert all(p.returncode == 0 for p in procs), outs
     assert sum(out.count("converting") for out, _ in outs) == 1
