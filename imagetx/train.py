@@ -34,14 +34,12 @@ from tqdm import tqdm
 
 from imagetx import console
 from imagetx.config import RunConfig
-from imagetx.data.batches import batches, check_compatible, dataset_for, describe, unpack
-from imagetx.data.cache import cache_entry
+from imagetx.data.batches import batches, check_compatible, dataset_for, unpack
 from imagetx.data.order import DataOrder, RankBatches
-from imagetx.errors import CheckpointError, RunError
+from imagetx.errors import RunError
 from imagetx.eval_bpd import evaluate_bpd
 from imagetx.model.transformer import ImageTransformer
-from imagetx.storage.checkpoint import load_weights, make_checkpoint, rng_state, set_rng_state
-from imagetx.system.allocator import allocator_in_use, find_fast_allocator
+from imagetx.storage.checkpoint import rng_state
 from imagetx.system.distributed import Dist, all_gather_object, all_reduce_sum, distributed, main_first, node_main_first
 from imagetx.system.paths import cache_root
 from imagetx.system.precision import resolve as resolve_precision
@@ -49,8 +47,10 @@ from imagetx.training.compiling import compile_or_eager
 from imagetx.training.loggers import Logger, check_installed, make_logger
 from imagetx.training.metrics import bits_per_dim
 from imagetx.training.optim import WeightAverage, make_optimizer
+from imagetx.training.report import announce, report
 from imagetx.training.rundir import RunDir, resume_from
 from imagetx.training.signals import StopSignals
+from imagetx.training.state import TrainState
 
 EXIT_STATUS = {"completed": 0, "time_limit": 0, "interrupted": 130, "terminated": 143}
 
@@ -124,10 +124,17 @@ class Trainer:
     def build(self, ckpt: dict | None, ckpt_path: Path | None = None):
         cfg, t, ctx = self.config, self.t, self.ctx
         torch.manual_seed(t.seed)  # identical initial weights on every process and world size
-        self.model = model = ImageTransformer(cfg.model).to(self.device)
-        if ckpt is not None:
-            load_weights(model, ckpt, ckpt_path)
+        model = ImageTransformer(cfg.model).to(self.device)
         model.set_activation_checkpointing(t.activation_checkpointing)
+        optimizer, scheduler, cooldown = make_optimizer(model, cfg)
+        ema = WeightAverage(model, t.ema) if t.ema > 0 else None
+        self.state = state = TrainState(model, optimizer, scheduler, cooldown, ema)
+        torch.manual_seed(t.seed + ctx.rank)  # dropout differs across processes
+        random.seed(t.seed + ctx.rank)
+        if ckpt is not None:
+            for text in state.load_state_dict(ckpt, ckpt_path, dataset_size=len(self.train_set), rank=ctx.rank,
+                                              world_size=ctx.world_size, seed=t.seed):
+                self.note(text)
         objective: nn.Module = Objective(model)
         if ctx.is_distributed:
             ids = [self.device.index] if self.device.type == "cuda" else None
@@ -136,54 +143,10 @@ class Trainer:
             objective = DistributedDataParallel(objective, device_ids=ids, broadcast_buffers=False)
         compile_ = t.compile if isinstance(t.compile, bool) else self.device.type == "cuda"
         self.objective = compile_or_eager(objective, self.device) if compile_ else objective
-        self.optimizer, self.scheduler, self.cooldown = make_optimizer(model, cfg)
-        self.ema = WeightAverage(model, t.ema) if t.ema > 0 else None
         self.precision = resolve_precision(t.precision, self.device)
         self.autocast = lambda: self.precision.autocast(self.device)
-
-        self.step, epoch, index = 0, 0, 0
-        torch.manual_seed(t.seed + ctx.rank)  # dropout differs across processes
-        random.seed(t.seed + ctx.rank)
-        if ckpt is not None:
-            try:
-                self.optimizer.load_state_dict(ckpt["optimizer"])
-                self.scheduler.load_state_dict(ckpt["scheduler"])
-            except (ValueError, KeyError, TypeError, RuntimeError) as exc:
-                raise CheckpointError(f"{ckpt_path}: its optimizer state does not fit the model ({exc})") from None
-            self.step = int(ckpt["step"])
-            planned = ckpt.get("cooldown") or {}
-            if not self.cooldown.load_state_dict(planned) and planned.get("by_time"):
-                self.note(
-                    f"train.cooldown is {t.cooldown}, the checkpoint planned its fall for "
-                    f"{planned.get('fraction')}: it is planned afresh"
-                )
-            if self.ema is not None:  # it was built from the checkpoint's weights: the average starts there
-                if isinstance(ckpt.get("ema"), dict):
-                    load_weights(self.ema.module, ckpt, ckpt_path, key="ema")
-                else:
-                    self.note("the checkpoint holds no moving average of the weights (train.ema): it starts from its weights")
-                self.ema.resume_at(self.step)
-            pos = ckpt.get("data_position") or {}
-            epoch, index = int(pos.get("epoch", 0)), int(pos.get("index", 0))
-            if pos.get("dataset_size") != len(self.train_set):
-                self.note(
-                    f"the training set has {len(self.train_set)} images, the checkpoint saw "
-                    f"{pos.get('dataset_size')}: starting a new epoch"
-                )
-                epoch, index = epoch + 1, 0
-            states = ckpt.get("rng") or []
-            if len(states) == ctx.world_size:
-                set_rng_state(states[ctx.rank])
-            else:
-                self.note(
-                    f"the checkpoint was written by {len(states)} process(es), this run has "
-                    f"{ctx.world_size}: generators reseeded, so the run will not repeat exactly"
-                )
-                torch.manual_seed(t.seed + ctx.rank + 1_000_003 * self.step)
-                random.seed(t.seed + ctx.rank + 1_000_003 * self.step)
         self.order = DataOrder(len(self.train_set), t.seed)
-        self.epoch, self.index = epoch, index
-        self.first_step = self.step  # where this process started: the time plan counts from here
+        self.first_step = state.step  # where this process started: the time plan counts from here
 
     def note(self, text: str) -> None:
         console.note(text)
@@ -192,15 +155,10 @@ class Trainer:
     def save(self) -> Path | None:
         """Checkpoint the current step (a collective: every process contributes its generators)."""
         rng = all_gather_object(rng_state())
-        self.saved_step = self.step
+        self.saved_step = self.state.step
         if not self.ctx.is_main:
             return None
-        ckpt = make_checkpoint(
-            model=self.model, config=self.config.to_dict(), step=self.step, optimizer=self.optimizer,
-            scheduler=self.scheduler, cooldown=self.cooldown.state_dict(), rng=rng,
-            ema=self.ema.module if self.ema is not None else None,
-            data_position={"epoch": self.epoch, "index": self.index, "dataset_size": len(self.train_set)},
-        )
+        ckpt = self.state.state_dict(self.config.to_dict(), rng, len(self.train_set))
         path = self.run_dir.save_checkpoint(ckpt, keep=self.t.keep_checkpoints)
         self.last_checkpoint = path
         return path
@@ -209,18 +167,18 @@ class Trainer:
         limit = self.t.eval_images or None
         result = evaluate_bpd(self.inference_model, self.eval_set, self.t.batch_size, limit=limit, device=self.device)
         if self.ctx.is_main:
-            self.run_dir.log({"step": self.step, "eval_bpd": result["bpd"], "eval_images": result["images"],
+            self.run_dir.log({"step": self.state.step, "eval_bpd": result["bpd"], "eval_images": result["images"],
                       "eval_split": result["split"], "eval_dataset": result["dataset"],
                       "elapsed_s": round(time.monotonic() - self.start, 3)})
-            self.logger.scalars(self.step, {"eval/bpd": result["bpd"]})
+            self.logger.scalars(self.state.step, {"eval/bpd": result["bpd"]})
             self.refresh_curves()
-        self.last_eval, self.last_eval_step = result["bpd"], self.step
+        self.last_eval, self.last_eval_step = result["bpd"], self.state.step
         return result["bpd"]
 
     @property
     def inference_model(self) -> nn.Module:
         """What held-out evaluations and sample grids use: the moving average when train.ema is on."""
-        return self.ema.module if self.ema is not None else self.model
+        return self.state.ema.module if self.state.ema is not None else self.state.model
 
     def refresh_curves(self) -> None:
         """Redraw RUN/curves.png. A picture never stops training: a failure is one warning per run."""
@@ -238,7 +196,7 @@ class Trainer:
         """One optimizer step over grad_accum micro-batches -> (loss, grad norm, lr) on every
         process; loss is in bits/dim averaged over all processes."""
         t, cfg = self.t, self.config.model
-        lr = self.optimizer.param_groups[0]["lr"]
+        lr = self.state.optimizer.param_groups[0]["lr"]
         loss_sum = torch.zeros((), device=self.device)
         for a in range(t.grad_accum):
             x, labels, source = unpack(next(stream), cfg, self.device)
@@ -248,7 +206,7 @@ class Trainer:
                 loss = bits_per_dim(nll.float().mean(), cfg.num_dims)
             (loss / t.grad_accum).backward()
             loss_sum += loss.detach()
-        norm = torch.nn.utils.clip_grad_norm_(self.model.parameters(), t.grad_clip or float("inf"))
+        norm = torch.nn.utils.clip_grad_norm_(self.state.model.parameters(), t.grad_clip or float("inf"))
         return loss_sum / t.grad_accum, norm, lr
 
     def set_up(self, resume: str | os.PathLike | None, ckpt_path: Path | None, ckpt: dict | None) -> None:
@@ -268,32 +226,32 @@ class Trainer:
         self.load_data()
         self.build(ckpt, ckpt_path)
         self.last_checkpoint, self.last_eval, self.last_eval_step, self.train_bpd = ckpt_path, None, None, None
-        self.saved_step = self.step if ckpt_path is not None else None
+        self.saved_step = self.state.step if ckpt_path is not None else None
         if ctx.is_main:
-            self.run_dir.start(self.config, self.step if ckpt_path is not None else None)
+            self.run_dir.start(self.config, self.state.step if ckpt_path is not None else None)
             self.logger = make_logger(self.t.logger, self.run_dir.path, self.config)
-            self.announce(ckpt_path)
+            announce(self.config, self.ctx, self.state, self.run_dir.path, self.train_set, self.precision, ckpt_path)
 
     def train(self) -> dict:
         """The loop, until train.max_steps, the time limit or a signal -> the summary."""
-        t, ctx = self.t, self.ctx
+        t, ctx, s = self.t, self.ctx, self.state
         stream = iter(self._stream())
         per_step = t.batch_size * t.grad_accum * ctx.world_size
         self.window: list[float] = []  # losses since the last metrics row
         self.window_time = 0.0
         status = "completed"
         self.bar = tqdm(
-            total=self.last_step, initial=self.step, unit="step", file=sys.stderr, dynamic_ncols=True,
+            total=self.last_step, initial=s.step, unit="step", file=sys.stderr, dynamic_ncols=True,
             disable=not (ctx.is_main and sys.stderr.isatty()),
         )
         try:
             with StopSignals(announce=ctx.is_main) as signals:
-                while self.step < self.last_step:
+                while s.step < self.last_step:
                     tick = time.perf_counter()
                     loss, norm, lr = self.train_step(stream)
                     elapsed = time.monotonic() - self.start
                     out_of_time = t.max_minutes > 0 and elapsed > 60 * t.max_minutes
-                    cool_down = self.cooldown.due_by_time(self.step + 1, elapsed, t.max_minutes)
+                    cool_down = s.cooldown.due_by_time(s.step + 1, elapsed, t.max_minutes)
                     # one collective per step: the mean loss, whether any process must stop, and
                     # whether the time limit's cooldown begins (on every process at the same step)
                     stop = [float(signals.received is not None), float(out_of_time), float(cool_down)]
@@ -301,19 +259,19 @@ class Trainer:
                     loss_value, norm_value = flags[0].item() / ctx.world_size, float(norm)
                     if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
                         self.stop_on_nonfinite(loss_value, norm_value)
-                    self.optimizer.step()
-                    if self.ema is not None:
-                        self.ema.update(self.model)
+                    s.optimizer.step()
+                    if s.ema is not None:
+                        s.ema.update(s.model)
                     if flags[3].item():
                         self.plan_cooldown()
-                    self.scheduler.step()
-                    self.optimizer.zero_grad(set_to_none=True)
-                    self.step += 1
-                    self.epoch, self.index = self.order.advance(self.epoch, self.index, per_step)
+                    s.scheduler.step()
+                    s.optimizer.zero_grad(set_to_none=True)
+                    s.step += 1
+                    s.epoch, s.index = self.order.advance(s.epoch, s.index, per_step)
                     self.window.append(loss_value)
                     self.window_time += time.perf_counter() - tick
-                    last = self.step == self.last_step
-                    self.progress(loss_value, norm_value, lr, per_step, log=self.step % t.log_every == 0 or last)
+                    last = s.step == self.last_step
+                    self.progress(loss_value, norm_value, lr, per_step, log=s.step % t.log_every == 0 or last)
                     if flags[1].item():
                         status = "terminated" if signals.received == signal.SIGTERM else "interrupted"
                         break
@@ -322,7 +280,7 @@ class Trainer:
                         self.periodic(last=True)  # the final held-out number and sample grid, as at max_steps
                         break
                     self.periodic(last)
-                if self.saved_step != self.step:
+                if self.saved_step != s.step:
                     self.save()
         finally:
             self.bar.close()
@@ -330,31 +288,31 @@ class Trainer:
                 self.run_dir.close()
                 self.logger.close()
         summary = {
-            "status": status, "step": self.step, "run_dir": str(self.run_dir.path),
+            "status": status, "step": s.step, "run_dir": str(self.run_dir.path),
             "checkpoint": str(self.last_checkpoint) if self.last_checkpoint else None,
             "train_bpd": self.train_bpd, "eval_bpd": self.last_eval, "eval_step": self.last_eval_step,
             "minutes": (time.monotonic() - self.start) / 60,
         }
         if ctx.is_main:
-            self.report(summary)
+            report(summary, self.t.max_minutes)
         return summary
 
     @property
     def last_step(self) -> int:
         """Where the loop ends unless the time limit or a signal ends it first: train.max_steps,
         or the end of a cooldown that the time limit planned (a plan in steps ends there too)."""
-        return min(self.t.max_steps, self.cooldown.end or self.t.max_steps)
+        return min(self.t.max_steps, self.state.cooldown.end or self.t.max_steps)
 
     def plan_cooldown(self) -> None:
         """Fix the cooldown's steps now that (1 - train.cooldown) of train.max_minutes is spent:
         the step just taken (the loop counts it next) begins it; the rate so far sets its end."""
-        done = self.step + 1
-        self.cooldown.plan_by_time(done, done - self.first_step)
+        done = self.state.step + 1
+        self.state.cooldown.plan_by_time(done, done - self.first_step)
         self.bar.total = self.last_step
         if self.ctx.is_main:
             self.note(
                 f"train.cooldown: {self.t.cooldown:.0%} of train.max_minutes left; the learning rate "
-                f"falls linearly to 0 from step {done} to step {self.cooldown.end} (the steps the rate "
+                f"falls linearly to 0 from step {done} to step {self.state.cooldown.end} (the steps the rate "
                 "so far gives in that time), where the run ends"
             )
 
@@ -370,16 +328,16 @@ class Trainer:
         self.train_bpd = sum(self.window) / len(self.window)
         if self.ctx.is_main:
             self.run_dir.log({
-                "step": self.step, "loss": loss, "train_bpd": self.train_bpd, "lr": lr, "grad_norm": norm,
-                "images_per_sec": speed, "epoch": self.epoch, "elapsed_s": round(time.monotonic() - self.start, 3),
+                "step": self.state.step, "loss": loss, "train_bpd": self.train_bpd, "lr": lr, "grad_norm": norm,
+                "images_per_sec": speed, "epoch": self.state.epoch, "elapsed_s": round(time.monotonic() - self.start, 3),
             })
-            self.logger.scalars(self.step, {
+            self.logger.scalars(self.state.step, {
                 "train/loss": loss, "train/bpd": self.train_bpd, "train/lr": lr, "train/grad_norm": norm,
                 "train/images_per_sec": speed,
             })
             if self.bar.disable:
                 print(
-                    f"step {self.step}/{self.last_step}  loss {loss:.4f} bits/dim  lr {lr:.3g}  "
+                    f"step {self.state.step}/{self.last_step}  loss {loss:.4f} bits/dim  lr {lr:.3g}  "
                     f"grad norm {norm:.3g}  {speed:.0f} img/s",
                     file=sys.stderr, flush=True,
                 )
@@ -387,75 +345,25 @@ class Trainer:
 
     def periodic(self, last: bool) -> None:
         """Held-out bits/dim, sample grids and checkpoints, each every N steps (and at the end)."""
-        t, step = self.t, self.step
+        t, step = self.t, self.state.step
         if t.eval_every and self.eval_set is not None and (step % t.eval_every == 0 or last):
             self.evaluate()
         if t.sample_every and t.sample_count and (step % t.sample_every == 0 or last):
             if self.ctx.is_main:
-                grid = self.run_dir.write_samples(self.inference_model, self.step, t.seed, t.sample_count, self.eval_set, self.device)
-                self.logger.image("samples", self.step, grid)
+                grid = self.run_dir.write_samples(self.inference_model, self.state.step, t.seed, t.sample_count, self.eval_set, self.device)
+                self.logger.image("samples", self.state.step, grid)
         if t.checkpoint_every and step % t.checkpoint_every == 0 and not last:
             self.save()  # the last one is written after the loop, whatever ended it
 
     def _stream(self):
         ds = self.train_set
-        index_lists = RankBatches(self.order, self.epoch, self.index, self.t.batch_size, self.t.grad_accum, self.ctx)
+        index_lists = RankBatches(self.order, self.state.epoch, self.state.index, self.t.batch_size, self.t.grad_accum, self.ctx)
         return batches(ds, iter(index_lists), self.config.data.num_workers, seed=self.t.seed + self.ctx.rank)
 
     def stop_on_nonfinite(self, loss: float, norm: float):
         what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
         kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
         raise RunError(
-            f"{what} at step {self.step + 1}: training stopped, nothing saved for this step; {kept}. "
+            f"{what} at step {self.state.step + 1}: training stopped, nothing saved for this step; {kept}. "
             "Try a lower train.lr, more train.warmup_steps or train.grad_clip"
-        )
-
-    def announce(self, resumed: Path | None) -> None:
-        """A short summary of the run before the first step (the full config: RUN/config.toml, or
-        `imagetx train --show-config`)."""
-        t, ctx, m = self.t, self.ctx, self.config.model
-        n_params = sum(p.numel() for p in self.model.parameters())
-        what = f"resuming from {resumed} (step {self.step})" if resumed else "starting a new run"
-        entry = cache_entry(self.train_set)
-        mapped = f"; memory-mapped from {entry}" if entry is not None else ""
-        print(
-            f"{what} in {self.run_dir.path}: {self.precision.describe()}\n"
-            f"  model: {m.attention} attention, {m.n_layers} layers, d {m.d_model}, {m.output} output, "
-            f"{n_params / 1e6:.2f}M parameters\n"
-            f"  data: {len(self.train_set)} training images ({describe(self.train_set)[0]}{mapped}), "
-            f"{t.batch_size * t.grad_accum * ctx.world_size} images per step, {t.max_steps} steps\n"
-            f"  optimizer: {t.optimizer}, lr {t.lr:g}, {t.schedule} after {t.warmup_steps} warmup steps"
-            f"{self.describe_cooldown()}\n"
-            f"  compute: {ctx.world_size} process(es) on {self.device.type} (memory allocator: "
-            f"{allocator_in_use()}); config {self.run_dir.path / 'config.toml'}",
-            file=sys.stderr, flush=True,
-        )
-        if self.device.type == "cpu" and allocator_in_use() == "system" and find_fast_allocator() is None:
-            console.note(
-                "CPU training is 10-15% faster with tcmalloc: install libtcmalloc-minimal4 "
-                "(Debian/Ubuntu) and the imagetx command preloads it"
-            )
-
-    def describe_cooldown(self) -> str:
-        """How train.cooldown ends the schedule, for the run's first lines ("" when it is off)."""
-        c, t = self.cooldown, self.t
-        if c.start is None:
-            return ""
-        if c.by_time:
-            return f", falling linearly to 0 from step {c.start} to step {c.end} (train.cooldown, planned)"
-        limit = ", or of train.max_minutes if that comes first" if t.max_minutes > 0 else ""
-        return f", then falling linearly to 0 over the last {t.cooldown:.0%} of train.max_steps{limit}"
-
-    def report(self, summary: dict) -> None:
-        text = {
-            "completed": "finished", "time_limit": f"stopped after train.max_minutes = {self.t.max_minutes}",
-            "interrupted": "interrupted", "terminated": "terminated",
-        }[summary["status"]]
-        bpd = ""
-        if summary["eval_bpd"] is not None:
-            when = f" at step {summary['eval_step']}" if summary["eval_step"] != summary["step"] else ""
-            bpd = f", held-out {summary['eval_bpd']:.4f} bits/dim{when}"
-        print(
-            f"{text} at step {summary['step']}{bpd}; checkpoint {summary['checkpoint']}",
-            file=sys.stderr, flush=True,
         )

@@ -247,19 +247,19 @@ def test_trainer_builds_and_steps_on_fake_cuda(tmp_path, monkeypatch, precision)
     x, labels, _ = model_inputs(config.model, batch=2)
     with fake_cuda(), mock.patch("imagetx.system.precision.cuda_native_bf16", return_value=True):
         trainer.build(None)
-        assert {p.device for p in trainer.model.parameters()} == {CUDA}
-        assert {p.device for p in trainer.ema.module.parameters()} == {CUDA}
+        assert {p.device for p in trainer.state.model.parameters()} == {CUDA}
+        assert {p.device for p in trainer.state.ema.module.parameters()} == {CUDA}
         with autocast:
             nll = trainer.objective(*on(CUDA, x.to(torch.uint8), labels))
         check_device(nll, CUDA, "the training objective")
-        for p in trainer.model.parameters():
+        for p in trainer.state.model.parameters():
             p.grad = torch.zeros_like(p)
-        trainer.optimizer.step()
-        trainer.ema.update(trainer.model)
-        trainer.scheduler.step()
-        for p in trainer.model.parameters():
+        trainer.state.optimizer.step()
+        trainer.state.ema.update(trainer.state.model)
+        trainer.state.scheduler.step()
+        for p in trainer.state.model.parameters():
             check_device(p, CUDA, "a parameter after the optimizer step")
-        for state in trainer.optimizer.state.values():
+        for state in trainer.state.optimizer.state.values():
             for value in state.values():
                 if isinstance(value, torch.Tensor) and value.dim():
                     check_device(value, CUDA, "the optimizer's state")
