@@ -114,7 +114,7 @@ def test_runtime_errors_exit_1(run_dir, tmp_path):
 
 
 def test_eval_bpd_json_and_table(run_dir):
-    from imagetx.storage.checkpoint import load_model
+    from imagetx.storage.weights import load_model
     from imagetx.data.batches import dataset_for
     from imagetx.config import RunConfig
 
@@ -200,7 +200,7 @@ def test_ctrl_c_while_the_console_script_starts_is_one_line(tmp_path, delay):
 
 def test_the_window_option_s_default_is_the_decoder_s():
     """cli writes the default out (it imports no torch); the library's is the one that counts."""
-    from imagetx.cli import _window_option
+    from imagetx.cli.options import window_option
     from imagetx.model.decoding import DEFAULT_WINDOW
 
-    assert _window_option().default == DEFAULT_WINDOW
+    assert window_option().default == DEFAULT_WINDOW

@@ -1,53 +1,21 @@
-"""The `imagetx` command: parse arguments, build a config, call a library function, map errors.
-
-Results go to stdout, progress and diagnostics to stderr. Exit codes: 0 ok, 1 a runtime failure
-(missing data, bad checkpoint, non-finite loss), 2 a usage error (bad flag, unknown key, bad
-value), 130 after Ctrl-C (a checkpoint is saved first), 143 after SIGTERM.
-"""
+"""The `imagetx` commands: each parses its arguments, builds its command's config, calls the
+library function and shows the result (tables: imagetx.cli.tables). Errors are mapped to exit
+codes by imagetx.cli.boundary."""
 
 from __future__ import annotations
 
-import signal
-import sys
-
-
-def _interrupted_while_starting(signum, frame):
-    sys.stderr.write("error: interrupted\n")
-    raise SystemExit(130)
-
-
-# The error boundary goes up before anything slow is imported (Typer here, torch in each command):
-# a Ctrl-C while the console script starts is one line and exit 130, as later, not a traceback.
-# Only while this module is imported; from then on main() catches the KeyboardInterrupt.
-try:
-    _sigint_before = signal.getsignal(signal.SIGINT)
-    if _sigint_before is signal.default_int_handler:
-        try:
-            signal.signal(signal.SIGINT, _interrupted_while_starting)
-        except ValueError:  # imported outside the main thread: nothing to install
-            pass
-except KeyboardInterrupt:  # it came while the handler was being installed (signal.signal runs Python code)
-    _interrupted_while_starting(signal.SIGINT, None)
-
-import importlib
 import json
-import os
-import traceback
-import warnings
-from contextlib import contextmanager
 from pathlib import Path
 from typing import Optional
 
 import typer
 
-try:  # Typer >= 0.17 carries its own copy of Click
-    from typer._click.exceptions import ClickException as _ClickException
-    from typer._click.exceptions import NoArgsIsHelpError as _NoArgsIsHelp
-except ImportError:
-    from click.exceptions import ClickException as _ClickException
-    from click.exceptions import NoArgsIsHelpError as _NoArgsIsHelp
 from imagetx import console
-from imagetx.errors import CheckpointError, ConfigError, DatasetError, RunError
+from imagetx.cli.boundary import Command, check_outputs, expected_failures
+from imagetx.cli.options import (
+    checkpoint_argument, decode_option, device_option, download_option, weights_option, window_option,
+)
+from imagetx.cli.tables import print_bpd_table, print_models, print_superres_report
 
 app = typer.Typer(
     name="imagetx",
@@ -59,119 +27,7 @@ app = typer.Typer(
 )
 
 
-def _one_line(exc: BaseException) -> str:
-    """The user-facing line of an exception. One re-raised from a DataLoader worker carries the
-    worker's whole traceback in its message: its last line is the original message."""
-    text = str(exc)
-    if "Original Traceback" in text:
-        last = text.strip().splitlines()[-1]
-        text = last.split(": ", 1)[1] if ": " in last else last
-    if isinstance(exc, OSError) and exc.strerror:  # disk full, permission denied, is a directory...
-        where = exc.filename if exc.filename is not None else ""
-        text = f"{where}: {exc.strerror}" if where else exc.strerror
-    return text
-
-
-class _Command(typer.core.TyperCommand):
-    """Usage lines name arguments plainly (`imagetx sample [OPTIONS] CHECKPOINT`), not in braces;
-    a Ctrl-C anywhere in a command is one `error: interrupted` line and exit 130 (Typer alone
-    turns it into a silent 130 where it lands outside the error boundary, e.g. while the command
-    imports its modules)."""
-
-    def collect_usage_pieces(self, ctx) -> list[str]:
-        return [p[1:-1] if p.startswith("{") and p.endswith("}") else p for p in super().collect_usage_pieces(ctx)]
-
-    ran = False  # a command was invoked: it reports its own interruption (see main)
-
-    def invoke(self, ctx):
-        _Command.ran = True
-        try:
-            return super().invoke(ctx)
-        except KeyboardInterrupt:
-            console.error("interrupted")
-            raise typer.Exit(130) from None
-
-
-@contextmanager
-def _expected_failures():
-    """The CLI's one error boundary. Expected failures become one `error: ...` line on stderr and
-    an exit code, never a traceback: 2 for usage (ConfigError), 1 at runtime (a checkpoint, data
-    set, image or file that cannot be used, the disk full), 130 on Ctrl-C. Anything else is a bug:
-    its traceback is shown with a line asking to report it. IMAGETX_DEBUG=1 shows the traceback
-    of every failure."""
-    debug = os.environ.get("IMAGETX_DEBUG", "") not in ("", "0")
-    try:
-        yield
-    except ConfigError as exc:
-        if debug:
-            raise
-        console.error("; ".join(exc.problems))
-        raise typer.Exit(2) from None
-    except (CheckpointError, RunError, DatasetError, OSError) as exc:
-        if debug:
-            raise
-        # a DatasetError's first line says what is wrong; the rest shows the expected tree
-        console.error(_one_line(exc))
-        raise typer.Exit(1) from None
-    except KeyboardInterrupt:
-        if debug:
-            raise
-        console.error("interrupted")
-        raise typer.Exit(130) from None
-    except typer.Exit:
-        raise
-    except Exception:
-        if debug:
-            raise
-        traceback.print_exc()
-        console.error("this is a bug in imagetx: please report it with the traceback above and the command you ran")
-        raise typer.Exit(1) from None
-
-
-def _check_outputs(files=(), dirs=()) -> None:
-    """The one check of every command's outputs, at the boundary and before any work: each
-    (flag, path) of a file to write (files) or a directory to write into (dirs), None for one
-    not given. An output that is a directory where a file is meant (or the other way round), or
-    in a directory that does not exist or cannot be written, is a usage error (exit 2) in every
-    command alike. sample and superres make the same checks (imagetx.checks) in their own
-    problems(), where they are reported together with the command's other usage errors."""
-    from imagetx.checks import output_dir_problems, output_file_problems
-    from imagetx.errors import raise_problems
-
-    problems = [p for flag, path in files if path is not None for p in output_file_problems(path, flag)]
-    problems += [p for flag, path in dirs if path is not None for p in output_dir_problems(path, flag)]
-    raise_problems(problems)
-
-
-# Options several commands take, declared once each (Typer needs a fresh Option per parameter).
-def _device_option():
-    return typer.Option("auto", help="auto, cpu, cuda or cuda:N.")
-
-
-def _decode_option():
-    return typer.Option("auto", help="sequential (one position per step), parallel (Jacobi passes of --window positions: "
-                        "the same images) or auto (parallel where faster: the fused CPU step at batch 1).")
-
-
-def _window_option():
-    # model.decoding.DEFAULT_WINDOW, written out: this module imports no torch (tests/test_cli.py checks they agree)
-    return typer.Option(8, help="Positions per pass of --decode parallel.")
-
-
-def _download_option():
-    return typer.Option(False, "--download", help="Fetch the data set through torchvision if missing.")
-
-
-def _checkpoint_argument(what: str = ""):
-    return typer.Argument(..., metavar="CHECKPOINT", help=f"{what}Checkpoint file, run directory (its newest checkpoint), "
-                          "`imagetx export` folder or a pretrained model's name (imagetx models).")
-
-
-def _weights_option():
-    return typer.Option("auto", help="auto (the moving average of the weights when the run kept one: train.ema), ema, or trained.")
-
-
-@app.command(cls=_Command)
+@app.command(cls=Command)
 def train(
     config: Optional[Path] = typer.Option(
         None, "--config", "-c", help="TOML run configuration, e.g. configs/cifar10.toml (default: the quickstart)."
@@ -193,7 +49,7 @@ def train(
     ),
     dataset: Optional[str] = typer.Option(None, help="Data set name, e.g. cifar10, fashion-mnist [data.name]."),
     data_dir: Optional[str] = typer.Option(None, help="Directory holding the data set [data.data_dir]."),
-    download: bool = _download_option(),
+    download: bool = download_option(),
     show_config: bool = typer.Option(
         False, "--show-config", help="Print the resolved configuration (TOML, with --resume the resumed one) and exit."
     ),
@@ -214,7 +70,7 @@ def train(
         "train.max_minutes": max_minutes, "train.batch_size": batch_size, "train.seed": seed,
         "data.name": dataset, "data.data_dir": data_dir, "data.download": True if download else None,
     }
-    with _expected_failures():
+    with expected_failures():
         # on resume, the keys given here go over the checkpoint's config (imagetx.training.rundir.resume_from)
         resolved = load_config(config, flags, set_ or [])
         if show_config:
@@ -222,28 +78,28 @@ def train(
 
             typer.echo(resume_from(resolved, resume)[0].to_toml(), nl=False)
             return
-        _check_outputs(dirs=[("--out", resolved.train.out)])
+        check_outputs(dirs=[("--out", resolved.train.out)])
         summary = training.run(resolved, resume=resume)
     code = training.EXIT_STATUS[summary["status"]]
     if code:
         raise typer.Exit(code)
 
 
-@app.command("eval-bpd", cls=_Command)
+@app.command("eval-bpd", cls=Command)
 def eval_bpd(
-    checkpoint: Path = _checkpoint_argument(),
+    checkpoint: Path = checkpoint_argument(),
     dataset: Optional[str] = typer.Option(None, help="Data set name (default: the one the model was trained on)."),
     data_dir: Optional[str] = typer.Option(None, help="Directory holding the data set."),
     split: str = typer.Option("test", help="Split to evaluate."),
     limit: Optional[int] = typer.Option(None, min=1, help="Evaluate only the first N images."),
     batch_size: int = typer.Option(64, min=1, help="Images per forward pass (per process)."),
-    device: str = _device_option(),
-    download: bool = _download_option(),
+    device: str = device_option(),
+    download: bool = download_option(),
     num_workers: int = typer.Option(0, min=0, help="DataLoader worker processes."),
     precision: str = typer.Option("fp32", help="fp32 (exact), or bf16 / auto (bf16 where native): faster, approximate, labelled so."),
     source_model: Optional[Path] = typer.Option(None, metavar="RUN", help="Super-resolution: a model of the low-resolution inputs; "
                                                 "also report their bits and the chain-rule total per target dimension."),
-    weights: str = _weights_option(),
+    weights: str = weights_option(),
     as_json: bool = typer.Option(False, "--json", help='Print {"bpd", "images", "dataset", "split", "precision", ...} as JSON.'),
 ) -> None:
     """Exact bits/dim of a checkpoint over a whole split: one deterministic fp32 pass in eval mode.
@@ -258,7 +114,7 @@ def eval_bpd(
         batch_size=batch_size, device=device, download=download, num_workers=num_workers,
         precision=precision, source_model=source_model, weights=weights,
     )
-    with _expected_failures():
+    with expected_failures():
         result = run(eval_config)
     from imagetx.system.distributed import env_ranks
 
@@ -269,41 +125,18 @@ def eval_bpd(
                 "source_model", "source_bpd", "source_bits_per_target_dim", "chain_bpd")
         typer.echo(json.dumps({k: result[k] for k in keys if k in result}))
         return
-    from rich.console import Console
-    from rich.table import Table
-
-    approximate = result["approximate"]
-    title = f"Approximate bits/dim ({result['precision']}; fp32 is exact)" if approximate else "Exact bits/dim"
-    table = Table(title=title, show_header=False)
-    table.add_column(style="bold")
-    table.add_column()
-    table.add_row("checkpoint", f"{result['checkpoint']} (step {result['step']})")
-    table.add_row("weights", result["weights"])
-    table.add_row("data set", result["dataset"])
-    table.add_row("split", str(result["split"]))
-    table.add_row("images", str(result["images"]))
-    table.add_row("NLL per image", f"{result['nll_nats']:.2f} nats")
-    table.add_row("precision", f"{result['precision']} (approximate)" if approximate else result["precision"])
-    conditional = " (conditional on the input)" if "chain_bpd" in result else ""
-    table.add_row("bits/dim" + conditional, f"[bold]{result['bpd']:.4f}[/bold]" + (" (approximate)" if approximate else ""))
-    if "chain_bpd" in result:
-        table.add_row("source model", result["source_model"])
-        table.add_row("input bits/dim", f"{result['source_bpd']:.4f} per input dimension, "
-                                        f"{result['source_bits_per_target_dim']:.4f} per target dimension")
-        table.add_row("chain-rule total", f"[bold]{result['chain_bpd']:.4f}[/bold] bits per target dimension "
-                                          "(input + target given input; compare with an unconditional model)")
-    Console(file=sys.stdout).print(table)
+    print_bpd_table(result)
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 def sample(
-    checkpoint: Path = _checkpoint_argument(),
+    checkpoint: Path = checkpoint_argument(),
     num: int = typer.Option(16, "--num", "-n", help="Number of images."),
     temperature: float = typer.Option(1.0, help="Sampling temperature (>= 0; 0 = greedy)."),
     label: Optional[int] = typer.Option(None, help="Class for class-conditional models (default: a balanced spread over classes)."),
     seed: int = typer.Option(0, help="Random seed: the same seed gives the same images."),
     batch_size: int = typer.Option(16, help="Images decoded together."),
-    device: str = _device_option(),
+    device: str = device_option(),
     out: Optional[Path] = typer.Option(None, "--out", "-o", help="Grid PNG (default: samples.png unless --individual or --npz is given)."),
     individual: Optional[Path] = typer.Option(None, help="Directory for one PNG per image."),
     npz: Optional[Path] = typer.Option(None, help="Write all images as a uint8 (N, H, W, C) array under arr_0 (what FID tools read)."),
@@ -311,9 +144,9 @@ def sample(
     prime_rows: Optional[int] = typer.Option(None, help="Rows of --prime to keep (default: half)."),
     no_cache: bool = typer.Option(False, "--no-cache", help="Recompute the whole model at every step (the slow reference path)."),
     precision: str = typer.Option("auto", help="auto (bf16 where the hardware has it natively), fp32 or bf16; the softmax over values stays fp32."),
-    weights: str = _weights_option(),
-    decode: str = _decode_option(),
-    window: int = _window_option(),
+    weights: str = weights_option(),
+    decode: str = decode_option(),
+    window: int = window_option(),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of the written paths."),
 ) -> None:
     """Draw images from a checkpoint with the cached decoder: a PNG grid, one PNG per image, or an npz.
@@ -334,7 +167,7 @@ def sample(
         prime=prime, prime_rows=prime_rows, use_cache=not no_cache, precision=precision, weights=weights,
         decode=decode, window=window,
     )
-    with _expected_failures():
+    with expected_failures():
         summary = run(req)
     if env_ranks()[0] != 0:  # under torchrun the main process reports
         return
@@ -349,9 +182,9 @@ def sample(
                  f"({summary['ms_per_position']:.2f} ms per position, {summary['precision']}{fused}{processes})")
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 def superres(
-    checkpoint: Path = _checkpoint_argument("A super-resolution model. "),
+    checkpoint: Path = checkpoint_argument("A super-resolution model. "),
     input: Optional[Path] = typer.Option(None, "--input", "-i", help="A low-resolution image, or a directory of images."),
     dataset: Optional[str] = typer.Option(None, help="Or: make low-resolution inputs from held-out images of this data set."),
     data_dir: Optional[str] = typer.Option(None, help="Directory holding --dataset."),
@@ -362,15 +195,15 @@ def superres(
     label: Optional[int] = typer.Option(None, help="Class, for class-conditional models with --input."),
     seed: int = typer.Option(0, help="Random seed."),
     batch_size: int = typer.Option(16, help="Sequences decoded together."),
-    device: str = _device_option(),
+    device: str = device_option(),
     out: Path = typer.Option(Path("superres"), "--out", "-o", help="Output directory: one PNG per sample and comparison.png."),
     report: bool = typer.Option(False, help="Score the samples: conditional bits/dim, consistency, PSNR."),
     precision: str = typer.Option("auto", help="Sampling precision: auto (bf16 where native), fp32 or bf16; --report's bits/dim stay fp32."),
     consistent: bool = typer.Option(False, help="Draw only values that keep each sample's area downsampling equal to its input, "
                                     "exactly; with --report the unrestricted samples are drawn and scored too."),
-    weights: str = _weights_option(),
-    decode: str = _decode_option(),
-    window: int = _window_option(),
+    weights: str = weights_option(),
+    decode: str = decode_option(),
+    window: int = window_option(),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Super-resolve low-resolution images with a conditional (encoder-decoder) checkpoint.
@@ -390,7 +223,7 @@ def superres(
         device=device, out=out, report=report, precision=precision, consistent=consistent, weights=weights,
         decode=decode, window=window,
     )
-    with _expected_failures():
+    with expected_failures():
         summary = run(req)
     if env_ranks()[0] != 0:  # under torchrun the main process reports
         return
@@ -401,37 +234,14 @@ def superres(
         for path in summary["written"]:
             typer.echo(path)
         if report and summary.get("metrics"):
-            _print_superres_report(summary["metrics"], summary.get("metrics_unrestricted"))
+            print_superres_report(summary["metrics"], summary.get("metrics_unrestricted"))
     if failures:  # each was named in a warning as it was skipped
         total = len(failures) + len(summary["inputs"])
         console.error(f"{len(failures)} of {total} inputs could not be used and were skipped; the others were written")
         raise typer.Exit(1)
 
 
-def _print_superres_report(metrics: dict, unrestricted: dict | None = None) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
-    def fmt(v, spec=".3f"):
-        return "-" if v is None else format(v, spec)
-
-    table = Table(title="Super-resolution report")
-    for col in ("input", "bits/dim", "consistency", "PSNR samples", "PSNR bicubic"):
-        table.add_column(col, justify="right" if col != "input" else "left")
-    for row in metrics["per_input"]:
-        table.add_row(row["input"], fmt(row.get("bpd"), ".4f"), fmt(row.get("consistency"), ".2f"),
-                      fmt(row.get("psnr"), ".2f"), fmt(row.get("psnr_bicubic"), ".2f"))
-    mean = metrics["mean"]
-    table.add_row("[bold]mean[/bold]", fmt(mean.get("bpd"), ".4f"), fmt(mean.get("consistency"), ".2f"),
-                  fmt(mean.get("psnr"), ".2f"), fmt(mean.get("psnr_bicubic"), ".2f"))
-    if unrestricted is not None:  # --consistent: the rows above are the consistent samples
-        other = unrestricted["mean"]
-        table.add_row("[bold]mean, without --consistent[/bold]", "", fmt(other.get("consistency"), ".2f"),
-                      fmt(other.get("psnr"), ".2f"), "")
-    Console(file=sys.stdout).print(table)
-
-
-@app.command(cls=_Command)
+@app.command(cls=Command)
 def plot(
     runs: list[Path] = typer.Argument(..., metavar="RUN...", help="Run directories of `imagetx train` (their metrics.jsonl)."),
     out: Path = typer.Option(Path("curves.png"), "--out", "-o", help="PNG file to write."),
@@ -445,8 +255,8 @@ def plot(
     """
     from imagetx.plot import plot_runs
 
-    with _expected_failures():
-        _check_outputs(files=[("--out", out)])
+    with expected_failures():
+        check_outputs(files=[("--out", out)])
         summary = plot_runs(runs, out)
     if as_json:
         typer.echo(json.dumps(summary))
@@ -457,7 +267,7 @@ def plot(
         console.note(f"{r['run']}: best held-out {best} bits/dim, {r['steps']} steps")
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 def models(
     as_json: bool = typer.Option(False, "--json", help='Print [{"name", "kind", "image_size", "dataset", "bpd", "split", "images", "steps", "hours", "cpu", "commit", ...}] as JSON.'),
 ) -> None:
@@ -470,22 +280,14 @@ def models(
     if as_json:
         typer.echo(json.dumps(rows))
         return
-    if not rows:
-        console.note("no pretrained models are installed")
-    for r in rows:
-        H, W = r["image_size"]
-        typer.echo(f"{r['name']}: {H}x{W}x{r['channels']}, {r['kind']}, trained on {r['dataset']}")
-        held = "no held-out bits/dim recorded" if r["bpd"] is None else f"{r['bpd']:.4f} bits/dim on {r['images']} {r['split']} images"
-        hours = "" if r["hours"] is None else f" in {r['hours']:.2f} h"
-        where = f" on {r['cpu']} (commit {r['commit']})" if r["cpu"] else ""
-        typer.echo(f"    {held}; {r['steps']} steps{hours}{where}")
+    print_models(rows)
 
 
-@app.command(cls=_Command)
+@app.command(cls=Command)
 def export(
     run: Path = typer.Argument(..., metavar="RUN", help="Run directory (its newest checkpoint) or a checkpoint file."),
     out: Path = typer.Option(..., "--out", "-o", help="New (or empty) folder to write."),
-    weights: str = _weights_option(),
+    weights: str = weights_option(),
     as_json: bool = typer.Option(False, "--json", help='Print {"out", "checkpoint", "step", "files", "held_out", "weights"} as JSON.'),
 ) -> None:
     """Export a model for sharing: a folder with model.safetensors, config.json and a README.md
@@ -496,8 +298,8 @@ def export(
     """
     from imagetx.export import export as export_run
 
-    with _expected_failures():
-        _check_outputs(dirs=[("--out", out)])
+    with expected_failures():
+        check_outputs(dirs=[("--out", out)])
         summary = export_run(run, out, weights)
     if as_json:
         typer.echo(json.dumps(summary))
@@ -508,9 +310,9 @@ def export(
     console.note(f"exported {summary['checkpoint']} (step {summary['step']}, {what}) to {summary['out']}")
 
 
-@app.command("eval-fid", cls=_Command)
+@app.command("eval-fid", cls=Command)
 def eval_fid(
-    checkpoint: Path = _checkpoint_argument(),
+    checkpoint: Path = checkpoint_argument(),
     inception_weights: Path = typer.Option(..., help="pytorch-fid's Inception-v3 weights file, pt_inception-2015-12-05-6726825d.pth (never downloaded)."),
     npz: Optional[Path] = typer.Option(None, help="Samples to score: uint8 (N, H, W, C) under arr_0 (imagetx sample --npz); default: draw --num."),
     num: int = typer.Option(1000, "--num", "-n", help="Samples to draw when no --npz is given."),
@@ -523,11 +325,11 @@ def eval_fid(
     batch_size: int = typer.Option(50, help="Images per Inception forward pass."),
     sample_batch_size: int = typer.Option(64, help="Images decoded together when drawing the samples (per process)."),
     dims: int = typer.Option(2048, help="Inception features: 2048 (standard FID), or 768, 192, 64 for quick relative checks."),
-    device: str = _device_option(),
+    device: str = device_option(),
     cache_dir: Optional[Path] = typer.Option(None, help="Where reference statistics are cached (default ~/.cache/imagetx/fid)."),
-    decode: str = _decode_option(),
-    window: int = _window_option(),
-    weights: str = _weights_option(),
+    decode: str = decode_option(),
+    window: int = window_option(),
+    weights: str = weights_option(),
     as_json: bool = typer.Option(False, "--json", help='Print {"fid", "samples", "reference_images", "dataset", "split", ...} as JSON.'),
 ) -> None:
     """Frechet Inception Distance between samples and a data set split, with the standard
@@ -546,8 +348,8 @@ def eval_fid(
         sample_batch_size=sample_batch_size, dims=dims, device=device, cache_dir=cache_dir, weights=weights,
         decode=decode, window=window,
     )
-    with _expected_failures():
-        _check_outputs(dirs=[("--cache-dir", cache_dir)])
+    with expected_failures():
+        check_outputs(dirs=[("--cache-dir", cache_dir)])
         result = run(req)
     if result is None:  # under torchrun the main process scores and reports
         return
@@ -557,59 +359,3 @@ def eval_fid(
     typer.echo(f"FID {result['fid']:.3f}")
     console.note(f"{result['samples']} samples against {result['reference_images']} images of {result['dataset']} "
                  f"({result['split']}){'; reference statistics from the cache' if result['cached'] else ''}")
-
-
-_COMPUTE_COMMANDS = {"train", "eval-bpd", "sample", "superres", "eval-fid"}
-
-
-def _import_torch_deferring_ctrl_c() -> None:
-    """Import torch (and numpy through it) with SIGINT held back until the import is done.
-
-    torch's start-up imports numpy from C++ and treats any failure as "numpy unavailable", clearing
-    the error: a Ctrl-C that lands there is lost and the command runs on (a training run then goes
-    on for its whole length). Elsewhere in the import a Ctrl-C can abort the process from inside a
-    pybind11 callback, or leave a half-imported extension that fails as "cannot load module more
-    than once". Held back, it is delivered as soon as the import ends: one `error: interrupted`
-    line and exit 130, as at any later moment."""
-    posix = hasattr(signal, "pthread_sigmask")  # elsewhere there is nothing to hold back
-    held = signal.pthread_sigmask(signal.SIG_BLOCK, {signal.SIGINT}) if posix else None
-    try:
-        importlib.import_module("torch")
-    finally:
-        if posix:
-            signal.pthread_sigmask(signal.SIG_SETMASK, held)
-
-if signal.getsignal(signal.SIGINT) is _interrupted_while_starting:  # the module is imported: main() takes over
-    signal.signal(signal.SIGINT, _sigint_before)
-
-
-def main() -> None:
-    """The console script: the compute commands first restart once with tcmalloc or jemalloc
-    preloaded when one is installed (see imagetx.system.allocator; IMAGETX_ALLOCATOR=system to keep malloc)."""
-    # library warnings (a skipped file in a data set, an outdated checkpoint) are one line on
-    # stderr, like every other diagnostic
-    warnings.showwarning = lambda message, *args, **kwargs: console.warn(str(message))
-    try:
-        if len(sys.argv) > 1 and sys.argv[1] in _COMPUTE_COMMANDS:
-            from imagetx.system.allocator import restart_with_fast_allocator
-
-            restart_with_fast_allocator()
-            _import_torch_deferring_ctrl_c()
-        code = app(standalone_mode=False, prog_name="imagetx")
-    except _ClickException as exc:  # Typer's own usage errors, in the same one-line form as ours
-        if isinstance(exc, _NoArgsIsHelp):
-            typer.echo(exc.format_message())
-        else:
-            command = " ".join(a for a in sys.argv[1:2] if not a.startswith("-"))
-            console.error(f"{exc.format_message()} (see: imagetx {command + ' ' if command else ''}--help)")
-        sys.exit(exc.exit_code)
-    except (KeyboardInterrupt, typer.Abort):  # Ctrl-C while Python, torch or the command starts up
-        console.error("interrupted")
-        sys.exit(130)
-    if code == 130 and not _Command.ran:  # Ctrl-C while the arguments were parsed: Typer's silent 130
-        console.error("interrupted")
-    sys.exit(code if isinstance(code, int) else 0)
-
-
-if __name__ == "__main__":
-    main()
