@@ -5,7 +5,7 @@ from hypothesis import strategies as st
 from torch import nn
 
 from imagetx.model import reference_mode
-from imagetx.model import kernels
+from imagetx.model import local1d
 from imagetx.model.attention import window_bias
 from imagetx.model.kernels import decode_attention, keep_mask
 from imagetx.model.layers import FeedForward, dropout, residual_dropout_layer_norm
@@ -129,19 +129,19 @@ def test_bf16_local1d_matmul_attention_is_as_close_as_the_flash_split(images, bl
     qkv = torch.randn(images, L, 3 * heads * head_dim, generator=g)
     grad = torch.randn(images, L, heads * head_dim, generator=g)
     x64 = qkv.double().requires_grad_()
-    o64 = kernels._Local1DFlash.apply(x64, heads, block)
+    o64 = local1d._Local1DFlash.apply(x64, heads, block)
     (g64,) = torch.autograd.grad(o64, x64, grad.double())
     o64 = o64.detach()
     errors = {}
     mask = _window_mask(heads, block, blocks, torch.bfloat16)
-    for fn in (kernels._Local1DFlash, kernels._Local1DMatmul):
+    for fn in (local1d._Local1DFlash, local1d._Local1DMatmul):
         x = qkv.bfloat16().requires_grad_()
-        o = fn.apply(x, heads, block) if fn is kernels._Local1DFlash else fn.apply(x, heads, block, mask)
+        o = fn.apply(x, heads, block) if fn is local1d._Local1DFlash else fn.apply(x, heads, block, mask)
         (gx,) = torch.autograd.grad(o, x, grad.bfloat16())
         assert o.dtype == gx.dtype == torch.bfloat16
         o, gx = o.detach().double(), gx.double()
         errors[fn] = (float((o - o64).abs().max()), float((gx - g64).abs().max()) / float(g64.abs().max()))
-    (flash_o, flash_g), (mm_o, mm_g) = errors[kernels._Local1DFlash], errors[kernels._Local1DMatmul]
+    (flash_o, flash_g), (mm_o, mm_g) = errors[local1d._Local1DFlash], errors[local1d._Local1DMatmul]
     assert mm_o <= 2 * flash_o + 0.02 and mm_g <= 2 * flash_g + 0.02, errors
 
 
@@ -183,7 +183,7 @@ def test_local1d_matmul_attention_with_a_bias_equals_the_windows_written_out(ima
     g64 = torch.autograd.grad(o64, (x64, b64), grad.double())
     dtype = torch.bfloat16 if bf16 else torch.float32
     x, b = qkv.to(dtype).requires_grad_(), bias.to(dtype).requires_grad_()
-    o = kernels._Local1DMatmul.apply(x, heads, block, _window_mask(heads, block, blocks, dtype), b)
+    o = local1d._Local1DMatmul.apply(x, heads, block, _window_mask(heads, block, blocks, dtype), b)
     gx = torch.autograd.grad(o, (x, b), grad.to(dtype))
     o = o.detach()
     assert o.dtype == dtype and all(t.dtype == dtype for t in gx)
@@ -217,8 +217,8 @@ def test_local1d_matmul_attention_never_reads_a_later_position(images, blocks, b
                                    torch.randn(bias.shape, generator=g).to(dtype))
     x = qkv.clone().requires_grad_()
     mask = _window_mask(heads, block, blocks, dtype)
-    out = kernels._Local1DMatmul.apply(x, heads, block, mask, bias)
-    assert torch.equal(out[:, :t], kernels._Local1DMatmul.apply(later, heads, block, mask, later_bias)[:, :t])
+    out = local1d._Local1DMatmul.apply(x, heads, block, mask, bias)
+    assert torch.equal(out[:, :t], local1d._Local1DMatmul.apply(later, heads, block, mask, later_bias)[:, :t])
     grad = torch.zeros_like(out)
     grad[:, :t] = torch.randn(images, t, heads * head_dim, generator=g).to(dtype)
     (gx,) = torch.autograd.grad(out, x, grad)

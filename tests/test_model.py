@@ -243,15 +243,15 @@ def test_local1d_attention_layer_equals_dense_reference(batch, image_size, block
 def test_local1d_without_the_private_flash_operators_takes_the_windowed_path(monkeypatch, missing):
     """A torch without the private CPU flash operators: local 1D falls back to the windows-and-mask
     path, which still equals the reference."""
-    from imagetx.model import kernels
+    from imagetx.model import local1d
 
     torch.manual_seed(3)
     cfg = tiny("local1d", image_size=(5, 5), block_length=16, dropout=0.0)
     model = ImageTransformer(cfg)
     x, _, _ = inputs(cfg)
-    monkeypatch.setattr(kernels, missing, None)
-    monkeypatch.setattr(kernels, "local1d_flash", None)  # raises if the model still tried it
-    assert not kernels.local1d_flash_applies(torch.zeros(1, 1, 3 * cfg.attn_dim), 0.0)
+    monkeypatch.setattr(local1d, missing, None)
+    monkeypatch.setattr(local1d, "attend", None)  # raises if the model still tried it
+    assert not local1d.applies(torch.zeros(1, 1, 3 * cfg.attn_dim), 0.0)
     check_fast_equals_dense(model, x)
 
 

@@ -3,8 +3,9 @@
 Each pattern has a fast path (blocked: every query block attends to a fixed window of keys,
 so cost grows linearly with the image) and the dense reference (one (Lp, Lp) boolean mask built
 from the definitions, see layout.dense_mask), which the tests hold the fast paths to and which
-`reference_mode()` (model/kernels.py) runs. Local 1D on CPU in float32 takes a third path, the
-flash split of kernels.local1d_flash; elsewhere the key windows and an additive mask (_blocked).
+`reference_mode()` (model/kernels.py) runs. Local 1D on CPU takes a third path (model/local1d.py:
+the flash split in float32, block matmuls in bfloat16); elsewhere the key windows and an additive
+mask (_blocked).
 
 Decoding one position at a time, each layer's attention reads and extends a key/value cache
 (model/cache.py) that holds only what its pattern can see.
@@ -14,7 +15,7 @@ queries and keys at their positions before anything else sees them (the keys bef
 cache); "logits" adds its relative logits to the additive mask of every path (the windows' mask,
 a causal mask for full attention, the dense reference's mask, each cache's slice of keys); on
 the CPU fast path of local 1D, whose flash kernels take no mask, attention runs as
-kernels._Local1DMatmul with the logits as its bias, in either dtype.
+local1d._Local1DMatmul with the logits as its bias, in either dtype.
 """
 
 from __future__ import annotations
@@ -23,7 +24,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from imagetx.model import kernels
+from imagetx.model import kernels, local1d
 from imagetx.model.cache import FullCache, Local1DCache, Local2DCache, MemoryCache, Position
 from imagetx.model.config import ModelConfig
 from imagetx.model.layout import Layout
@@ -161,11 +162,11 @@ class Attention(nn.Module):
             o = _sdpa(q, kv.k, kv.v, dropout=p) if cache is None else kernels.decode_attention(q, kv.k, kv.v)
         else:
             qkv = self.qkv(x)
-            if cache is None and self.kind == "local1d" and kernels.local1d_flash_applies(qkv, p):
+            if cache is None and self.kind == "local1d" and local1d.applies(qkv, p):
                 if self.relative == "rotary":
                     qkv = kernels.rotate_qkv(qkv, self.positions.cos, self.positions.sin, self.n_heads)
                 bias_fn = self._window_logits if self.relative == "logits" else None
-                return self.out(kernels.local1d_flash(qkv, self.n_heads, self.layout.block, bias, bias_fn))
+                return self.out(local1d.attend(qkv, self.n_heads, self.layout.block, bias, bias_fn))
             rotary = self.relative == "rotary"  # keys at their own position, before any cache
             pos = self.positions
             if rotary and cache is not None and kernels.enabled():  # one decoding step: fewest operations
