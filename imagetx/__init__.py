@@ -14,7 +14,7 @@ __version__ = "0.1.1"
 # script installs its error boundary (imagetx.cli) before anything slow is imported, and a Ctrl-C
 # during start-up is one line, not a traceback.
 _HOMES = {"ConfigError": "imagetx.errors", "ModelConfig": "imagetx.model.config",
-          "ImageTransformer": "imagetx.model.transformer", "load_model": "imagetx.storage.checkpoint"}
+          "ImageTransformer": "imagetx.model.transformer", "load_model": "imagetx.storage.weights"}
 
 
 def __getattr__(name: str):

@@ -312,7 +312,7 @@ def test_leading_dims_and_low_precision_params():
 
 @pytest.mark.parametrize("temperature", [1.0, 0.6, 2.5])
 def test_gumbel_max_draws_the_tempered_softmax_and_never_a_restricted_value(temperature):
-    from imagetx.model.dmol import restrict, sample_softmax
+    from imagetx.model.sampling import restrict, sample_softmax
 
     n = 40000
     log_p = torch.log_softmax(3.0 * torch.randn(256, generator=torch.Generator().manual_seed(9)), -1)
@@ -331,7 +331,7 @@ def test_gumbel_max_draws_the_tempered_softmax_and_never_a_restricted_value(temp
 def test_restrict_leaves_an_empty_range_to_its_caller_without_reading_it():
     from torch._subclasses.fake_tensor import FakeTensorMode
 
-    from imagetx.model.dmol import restrict
+    from imagetx.model.sampling import restrict
 
     out = restrict(torch.zeros(2, 256), torch.tensor([3, 9]), torch.tensor([5, 8]))  # the second is empty
     assert torch.isfinite(out[0]).sum() == 3 and torch.isinf(out[1]).all()

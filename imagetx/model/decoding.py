@@ -13,7 +13,7 @@ import copy
 import torch
 from torch import nn
 
-from imagetx.model import consistency, dmol, kernels, native, noise
+from imagetx.model import consistency, dmol, kernels, native, noise, sampling
 from imagetx.model.cache import Position
 
 
@@ -124,11 +124,11 @@ def draw(out: torch.Tensor, config, temperature: float, gumbel=None, bounds=None
     gumbel: float32 (B, 1, 256) (categorical) or (B, C, 256) (DMOL), the position's own standard
     Gumbel noise (noise.value_gumbel at its step); not needed at temperature 0. The value is a
     deterministic function of out and gumbel. bounds: optional (lo, hi) of the value(s)' shape:
-    draw from the distribution restricted to [lo, hi] and renormalised (see dmol.restrict)."""
+    draw from the distribution restricted to [lo, hi] and renormalised (see sampling.restrict)."""
     if config.output == "dmol":
         return dmol.dmol_sample(out.float(), config.channels, config.num_mixtures, temperature, gumbel, bounds)
-    log_p = out.float() if bounds is None else dmol.restrict(out.float(), *bounds)
-    return dmol.sample_softmax(log_p, temperature, None if gumbel is None else gumbel[:, 0])
+    log_p = out.float() if bounds is None else sampling.restrict(out.float(), *bounds)
+    return sampling.sample_softmax(log_p, temperature, None if gumbel is None else gumbel[:, 0])
 
 
 # Gumbel noise is made for this many values at a time (several steps at once: fewer kernel
@@ -192,7 +192,7 @@ def generate(
     only primed values can do that (a drawn value is always inside its range, and a range is
     never empty while the values before it were in theirs), so without a prime nothing is read."""
     cfg = model.config
-    dmol.check_temperature(temperature)
+    sampling.check_temperature(temperature)
     problems = decode_problems(decode, window) + ([] if first_guess in GUESSES else [f"first_guess must be one of {GUESSES}"])
     if problems:
         raise ValueError("; ".join(problems))

@@ -66,3 +66,10 @@ def residual_dropout_layer_norm(x, f, norm: nn.LayerNorm, p: float, training: bo
         # inference, the reference, or autocast on a device with its own dtype handling
         return norm(x + dropout(f, p, training=p > 0))
     return kernels.residual_dropout_layer_norm(x, f, norm.weight, norm.bias, p, norm.eps)
+
+
+def embedding(rows: int, d: int) -> nn.Embedding:
+    """A lookup table of rows vectors of size d, initialised N(0, 1/d) (scaled by sqrt(d) where used)."""
+    emb = nn.Embedding(rows, d)
+    nn.init.normal_(emb.weight, std=d**-0.5)
+    return emb

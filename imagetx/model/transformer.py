@@ -1,4 +1,5 @@
-"""The Image Transformer: the layer, the super-resolution encoder, the model and its likelihood."""
+"""The Image Transformer: embeddings, the layers (model/block.py), the output head and its
+likelihood; what it is conditioned on is in model/conditioning.py, decoding in model/decoding.py."""
 
 from __future__ import annotations
 
@@ -9,94 +10,15 @@ import torch.nn.functional as F
 from torch import nn
 from torch.utils.checkpoint import checkpoint
 
-from imagetx.model import consistency, dmol, kernels
-from imagetx.model.attention import Attention, window_bias
+from imagetx.model import consistency, dmol, kernels, sampling
+from imagetx.model.attention import window_bias
+from imagetx.model.block import Block
+from imagetx.model.conditioning import SourceEncoder, check_inputs, source_skip_tables
 from imagetx.model.config import ModelConfig
-from imagetx.model.layers import Dropout, FeedForward, residual_dropout_layer_norm
-from imagetx.model.layout import Layout, make_layout
+from imagetx.model.layers import Dropout, embedding
+from imagetx.model.layout import make_layout
 from imagetx.model.position import PositionEncoding2D
 from imagetx.model.relative import RelativePositions
-
-
-class Block(nn.Module):
-    """One layer: (masked) self-attention, optional cross-attention to the encoder, then the FFN.
-
-    Post-LN as published (sublayer -> dropout -> add -> LayerNorm) or pre-LN.
-    """
-
-    def __init__(self, config: ModelConfig, kind: str, layout: Layout | None = None, cross: bool = False,
-                 positions: RelativePositions | None = None):
-        super().__init__()
-        d = config.d_model
-        self.pre_norm = config.norm == "pre"
-        self.attn = Attention(config, kind, layout, positions)
-        self.cross = Attention(config, "cross") if cross else None
-        self.ffn = FeedForward(d, config.d_ff)
-        self.norm_attn = nn.LayerNorm(d)
-        self.norm_cross = nn.LayerNorm(d) if cross else None
-        self.norm_ffn = nn.LayerNorm(d)
-        self.drop = Dropout(config.dropout)
-
-    def residual(self, x, fn, norm):
-        if self.pre_norm:
-            return x + self.drop(fn(norm(x)))
-        return residual_dropout_layer_norm(x, fn(x), norm, self.drop.p, self.training)
-
-    def forward(self, x: torch.Tensor, memory=None, bias=None, cache=None) -> torch.Tensor:
-        """x float (B, L, d) -> (B, L, d); memory, bias: see Attention.forward. cache: decoding
-        one position, (self-attention cache, cross-attention MemoryCache or None), see
-        Block.make_cache."""
-        self_cache, cross_cache = cache if cache is not None else (None, None)
-        x = self.residual(x, lambda t: self.attn(t, bias=bias, cache=self_cache), self.norm_attn)
-        if self.cross is not None:
-            x = self.residual(x, lambda t: self.cross(t, memory, cache=cross_cache), self.norm_cross)
-        return self.residual(x, self.ffn, self.norm_ffn)
-
-    def make_cache(self, batch: int, like, position, memory=None, visibility=None, window: int = 1) -> tuple:
-        """The caches that decode `batch` images one position at a time through forward()
-        (window: positions per pass of parallel decoding, see Attention.make_cache)."""
-        cross = self.cross.memory_cache(memory) if self.cross is not None else None
-        return self.attn.make_cache(batch, like, position, visibility, window), cross
-
-
-def _readable(t: torch.Tensor) -> bool:
-    """Whether check_inputs reads t's values: non-empty, on the CPU, and not while compiling
-    (a read there is a graph break; on a GPU a host sync)."""
-    return t.numel() > 0 and t.device.type == "cpu" and not torch.compiler.is_compiling()
-
-
-def _embedding(rows: int, d: int) -> nn.Embedding:
-    emb = nn.Embedding(rows, d)
-    nn.init.normal_(emb.weight, std=d**-0.5)
-    return emb
-
-
-class SourceEncoder(nn.Module):
-    """Encoder of the super-resolution model: the low-res image's sub-pixels, embedded like the
-    decoder's ("cat": one table row per (channel, value)), 2D position encodings, full
-    bidirectional self-attention."""
-
-    def __init__(self, config: ModelConfig):
-        super().__init__()
-        h, w = config.source_size
-        C, d = config.channels, config.d_model
-        self.scale = math.sqrt(d)
-        self.embed = _embedding(256 * C, d)
-        cols = w * C
-        idx = torch.arange(h * cols)
-        self.pos = PositionEncoding2D(config.positional, d, idx // cols, idx % cols)
-        self.register_buffer("channel_offset", (idx % C) * 256, persistent=False)
-        self.drop = Dropout(config.dropout)
-        self.blocks = nn.ModuleList(Block(config, "bidirectional") for _ in range(config.encoder_layers))
-        self.final_norm = nn.LayerNorm(d) if config.norm == "pre" else nn.Identity()
-
-    def forward(self, source: torch.Tensor) -> torch.Tensor:
-        """source uint8/long (B, h, w, C) -> float (B, h*w*C, d)."""
-        tokens = source.reshape(source.shape[0], -1).long() + self.channel_offset
-        x = self.drop(self.embed(tokens) * self.scale + self.pos())
-        for block in self.blocks:
-            x = block(x)
-        return self.final_norm(x)
 
 
 class ImageTransformer(nn.Module):
@@ -123,7 +45,7 @@ class ImageTransformer(nn.Module):
             # the input at generation step k is sub-pixel order[k-1]: embed it with its channel's rows
             offset = (order % C) * 256
             self.register_buffer("input_offset", offset[:-1], persistent=False)
-            self.embed = _embedding(256 * C, d)
+            self.embed = embedding(256 * C, d)
             self.head = nn.Linear(d, 256)
         else:
             self.embed = nn.Linear(C, d, bias=False)  # = a 1x3 stride-3 convolution over the pixel
@@ -132,17 +54,21 @@ class ImageTransformer(nn.Module):
         self.pos = None if config.positional == "none" else PositionEncoding2D(config.positional, d, layout.row_of, layout.col_of)
         # model.relative: the static part, shared by the decoder layers' self-attention
         self.relative = RelativePositions(config, layout) if config.relative != "none" else None
-        self.class_embed = _embedding(config.num_classes, d) if config.num_classes else None
+        self.class_embed = embedding(config.num_classes, d) if config.num_classes else None
         self.encoder = SourceEncoder(config) if config.source_size is not None else None
         self.source_embed = None
-        if config.source_skip:
-            self._init_source_skip(config)
+        if config.source_skip:  # the low-res value covering each internal position, embedded like the inputs
+            index, offset = source_skip_tables(config, layout)
+            self.register_buffer("source_index", index, persistent=False)
+            if offset is not None:
+                self.register_buffer("source_offset", offset, persistent=False)
+            self.source_embed = embedding(256 * C, d) if config.output == "categorical" else nn.Linear(C, d, bias=False)
         self.cells = None
         if config.consistent:  # where each sub-pixel comes in its low-res cell (model.consistent)
             self.cells = consistency.CellOrder(config.image_size, config.source_size, C, order)
         self.range_embed = None
         if config.range_input:  # one block of 256 rows each for lo, hi and the mean still needed
-            self.range_embed = _embedding(3 * 256, d)
+            self.range_embed = embedding(3 * 256, d)
             self.register_buffer("range_offset", torch.arange(3) * 256, persistent=False)
         cross = self.encoder is not None
         self.drop = Dropout(config.dropout)
@@ -159,78 +85,15 @@ class ImageTransformer(nn.Module):
         if layout.kind == "local2d":  # where the decoding caches gather each block's keys from
             self.register_buffer("visibility", torch.tensor(layout.visibility), persistent=False)
 
-    def _init_source_skip(self, config: ModelConfig) -> None:
-        """The low-res value covering each internal position: its source sub-pixel (categorical,
-        embedded like the inputs) or source pixel (DMOL, a linear map of its channels)."""
-        (H, W), (h, w), C = config.image_size, config.source_size, config.channels
-        per = config.tokens_per_pixel
-        row = self.layout.row_of.clamp(max=H - 1)  # padded 2D positions: any valid index will do
-        col = (self.layout.col_of // per).clamp(max=W - 1)
-        pixel = (row * h // H) * w + col * w // W  # (Lp,) source pixel
-        if config.output == "categorical":
-            channel = self.layout.col_of % C
-            self.register_buffer("source_index", pixel * C + channel, persistent=False)
-            self.register_buffer("source_offset", channel * 256, persistent=False)
-            self.source_embed = _embedding(256 * C, config.d_model)
-        else:
-            self.register_buffer("source_index", pixel, persistent=False)
-            self.source_embed = nn.Linear(C, config.d_model, bias=False)
-
     # ---- helpers ----------------------------------------------------------------------------
     def set_activation_checkpointing(self, enabled: bool = True) -> None:
         """Recompute each layer's activations in the backward pass (less memory, ~30% more time)."""
         self.activation_checkpointing = bool(enabled)
 
     def check_inputs(self, x=None, labels=None, source=None, batch: int | None = None) -> None:
-        """Raise ValueError naming the problem for inputs the model cannot take.
-
-        Shapes and dtypes always; values only of tensors on the CPU, where reading them back is
-        no device sync (and never while compiling): a training or evaluation step on a GPU reads
-        nothing back. Batches reach the GPU from CPU data (the data sets' uint8 images and
-        labels), so what would be read there was checked before it moved."""
-        cfg = self.config
-        H, W = cfg.image_size
-        if x is not None:
-            if x.dim() != 4 or tuple(x.shape[1:]) != (H, W, cfg.channels):
-                raise ValueError(
-                    f"expected images of shape (B, {H}, {W}, {cfg.channels}) (B, H, W, C), "
-                    f"got {tuple(x.shape)}"
-                )
-            if x.dtype.is_floating_point or x.dtype == torch.bool:
-                raise ValueError(f"images must be an integer tensor in [0, 255], got dtype {x.dtype}")
-            if _readable(x) and (int(x.min()) < 0 or int(x.max()) > 255):
-                raise ValueError(
-                    f"image values must be in [0, 255], got [{int(x.min())}, {int(x.max())}]"
-                )
-            batch = x.shape[0]
-        if cfg.num_classes:
-            if labels is None:
-                raise ValueError(f"this model is class-conditional: pass labels in [0, {cfg.num_classes - 1}]")
-            if labels.dim() != 1 or (batch is not None and labels.shape[0] != batch):
-                raise ValueError(f"labels must have shape ({batch},), got {tuple(labels.shape)}")
-            if _readable(labels) and (int(labels.min()) < 0 or int(labels.max()) >= cfg.num_classes):
-                raise ValueError(
-                    f"labels must be in [0, {cfg.num_classes - 1}], "
-                    f"got [{int(labels.min())}, {int(labels.max())}]"
-                )
-        elif labels is not None:
-            raise ValueError("this model is unconditional (num_classes = 0): do not pass labels")
-        if cfg.source_size is not None:
-            h, w = cfg.source_size
-            if source is None:
-                raise ValueError(f"this is a super-resolution model: pass a source image (B, {h}, {w}, {cfg.channels})")
-            if source.dim() != 4 or tuple(source.shape[1:]) != (h, w, cfg.channels):
-                raise ValueError(
-                    f"expected source images of shape (B, {h}, {w}, {cfg.channels}), got {tuple(source.shape)}"
-                )
-            if batch is not None and source.shape[0] != batch:
-                raise ValueError(f"source batch size {source.shape[0]} does not match {batch}")
-            if source.dtype.is_floating_point or (
-                _readable(source) and (int(source.min()) < 0 or int(source.max()) > 255)
-            ):
-                raise ValueError("source images must be integers in [0, 255]")
-        elif source is not None:
-            raise ValueError("this model has no encoder (source_size unset): do not pass a source")
+        """Raise ValueError naming the problem for inputs the model cannot take (see
+        conditioning.check_inputs)."""
+        check_inputs(self.config, x, labels, source, batch)
 
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The local patterns' additive mask in dtype, shared by all layers: a buffer built once
@@ -348,7 +211,7 @@ class ImageTransformer(nn.Module):
         that keep each image consistent with its source given the prefix of x, renormalised."""
         if self.config.consistent:
             lo, hi = self.cells.bounds(x, source)  # (B, H, W, C)
-            out = dmol.restrict(out.reshape(-1, 256), lo.reshape(-1), hi.reshape(-1)).view(out.shape)
+            out = sampling.restrict(out.reshape(-1, 256), lo.reshape(-1), hi.reshape(-1)).view(out.shape)
         return torch.log_softmax(out.float(), dim=-1)
 
     def nll_from_output(self, out: torch.Tensor, x: torch.Tensor, source=None) -> torch.Tensor:
