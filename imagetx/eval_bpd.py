@@ -17,10 +17,8 @@ import torch
 from torch.utils.data import Dataset
 
 from imagetx import console
-from imagetx.storage.checkpoint import (
-    describe_weights, load_checkpoint, model_from_checkpoint, resolve_checkpoint, unwrap_model, weights_key,
-    weights_problems,
-)
+from imagetx.storage.checkpoint import load_checkpoint, resolve_checkpoint, unwrap_model
+from imagetx.storage.weights import describe_weights, model_from_checkpoint, weights_key, weights_problems
 from imagetx.config import data_config_from_checkpoint
 from imagetx.data.batches import batches, check_compatible, dataset_for, describe, unpack
 from imagetx.errors import ConfigError, RunError
@@ -170,7 +168,7 @@ class EvalConfig:
     progress: bool = True  # a progress bar on stderr
     precision: str = "fp32"  # "fp32" (exact), "bf16" (approximate, faster) or "auto" (bf16 where native)
     source_model: str | os.PathLike | None = None  # super-resolution: a model of the inputs (chain-rule total)
-    weights: str = "auto"  # "auto" (the moving average when the run kept one), "ema" or "trained" (checkpoint.weights_key)
+    weights: str = "auto"  # "auto" (the moving average when the run kept one), "ema" or "trained" (storage.weights.weights_key)
 
     def problems(self) -> list[str]:
         p: list[str] = []

@@ -148,13 +148,13 @@ class FidConfig:
     device: str = "auto"
     cache_dir: str | os.PathLike | None = None  # default: $XDG_CACHE_HOME/imagetx/fid or ~/.cache/imagetx/fid
     progress: bool = True
-    weights: str = "auto"  # the checkpoint's weights that draw the samples (checkpoint.weights_key)
+    weights: str = "auto"  # the checkpoint's weights that draw the samples (storage.weights.weights_key)
     decode: str = "auto"  # how the samples are drawn: "sequential", "parallel" or "auto" (the same samples)
     window: int = 16  # positions per pass of parallel decoding (decoding.DEFAULT_WINDOW)
 
     def problems(self) -> list[str]:
         from imagetx.model.decoding import decode_problems
-        from imagetx.storage.checkpoint import weights_problems
+        from imagetx.storage.weights import weights_problems
 
         p = count_problems(self.num, "--num") + count_problems(self.batch_size, "--batch-size") + weights_problems(self.weights)
         p += count_problems(self.sample_batch_size, "--sample-batch-size")
@@ -207,7 +207,8 @@ def run(req: FidConfig) -> dict | None:
 
 
 def _run(req: FidConfig, ctx) -> dict | None:
-    from imagetx.storage.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint
+    from imagetx.storage.checkpoint import load_checkpoint, resolve_checkpoint
+    from imagetx.storage.weights import model_from_checkpoint
     from imagetx.config import data_config_from_checkpoint
 
     device = ctx.device

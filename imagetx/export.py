@@ -23,7 +23,8 @@ from pathlib import Path
 
 from imagetx.config import stored_config
 from imagetx.errors import RunError
-from imagetx.storage.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint, weights_key
+from imagetx.storage.checkpoint import load_checkpoint, resolve_checkpoint
+from imagetx.storage.weights import model_from_checkpoint, weights_key
 from imagetx.storage.export_format import CARD, CONFIG, EXPORT_FORMAT, EXPORT_VERSION, GRID, WEIGHTS, model_kind
 from imagetx.system.atomic import remove_stale_temporaries
 from imagetx.system.paths import file_sha256
@@ -58,7 +59,7 @@ def newest_grid(run_dir: Path, step: int) -> Path | None:
 def export(run: str | os.PathLike, out: str | os.PathLike, weights: str = "auto") -> dict:
     """Export a run (its newest checkpoint) or a checkpoint file to the folder `out`, which must
     not exist or be empty -> {"out", "checkpoint", "step", "files", "held_out", "weights"}. The
-    weights are the ones `weights` names (checkpoint.weights_key: by default the moving average
+    weights are the ones `weights` names (storage.weights.weights_key: by default the moving average
     when the run kept one); config.json says which. Raises
     CheckpointError for an unusable checkpoint, RunError for a target that holds files or cannot
     be written."""

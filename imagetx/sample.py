@@ -10,7 +10,7 @@ from pathlib import Path
 import torch
 
 from imagetx import console
-from imagetx.storage.checkpoint import load_model, weights_problems
+from imagetx.storage.weights import load_model, weights_problems
 from imagetx.checks import (count_problems, label_problems, memory_problems, output_dir_problems,
                             output_file_problems, seed_problems, temperature_problems)
 from imagetx.system.distributed import Dist, device_problems, distributed, gather_shards, shard
@@ -41,7 +41,7 @@ class SampleConfig:
     use_cache: bool = True
     progress: bool = True
     precision: str = "auto"  # "auto" (bf16 where the hardware has it natively), "fp32" or "bf16"
-    weights: str = "auto"  # "auto" (the moving average when the run kept one), "ema" or "trained" (checkpoint.weights_key)
+    weights: str = "auto"  # "auto" (the moving average when the run kept one), "ema" or "trained" (storage.weights.weights_key)
     decode: str = "auto"  # "sequential", "parallel" or "auto" (model/decoding.py: the same images in each)
     window: int = DEFAULT_WINDOW  # positions per pass of parallel decoding
 

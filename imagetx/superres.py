@@ -28,7 +28,8 @@ from PIL import Image
 from imagetx import console
 from imagetx.system.atomic import atomic_write
 from imagetx.config import stored_config
-from imagetx.storage.checkpoint import load_checkpoint, model_from_checkpoint, resolve_checkpoint, weights_problems
+from imagetx.storage.checkpoint import load_checkpoint, resolve_checkpoint
+from imagetx.storage.weights import model_from_checkpoint, weights_problems
 from imagetx.checks import (count_problems, label_problems, memory_problems, output_dir_problems, seed_problems,
                             temperature_problems)
 from imagetx.system.distributed import Dist, device_problems, distributed, gather_shards, ranks, shard
@@ -62,7 +63,7 @@ class SuperResConfig:
     progress: bool = True
     precision: str = "auto"  # sampling: "auto" (bf16 where native), "fp32" or "bf16"; the report's bits/dim stay fp32
     consistent: bool = False  # every sample area-downsamples exactly to its input (AreaConsistency)
-    weights: str = "auto"  # "auto" (the moving average when the run kept one), "ema" or "trained" (checkpoint.weights_key)
+    weights: str = "auto"  # "auto" (the moving average when the run kept one), "ema" or "trained" (storage.weights.weights_key)
     decode: str = "auto"  # "sequential", "parallel" or "auto" (model/decoding.py: the same samples in each)
     window: int = DEFAULT_WINDOW  # positions per pass of parallel decoding
 

@@ -8,16 +8,10 @@ import pytest
 import torch
 
 from imagetx.storage.checkpoint import (
-    atomic_write,
-    latest_checkpoint,
-    list_checkpoints,
-    load_checkpoint,
-    load_model,
-    make_checkpoint,
-    rng_state,
-    save_checkpoint,
+    atomic_write, latest_checkpoint, list_checkpoints, load_checkpoint, make_checkpoint, rng_state, save_checkpoint,
     set_rng_state,
 )
+from imagetx.storage.weights import load_model
 from imagetx.config import RunConfig, load_config
 from imagetx.errors import CheckpointError
 from imagetx.model.transformer import ImageTransformer

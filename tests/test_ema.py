@@ -16,7 +16,8 @@ from imagetx import train
 from imagetx.cli import app
 from imagetx.config import load_config
 from imagetx.errors import CheckpointError, ConfigError
-from imagetx.storage.checkpoint import latest_checkpoint, load_checkpoint, load_model
+from imagetx.storage.checkpoint import latest_checkpoint, load_checkpoint
+from imagetx.storage.weights import load_model
 from imagetx.training.optim import WeightAverage, ema_decay
 
 TINY = [

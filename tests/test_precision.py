@@ -21,7 +21,7 @@ from imagetx.config import load_config
 from imagetx.data.batches import dataset_for
 from imagetx.eval_bpd import evaluate_bpd
 from imagetx.model.decoding import for_decoding, teacher_forced_outputs
-from imagetx.storage.checkpoint import load_model
+from imagetx.storage.weights import load_model
 from imagetx.system import precision
 from imagetx.system.cpu import bf16_features
 from helpers import TINY_MODEL

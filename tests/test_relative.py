@@ -20,7 +20,8 @@ from imagetx.cli import app
 from imagetx.config import load_config
 from imagetx.errors import ConfigError
 from imagetx.model.relative import RelativeLogits, attention_logits, offsets
-from imagetx.storage.checkpoint import latest_checkpoint, load_model
+from imagetx.storage.checkpoint import latest_checkpoint
+from imagetx.storage.weights import load_model
 from helpers import TINY_MODEL
 
 
