@@ -13,7 +13,7 @@
 #     imagetx.training.compiling.toolchain_problems). If not, the stages run without torch.compile and the
 #     JSON says `"compile": "skipped: ..."` with the reason.
 # Then three stages:
-#   1. the tests marked `cuda` (tests/test_devices.py): every attention pattern's fast path against
+#   1. the tests marked `cuda` (tests/system/test_devices.py): every attention pattern's fast path against
 #      a float64 dense reference on CUDA (outputs and gradients), the cache against the full pass,
 #      bf16 autocast steps that lower the loss, torch.compile steps against eager, `imagetx train`
 #      from the command line, eval-bpd on CUDA against CPU, and with two or more GPUs torchrun
@@ -191,7 +191,7 @@ fi
 # torch.compile itself cannot pass (`imagetx train` falls back to eager and still runs)
 [ "$gpus" -lt 2 ] && tests_k="not nccl"
 [ "$compile" = off ] && tests_k="${tests_k:+$tests_k and }not compiled"
-timeout -k 5 "$LIMIT_TESTS" "$PY" -m pytest -v -m cuda -p no:cacheprovider tests/test_devices.py \
+timeout -k 5 "$LIMIT_TESTS" "$PY" -m pytest -v -m cuda -p no:cacheprovider tests/system/test_devices.py \
     ${tests_k:+-k "$tests_k"} --junitxml="$OUT/cuda_tests.xml" >"$OUT/cuda_tests.log" 2>&1
 tests_rc=$?
 

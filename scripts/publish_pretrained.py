@@ -21,7 +21,7 @@ import shutil
 import sys
 from pathlib import Path
 
-FIRST = 1000  # the test images the package's test re-measures (tests/test_pretrained.py)
+FIRST = 1000  # the test images the package's test re-measures (tests/storage/test_pretrained.py)
 
 
 def measure(export_dir: Path, device: str, limit: int | None = None, source_model: str | None = None) -> dict:

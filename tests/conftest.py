@@ -11,7 +11,8 @@ from hypothesis import HealthCheck, settings
 os.environ["IMAGETX_CACHE_DIR"] = tempfile.mkdtemp(prefix="imagetx-test-cache-")
 atexit.register(shutil.rmtree, os.environ["IMAGETX_CACHE_DIR"], ignore_errors=True)
 
-# tests import helpers from each other (e.g. tiny model configs in test_model.py)
+# what the tests share lives in tests/support/ (`from support.configs import tiny`): no test file
+# imports another
 sys.path.insert(0, os.path.dirname(__file__))
 
 # Property tests draw model geometries with Hypothesis. The default profile is deterministic (the

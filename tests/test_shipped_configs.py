@@ -18,12 +18,8 @@ import torch
 
 from imagetx import ImageTransformer
 from imagetx.config import load_config
-from model_properties import (
-    check_cache_equals_full_pass,
-    check_dependencies,
-    check_masks,
-    hidden_states_as_outputs,
-    model_inputs,
+from support.properties import (
+    check_cache_equals_full_pass, check_dependencies, check_masks, hidden_states_as_outputs, model_inputs,
 )
 
 CONFIGS = sorted((Path(__file__).resolve().parents[1] / "configs").glob("*.toml"))

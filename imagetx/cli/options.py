@@ -16,7 +16,7 @@ def decode_option():
 
 
 def window_option():
-    # model.decoding.DEFAULT_WINDOW, written out: this module imports no torch (tests/test_cli.py checks they agree)
+    # model.decoding.DEFAULT_WINDOW, written out: this module imports no torch (tests/cli/test_cli.py checks they agree)
     return typer.Option(8, help="Positions per pass of --decode parallel.")
 
 

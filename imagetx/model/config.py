@@ -20,7 +20,7 @@ class ModelConfig:
     Block sizes are in units of the sequence grid (rows x sub-pixel columns): for the categorical
     output a row holds W*C sub-pixels, for DMOL a row holds W pixels. Any block_length and
     query_shape >= 1 and memory_flange >= 0 is valid: one larger than the grid acts as the whole
-    axis (a single block; a flange reaching the image's edge). tests/test_properties.py proves
+    axis (a single block; a flange reaching the image's edge). tests/model/test_properties.py proves
     the no-leak, cache and dense-reference properties over that whole range.
     """
 

@@ -8,7 +8,7 @@ path of AttentionLayer for model.attention = "local1d" (attention.py holds the g
   additive bias, which the flash kernels do not take) `_Local1DMatmul` in either dtype.
 
 `applies` says when the path runs (model/kernels.py holds the switches that turn it off);
-`attend` runs it. Each computes exactly what the windows-and-mask path computes (tests/test_layers.py).
+`attend` runs it. Each computes exactly what the windows-and-mask path computes (tests/model/test_layers.py).
 """
 
 from __future__ import annotations

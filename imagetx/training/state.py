@@ -1,6 +1,6 @@
 """What a training run checkpoints: one TrainState, whose state_dict() is the checkpoint and whose
 load_state_dict() restores every part of it, so that saving and resuming mirror each other in one
-place. A run resumed from it repeats the uninterrupted run exactly (tests/test_train.py)."""
+place. A run resumed from it repeats the uninterrupted run exactly (tests/commands/test_train.py)."""
 
 from __future__ import annotations
 
