@@ -4,7 +4,7 @@ Results go to stdout, progress and diagnostics to stderr. Exit codes: 0 ok, 1 a 
 (missing data, bad checkpoint, non-finite loss), 2 a usage error (bad flag, unknown key, bad
 value), 130 after Ctrl-C (a checkpoint is saved first), 143 after SIGTERM.
 
-This module is the console script (main); the commands are in imagetx.cli.app, the error boundary
+This module is the console script (main); the commands are in imagetx.cli.commands, the error boundary
 in imagetx.cli.boundary, the options several commands share in imagetx.cli.options and the
 result tables in imagetx.cli.tables.
 """
@@ -45,8 +45,8 @@ except ImportError:
     from click.exceptions import ClickException as _ClickException
     from click.exceptions import NoArgsIsHelpError as _NoArgsIsHelp
 from imagetx import console
-from imagetx.cli.app import app
 from imagetx.cli.boundary import Command
+from imagetx.cli.commands import app
 
 _COMPUTE_COMMANDS = {"train", "eval-bpd", "sample", "superres", "eval-fid"}
 
