@@ -35,6 +35,7 @@ from imagetx.checks import count_problems, seed_problems, temperature_problems
 from imagetx.system.distributed import device_problems
 from imagetx.system.paths import file_sha256
 from imagetx.errors import ConfigError, RunError, raise_problems
+from imagetx.model.decoding import DEFAULT_WINDOW
 
 STANDARD_WEIGHTS = "pt_inception-2015-12-05-6726825d.pth"
 STANDARD_URL = f"https://github.com/mseitzer/pytorch-fid/releases/download/fid_weights/{STANDARD_WEIGHTS}"
@@ -150,7 +151,7 @@ class FidConfig:
     progress: bool = True
     weights: str = "auto"  # the checkpoint's weights that draw the samples (storage.weights.weights_key)
     decode: str = "auto"  # how the samples are drawn: "sequential", "parallel" or "auto" (the same samples)
-    window: int = 16  # positions per pass of parallel decoding (decoding.DEFAULT_WINDOW)
+    window: int = DEFAULT_WINDOW  # positions per pass of parallel decoding
 
     def problems(self) -> list[str]:
         from imagetx.model.decoding import decode_problems

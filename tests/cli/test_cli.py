@@ -183,3 +183,38 @@ def test_the_window_option_s_default_is_the_decoder_s():
     from imagetx.model.decoding import DEFAULT_WINDOW
 
     assert window_option().default == DEFAULT_WINDOW
+
+
+# command -> (its library config, CLI parameter -> config field where the names differ, config
+# fields the CLI does not set: the library's own switches, options whose default the command
+# decides: sample's --out is samples.png unless --individual or --npz is given)
+MIRRORED = {
+    "sample": ("imagetx.sample:SampleConfig", {"no_cache": "use_cache"}, {"progress"}, {"out"}),
+    "superres": ("imagetx.superres:SuperResConfig", {"input": "inputs"}, {"progress"}, set()),
+    "eval_bpd": ("imagetx.eval_bpd:EvalConfig", {}, {"progress"}, set()),
+    "eval_fid": ("imagetx.eval_fid:FidConfig", {}, {"progress"}, set()),
+}
+
+
+@pytest.mark.parametrize("command", sorted(MIRRORED))
+def test_each_option_reaches_the_library_with_the_library_s_default(command):
+    """A command's options mirror its library config: every field is an option (or a library
+    switch), and a flag left out gives what the library does when the field is left out."""
+    import dataclasses
+    import importlib
+    import inspect
+
+    from imagetx.cli import commands
+
+    path, renamed, library_only, decided = MIRRORED[command]
+    module, name = path.split(":")
+    fields = {f.name: f for f in dataclasses.fields(getattr(importlib.import_module(module), name))}
+    options = inspect.signature(getattr(commands, command)).parameters
+    reached = {renamed.get(p, p) for p in options}
+    assert set(fields) - library_only <= reached, f"fields with no option: {set(fields) - library_only - reached}"
+    for param, info in options.items():
+        field = fields.get(renamed.get(param, param))
+        if field is None or field.default is dataclasses.MISSING or param in decided:
+            continue  # --json and the like; a required argument
+        default = not info.default.default if param == "no_cache" else info.default.default
+        assert default == field.default or str(default) == str(field.default), (param, default, field.default)
