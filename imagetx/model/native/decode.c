@@ -95,12 +95,57 @@ static inline bf16 f32_to_bf16(float f) {  /* round to nearest even; NaN stays N
  * for a plain read), and each row has its own sum. */
 #define ROWS 16
 
+/* The products of several images with a block go IMAGES images and HALF rows at a time:
+ * IMAGES x HALF accumulators, with the IMAGES vectors of x and one of W beside them (28 of the
+ * 32 vector registers). Each weight vector loaded then serves IMAGES images and each vector of x
+ * HALF rows, so a pass of W positions reads the block from cache W / IMAGES times, not W times. */
+#define IMAGES 3
+#define HALF 8
+
+/* One (row, image) sum: its accumulator took the chunks in order, then this. Every path of
+ * dot_block ends each sum here, so a row comes out the same whichever images share its pass. */
+TARGET static inline float row_sum(__m512 acc, const bf16 *bias, long o) {
+    return _mm512_reduce_add_ps(acc) + (bias ? bf16_to_f32(bias[o]) : 0.f);
+}
+
 /* y[b, o .. o + 16) = W[o .. o + 16) x[b] (+ bias) for every image b, for the block at o (rows
- * past O are not written); the block is read once for all B images (it stays in L2 between
- * them). x bf16 (B, xs) rows, zero from I to the next multiple of 32; y fp32 (B, ys). */
+ * past O are not written). x bf16 (B, xs) rows, zero from I to the next multiple of 32; y fp32
+ * (B, ys). Each (row, image) sum is the same sequence of operations in every path: one
+ * accumulator over the chunks in order, then row_sum. That keeps a W-position pass of the fused
+ * step equal, bit for bit, to W one-position steps (model/decoding.py relies on it). */
 TARGET static void dot_block(const bf16 *block, long chunks, const bf16 *bias, const bf16 *x, long xs, float *y, long ys,
                              int B, long o, long O) {
-    for (int b = 0; b < B; b++) {
+    const int n = O - o < ROWS ? (int)(O - o) : ROWS;
+    int b = 0;
+    for (; b + IMAGES <= B; b += IMAGES) {
+        const bf16 *x0 = x + b * xs, *x1 = x0 + xs, *x2 = x1 + xs;
+        for (int h = 0; h < n; h += HALF) {
+            __m512 a0[HALF], a1[HALF], a2[HALF];
+#pragma GCC unroll 8
+            for (int r = 0; r < HALF; r++) a0[r] = a1[r] = a2[r] = _mm512_setzero_ps();
+            const bf16 *w = block + 32 * h;
+            for (long c = 0; c < chunks; c++, w += ROWS * 32) {
+                const __m512bh v0 = (__m512bh)_mm512_loadu_si512(x0 + 32 * c);
+                const __m512bh v1 = (__m512bh)_mm512_loadu_si512(x1 + 32 * c);
+                const __m512bh v2 = (__m512bh)_mm512_loadu_si512(x2 + 32 * c);
+#pragma GCC unroll 8
+                for (int r = 0; r < HALF; r++) {
+                    const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + 32 * r);
+                    a0[r] = _mm512_dpbf16_ps(a0[r], wv, v0);
+                    a1[r] = _mm512_dpbf16_ps(a1[r], wv, v1);
+                    a2[r] = _mm512_dpbf16_ps(a2[r], wv, v2);
+                }
+            }
+            float *y0 = y + b * ys + o + h, *y1 = y0 + ys, *y2 = y1 + ys;
+            const int m = n - h < HALF ? n - h : HALF;
+            for (int r = 0; r < m; r++) {
+                y0[r] = row_sum(a0[r], bias, o + h + r);
+                y1[r] = row_sum(a1[r], bias, o + h + r);
+                y2[r] = row_sum(a2[r], bias, o + h + r);
+            }
+        }
+    }
+    for (; b < B; b++) {  /* the images left over, one at a time over all 16 rows */
         const bf16 *xb = x + b * xs;
         __m512 acc[ROWS];
 #pragma GCC unroll 16
@@ -111,9 +156,8 @@ TARGET static void dot_block(const bf16 *block, long chunks, const bf16 *bias, c
 #pragma GCC unroll 16
             for (int r = 0; r < ROWS; r++) acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(w + 32 * r), xv);
         }
-        float *yb = y + b * ys;
-        const int n = O - o < ROWS ? (int)(O - o) : ROWS;
-        for (int r = 0; r < n; r++) yb[o + r] = _mm512_reduce_add_ps(acc[r]) + (bias ? bf16_to_f32(bias[o + r]) : 0.f);
+        float *yb = y + b * ys + o;
+        for (int r = 0; r < n; r++) yb[r] = row_sum(acc[r], bias, o + r);
     }
 }
 
@@ -175,34 +219,76 @@ TARGET static inline __m512 dot_key(const bf16 *k, const bf16 *q, long full, lon
     return acc;
 }
 
+/* The sums of 16 vectors of partial sums a[0..15] as one vector, lane i the sum of a[i], each
+ * added in the order of _mm512_reduce_add_ps (lanes i + 8 onto i, then i + 4, i + 2, i + 1), so
+ * a key's logit is the same bit for bit whether it is summed here or alone. Four levels of
+ * pairwise sums across vectors: 15 additions for 16 keys instead of 4 each. */
+TARGET static inline __m512 sums16(const __m512 *a) {
+    __m512 s[8], t[4], u[2];
+    for (int i = 0; i < 8; i++)  /* lanes 0-7: a[2i]'s i + (i + 8), lanes 8-15: a[2i + 1]'s */
+        s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; i++)  /* per 128-bit lane, one key: its i + (i + 4) */
+        t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0x88), _mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; i++)  /* per 64 bits, one key: its i + (i + 2) */
+        u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44), _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+    /* per lane, one key: its 0 + 1; then the lanes back in key order */
+    const __m512 v = _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x88), _mm512_shuffle_ps(u[0], u[1], 0xDD));
+    return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), v);
+}
+
+/* e^x for x <= 0 in each lane, within 2 units in the last place of expf: x = n ln 2 + r with
+ * |r| <= ln 2 / 2, e^r by Cephes' expf polynomial, times 2^n (scalef: exact, to 0 below the
+ * smallest float). Softmax weights, 16 keys at a time. */
+TARGET static inline __m512 exp16(__m512 x) {
+    x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  /* e^-104 is 0 in float; also keeps n finite */
+    const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
+                                          _MM_FROUND_TO_NEAREST_INT | _MM_FROUND_NO_EXC);
+    __m512 r = _mm512_fnmadd_ps(n, _mm512_set1_ps(0.693359375f), x);
+    r = _mm512_fnmadd_ps(n, _mm512_set1_ps(-2.12194440e-4f), r);
+    __m512 y = _mm512_set1_ps(1.9875691500e-4f);
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.3981999507e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(8.3334519073e-3f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(4.1665795894e-2f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(1.6666665459e-1f));
+    y = _mm512_fmadd_ps(y, r, _mm512_set1_ps(5.0000001201e-1f));
+    y = _mm512_fmadd_ps(y, _mm512_mul_ps(r, r), _mm512_add_ps(r, _mm512_set1_ps(1.f)));
+    return _mm512_scalef_ps(y, n);
+}
+
 /* One query over keys K[lo:hi] and values V[lo:hi] (rows of hd bf16): out (hd fp32) =
- * softmax_j(scale * q . k_j) v_j, q bf16 (hd). p: scratch of hi - lo floats. Keys four at a
- * time (independent sums); values 64 dimensions (two cache lines of a row) at a time. rows: NULL,
- * or key j is row rows[j] of K and V (the same arithmetic over the same keys in the same order). */
+ * softmax_j(scale * q . k_j) v_j, q bf16 (hd). p: scratch of hi - lo floats. Keys 16 at a
+ * time (their sums through sums16); values 64 dimensions (two cache lines of a row) at a time.
+ * rows: NULL, or key j is row rows[j] of K and V (the same arithmetic over the same keys in the
+ * same order). */
 #define ROW(j) (rows ? rows[j] : (j))
 TARGET static void attend_one(float *out, const bf16 *q, float scale, const bf16 *K, const bf16 *V, long lo, long hi,
                               long hd, float *p, const long *rows) {
     const long full = hd / 32, rest = hd % 32;
     const __mmask32 tail = rest ? (__mmask32)((1ull << rest) - 1) : 0;
-    float best = -INFINITY;
+    const __m512 scales = _mm512_set1_ps(scale);
     long j = lo;
-    for (; j + 4 <= hi; j += 4) {
-        __m512 a0 = dot_key(K + ROW(j) * hd, q, full, rest, tail), a1 = dot_key(K + ROW(j + 1) * hd, q, full, rest, tail);
-        __m512 a2 = dot_key(K + ROW(j + 2) * hd, q, full, rest, tail), a3 = dot_key(K + ROW(j + 3) * hd, q, full, rest, tail);
-        p[j - lo] = _mm512_reduce_add_ps(a0) * scale;
-        p[j + 1 - lo] = _mm512_reduce_add_ps(a1) * scale;
-        p[j + 2 - lo] = _mm512_reduce_add_ps(a2) * scale;
-        p[j + 3 - lo] = _mm512_reduce_add_ps(a3) * scale;
+    for (; j + 16 <= hi; j += 16) {
+        __m512 a[16];
+#pragma GCC unroll 16
+        for (int i = 0; i < 16; i++) a[i] = dot_key(K + ROW(j + i) * hd, q, full, rest, tail);
+        _mm512_storeu_ps(p + (j - lo), _mm512_mul_ps(sums16(a), scales));
     }
     for (; j < hi; j++) p[j - lo] = _mm512_reduce_add_ps(dot_key(K + ROW(j) * hd, q, full, rest, tail)) * scale;
-    for (j = 0; j < hi - lo; j++) best = p[j] > best ? p[j] : best;
-    float total = 0.f;
-    for (j = 0; j < hi - lo; j++) {
-        float e = expf(p[j] - best);
-        p[j] = e;
-        total += e;
+    const long n_keys = hi - lo;
+    __m512 most = _mm512_set1_ps(-INFINITY);
+    for (j = 0; j < n_keys; j += 16) {
+        const __mmask16 m = n_keys - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n_keys - j)) - 1);
+        most = _mm512_mask_max_ps(most, m, most, _mm512_maskz_loadu_ps(m, p + j));
     }
-    const __m512 inv = _mm512_set1_ps(1.f / total);
+    const __m512 best = _mm512_set1_ps(_mm512_reduce_max_ps(most));
+    __m512 sums = _mm512_setzero_ps();  /* lane i: the weights of keys i, i + 16, ... in order */
+    for (j = 0; j < n_keys; j += 16) {
+        const __mmask16 m = n_keys - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n_keys - j)) - 1);
+        const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + j), best));
+        _mm512_mask_storeu_ps(p + j, m, e);
+        sums = _mm512_mask_add_ps(sums, m, sums, e);
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sums));
     for (long c = 0; c < hd; c += 64) {
         long n[4];
         for (int u = 0; u < 4; u++) n[u] = hd - c - 16 * u < 0 ? 0 : hd - c - 16 * u > 16 ? 16 : hd - c - 16 * u;
