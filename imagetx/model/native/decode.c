@@ -95,54 +95,81 @@ static inline bf16 f32_to_bf16(float f) {  /* round to nearest even; NaN stays N
  * for a plain read), and each row has its own sum. */
 #define ROWS 16
 
-/* The products of several images with a block go IMAGES images and HALF rows at a time:
- * IMAGES x HALF accumulators, with the IMAGES vectors of x and one of W beside them (28 of the
- * 32 vector registers). Each weight vector loaded then serves IMAGES images and each vector of x
- * HALF rows, so a pass of W positions reads the block from cache W / IMAGES times, not W times. */
-#define IMAGES 3
-#define HALF 8
+/* The sums of 16 vectors of partial sums a[0..15] as one vector, lane i the sum of a[i], each
+ * added in the order of _mm512_reduce_add_ps (lanes i + 8 onto i, then i + 4, i + 2, i + 1), so
+ * a key's logit is the same bit for bit whether it is summed here or alone. Four levels of
+ * pairwise sums across vectors: 15 additions for 16 keys instead of 4 each. */
+TARGET static inline __m512 sums16(const __m512 *a) {
+    __m512 s[8], t[4], u[2];
+    for (int i = 0; i < 8; i++)  /* lanes 0-7: a[2i]'s i + (i + 8), lanes 8-15: a[2i + 1]'s */
+        s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
+    for (int i = 0; i < 4; i++)  /* per 128-bit lane, one key: its i + (i + 4) */
+        t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0x88), _mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0xDD));
+    for (int i = 0; i < 2; i++)  /* per 64 bits, one key: its i + (i + 2) */
+        u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44), _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
+    /* per lane, one key: its 0 + 1; then the lanes back in key order */
+    const __m512 v = _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x88), _mm512_shuffle_ps(u[0], u[1], 0xDD));
+    return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), v);
+}
 
-/* One (row, image) sum: its accumulator took the chunks in order, then this. Every path of
- * dot_block ends each sum here, so a row comes out the same whichever images share its pass. */
-TARGET static inline float row_sum(__m512 acc, const bf16 *bias, long o) {
-    return _mm512_reduce_add_ps(acc) + (bias ? bf16_to_f32(bias[o]) : 0.f);
+/* The products of several images with a block go IMAGES images and QUARTER rows at a time:
+ * 16 accumulators, with the IMAGES vectors of x and one of W beside them (21 of the 32 vector
+ * registers). Each weight vector loaded then serves IMAGES images and each vector of x QUARTER
+ * rows, so a pass of W positions reads the block from cache W / IMAGES times, not W times; and
+ * the 16 sums come out together (sums16), where summing each alone costs more than the products
+ * of a short row. */
+#define IMAGES 4
+#define QUARTER 4
+
+/* n bf16 at p (n <= 16) -> fp32 in the first n lanes, zeros after. */
+TARGET static inline __m512 bf16_lanes(const bf16 *p, int n) {
+    const __m256i raw = _mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p);
+    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
 /* y[b, o .. o + 16) = W[o .. o + 16) x[b] (+ bias) for every image b, for the block at o (rows
  * past O are not written). x bf16 (B, xs) rows, zero from I to the next multiple of 32; y fp32
  * (B, ys). Each (row, image) sum is the same sequence of operations in every path: one
- * accumulator over the chunks in order, then row_sum. That keeps a W-position pass of the fused
- * step equal, bit for bit, to W one-position steps (model/decoding.py relies on it). */
+ * accumulator over the chunks in order, its lanes summed as _mm512_reduce_add_ps sums them
+ * (sums16), then the bias. That keeps a W-position pass of the fused step equal, bit for bit, to
+ * W one-position steps (model/decoding.py relies on it). */
 TARGET static void dot_block(const bf16 *block, long chunks, const bf16 *bias, const bf16 *x, long xs, float *y, long ys,
                              int B, long o, long O) {
     const int n = O - o < ROWS ? (int)(O - o) : ROWS;
     int b = 0;
     for (; b + IMAGES <= B; b += IMAGES) {
-        const bf16 *x0 = x + b * xs, *x1 = x0 + xs, *x2 = x1 + xs;
-        for (int h = 0; h < n; h += HALF) {
-            __m512 a0[HALF], a1[HALF], a2[HALF];
-#pragma GCC unroll 8
-            for (int r = 0; r < HALF; r++) a0[r] = a1[r] = a2[r] = _mm512_setzero_ps();
+        const bf16 *x0 = x + b * xs, *x1 = x0 + xs, *x2 = x1 + xs, *x3 = x2 + xs;
+        for (int h = 0; h < n; h += QUARTER) {
+            __m512 acc[16];  /* image i, row h + r: acc[4 i + r] */
+#pragma GCC unroll 16
+            for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
             const bf16 *w = block + 32 * h;
             for (long c = 0; c < chunks; c++, w += ROWS * 32) {
                 const __m512bh v0 = (__m512bh)_mm512_loadu_si512(x0 + 32 * c);
                 const __m512bh v1 = (__m512bh)_mm512_loadu_si512(x1 + 32 * c);
                 const __m512bh v2 = (__m512bh)_mm512_loadu_si512(x2 + 32 * c);
-#pragma GCC unroll 8
-                for (int r = 0; r < HALF; r++) {
+                const __m512bh v3 = (__m512bh)_mm512_loadu_si512(x3 + 32 * c);
+#pragma GCC unroll 4
+                for (int r = 0; r < QUARTER; r++) {
                     const __m512bh wv = (__m512bh)_mm512_loadu_si512(w + 32 * r);
-                    a0[r] = _mm512_dpbf16_ps(a0[r], wv, v0);
-                    a1[r] = _mm512_dpbf16_ps(a1[r], wv, v1);
-                    a2[r] = _mm512_dpbf16_ps(a2[r], wv, v2);
+                    acc[r] = _mm512_dpbf16_ps(acc[r], wv, v0);
+                    acc[4 + r] = _mm512_dpbf16_ps(acc[4 + r], wv, v1);
+                    acc[8 + r] = _mm512_dpbf16_ps(acc[8 + r], wv, v2);
+                    acc[12 + r] = _mm512_dpbf16_ps(acc[12 + r], wv, v3);
                 }
             }
-            float *y0 = y + b * ys + o + h, *y1 = y0 + ys, *y2 = y1 + ys;
-            const int m = n - h < HALF ? n - h : HALF;
-            for (int r = 0; r < m; r++) {
-                y0[r] = row_sum(a0[r], bias, o + h + r);
-                y1[r] = row_sum(a1[r], bias, o + h + r);
-                y2[r] = row_sum(a2[r], bias, o + h + r);
+            __m512 s = sums16(acc);  /* lane 4 i + r */
+            const int m = n - h < QUARTER ? n - h : QUARTER;
+            if (bias) {  /* the same four biases for each image */
+                const __m128 b4 = _mm512_castps512_ps128(bf16_lanes(bias + o + h, m));
+                s = _mm512_add_ps(s, _mm512_broadcast_f32x4(b4));
             }
+            const __mmask8 keep = (__mmask8)((1u << m) - 1);
+            float *yh = y + b * ys + o + h;
+            _mm_mask_storeu_ps(yh, keep, _mm512_extractf32x4_ps(s, 0));
+            _mm_mask_storeu_ps(yh + ys, keep, _mm512_extractf32x4_ps(s, 1));
+            _mm_mask_storeu_ps(yh + 2 * ys, keep, _mm512_extractf32x4_ps(s, 2));
+            _mm_mask_storeu_ps(yh + 3 * ys, keep, _mm512_extractf32x4_ps(s, 3));
         }
     }
     for (; b < B; b++) {  /* the images left over, one at a time over all 16 rows */
@@ -156,8 +183,9 @@ TARGET static void dot_block(const bf16 *block, long chunks, const bf16 *bias, c
 #pragma GCC unroll 16
             for (int r = 0; r < ROWS; r++) acc[r] = _mm512_dpbf16_ps(acc[r], (__m512bh)_mm512_loadu_si512(w + 32 * r), xv);
         }
-        float *yb = y + b * ys + o;
-        for (int r = 0; r < n; r++) yb[r] = row_sum(acc[r], bias, o + r);
+        __m512 s = sums16(acc);  /* lane r: row r */
+        if (bias) s = _mm512_add_ps(s, bf16_lanes(bias + o, n));
+        _mm512_mask_storeu_ps(y + b * ys + o, (__mmask16)((1u << n) - 1), s);
     }
 }
 
@@ -202,11 +230,6 @@ static void layer_norm(float *out, const float *in, const bf16 *w, const bf16 *b
     for (long i = 0; i < d; i++) out[i] = (in[i] - m) * inv * bf16_to_f32(w[i]) + bf16_to_f32(b[i]);
 }
 
-/* 16 bf16 at p (the first n of them when n < 16) -> fp32. */
-TARGET static inline __m512 load16(const bf16 *p, long n) {
-    __m256i raw = n >= 16 ? _mm256_loadu_si256((const __m256i *)p) : _mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p);
-    return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
-}
 
 /* q . k for one key row k (hd bf16) and the query q (hd bf16), as a vector of partial sums. */
 TARGET static inline __m512 dot_key(const bf16 *k, const bf16 *q, long full, long rest, __mmask32 tail) {
@@ -217,23 +240,6 @@ TARGET static inline __m512 dot_key(const bf16 *k, const bf16 *q, long full, lon
         acc = _mm512_dpbf16_ps(acc, (__m512bh)_mm512_maskz_loadu_epi16(tail, k + 32 * full),
                                (__m512bh)_mm512_maskz_loadu_epi16(tail, q + 32 * full));
     return acc;
-}
-
-/* The sums of 16 vectors of partial sums a[0..15] as one vector, lane i the sum of a[i], each
- * added in the order of _mm512_reduce_add_ps (lanes i + 8 onto i, then i + 4, i + 2, i + 1), so
- * a key's logit is the same bit for bit whether it is summed here or alone. Four levels of
- * pairwise sums across vectors: 15 additions for 16 keys instead of 4 each. */
-TARGET static inline __m512 sums16(const __m512 *a) {
-    __m512 s[8], t[4], u[2];
-    for (int i = 0; i < 8; i++)  /* lanes 0-7: a[2i]'s i + (i + 8), lanes 8-15: a[2i + 1]'s */
-        s[i] = _mm512_add_ps(_mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0x44), _mm512_shuffle_f32x4(a[2 * i], a[2 * i + 1], 0xEE));
-    for (int i = 0; i < 4; i++)  /* per 128-bit lane, one key: its i + (i + 4) */
-        t[i] = _mm512_add_ps(_mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0x88), _mm512_shuffle_f32x4(s[2 * i], s[2 * i + 1], 0xDD));
-    for (int i = 0; i < 2; i++)  /* per 64 bits, one key: its i + (i + 2) */
-        u[i] = _mm512_add_ps(_mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0x44), _mm512_shuffle_ps(t[2 * i], t[2 * i + 1], 0xEE));
-    /* per lane, one key: its 0 + 1; then the lanes back in key order */
-    const __m512 v = _mm512_add_ps(_mm512_shuffle_ps(u[0], u[1], 0x88), _mm512_shuffle_ps(u[0], u[1], 0xDD));
-    return _mm512_permutexvar_ps(_mm512_set_epi32(15, 11, 7, 3, 14, 10, 6, 2, 13, 9, 5, 1, 12, 8, 4, 0), v);
 }
 
 /* e^x for x <= 0 in each lane, within 2 units in the last place of expf: x = n ln 2 + r with
@@ -255,9 +261,44 @@ TARGET static inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(y, n);
 }
 
+/* out (hd) = inv * sum_j p[j - lo] v_j over the value rows v_j = row ROW(j) of V: each
+ * dimension's sum over the keys in order (one fma a key), 32 dimensions per pass over the keys,
+ * read as pairs: a bf16 at an even place becomes a float by a shift, one at an odd place by a
+ * mask, so a key costs one load, two conversions and two fmas; the two sums are interleaved back
+ * into dimension order once. */
+TARGET static void attend_values(float *out, const float *p, const bf16 *V, long lo, long hi, long hd, const long *rows,
+                                 __m512 inv) {
+    const __m512i odd_half = _mm512_set1_epi32((int)0xFFFF0000);
+    const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
+    const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
+    for (long c = 0; c < hd; c += 32) {
+        const long m = hd - c < 32 ? hd - c : 32;
+        const __mmask32 mask = m == 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << m) - 1);
+        __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
+#define ACCUMULATE(row)                                                                                  \
+        for (long j = lo; j < hi; j++) {                                                                 \
+            const __m512i v = _mm512_maskz_loadu_epi16(mask, V + (row) * hd + c);                        \
+            const __m512 w = _mm512_set1_ps(p[j - lo]);                                                  \
+            even = _mm512_fmadd_ps(w, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), even);              \
+            odd = _mm512_fmadd_ps(w, _mm512_castsi512_ps(_mm512_and_si512(v, odd_half)), odd);          \
+        }
+        if (rows) {
+            ACCUMULATE(rows[j])
+        } else {
+            ACCUMULATE(j)
+        }
+#undef ACCUMULATE
+        const long n0 = m < 16 ? m : 16, n1 = m - n0;
+        _mm512_mask_storeu_ps(out + c, (__mmask16)((1u << n0) - 1), _mm512_mul_ps(_mm512_permutex2var_ps(even, first, odd), inv));
+        if (n1)
+            _mm512_mask_storeu_ps(out + c + 16, (__mmask16)((1u << n1) - 1),
+                                  _mm512_mul_ps(_mm512_permutex2var_ps(even, second, odd), inv));
+    }
+}
+
 /* One query over keys K[lo:hi] and values V[lo:hi] (rows of hd bf16): out (hd fp32) =
  * softmax_j(scale * q . k_j) v_j, q bf16 (hd). p: scratch of hi - lo floats. Keys 16 at a
- * time (their sums through sums16); values 64 dimensions (two cache lines of a row) at a time.
+ * time (their sums through sums16), then their weights 16 at a time; the values by attend_values.
  * rows: NULL, or key j is row rows[j] of K and V (the same arithmetic over the same keys in the
  * same order). */
 #define ROW(j) (rows ? rows[j] : (j))
@@ -289,22 +330,7 @@ TARGET static void attend_one(float *out, const bf16 *q, float scale, const bf16
         sums = _mm512_mask_add_ps(sums, m, sums, e);
     }
     const __m512 inv = _mm512_set1_ps(1.f / _mm512_reduce_add_ps(sums));
-    for (long c = 0; c < hd; c += 64) {
-        long n[4];
-        for (int u = 0; u < 4; u++) n[u] = hd - c - 16 * u < 0 ? 0 : hd - c - 16 * u > 16 ? 16 : hd - c - 16 * u;
-        __m512 a0 = _mm512_setzero_ps(), a1 = a0, a2 = a0, a3 = a0;
-        for (j = lo; j < hi; j++) {
-            const bf16 *vj = V + ROW(j) * hd + c;
-            const __m512 w = _mm512_set1_ps(p[j - lo]);
-            a0 = _mm512_fmadd_ps(w, load16(vj, n[0]), a0);
-            if (n[1]) a1 = _mm512_fmadd_ps(w, load16(vj + 16, n[1]), a1);
-            if (n[2]) a2 = _mm512_fmadd_ps(w, load16(vj + 32, n[2]), a2);
-            if (n[3]) a3 = _mm512_fmadd_ps(w, load16(vj + 48, n[3]), a3);
-        }
-        __m512 acc[4] = {a0, a1, a2, a3};
-        for (int u = 0; u < 4 && n[u]; u++)
-            _mm512_mask_storeu_ps(out + c + 16 * u, (__mmask16)((1u << n[u]) - 1), _mm512_mul_ps(acc[u], inv));
-    }
+    attend_values(out, p, V, lo, hi, hd, rows, inv);
 }
 
 /* The length of a bf16 row entering a product: the widest input (d, f or a), rounded up to 32. */
