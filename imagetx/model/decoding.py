@@ -312,11 +312,17 @@ def _parallel(model, flat, labels, source, temperature, seed, images, per_step, 
     k = frontier = 0
     while k < L:
         W = min(window, L - k)
-        if first_guess == "above":  # new positions: the sub-pixel above, as it stands now
-            for p in range(frontier, k + W):
-                if above[p] >= 0:
-                    guess = vals[:, above[p]]
-                    vals[:, p] = guess if kept is None else torch.where(kept[:, p], vals[:, p], guess)
+        if first_guess == "above" and frontier < k + W:  # new positions: the sub-pixel above, as it stands now
+            new = range(frontier, k + W)
+            if all(above[p] < frontier for p in new):  # every one above is older: one gather
+                fresh = slice(frontier, k + W)
+                guess = vals[:, [above[p] if above[p] >= 0 else p for p in new]]  # the first row keeps its own
+                vals[:, fresh] = guess if kept is None else torch.where(kept[:, fresh], vals[:, fresh], guess)
+            else:  # a window longer than a row: one above another among the new ones
+                for p in new:
+                    if above[p] >= 0:
+                        guess = vals[:, above[p]]
+                        vals[:, p] = guess if kept is None else torch.where(kept[:, p], vals[:, p], guess)
         frontier = max(frontier, k + W)
         guesses = vals[:, k : k + W]  # (n, W, per)
         inputs = vals[:, max(k - 1, 0) : k + W - 1]
@@ -354,20 +360,20 @@ def _parallel(model, flat, labels, source, temperature, seed, images, per_step, 
         drawn = draw(out.reshape(n * W, -1), cfg, temperature, gumbel_now, bounds).view(n, W, -1)
         if kept is not None:
             drawn = torch.where(kept[:, k : k + W], guesses, drawn)
-        wrong = (drawn != guesses).any(-1)  # (n, W)
-        run = torch.where(wrong.any(1), wrong.int().argmax(1) + 1, W)  # (n,) positions kept per image
+        # the batch keeps positions k .. up to the first that any image drew unlike its guess
+        wrong = (drawn != guesses).flatten(2).any(2).any(0).tolist()  # (W,): the one read back per pass
         vals[:, k : k + W] = drawn
-        accepted = int(run.min())  # the one read back per pass
+        accepted = wrong.index(True) + 1 if True in wrong else W
         if empty is not None:  # a range left empty by primed values, among the positions kept
             lo, hi = (b.view(n, W, -1)[:, :accepted] for b in bounds)
             empty = empty | (lo > hi).any()
         for j in range(accepted):
-            g = steps[k + j]
-            v = drawn[:, j, 0] if cfg.output == "categorical" else drawn[:, j]
-            if constraint is not None:
-                constraint.record(g, v)
-            if cells is not None:
-                cells.record(g, v)
+            if constraint is not None or cells is not None:
+                g = steps[k + j]
+                v = drawn[:, j, 0] if cfg.output == "categorical" else drawn[:, j]
+                for c in (constraint, cells):
+                    if c is not None:
+                        c.record(g, v)
             if progress is not None:  # once per position, as sequential decoding calls it
                 progress(k + j + 1, L)
         k += accepted
