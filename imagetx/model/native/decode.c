@@ -145,6 +145,10 @@ TARGET static void dot_block(const bf16 *block, long chunks, const bf16 *bias, c
             for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
             const bf16 *w = block + 32 * h;
             for (long c = 0; c < chunks; c++, w += ROWS * 32) {
+                if (b == 0) {  /* the same rows of the next block, one block ahead of the reads */
+                    const char *next = (const char *)(w + chunks * ROWS * 32);
+                    for (int r = 0; r < QUARTER; r++) _mm_prefetch(next + 64 * r, _MM_HINT_T0);
+                }
                 const __m512bh v0 = (__m512bh)_mm512_loadu_si512(x0 + 32 * c);
                 const __m512bh v1 = (__m512bh)_mm512_loadu_si512(x1 + 32 * c);
                 const __m512bh v2 = (__m512bh)_mm512_loadu_si512(x2 + 32 * c);
