@@ -27,6 +27,16 @@ app = typer.Typer(
 )
 
 
+def _library_config(cls, options: dict, **renamed):
+    """The command's library config from its options: each option goes to the field of its name
+    (renamed: field=value where they differ); options the config has no field for (--json) stay
+    with the command. tests/cli/test_cli.py holds each config's fields and defaults to the options."""
+    from dataclasses import fields
+
+    names = {f.name for f in fields(cls)}
+    return cls(**{k: v for k, v in options.items() if k in names}, **renamed)
+
+
 @app.command(cls=Command)
 def train(
     config: Optional[Path] = typer.Option(
@@ -109,11 +119,7 @@ def eval_bpd(
     """
     from imagetx.eval_bpd import EvalConfig, run
 
-    eval_config = EvalConfig(
-        checkpoint=checkpoint, dataset=dataset, data_dir=data_dir, split=split, limit=limit,
-        batch_size=batch_size, device=device, download=download, num_workers=num_workers,
-        precision=precision, source_model=source_model, weights=weights,
-    )
+    eval_config = _library_config(EvalConfig, locals())
     with expected_failures():
         result = run(eval_config)
     from imagetx.system.distributed import env_ranks
@@ -161,12 +167,7 @@ def sample(
 
     if out is None and individual is None and npz is None:
         out = Path("samples.png")
-    req = SampleConfig(
-        checkpoint=checkpoint, num=num, temperature=temperature, label=label, seed=seed,
-        batch_size=batch_size, device=device, out=out, individual=individual, npz=npz,
-        prime=prime, prime_rows=prime_rows, use_cache=not no_cache, precision=precision, weights=weights,
-        decode=decode, window=window,
-    )
+    req = _library_config(SampleConfig, locals(), use_cache=not no_cache)
     with expected_failures():
         summary = run(req)
     if env_ranks()[0] != 0:  # under torchrun the main process reports
@@ -217,12 +218,7 @@ def superres(
     from imagetx.system.distributed import env_ranks
     from imagetx.superres import SuperResConfig, run
 
-    req = SuperResConfig(
-        checkpoint=checkpoint, inputs=input, dataset=dataset, data_dir=data_dir, split=split, num=num,
-        samples=samples, temperature=temperature, label=label, seed=seed, batch_size=batch_size,
-        device=device, out=out, report=report, precision=precision, consistent=consistent, weights=weights,
-        decode=decode, window=window,
-    )
+    req = _library_config(SuperResConfig, locals(), inputs=input)
     with expected_failures():
         summary = run(req)
     if env_ranks()[0] != 0:  # under torchrun the main process reports
@@ -342,12 +338,7 @@ def eval_fid(
     """
     from imagetx.eval_fid import FidConfig, run
 
-    req = FidConfig(
-        checkpoint=checkpoint, inception_weights=inception_weights, npz=npz, num=num, temperature=temperature,
-        seed=seed, dataset=dataset, data_dir=data_dir, split=split, limit=limit, batch_size=batch_size,
-        sample_batch_size=sample_batch_size, dims=dims, device=device, cache_dir=cache_dir, weights=weights,
-        decode=decode, window=window,
-    )
+    req = _library_config(FidConfig, locals())
     with expected_failures():
         check_outputs(dirs=[("--cache-dir", cache_dir)])
         result = run(req)
