@@ -136,6 +136,10 @@ TARGET static inline __m512 bf16_lanes(const bf16 *p, int n) {
 TARGET static void dot_block(const bf16 *block, long chunks, const bf16 *bias, const bf16 *x, long xs, float *y, long ys,
                              int B, long o, long O) {
     const int n = O - o < ROWS ? (int)(O - o) : ROWS;
+    /* the next block is fetched while this one is worked on, spread evenly over its products:
+     * its 16 rows x chunks cache lines over the (B / IMAGES) x 4 x chunks steps of the loop */
+    const char *ahead = (const char *)(block + chunks * ROWS * 32), *ahead_end = ahead + chunks * ROWS * 64;
+    const int ahead_per_step = B >= 4 * IMAGES ? 1 : (4 * IMAGES + B - 1) / B;
     int b = 0;
     for (; b + IMAGES <= B; b += IMAGES) {
         const bf16 *x0 = x + b * xs, *x1 = x0 + xs, *x2 = x1 + xs, *x3 = x2 + xs;
@@ -145,10 +149,7 @@ TARGET static void dot_block(const bf16 *block, long chunks, const bf16 *bias, c
             for (int i = 0; i < 16; i++) acc[i] = _mm512_setzero_ps();
             const bf16 *w = block + 32 * h;
             for (long c = 0; c < chunks; c++, w += ROWS * 32) {
-                if (b == 0) {  /* the same rows of the next block, one block ahead of the reads */
-                    const char *next = (const char *)(w + chunks * ROWS * 32);
-                    for (int r = 0; r < QUARTER; r++) _mm_prefetch(next + 64 * r, _MM_HINT_T0);
-                }
+                for (int i = 0; i < ahead_per_step && ahead < ahead_end; i++, ahead += 64) _mm_prefetch(ahead, _MM_HINT_T0);
                 const __m512bh v0 = (__m512bh)_mm512_loadu_si512(x0 + 32 * c);
                 const __m512bh v1 = (__m512bh)_mm512_loadu_si512(x1 + 32 * c);
                 const __m512bh v2 = (__m512bh)_mm512_loadu_si512(x2 + 32 * c);
@@ -265,38 +266,72 @@ TARGET static inline __m512 exp16(__m512 x) {
     return _mm512_scalef_ps(y, n);
 }
 
-/* out (hd) = inv * sum_j p[j - lo] v_j over the value rows v_j = row ROW(j) of V: each
- * dimension's sum over the keys in order (one fma a key), 32 dimensions per pass over the keys,
- * read as pairs: a bf16 at an even place becomes a float by a shift, one at an odd place by a
- * mask, so a key costs one load, two conversions and two fmas; the two sums are interleaved back
- * into dimension order once. */
+/* out (hd) = inv * sum_j p[j - lo] v_j over the value rows v_j = row ROW(j) of V. Each
+ * dimension's sum runs over the keys in order as two sums, of the keys at even and at odd
+ * places from lo, added at the end: more chains of fmas in flight, where one chain a dimension
+ * waited on each fma's latency. 64 dimensions per pass over the keys, read as pairs: a bf16 at
+ * an even place becomes a float by a shift, one at an odd place by a mask; the sums are
+ * interleaved back into dimension order once. The same for every caller, so a pass and a
+ * one-position step sum a position's values alike. */
 TARGET static void attend_values(float *out, const float *p, const bf16 *V, long lo, long hi, long hd, const long *rows,
                                  __m512 inv) {
     const __m512i odd_half = _mm512_set1_epi32((int)0xFFFF0000);
     const __m512i first = _mm512_set_epi32(23, 7, 22, 6, 21, 5, 20, 4, 19, 3, 18, 2, 17, 1, 16, 0);
     const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
-    for (long c = 0; c < hd; c += 32) {
-        const long m = hd - c < 32 ? hd - c : 32;
-        const __mmask32 mask = m == 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << m) - 1);
-        __m512 even = _mm512_setzero_ps(), odd = _mm512_setzero_ps();
-#define ACCUMULATE(row)                                                                                  \
-        for (long j = lo; j < hi; j++) {                                                                 \
-            const __m512i v = _mm512_maskz_loadu_epi16(mask, V + (row) * hd + c);                        \
-            const __m512 w = _mm512_set1_ps(p[j - lo]);                                                  \
-            even = _mm512_fmadd_ps(w, _mm512_castsi512_ps(_mm512_slli_epi32(v, 16)), even);              \
-            odd = _mm512_fmadd_ps(w, _mm512_castsi512_ps(_mm512_and_si512(v, odd_half)), odd);          \
+    for (long c = 0; c < hd; c += 64) {
+        const long m0 = hd - c < 32 ? hd - c : 32, m1 = hd - c - 32 < 0 ? 0 : hd - c - 32 > 32 ? 32 : hd - c - 32;
+        const __mmask32 k0 = m0 == 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << m0) - 1);
+        const __mmask32 k1 = m1 == 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << m1) - 1);
+        /* [key parity]: dimensions c .. c + 32 even and odd places, then c + 32 .. c + 64 */
+        __m512 e0[2], o0[2], e1[2], o1[2];
+        for (int t = 0; t < 2; t++) e0[t] = o0[t] = e1[t] = o1[t] = _mm512_setzero_ps();
+#define ADD_KEY(t, jj, row)                                                                          \
+        {                                                                                            \
+            const bf16 *vj = V + (row) * hd + c;                                                     \
+            const __m512 w = _mm512_set1_ps(p[(jj) - lo]);                                           \
+            const __m512i v0 = _mm512_maskz_loadu_epi16(k0, vj);                                     \
+            e0[t] = _mm512_fmadd_ps(w, _mm512_castsi512_ps(_mm512_slli_epi32(v0, 16)), e0[t]);      \
+            o0[t] = _mm512_fmadd_ps(w, _mm512_castsi512_ps(_mm512_and_si512(v0, odd_half)), o0[t]); \
+            if (m1) {                                                                                \
+                const __m512i v1 = _mm512_maskz_loadu_epi16(k1, vj + 32);                            \
+                e1[t] = _mm512_fmadd_ps(w, _mm512_castsi512_ps(_mm512_slli_epi32(v1, 16)), e1[t]);  \
+                o1[t] = _mm512_fmadd_ps(w, _mm512_castsi512_ps(_mm512_and_si512(v1, odd_half)), o1[t]); \
+            }                                                                                        \
         }
+#define ALL_KEYS(row_of)                                                                             \
+        {                                                                                            \
+            long j = lo;                                                                             \
+            for (; j + 2 <= hi; j += 2) {                                                            \
+                ADD_KEY(0, j, row_of(j))                                                             \
+                ADD_KEY(1, j + 1, row_of(j + 1))                                                     \
+            }                                                                                        \
+            if (j < hi) ADD_KEY(0, j, row_of(j))                                                     \
+        }
+#define LISTED(j) rows[j]
+#define IN_ORDER(j) (j)
         if (rows) {
-            ACCUMULATE(rows[j])
+            ALL_KEYS(LISTED)
         } else {
-            ACCUMULATE(j)
+            ALL_KEYS(IN_ORDER)
         }
-#undef ACCUMULATE
-        const long n0 = m < 16 ? m : 16, n1 = m - n0;
-        _mm512_mask_storeu_ps(out + c, (__mmask16)((1u << n0) - 1), _mm512_mul_ps(_mm512_permutex2var_ps(even, first, odd), inv));
-        if (n1)
-            _mm512_mask_storeu_ps(out + c + 16, (__mmask16)((1u << n1) - 1),
-                                  _mm512_mul_ps(_mm512_permutex2var_ps(even, second, odd), inv));
+#undef LISTED
+#undef IN_ORDER
+#undef ALL_KEYS
+#undef ADD_KEY
+        const __m512 even0 = _mm512_add_ps(e0[0], e0[1]), odd0 = _mm512_add_ps(o0[0], o0[1]);
+        const long n[4] = {m0 < 16 ? m0 : 16, m0 - 16 > 0 ? m0 - 16 : 0, m1 < 16 ? m1 : 16, m1 - 16 > 0 ? m1 - 16 : 0};
+        _mm512_mask_storeu_ps(out + c, (__mmask16)((1u << n[0]) - 1), _mm512_mul_ps(_mm512_permutex2var_ps(even0, first, odd0), inv));
+        if (n[1])
+            _mm512_mask_storeu_ps(out + c + 16, (__mmask16)((1u << n[1]) - 1),
+                                  _mm512_mul_ps(_mm512_permutex2var_ps(even0, second, odd0), inv));
+        if (m1) {
+            const __m512 even1 = _mm512_add_ps(e1[0], e1[1]), odd1 = _mm512_add_ps(o1[0], o1[1]);
+            _mm512_mask_storeu_ps(out + c + 32, (__mmask16)((1u << n[2]) - 1),
+                                  _mm512_mul_ps(_mm512_permutex2var_ps(even1, first, odd1), inv));
+            if (n[3])
+                _mm512_mask_storeu_ps(out + c + 48, (__mmask16)((1u << n[3]) - 1),
+                                      _mm512_mul_ps(_mm512_permutex2var_ps(even1, second, odd1), inv));
+        }
     }
 }
 
