@@ -8,7 +8,9 @@ Exports RUN (`imagetx export`), measures exact bits/dim on the whole test split 
 super-resolution model; writes these, the training command, the commit the run was trained at,
 its steps and hours and this machine's CPU into config.json's "provenance", and rewrites the model
 card with them. The folder appears whole or not at all, and an existing NAME is never replaced:
-remove it first to publish again. Prints the provenance as JSON.
+remove it first to publish again. A run directory that a trainer still holds is refused (its
+newest checkpoint is not its last yet), and it is held while it is published. Prints the
+provenance as JSON.
 """
 
 from __future__ import annotations
@@ -33,13 +35,29 @@ def measure(export_dir: Path, device: str, limit: int | None = None, source_mode
 
 def publish(name: str, run_dir: str, command: str, commit: str, dest: Path, device: str = "cpu",
             source_model: str | None = None) -> dict:
+    from contextlib import nullcontext
+
+    from imagetx.errors import RunError
+    from imagetx.system.lock import RunLock
+
+    final = dest / name
+    if final.exists():
+        raise SystemExit(f"error: {final} exists; remove it to publish {name} again")
+    held = RunLock(run_dir) if Path(run_dir).is_dir() else nullcontext()
+    try:
+        with held:  # no trainer writes the run while it is measured
+            return _publish(name, run_dir, command, commit, dest, device, source_model)
+    except RunError as exc:
+        raise SystemExit(f"error: {exc}; publish it when training has ended") from None
+
+
+def _publish(name: str, run_dir: str, command: str, commit: str, dest: Path, device: str,
+             source_model: str | None) -> dict:
     from imagetx.export import export, model_card
     from imagetx.storage.export_format import CARD, CONFIG
     from imagetx.system.cpu import cpu_description
 
     final = dest / name
-    if final.exists():
-        raise SystemExit(f"error: {final} exists; remove it to publish {name} again")
     work = dest / f".{name}.publishing-{os.getpid()}"
     try:
         export(run_dir, work)

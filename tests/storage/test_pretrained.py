@@ -22,6 +22,7 @@ from imagetx.errors import CheckpointError, DatasetError
 from imagetx.eval_bpd import EvalConfig, run as eval_bpd
 from imagetx.storage.checkpoint import resolve_checkpoint
 from imagetx.storage.pretrained import ROOT, catalog, find_pretrained, pretrained_names
+from imagetx.system.lock import RunLock
 from imagetx.system.paths import file_sha256
 from support.configs import TINY_MODEL
 from support import REPO
@@ -144,3 +145,7 @@ def test_publishing_measures_records_and_never_replaces(tmp_path):
     assert again.returncode != 0 and "exists" in again.stderr
     assert {p.name: p.read_bytes() for p in (dest / "tiny").iterdir()} == before
     assert sorted(p.name for p in dest.iterdir()) == ["tiny"]
+    with RunLock(out):  # a trainer still at work: its newest checkpoint is not its last
+        busy = subprocess.run([*script[:2], "tiny2", *script[3:]], capture_output=True, text=True, timeout=600)
+    assert busy.returncode != 0 and "is in use by process" in busy.stderr and "when training has ended" in busy.stderr
+    assert not (out / ".lock").exists() and sorted(p.name for p in dest.iterdir()) == ["tiny"]
