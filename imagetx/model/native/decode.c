@@ -121,9 +121,15 @@ TARGET static inline __m512 sums16(const __m512 *a) {
 #define IMAGES 4
 #define QUARTER 4
 
+/* The first n of 16 lanes (all 16 from n = 16 on). */
+static inline __mmask16 first16(long n) { return n >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << n) - 1); }
+
+/* The first n of 32 lanes (all 32 from n = 32 on). */
+static inline __mmask32 first32(long n) { return n >= 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << n) - 1); }
+
 /* n bf16 at p (n <= 16) -> fp32 in the first n lanes, zeros after. */
 TARGET static inline __m512 bf16_lanes(const bf16 *p, int n) {
-    const __m256i raw = _mm256_maskz_loadu_epi16((__mmask16)((1u << n) - 1), p);
+    const __m256i raw = _mm256_maskz_loadu_epi16(first16(n), p);
     return _mm512_castsi512_ps(_mm512_slli_epi32(_mm512_cvtepu16_epi32(raw), 16));
 }
 
@@ -137,9 +143,9 @@ TARGET static void dot_block(const bf16 *block, long chunks, const bf16 *bias, c
                              int B, long o, long O) {
     const int n = O - o < ROWS ? (int)(O - o) : ROWS;
     /* the next block is fetched while this one is worked on, spread evenly over its products:
-     * its 16 rows x chunks cache lines over the (B / IMAGES) x 4 x chunks steps of the loop */
+     * its ROWS x chunks cache lines over the (B / IMAGES) x (ROWS / QUARTER) x chunks steps below */
     const char *ahead = (const char *)(block + chunks * ROWS * 32), *ahead_end = ahead + chunks * ROWS * 64;
-    const int ahead_per_step = B >= 4 * IMAGES ? 1 : (4 * IMAGES + B - 1) / B;
+    const int steps = (B / IMAGES) * (ROWS / QUARTER), ahead_per_step = steps ? (ROWS + steps - 1) / steps : 0;
     int b = 0;
     for (; b + IMAGES <= B; b += IMAGES) {
         const bf16 *x0 = x + b * xs, *x1 = x0 + xs, *x2 = x1 + xs, *x3 = x2 + xs;
@@ -190,7 +196,7 @@ TARGET static void dot_block(const bf16 *block, long chunks, const bf16 *bias, c
         }
         __m512 s = sums16(acc);  /* lane r: row r */
         if (bias) s = _mm512_add_ps(s, bf16_lanes(bias + o, n));
-        _mm512_mask_storeu_ps(y + b * ys + o, (__mmask16)((1u << n) - 1), s);
+        _mm512_mask_storeu_ps(y + b * ys + o, first16(n), s);
     }
 }
 
@@ -235,7 +241,6 @@ static void layer_norm(float *out, const float *in, const bf16 *w, const bf16 *b
     for (long i = 0; i < d; i++) out[i] = (in[i] - m) * inv * bf16_to_f32(w[i]) + bf16_to_f32(b[i]);
 }
 
-
 /* q . k for one key row k (hd bf16) and the query q (hd bf16), as a vector of partial sums. */
 TARGET static inline __m512 dot_key(const bf16 *k, const bf16 *q, long full, long rest, __mmask32 tail) {
     __m512 acc = _mm512_setzero_ps();
@@ -247,9 +252,10 @@ TARGET static inline __m512 dot_key(const bf16 *k, const bf16 *q, long full, lon
     return acc;
 }
 
-/* e^x for x <= 0 in each lane, within 2 units in the last place of expf: x = n ln 2 + r with
- * |r| <= ln 2 / 2, e^r by Cephes' expf polynomial, times 2^n (scalef: exact, to 0 below the
- * smallest float). Softmax weights, 16 keys at a time. */
+/* e^x for x <= 0 in each lane, within 1 unit in the last place of glibc's expf (checked on
+ * about 1e9 floats down to -110): x = n ln 2 + r with |r| <= ln 2 / 2, e^r by Cephes' expf
+ * polynomial, times 2^n (scalef: exact, to 0 below the smallest float). Softmax weights, 16
+ * keys at a time. */
 TARGET static inline __m512 exp16(__m512 x) {
     x = _mm512_max_ps(x, _mm512_set1_ps(-104.f));  /* e^-104 is 0 in float; also keeps n finite */
     const __m512 n = _mm512_roundscale_ps(_mm512_mul_ps(x, _mm512_set1_ps(1.44269504088896341f)),
@@ -280,8 +286,7 @@ TARGET static void attend_values(float *out, const float *p, const bf16 *V, long
     const __m512i second = _mm512_set_epi32(31, 15, 30, 14, 29, 13, 28, 12, 27, 11, 26, 10, 25, 9, 24, 8);
     for (long c = 0; c < hd; c += 64) {
         const long m0 = hd - c < 32 ? hd - c : 32, m1 = hd - c - 32 < 0 ? 0 : hd - c - 32 > 32 ? 32 : hd - c - 32;
-        const __mmask32 k0 = m0 == 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << m0) - 1);
-        const __mmask32 k1 = m1 == 32 ? (__mmask32)0xFFFFFFFFu : (__mmask32)((1u << m1) - 1);
+        const __mmask32 k0 = first32(m0), k1 = first32(m1);
         /* [key parity]: dimensions c .. c + 32 even and odd places, then c + 32 .. c + 64 */
         __m512 e0[2], o0[2], e1[2], o1[2];
         for (int t = 0; t < 2; t++) e0[t] = o0[t] = e1[t] = o1[t] = _mm512_setzero_ps();
@@ -318,19 +323,14 @@ TARGET static void attend_values(float *out, const float *p, const bf16 *V, long
 #undef IN_ORDER
 #undef ALL_KEYS
 #undef ADD_KEY
-        const __m512 even0 = _mm512_add_ps(e0[0], e0[1]), odd0 = _mm512_add_ps(o0[0], o0[1]);
-        const long n[4] = {m0 < 16 ? m0 : 16, m0 - 16 > 0 ? m0 - 16 : 0, m1 < 16 ? m1 : 16, m1 - 16 > 0 ? m1 - 16 : 0};
-        _mm512_mask_storeu_ps(out + c, (__mmask16)((1u << n[0]) - 1), _mm512_mul_ps(_mm512_permutex2var_ps(even0, first, odd0), inv));
-        if (n[1])
-            _mm512_mask_storeu_ps(out + c + 16, (__mmask16)((1u << n[1]) - 1),
-                                  _mm512_mul_ps(_mm512_permutex2var_ps(even0, second, odd0), inv));
-        if (m1) {
-            const __m512 even1 = _mm512_add_ps(e1[0], e1[1]), odd1 = _mm512_add_ps(o1[0], o1[1]);
-            _mm512_mask_storeu_ps(out + c + 32, (__mmask16)((1u << n[2]) - 1),
-                                  _mm512_mul_ps(_mm512_permutex2var_ps(even1, first, odd1), inv));
-            if (n[3])
-                _mm512_mask_storeu_ps(out + c + 48, (__mmask16)((1u << n[3]) - 1),
-                                      _mm512_mul_ps(_mm512_permutex2var_ps(even1, second, odd1), inv));
+        /* dimensions c + 32 g .. c + 32 g + 32 in order: the first 16 of the interleaved pairs, then the rest */
+        const __m512 even[2] = {_mm512_add_ps(e0[0], e0[1]), _mm512_add_ps(e1[0], e1[1])};
+        const __m512 odd[2] = {_mm512_add_ps(o0[0], o0[1]), _mm512_add_ps(o1[0], o1[1])};
+        const long m[2] = {m0, m1};
+        for (int g = 0; g < 2; g++) {
+            _mm512_mask_storeu_ps(out + c + 32 * g, first16(m[g]), _mm512_mul_ps(_mm512_permutex2var_ps(even[g], first, odd[g]), inv));
+            _mm512_mask_storeu_ps(out + c + 32 * g + 16, first16(m[g] > 16 ? m[g] - 16 : 0),
+                                  _mm512_mul_ps(_mm512_permutex2var_ps(even[g], second, odd[g]), inv));
         }
     }
 }
@@ -357,13 +357,13 @@ TARGET static void attend_one(float *out, const bf16 *q, float scale, const bf16
     const long n_keys = hi - lo;
     __m512 most = _mm512_set1_ps(-INFINITY);
     for (j = 0; j < n_keys; j += 16) {
-        const __mmask16 m = n_keys - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n_keys - j)) - 1);
+        const __mmask16 m = first16(n_keys - j);
         most = _mm512_mask_max_ps(most, m, most, _mm512_maskz_loadu_ps(m, p + j));
     }
     const __m512 best = _mm512_set1_ps(_mm512_reduce_max_ps(most));
     __m512 sums = _mm512_setzero_ps();  /* lane i: the weights of keys i, i + 16, ... in order */
     for (j = 0; j < n_keys; j += 16) {
-        const __mmask16 m = n_keys - j >= 16 ? (__mmask16)0xFFFF : (__mmask16)((1u << (n_keys - j)) - 1);
+        const __mmask16 m = first16(n_keys - j);
         const __m512 e = exp16(_mm512_sub_ps(_mm512_maskz_loadu_ps(m, p + j), best));
         _mm512_mask_storeu_ps(p + j, m, e);
         sums = _mm512_mask_add_ps(sums, m, sums, e);
