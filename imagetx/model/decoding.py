@@ -314,15 +314,12 @@ def _parallel(model, flat, labels, source, temperature, seed, images, per_step, 
         W = min(window, L - k)
         if first_guess == "above" and frontier < k + W:  # new positions: the sub-pixel above, as it stands now
             new = range(frontier, k + W)
-            if all(above[p] < frontier for p in new):  # every one above is older: one gather
-                fresh = slice(frontier, k + W)
-                guess = vals[:, [above[p] if above[p] >= 0 else p for p in new]]  # the first row keeps its own
-                vals[:, fresh] = guess if kept is None else torch.where(kept[:, fresh], vals[:, fresh], guess)
-            else:  # a window longer than a row: one above another among the new ones
-                for p in new:
-                    if above[p] >= 0:
-                        guess = vals[:, above[p]]
-                        vals[:, p] = guess if kept is None else torch.where(kept[:, p], vals[:, p], guess)
+            # one gather when every one above is older; in a window longer than a row one new
+            # position is above another, so they go one at a time, in order
+            for run in [new] if all(above[p] < frontier for p in new) else [range(p, p + 1) for p in new]:
+                at = slice(run.start, run.stop)
+                guess = vals[:, [above[p] if above[p] >= 0 else p for p in run]]  # the first row keeps its own
+                vals[:, at] = guess if kept is None else torch.where(kept[:, at], vals[:, at], guess)
         frontier = max(frontier, k + W)
         guesses = vals[:, k : k + W]  # (n, W, per)
         inputs = vals[:, max(k - 1, 0) : k + W - 1]
