@@ -71,12 +71,19 @@ def test_a_primed_completion_is_the_same_in_parallel(config, window):
     assert torch.equal(par[mask], x[mask].to(torch.uint8))
 
 
+# (d_model, n_heads): head dimensions 16 to 96, rows of one to five 32-wide chunks (the fused
+# step's products and its value sums take 32 and 64 dimensions at a time)
+WIDTHS = [(16, 1), (16, 2), (96, 2), (64, 1), (80, 1), (96, 1), (160, 2)]
+
+
 @needs_native
 @settings(max_examples=25, deadline=None)
-@given(model_configs(max_side=7), st.integers(2, 64), st.integers(1, 3))
-def test_a_fused_pass_computes_every_position_as_a_fused_step_does(config, window, n):
+@given(model_configs(max_side=7), st.integers(2, 64), st.integers(1, 3), st.sampled_from(WIDTHS))
+def test_a_fused_pass_computes_every_position_as_a_fused_step_does(config, window, n, width):
     # the outputs themselves, not only the values drawn from them: a pass over teacher-forced
     # inputs equals one-position steps bit for bit, wherever the window starts
+    d, heads = width
+    config = dataclasses.replace(config, d_model=d, n_heads=heads, d_ff=d + 24)
     if config.relative == "logits":
         config = dataclasses.replace(config, relative="rotary")  # logits: the torch path
     torch.manual_seed(3)
