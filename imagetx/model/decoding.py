@@ -168,7 +168,7 @@ def resolve_decode(model, decode: str, n: int, use_cache: bool = True) -> str:
 def generate(
     model, n, labels=None, source=None, temperature=1.0, generator=None, use_cache=True,
     prime=None, prime_mask=None, progress=None, constraint=None, seed: int | None = None, first_index: int = 0,
-    decode: str = "sequential", window: int = DEFAULT_WINDOW, first_guess: str = "above",
+    decode: str = "sequential", window: int = DEFAULT_WINDOW, first_guess: str = "above", watch=None,
 ) -> torch.Tensor:
     """See ImageTransformer.sample.
 
@@ -190,7 +190,13 @@ def generate(
     and record(g, value) told every value placed (drawn or primed), in generation order. A range
     left empty by the values placed before it (lo > hi) raises ValueError once decoding is done:
     only primed values can do that (a drawn value is always inside its range, and a range is
-    never empty while the values before it were in theirs), so without a prime nothing is read."""
+    never empty while the values before it were in theirs), so without a prime nothing is read.
+
+    watch: optional callable(done, total, image) told the image so far after every step
+    (sequential) or pass (parallel): image, long (n, H, W, C), holds the values of the first
+    `done` generation steps (and primed values) and zeros elsewhere; it is the decoder's own
+    buffer, so a watcher that keeps it copies it. A parallel pass decides done - (the last done)
+    positions at once."""
     cfg = model.config
     sampling.check_temperature(temperature)
     problems = decode_problems(decode, window) + ([] if first_guess in GUESSES else [f"first_guess must be one of {GUESSES}"])
@@ -233,8 +239,9 @@ def generate(
     if decode == "parallel":
         try:
             flat = x.view(n, cfg.seq_len, -1)
+            seen = None if watch is None else (lambda done: watch(done, cfg.seq_len, x))
             empty = _parallel(model, flat, labels, source, temperature, seed, images, per_step, window, constraint,
-                              cells, keep if prime is not None else None, empty, progress, first_guess)
+                              cells, keep if prime is not None else None, empty, progress, first_guess, seen)
         finally:
             model.train(was_training)
         if empty is not None and bool(empty):
@@ -268,6 +275,8 @@ def generate(
                 cells.record(g, prev)
             if progress is not None:
                 progress(k + 1, len(steps))
+            if watch is not None:
+                watch(k + 1, len(steps), x)
     finally:
         model.train(was_training)
     if empty is not None and bool(empty):
@@ -283,9 +292,10 @@ def _above(layout) -> list[int]:
 
 
 def _parallel(model, flat, labels, source, temperature, seed, images, per_step, window, constraint, cells, keep,
-              empty, progress, first_guess):
+              empty, progress, first_guess, seen=None):
     """Parallel (Jacobi) decoding into flat (n, L, 1 or C) (grid order, primed values in place,
-    keep: where they are, or None); returns the `empty` flag as generate keeps it.
+    keep: where they are, or None); returns the `empty` flag as generate keeps it. seen: None, or
+    called with the number of positions decided after every pass, once flat holds them.
 
     Every position's noise is fixed (noise.value_gumbel at its step), so its value is a function
     of the values before it. A pass runs positions k .. k + W - 1 on guesses of their inputs, draws
@@ -373,6 +383,9 @@ def _parallel(model, flat, labels, source, temperature, seed, images, per_step, 
                         c.record(g, v)
             if progress is not None:  # once per position, as sequential decoding calls it
                 progress(k + j + 1, L)
+        if seen is not None:  # only for a watcher: the positions decided, into the image
+            flat[:, order[k : k + accepted]] = vals[:, k : k + accepted]
+            seen(k + accepted)
         k += accepted
     flat[:, order] = vals
     return empty

@@ -244,6 +244,7 @@ class ImageTransformer(nn.Module):
         first_index: int = 0,
         decode: str = "sequential",
         window: int | None = None,
+        watch=None,
     ) -> torch.Tensor:
         """Draw n images: uint8 (n, H, W, C), in the model's generation order.
 
@@ -259,6 +260,7 @@ class ImageTransformer(nn.Module):
         model always samples with consistency.AreaConsistency, its own distribution.
         decode: "sequential", "parallel" (Jacobi passes of `window` positions, default
         decoding.DEFAULT_WINDOW) or "auto": the same images in every mode (see decoding.generate).
+        watch: an optional callable(steps_done, steps_total, image so far) (see decoding.generate).
         """
         from imagetx.model.decoding import DEFAULT_WINDOW, generate
 
@@ -266,4 +268,5 @@ class ImageTransformer(nn.Module):
             self, n, labels=labels, source=source, temperature=temperature, generator=generator,
             use_cache=use_cache, prime=prime, prime_mask=prime_mask, progress=progress, constraint=constraint,
             seed=seed, first_index=first_index, decode=decode, window=DEFAULT_WINDOW if window is None else window,
+            watch=watch,
         )

@@ -71,6 +71,34 @@ def test_a_primed_completion_is_the_same_in_parallel(config, window):
     assert torch.equal(par[mask], x[mask].to(torch.uint8))
 
 
+@settings(max_examples=15, deadline=None)
+@given(model_configs(max_side=5), st.sampled_from(["sequential", "parallel"]), st.integers(2, 20), st.booleans())
+def test_a_watcher_sees_each_image_grow_in_generation_order(config, decode, window, primed):
+    torch.manual_seed(3)
+    model = ImageTransformer(config).eval()
+    x, labels, source = model_inputs(config, batch=2, seed=6)
+    mask = torch.zeros_like(x, dtype=torch.bool)
+    if primed:
+        mask[:, : max(1, config.image_size[0] // 2)] = True
+    frames = []
+    kw = dict(labels=labels, source=source, seed=7, prime=x if primed else None, prime_mask=mask if primed else None)
+    with torch.inference_mode():
+        final = generate(model, 2, decode=decode, window=window, watch=lambda done, total, image: frames.append(
+            (done, total, image.clone())), **kw)
+        assert torch.equal(final, generate(model, 2, **kw))  # watching changes nothing
+    order = torch.tensor(model.layout.order_list)
+    dones = [done for done, _, _ in frames]
+    assert dones == sorted(set(dones)) and dones[-1] == config.seq_len and {t for _, t, _ in frames} == {config.seq_len}
+    if decode == "sequential":
+        assert dones == list(range(1, config.seq_len + 1))
+    for done, _, image in frames:  # decided positions hold their final values, the rest zeros (or the prime)
+        flat, want = image.view(2, config.seq_len, -1), final.long().view(2, config.seq_len, -1)
+        assert torch.equal(flat[:, order[:done]], want[:, order[:done]])
+        later = order[done:]
+        primed_later = mask.view(2, config.seq_len, -1)[:, later]
+        assert torch.equal(flat[:, later], torch.where(primed_later, want[:, later], torch.zeros_like(want[:, later])))
+
+
 # (d_model, n_heads): head dimensions 16 to 96, rows of one to five 32-wide chunks (the fused
 # step's products and its value sums take 32 and 64 dimensions at a time)
 WIDTHS = [(16, 1), (16, 2), (96, 2), (64, 1), (80, 1), (96, 1), (160, 2)]
