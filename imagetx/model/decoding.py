@@ -286,9 +286,10 @@ def generate(
 
 def _above(layout) -> list[int]:
     """Per generation step, the step of the sub-pixel above it (same column, the row before;
-    always generated earlier in every order here), or -1 in the first row: host data."""
+    always generated earlier in every order here), or the step itself in the first row (its
+    own value, as it stands, is its guess): host data."""
     step_of = {g: k for k, g in enumerate(layout.order_list)}
-    return [step_of[g - layout.cols] if g >= layout.cols else -1 for g in layout.order_list]
+    return [step_of[g - layout.cols] if g >= layout.cols else k for k, g in enumerate(layout.order_list)]
 
 
 def _parallel(model, flat, labels, source, temperature, seed, images, per_step, window, constraint, cells, keep,
@@ -316,6 +317,10 @@ def _parallel(model, flat, labels, source, temperature, seed, images, per_step, 
         random = noise.hash64(seed ^ 1, images[:, None, None], *at) & 255  # (n, L, per)
         vals = random if kept is None else torch.where(kept, vals, random)
     above = _above(model.layout)
+    above_t = torch.tensor(above, device=device)
+    # whether each step's sub-pixel above comes before it by more than `window` steps: then, as
+    # a window enters new steps, every one above is older than all of them (one gather)
+    far = [k - a > window or a == k for k, a in enumerate(above)]
     decoder = IncrementalDecoder(model, n, labels, source, window)
     chunk = max(window, NOISE_CHUNK // (n * per_step * 256))
     noise_from, gumbel = 0, None
@@ -323,13 +328,12 @@ def _parallel(model, flat, labels, source, temperature, seed, images, per_step, 
     while k < L:
         W = min(window, L - k)
         if first_guess == "above" and frontier < k + W:  # new positions: the sub-pixel above, as it stands now
-            new = range(frontier, k + W)
             # one gather when every one above is older; in a window longer than a row one new
             # position is above another, so they go one at a time, in order
-            for run in [new] if all(above[p] < frontier for p in new) else [range(p, p + 1) for p in new]:
-                at = slice(run.start, run.stop)
-                guess = vals[:, [above[p] if above[p] >= 0 else p for p in run]]  # the first row keeps its own
-                vals[:, at] = guess if kept is None else torch.where(kept[:, at], vals[:, at], guess)
+            runs = [(frontier, k + W)] if all(far[frontier : k + W]) else [(p, p + 1) for p in range(frontier, k + W)]
+            for a, b in runs:
+                guess = vals[:, above_t[a:b]]
+                vals[:, a:b] = guess if kept is None else torch.where(kept[:, a:b], vals[:, a:b], guess)
         frontier = max(frontier, k + W)
         guesses = vals[:, k : k + W]  # (n, W, per)
         inputs = vals[:, max(k - 1, 0) : k + W - 1]
@@ -368,13 +372,13 @@ def _parallel(model, flat, labels, source, temperature, seed, images, per_step, 
         if kept is not None:
             drawn = torch.where(kept[:, k : k + W], guesses, drawn)
         # the batch keeps positions k .. up to the first that any image drew unlike its guess
-        wrong = (drawn != guesses).flatten(2).any(2).any(0).tolist()  # (W,): the one read back per pass
+        wrong = (drawn != guesses).any(dim=(0, 2)).tolist()  # (W,): the one read back per pass
         vals[:, k : k + W] = drawn
         accepted = wrong.index(True) + 1 if True in wrong else W
         if empty is not None:  # a range left empty by primed values, among the positions kept
             lo, hi = (b.view(n, W, -1)[:, :accepted] for b in bounds)
             empty = empty | (lo > hi).any()
-        for j in range(accepted):
+        for j in range(accepted) if constraint is not None or cells is not None or progress is not None else ():
             if constraint is not None or cells is not None:
                 g = steps[k + j]
                 v = drawn[:, j, 0] if cfg.output == "categorical" else drawn[:, j]
