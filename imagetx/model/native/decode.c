@@ -73,21 +73,6 @@ long decode_layer_layout(long *offsets, long *sizes, int n) {
     return (long)sizeof(Layer);
 }
 
-static inline float bf16_to_f32(bf16 v) {
-    uint32_t u = (uint32_t)v << 16;
-    float f;
-    memcpy(&f, &u, 4);
-    return f;
-}
-
-static inline bf16 f32_to_bf16(float f) {  /* round to nearest even; NaN stays NaN */
-    uint32_t u;
-    memcpy(&u, &f, 4);
-    if ((u & 0x7fffffff) > 0x7f800000) return (bf16)((u >> 16) | 0x40);
-    u += 0x7fff + ((u >> 16) & 1);
-    return (bf16)(u >> 16);
-}
-
 /* Weights are packed (native.pack): an (O, I) matrix as blocks of 16 rows, each block as its
  * ceil(I / 32) chunks of 32 columns, each chunk as its 16 rows of 32 bf16 (zeros past O and I).
  * A block is then one contiguous run of memory read front to back (one stream for the hardware
@@ -218,27 +203,65 @@ TARGET static void gemv(const bf16 *W, const bf16 *bias, const bf16 *x, long xs,
 #pragma omp barrier
 }
 
-/* dst (n) bf16 = src (n) fp32, rounded to nearest even. */
-static void round_row(bf16 *dst, const float *src, long n) {
-    for (long i = 0; i < n; i++) dst[i] = f32_to_bf16(src[i]);
+/* dst (n) bf16 = src (n) fp32, rounded to nearest even as torch rounds (the top half of
+ * u + 0x7fff + (bit 16 of u), u the float's bits; a NaN stays a quiet NaN), 16 at a time. */
+TARGET static void round_row(bf16 *dst, const float *src, long n) {
+    const __m512i one = _mm512_set1_epi32(1), half = _mm512_set1_epi32(0x7fff), quiet = _mm512_set1_epi32(0x40);
+    const __m512i magnitude = _mm512_set1_epi32(0x7fffffff), inf = _mm512_set1_epi32(0x7f800000);
+    long i = 0;
+    for (; i < n; i += 16) {
+        const __mmask16 m = first16(n - i);
+        const __m512i u = _mm512_castps_si512(_mm512_maskz_loadu_ps(m, src + i));
+        const __m512i lsb = _mm512_and_si512(_mm512_srli_epi32(u, 16), one);
+        __m512i r = _mm512_srli_epi32(_mm512_add_epi32(u, _mm512_add_epi32(half, lsb)), 16);
+        const __mmask16 nan = _mm512_cmpgt_epu32_mask(_mm512_and_si512(u, magnitude), inf);
+        r = _mm512_mask_or_epi32(r, nan, _mm512_srli_epi32(u, 16), quiet);
+        _mm256_mask_storeu_epi16(dst + i, m, _mm512_cvtepi32_epi16(r));
+    }
 }
 
 /* The same for a vector entering a product, then zeros up to a multiple of 32: the packed
  * weights' padding must meet zeros, not stale values that could be NaN. */
-static void round_input(bf16 *dst, const float *src, long n) {
+TARGET static void round_input(bf16 *dst, const float *src, long n) {
     round_row(dst, src, n);
     for (long i = n; i % 32; i++) dst[i] = 0;
 }
 
-/* out = LayerNorm(in) with bf16 weight and bias, in fp32 (biased variance, as torch). */
-static void layer_norm(float *out, const float *in, const bf16 *w, const bf16 *b, long d, float eps) {
-    double mean = 0, var = 0;
-    for (long i = 0; i < d; i++) mean += in[i];
-    mean /= d;
-    for (long i = 0; i < d; i++) var += (in[i] - mean) * (in[i] - mean);
-    var /= d;
-    float inv = 1.f / sqrtf((float)var + eps), m = (float)mean;
-    for (long i = 0; i < d; i++) out[i] = (in[i] - m) * inv * bf16_to_f32(w[i]) + bf16_to_f32(b[i]);
+/* The sum of the 8 lanes of v, in a fixed order. */
+TARGET static inline double sum8(__m512d v) {
+    const __m256d h = _mm256_add_pd(_mm512_castpd512_pd256(v), _mm512_extractf64x4_pd(v, 1));
+    const __m128d q = _mm_add_pd(_mm256_castpd256_pd128(h), _mm256_extractf128_pd(h, 1));
+    return _mm_cvtsd_f64(_mm_add_sd(q, _mm_unpackhi_pd(q, q)));
+}
+
+/* out = LayerNorm(in) with bf16 weight and bias (biased variance, as torch): the mean and the
+ * variance summed in double, 8 lanes at a time; out = ((in - mean) * inv) * w + b in fp32. */
+TARGET static void layer_norm(float *out, const float *in, const bf16 *w, const bf16 *b, long d, float eps) {
+    __m512d s = _mm512_setzero_pd();
+    for (long i = 0; i < d; i += 8) s = _mm512_add_pd(s, _mm512_cvtps_pd(_mm256_maskz_loadu_ps((__mmask8)first16(d - i), in + i)));
+    const double mean = sum8(s) / d;
+    const __m512d mean8 = _mm512_set1_pd(mean);
+    __m512d q = _mm512_setzero_pd();
+    for (long i = 0; i < d; i += 8) {
+        const __mmask8 m = (__mmask8)first16(d - i);
+        const __m512d c = _mm512_maskz_sub_pd(m, _mm512_cvtps_pd(_mm256_maskz_loadu_ps(m, in + i)), mean8);
+        q = _mm512_add_pd(q, _mm512_mul_pd(c, c));
+    }
+    const __m512 inv = _mm512_set1_ps(1.f / sqrtf((float)(sum8(q) / d) + eps)), m = _mm512_set1_ps((float)mean);
+    for (long i = 0; i < d; i += 16) {
+        const __mmask16 k = first16(d - i);
+        const __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, in + i), m), inv);
+        _mm512_mask_storeu_ps(out + i, k, _mm512_add_ps(_mm512_mul_ps(x, bf16_lanes(w + i, d - i < 16 ? (int)(d - i) : 16)),
+                                                        bf16_lanes(b + i, d - i < 16 ? (int)(d - i) : 16)));
+    }
+}
+
+/* x (n) = max(x, 0) (NaN -> 0, as x > 0 ? x : 0). */
+TARGET static void relu(float *x, long n) {
+    for (long i = 0; i < n; i += 16) {
+        const __mmask16 m = first16(n - i);
+        _mm512_mask_storeu_ps(x + i, m, _mm512_max_ps(_mm512_maskz_loadu_ps(m, x + i), _mm512_setzero_ps()));
+    }
 }
 
 /* q . k for one key row k (hd bf16) and the query q (hd bf16), as a vector of partial sums. */
@@ -435,7 +458,7 @@ TARGET void decode_step(const Layer *layers, int n_layers, int B, int W, int d, 
 #pragma omp for schedule(static)
                     for (int r = 0; r < N; r++) {
                         float *hb = hid + (long)r * f;
-                        for (long i = 0; i < f; i++) hb[i] = hb[i] > 0.f ? hb[i] : 0.f;
+                        relu(hb, f);
                         round_input(xb + (long)r * xs, hb, f);
                     }
                     gemv(L->w2, L->b2, xb, xs, y, d, N, d, f);
