@@ -50,7 +50,7 @@ def run_case(pattern: str, size: str, batch: int, repeats: int) -> dict:
 
     def step():
         with mode():
-            out = attn(x, bias=bias)
+            out = attn(x, windows=bias)
             out.sum().backward()
 
     step()

@@ -3,9 +3,11 @@
 Each pattern has a fast path (blocked: every query block attends to a fixed window of keys,
 so cost grows linearly with the image) and the dense reference (one (Lp, Lp) boolean mask built
 from the definitions, see layout.dense_mask), which the tests hold the fast paths to and which
-`reference_mode()` (model/kernels.py) runs. Local 1D on CPU takes a third path (model/local1d.py:
-the flash split in float32, block matmuls in bfloat16); elsewhere the key windows and an additive
-mask (_blocked).
+`reference_mode()` (model/kernels.py) runs. On a GPU the local patterns run as lower-right causal
+attention over each group of blocks' gathered keys (_grouped: flash-class kernels, no mask
+tensor); on CPU local 1D takes its own path (model/local1d.py: the flash split in float32, block
+matmuls in bfloat16), local 2D the key windows and an additive mask (_blocked), as do relative
+logits everywhere, which need a mask.
 
 Decoding one position at a time, each layer's attention reads and extends a key/value cache
 (model/cache.py) that holds only what its pattern can see.
@@ -20,9 +22,12 @@ local1d._Local1DMatmul with the logits as its bias, in either dtype.
 
 from __future__ import annotations
 
+from typing import NamedTuple
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.backends.cuda import SDPAParams, can_use_flash_attention
 
 from imagetx.model import kernels, local1d
 from imagetx.model.cache import FullCache, Local1DCache, Local2DCache, MemoryCache, Position
@@ -46,6 +51,33 @@ def window_bias(window_mask: torch.Tensor, n_heads: int, dtype=torch.float32) ->
     nb, lq, nk = window_mask.shape
     bias = torch.zeros_like(window_mask, dtype=dtype).masked_fill(~window_mask, float("-inf"))
     return bias.unsqueeze(0).expand(n_heads, nb, lq, nk).reshape(1, n_heads * nb, lq, nk)
+
+
+class CausalGroups(NamedTuple):
+    """The local patterns as lower-right causal attention (layout.causal_groups), on the model's
+    device: per group of blocks, how many keys its queries all see before their own block,
+    and the internal positions of its real queries (blocks, n) and of the keys they see in
+    visibility order (blocks, F + n)."""
+
+    before: list[int]
+    queries: list[torch.Tensor]
+    keys: list[torch.Tensor]
+    masks: list[torch.Tensor | None]  # bool (n, F + n): query t sees keys 0 .. F + t (None where F = 0)
+
+
+_flash = torch.ops.aten._scaled_dot_product_flash_attention  # CUDA's flash kernel, returning (out, lse, ...)
+
+
+def lower_right_causal(q, k, v, mask: torch.Tensor, dropout: float = 0.0) -> torch.Tensor:
+    """Attention of q (N, h, n, hd) over k, v (N, h, S, hd), S >= n, where query t sees keys
+    0 .. S - n + t (causal, aligned to the last key). On a GPU where the flash kernel runs, that
+    kernel, whose causal flag means exactly this alignment when S > n (as torch's own
+    causal_lower_right bias uses it; that bias cannot be built inside torch.compile or a fake
+    tensor mode, this can); elsewhere scaled_dot_product_attention with mask, the same pattern
+    as bool (n, S)."""
+    if q.device.type == "cuda" and can_use_flash_attention(SDPAParams(q, k, v, None, dropout, True, False)):
+        return _flash(q, k, v, dropout, is_causal=True, scale=q.shape[-1] ** -0.5)[0]
+    return _sdpa(q, k, v, mask=mask, dropout=dropout)
 
 
 class _Local1DWindows(torch.autograd.Function):
@@ -146,11 +178,12 @@ class Attention(nn.Module):
             return FullCache(*args)
         return Local1DCache(*args, window=window)
 
-    def forward(self, x: torch.Tensor, memory=None, bias=None, cache=None) -> torch.Tensor:
+    def forward(self, x: torch.Tensor, memory=None, windows=None, cache=None) -> torch.Tensor:
         """x float (B, Lp, d) in internal layout -> (B, Lp, d).
 
-        memory: encoder output (B, S, d) for cross-attention. bias: the local patterns' additive
-        window mask (1, heads * blocks, block, window), shared by all layers (see window_bias).
+        memory: encoder output (B, S, d) for cross-attention. windows: how the local patterns
+        find their keys, shared by all layers (ImageTransformer.attention_windows): the additive
+        window mask (1, heads * blocks, block, window) (see window_bias), or CausalGroups.
         cache: decoding one position, x (B, 1, d) at cache.position: the keys and values before
         it come from the cache (make_cache, memory_cache), which this call extends.
         """
@@ -162,11 +195,12 @@ class Attention(nn.Module):
             o = _sdpa(q, kv.k, kv.v, dropout=p) if cache is None else kernels.decode_attention(q, kv.k, kv.v)
         else:
             qkv = self.qkv(x)
-            if cache is None and self.kind == "local1d" and local1d.applies(qkv, p):
+            grouped = isinstance(windows, CausalGroups)
+            if cache is None and self.kind == "local1d" and not grouped and local1d.applies(qkv, p):
                 if self.relative == "rotary":
                     qkv = kernels.rotate_qkv(qkv, self.positions.cos, self.positions.sin, self.n_heads)
                 bias_fn = self._window_logits if self.relative == "logits" else None
-                return self.out(local1d.attend(qkv, self.n_heads, self.layout.block, bias, bias_fn))
+                return self.out(local1d.attend(qkv, self.n_heads, self.layout.block, windows, bias_fn))
             rotary = self.relative == "rotary"  # keys at their own position, before any cache
             pos = self.positions
             if rotary and cache is not None and kernels.enabled():  # one decoding step: fewest operations
@@ -177,7 +211,7 @@ class Attention(nn.Module):
             if rotary:
                 at = slice(None) if cache is None else slice(cache.position.internal, cache.position.internal + 1)
                 q, k = rotate(q, pos.cos[at], pos.sin[at]), rotate(k, pos.cos[at], pos.sin[at])
-            o = self._attend(q, k, v, p, bias, cache)
+            o = self._attend(q, k, v, p, windows, cache)
         o = o.transpose(1, 2).reshape(B, L, -1)  # (B, L, h*hd)
         return self.out(o)
 
@@ -192,7 +226,7 @@ class Attention(nn.Module):
         (B, h, blocks, block, window)."""
         return self._relative_bias(q, lambda ix: ix)
 
-    def _attend(self, q, k, v, p, bias, cache):
+    def _attend(self, q, k, v, p, windows, cache):
         logits = self.relative == "logits"
         if cache is not None:
             return cache.attend(q, k, v, self._relative_bias if logits else None)
@@ -211,7 +245,27 @@ class Attention(nn.Module):
                 mask = self._relative_bias(q, lambda ix: ix[0]).masked_fill(~causal, float("-inf"))
                 return _sdpa(q, k, v, mask=mask, dropout=p)
             return _sdpa(q, k, v, dropout=p, causal=True)
-        return self._blocked(q, k, v, p, bias)
+        if isinstance(windows, CausalGroups):
+            return self._grouped(q, k, v, p, windows)
+        return self._blocked(q, k, v, p, windows)
+
+    def _grouped(self, q, k, v, p, groups: CausalGroups):
+        """The local patterns as lower-right causal attention (layout.causal_groups): per group
+        of blocks, its real queries and the keys they see gathered in visibility order, then
+        causal attention aligned to the last key (lower_right_causal; plain causal where no key
+        comes before the block), the flash kernel on a GPU: no mask read, no key outside the
+        window computed. Padding queries' outputs stay zero (they are never read)."""
+        B, h, _, hd = q.shape
+        out = q.new_zeros(q.shape)
+        for before, queries, keys, mask in zip(*groups):
+            blocks, n = queries.shape
+            qg, kg, vg = (t[:, :, ix].flatten(1, 2) for t, ix in ((q, queries), (k, keys), (v, keys)))
+            if before:
+                o = lower_right_causal(qg, kg, vg, mask, p)  # (B, h * blocks, n, hd)
+            else:
+                o = _sdpa(qg, kg, vg, dropout=p, causal=True)
+            out[:, :, queries] = o.view(B, h, blocks, n, hd)
+        return out
 
     def _blocked(self, q, k, v, p, bias):
         lay = self.layout

@@ -36,12 +36,12 @@ class Block(nn.Module):
             return x + self.drop(fn(norm(x)))
         return residual_dropout_layer_norm(x, fn(x), norm, self.drop.p, self.training)
 
-    def forward(self, x: torch.Tensor, memory=None, bias=None, cache=None) -> torch.Tensor:
-        """x float (B, L, d) -> (B, L, d); memory, bias: see Attention.forward. cache: decoding
+    def forward(self, x: torch.Tensor, memory=None, windows=None, cache=None) -> torch.Tensor:
+        """x float (B, L, d) -> (B, L, d); memory, windows: see Attention.forward. cache: decoding
         one position, (self-attention cache, cross-attention MemoryCache or None), see
         Block.make_cache."""
         self_cache, cross_cache = cache if cache is not None else (None, None)
-        x = self.residual(x, lambda t: self.attn(t, bias=bias, cache=self_cache), self.norm_attn)
+        x = self.residual(x, lambda t: self.attn(t, windows=windows, cache=self_cache), self.norm_attn)
         if self.cross is not None:
             x = self.residual(x, lambda t: self.cross(t, memory, cache=cross_cache), self.norm_cross)
         return self.residual(x, self.ffn, self.norm_ffn)

@@ -19,7 +19,8 @@ pattern, F.dropout, Linear -> ReLU -> Linear, residual + nn.LayerNorm):
         ...
 
 and `windowed_local1d()` turns off only the local 1D fast path (model/local1d.py), so that local
-1D runs through the windows-and-mask path that CUDA, autocast and attention dropout take.
+1D runs through the windows-and-mask path that autocast and attention dropout take on CPU;
+`grouped_local_attention()` runs the local patterns through the path they take on a GPU.
 """
 
 from __future__ import annotations
@@ -29,7 +30,7 @@ import contextlib
 import torch
 import torch.nn.functional as F
 
-_state = {"kernels": True, "local1d_flash": True}
+_state = {"kernels": True, "local1d_flash": True, "causal_groups": False}
 
 
 def enabled() -> bool:
@@ -64,6 +65,17 @@ def reference_mode():
     every pattern (layout.dense_mask), F.dropout, Linear -> ReLU -> Linear, x + f then
     nn.LayerNorm. Slow (the dense mask is (Lp, Lp)); for tests and debugging. Not thread-local."""
     return _set("kernels", False)
+
+
+def causal_groups_on_cpu() -> bool:
+    return _state["kernels"] and _state["causal_groups"]
+
+
+def grouped_local_attention():
+    """Within the block the local patterns run on CPU as they run on a GPU: lower-right causal
+    attention over each group of blocks' gathered keys (attention.CausalGroups), the path CUDA
+    takes, so that the tests hold it to the dense reference here."""
+    return _set("causal_groups", True)
 
 
 def windowed_local1d():

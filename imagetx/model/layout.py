@@ -77,6 +77,8 @@ class Layout:
     visibility: list[list[int]] | None = field(init=False)
     visible_count: list[list[int]] | None = field(init=False)
     visibility_slot: list[list[int]] | None = field(init=False)
+    # local patterns as lower-right causal attention, for flash-class kernels (causal_groups)
+    causal_groups: list[tuple[int, torch.Tensor, torch.Tensor]] | None = field(init=False)
 
     def __post_init__(self):
         same_length = self.internal_len == self.seq_len
@@ -85,10 +87,11 @@ class Layout:
         self.grid_is_internal = same_length and bool(torch.equal(self.grid_to_internal, identity))
         self.order_list = self.order.tolist()
         self.gen_to_internal_list = self.gen_to_internal.tolist()
-        self.visibility = self.visible_count = self.visibility_slot = None
+        self.visibility = self.visible_count = self.visibility_slot = self.causal_groups = None
         if self.window_mask is not None:
             order, self.visible_count = visibility_order(self.window_mask, self.valid)
             self.visibility, self.visibility_slot = order.tolist(), torch.argsort(order, dim=1).tolist()
+            self.causal_groups = causal_groups(self)
 
     @property
     def seq_len(self) -> int:
@@ -126,6 +129,54 @@ def visibility_order(window_mask: torch.Tensor, valid: torch.Tensor) -> tuple[to
         raise ValueError("a query of this attention pattern does not see every key an earlier query saw")
     order = torch.argsort(first, dim=1, stable=True)
     return order, sees.sum(-1).tolist()
+
+
+def window_positions(layout: Layout) -> torch.Tensor:
+    """Local patterns: long (blocks, window), the internal position of key j of block b's window
+    (layout.window_mask's key order), or -1 where the window reaches outside the padded grid."""
+    nb, lq, W = layout.num_blocks, layout.block, layout.window
+    if layout.kind == "local1d":  # [previous block | own block]
+        pos = (torch.arange(nb)[:, None] - 1) * lq + torch.arange(W)[None, :]
+        return torch.where((pos >= 0) & (pos < layout.internal_len), pos, -1)
+    (qh, qw), (fh, fw), (Hp, Wp) = layout.query_shape, layout.flange, layout.padded_grid
+    kw = qw + 2 * fw
+    nbw = Wp // qw
+    b, j = torch.arange(nb)[:, None], torch.arange(W)[None, :]
+    r = (b // nbw) * qh + j // kw - fh  # padded-grid row and column of each window key
+    c = (b % nbw) * qw + j % kw - fw
+    inside = (r >= 0) & (r < Hp) & (c >= 0) & (c < Wp)
+    pos = ((r // qh) * nbw + c // qw) * (qh * qw) + (r % qh) * qw + c % qw
+    return torch.where(inside, pos, -1)
+
+
+def causal_groups(layout: Layout) -> list[tuple[int, torch.Tensor, torch.Tensor]]:
+    """A local pattern as lower-right causal attention over gathered keys, the form flash-class
+    kernels take: the n real queries of block b (in order) see the same F keys before them (the
+    previous block, or the valid flange) and, in visibility order, the block's own real keys up
+    to themselves, so query t sees the first F + t + 1 keys of block b's visibility order.
+    Blocks with the same (F, n) form a group -> per group (F, queries long (blocks, n): the
+    internal positions of its blocks' real queries, keys long (blocks, F + n): those of the keys
+    they see, in visibility order); CPU tensors. Padding queries are in no group (their outputs
+    are never read). Raises ValueError for a pattern not of this form."""
+    positions = window_positions(layout)
+    real = torch.zeros(layout.num_blocks * layout.block, dtype=torch.bool)
+    real[: layout.valid.numel()] = layout.valid
+    real = real.view(layout.num_blocks, layout.block).tolist()
+    groups: dict[tuple[int, int], tuple[list, list]] = {}
+    for b, (count, order) in enumerate(zip(layout.visible_count, layout.visibility)):
+        queries = [i for i in range(layout.block) if real[b][i]]
+        if not queries:
+            continue
+        before = count[queries[0]] - 1
+        if any(count[i] != before + t + 1 for t, i in enumerate(queries)):
+            raise ValueError("this attention pattern is not causal over a fixed set of earlier keys")
+        keys = positions[b, order[: before + len(queries)]]
+        if bool((keys < 0).any()):
+            raise ValueError("a visible key lies outside the padded grid")
+        q_list, k_list = groups.setdefault((before, len(queries)), ([], []))
+        q_list.append([b * layout.block + i for i in queries])
+        k_list.append(keys.tolist())
+    return [(before, torch.tensor(q), torch.tensor(k)) for (before, _), (q, k) in sorted(groups.items())]
 
 
 def make_layout(config: ModelConfig) -> Layout:

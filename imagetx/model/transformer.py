@@ -11,7 +11,7 @@ from torch import nn
 from torch.utils.checkpoint import checkpoint
 
 from imagetx.model import consistency, dmol, kernels, sampling
-from imagetx.model.attention import window_bias
+from imagetx.model.attention import CausalGroups, window_bias
 from imagetx.model.block import Block
 from imagetx.model.conditioning import SourceEncoder, check_inputs, source_skip_tables
 from imagetx.model.config import ModelConfig
@@ -82,6 +82,14 @@ class ImageTransformer(nn.Module):
             self.register_buffer("window_bias", bias, persistent=False)
             # and in bf16, autocast's dtype: a cast per forward pass costs more than the copy
             self.register_buffer("window_bias_bf16", bias.to(torch.bfloat16), persistent=False)
+        if layout.causal_groups is not None:  # the same pattern for flash-class kernels (attention_windows)
+            self.causal_before = [before for before, _, _ in layout.causal_groups]
+            for g, (before, queries, keys) in enumerate(layout.causal_groups):
+                self.register_buffer(f"causal_queries_{g}", queries, persistent=False)
+                self.register_buffer(f"causal_keys_{g}", keys, persistent=False)
+                n = queries.shape[1]  # query t sees keys 0 .. before + t
+                mask = torch.arange(before + n)[None, :] <= before + torch.arange(n)[:, None]
+                self.register_buffer(f"causal_mask_{g}", mask if before else None, persistent=False)
         if layout.kind == "local2d":  # where the decoding caches gather each block's keys from
             self.register_buffer("visibility", torch.tensor(layout.visibility), persistent=False)
 
@@ -94,6 +102,20 @@ class ImageTransformer(nn.Module):
         """Raise ValueError naming the problem for inputs the model cannot take (see
         conditioning.check_inputs)."""
         check_inputs(self.config, x, labels, source, batch)
+
+    def attention_windows(self, h: torch.Tensor) -> torch.Tensor | CausalGroups | None:
+        """How the local patterns' attention finds its keys in a forward pass over h (shared by
+        all layers; None for full attention): CausalGroups for flash-class kernels off the CPU
+        (and on it inside kernels.grouped_local_attention), except with relative logits, which
+        need a mask; else the additive window mask in the dtype attention computes in."""
+        if self.layout.window_mask is None:
+            return None
+        if self.config.relative != "logits" and kernels.enabled() and (
+                h.device.type != "cpu" or kernels.causal_groups_on_cpu()):
+            groups = range(len(self.causal_before))
+            return CausalGroups(self.causal_before, *([getattr(self, f"causal_{part}_{g}") for g in groups]
+                                                      for part in ("queries", "keys", "mask")))
+        return self.attention_bias(kernels.autocast_dtype(h.device.type) or h.dtype)
 
     def attention_bias(self, dtype: torch.dtype) -> torch.Tensor | None:
         """The local patterns' additive mask in dtype, shared by all layers: a buffer built once
@@ -186,12 +208,12 @@ class ImageTransformer(nn.Module):
         if self.range_embed is not None:  # (B, L, 3) generation order
             ranges = self.cells.range_inputs(x, source).view(x.shape[0], self.config.seq_len, 3)[:, self.order]
         h = self.drop(self.decoder_input(self.to_internal(self.embed_inputs(values, ranges=ranges)), cond))
-        bias = self.attention_bias(kernels.autocast_dtype(h.device.type) or h.dtype)
+        windows = self.attention_windows(h)
         for block in self.blocks:
             if self.activation_checkpointing and self.training:
-                h = checkpoint(block, h, memory, bias, use_reentrant=False)
+                h = checkpoint(block, h, memory, windows, use_reentrant=False)
             else:
-                h = block(h, memory, bias)
+                h = block(h, memory, windows)
         h = self.final_norm(h)
         if not self.layout.grid_is_internal:
             h = h[:, self.grid_to_internal]  # (B, L, d) grid order

@@ -80,7 +80,7 @@ def test_the_model_attends_with_the_logits_of_its_coordinates(attention, relativ
     layer = model.blocks[0].attn
     x = torch.randn(2, model.layout.internal_len, config.d_model)
     with torch.no_grad():
-        fast = layer(x, bias=model.attention_bias(torch.float32))
+        fast = layer(x, windows=model.attention_bias(torch.float32))
         q, k, v = (layer._heads(t) for t in layer.qkv(x).chunk(3, dim=-1))
         pos = model.relative
         tables = layer.rel.tables if relative == "logits" else None

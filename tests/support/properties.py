@@ -14,7 +14,7 @@ import math
 import torch
 from torch import nn
 
-from imagetx.model import dmol, reference_mode, windowed_local1d
+from imagetx.model import dmol, grouped_local_attention, reference_mode, windowed_local1d
 from imagetx.model.decoding import for_decoding, teacher_forced_outputs
 
 
@@ -151,6 +151,8 @@ def check_fast_equals_dense(model, x, labels=None, source=None) -> None:
     paths = {"fast": contextlib.nullcontext}
     if cfg.attention == "local1d":
         paths["windowed local 1D"] = windowed_local1d
+    if cfg.attention in ("local1d", "local2d"):
+        paths["grouped (the GPU's path)"] = grouped_local_attention
     try:
         for name, path in paths.items():
             with path():

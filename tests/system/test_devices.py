@@ -29,7 +29,7 @@ import pytest
 import torch
 
 from imagetx import ImageTransformer, ModelConfig
-from imagetx.model import reference_mode, windowed_local1d
+from imagetx.model import grouped_local_attention, reference_mode, windowed_local1d
 from imagetx.system.precision import resolve
 from support.configs import TINY_MODEL
 from support.properties import check_cache_equals_full_pass, model_inputs
@@ -86,9 +86,11 @@ def test_fast_paths_equal_the_float64_dense_reference(device, case):
         ref_out, ref_grads = outputs_and_grads(reference, x, labels, source)
     move = lambda t: None if t is None else t.to(device)  # noqa: E731
     model.to(device)
-    paths = {"fast": nullcontext}
+    paths = {"fast": nullcontext}  # on CUDA the local patterns' fast path is the grouped one
     if model.config.attention == "local1d":
-        paths["windowed local 1D"] = windowed_local1d  # CUDA's path, also on CPU
+        paths["windowed local 1D"] = windowed_local1d  # CPU autocast's path
+    if model.config.attention in ("local1d", "local2d"):
+        paths["grouped"] = grouped_local_attention  # CUDA's path, also on CPU
     for name, path in paths.items():
         with path():
             out, grads = outputs_and_grads(model, move(x), move(labels), move(source))
@@ -97,6 +99,28 @@ def test_fast_paths_equal_the_float64_dense_reference(device, case):
         for key, ref in ref_grads.items():
             err, scale = float((grads[key] - ref).abs().max()), float(ref.abs().max()) + 1e-12
             assert err <= 1e-4 * scale, f"{name} path on {device}: gradient of {key} off by {err:.3g} (scale {scale:.3g})"
+
+
+@pytest.mark.cuda
+@pytest.mark.skipif(not HAS_CUDA, reason="no CUDA device")
+@pytest.mark.parametrize("case", [c for c in CASES if CASES[c]["attention"] != "full"])
+def test_local_attention_through_the_flash_kernel_in_bf16_follows_the_pattern(case):
+    # bf16 on CUDA: the grouped path's lower-right causal attention takes the flash kernel (fp32
+    # above takes the masked one); a kernel aligned otherwise (top-left) would miss whole key
+    # ranges, far beyond bf16's rounding
+    model = tiny_model(**CASES[case]).train()
+    x, labels, source = model_inputs(model.config, batch=2)
+    reference = copy.deepcopy(model).double()
+    with reference_mode():
+        ref_out, ref_grads = outputs_and_grads(reference, x, labels, source)
+    model.cuda()
+    with torch.autocast("cuda", dtype=torch.bfloat16):
+        out, grads = outputs_and_grads(model, *(None if t is None else t.cuda() for t in (x, labels, source)))
+    err = float((out - ref_out).abs().max() / ref_out.abs().max())
+    assert err < 3e-2, f"bf16 flash path off by {err:.3g} of the outputs' scale"
+    for key, ref in ref_grads.items():
+        err = float((grads[key] - ref).abs().max() / (ref.abs().max() + 1e-12))
+        assert err < 1e-1, f"bf16 flash path: gradient of {key} off by {err:.3g} of its scale"
 
 
 @pytest.mark.parametrize("device", DEVICES)

@@ -40,6 +40,7 @@ from torch._subclasses.fake_tensor import FakeTensor, FakeTensorMode, unset_fake
 from support.configs import TINY_MODEL
 from imagetx import ImageTransformer, ModelConfig
 from imagetx.config import load_config
+from imagetx.model import attention
 from imagetx.model.decoding import IncrementalDecoder, for_decoding
 from support.properties import model_inputs
 from support.configs import model_configs
@@ -174,6 +175,31 @@ def check_training_step_on_meta(config) -> None:
     optimizer.step()
     scheduler.step()
     assert all(p.device == meta for p in model.parameters())
+
+
+@pytest.mark.parametrize("path", [p for p in CONFIGS if load_config(p).model.attention != "full"], ids=lambda p: p.stem)
+def test_local_attention_takes_the_flash_kernel_on_fake_cuda(path):
+    # where torch says the flash kernel runs (bf16 on a recent GPU; a fake device cannot say so
+    # itself), the grouped local attention calls it, on the model's device (the forward pass: a
+    # fake CUDA backward needs a driver; test_devices.py runs both on a GPU)
+    config = tiny(load_config(path).model)
+    model = ImageTransformer(config)
+    x, labels, source = model_inputs(config, batch=2)
+    calls = []
+    flash = attention._flash
+
+    def spy(*args, **kwargs):
+        calls.append(args[0].device)
+        return flash(*args, **kwargs)
+
+    with fake_cuda(), mock.patch("imagetx.model.attention.can_use_flash_attention", return_value=True), \
+            mock.patch.object(attention, "_flash", spy):
+        model.to(CUDA).train()
+        x, labels, source = on(CUDA, x, labels, source)
+        with cuda_autocast():
+            nll = model.nll(x, labels, source)
+        check_device(nll, CUDA, "the bf16 training nll through the flash kernel")
+    assert calls and set(calls) == {CUDA}
 
 
 # ---- every shipped config ---------------------------------------------------------------------
