@@ -42,6 +42,7 @@ from imagetx.model.transformer import ImageTransformer
 from imagetx.storage.checkpoint import rng_state
 from imagetx.system.distributed import Dist, all_gather_object, all_reduce_sum, distributed, main_first, node_main_first
 from imagetx.system.paths import cache_root
+from imagetx.system.precision import float32_matmuls, training_matmuls
 from imagetx.system.precision import resolve as resolve_precision
 from imagetx.training.compiling import compile_or_eager
 from imagetx.training.loggers import Logger, check_installed, make_logger
@@ -140,7 +141,9 @@ class Trainer:
             ids = [self.device.index] if self.device.type == "cuda" else None
             # every buffer of the model is a constant table built at construction: broadcasting
             # them from rank 0 before each forward pass (DDP's default) would copy tens of MB for nothing
-            objective = DistributedDataParallel(objective, device_ids=ids, broadcast_buffers=False)
+            # gradients as views of the all-reduce buckets: no second copy of every gradient
+            objective = DistributedDataParallel(objective, device_ids=ids, broadcast_buffers=False,
+                                                gradient_as_bucket_view=True)
         compile_ = t.compile if isinstance(t.compile, bool) else self.device.type == "cuda"
         self.objective = compile_or_eager(objective, self.device) if compile_ else objective
         self.precision = resolve_precision(t.precision, self.device)
@@ -165,7 +168,8 @@ class Trainer:
 
     def evaluate(self) -> float:
         limit = self.t.eval_images or None
-        result = evaluate_bpd(self.inference_model, self.eval_set, self.t.batch_size, limit=limit, device=self.device)
+        with float32_matmuls("highest"):  # exact, as `imagetx eval-bpd` measures it
+            result = evaluate_bpd(self.inference_model, self.eval_set, self.t.batch_size, limit=limit, device=self.device)
         if self.ctx.is_main:
             self.run_dir.log({"step": self.state.step, "eval_bpd": result["bpd"], "eval_images": result["images"],
                       "eval_split": result["split"], "eval_dataset": result["dataset"],
@@ -245,7 +249,7 @@ class Trainer:
             disable=not (ctx.is_main and sys.stderr.isatty()),
         )
         try:
-            with StopSignals(announce=ctx.is_main) as signals:
+            with StopSignals(announce=ctx.is_main) as signals, training_matmuls(self.precision, self.device):
                 while s.step < self.last_step:
                     tick = time.perf_counter()
                     loss, norm, lr = self.train_step(stream)

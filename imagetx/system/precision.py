@@ -14,7 +14,7 @@ keys and values) are bf16.
 from __future__ import annotations
 
 import warnings
-from contextlib import AbstractContextManager
+from contextlib import AbstractContextManager, contextmanager
 from dataclasses import dataclass
 
 import torch
@@ -50,6 +50,28 @@ class Precision:
 
 
 FP32 = Precision(False, "exact")
+
+
+@contextmanager
+def float32_matmuls(precision: str):
+    """Within the block, float32 matrix products on CUDA compute at `precision`
+    (torch.set_float32_matmul_precision: "highest" exact, "high" TF32); restored after."""
+    before = torch.get_float32_matmul_precision()
+    torch.set_float32_matmul_precision(precision)
+    try:
+        yield
+    finally:
+        torch.set_float32_matmul_precision(before)
+
+
+def training_matmuls(precision: Precision, device: torch.device) -> AbstractContextManager:
+    """What a training run's float32 products compute in: TF32 on a GPU when training in fp32
+    (10-bit mantissas in the products, fp32 sums: the usual fp32 training on Ampere and newer,
+    several times faster than exact fp32); exact everywhere else (on CPU torch would let oneDNN
+    use bf16 for it). Held-out evaluation inside runs under float32_matmuls("highest")."""
+    if device.type == "cuda" and not precision.bf16:
+        return float32_matmuls("high")
+    return float32_matmuls(torch.get_float32_matmul_precision())
 
 
 def precision_problems(value, name: str = "--precision") -> list[str]:

@@ -169,3 +169,36 @@ def test_eval_bpd_labels_bf16_approximate_in_every_report(trained):
     assert _json_line(exact.output)["approximate"] is False
     bad = CliRunner().invoke(app, ["eval-bpd", str(run_dir), "--precision", "fp8"])
     assert bad.exit_code == 2 and "error: precision must be one of auto, fp32, bf16; got 'fp8'" in bad.output
+
+
+@pytest.mark.parametrize("device, bf16, inside", [("cuda", False, "high"), ("cuda", True, "highest"),
+                                                  ("cpu", False, "highest"), ("cpu", True, "highest")])
+def test_fp32_training_multiplies_in_tf32_only_on_a_gpu(device, bf16, inside):
+    # on CPU "high" would let oneDNN multiply float32 in bf16: fp32 training there stays exact
+    assert torch.get_float32_matmul_precision() == "highest"
+    with precision.training_matmuls(precision.Precision(bf16, "chosen"), torch.device(device)):
+        assert torch.get_float32_matmul_precision() == inside
+    assert torch.get_float32_matmul_precision() == "highest"
+
+
+def test_held_out_bits_per_dim_stay_exact_inside_a_tf32_run(tmp_path, monkeypatch):
+    # a GPU's fp32 run, simulated: its training steps multiply in TF32, its evaluations exactly
+    seen = {"train": set(), "eval": set()}
+    real_step, real_eval = train.Trainer.train_step, train.evaluate_bpd
+
+    def step(self, stream):
+        seen["train"].add(torch.get_float32_matmul_precision())
+        return real_step(self, stream)
+
+    def evaluate(*args, **kwargs):
+        seen["eval"].add(torch.get_float32_matmul_precision())
+        return real_eval(*args, **kwargs)
+
+    monkeypatch.setattr(train, "training_matmuls", lambda p, d: precision.float32_matmuls("high"))
+    monkeypatch.setattr(train.Trainer, "train_step", step)
+    monkeypatch.setattr(train, "evaluate_bpd", evaluate)
+    config = load_config(sets=[*TINY_MODEL, f"train.out={tmp_path / 'run'}", "train.max_steps=2", "train.batch_size=2",
+                               "train.precision=fp32", "train.eval_every=1", "train.eval_images=4", "train.sample_every=0"])
+    train.run(config)
+    assert seen == {"train": {"high"}, "eval": {"highest"}}
+    assert torch.get_float32_matmul_precision() == "highest"
