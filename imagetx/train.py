@@ -237,12 +237,25 @@ class Trainer:
             announce(self.config, self.ctx, self.state, self.run_dir.path, self.train_set, self.precision, ckpt_path)
 
     def train(self) -> dict:
-        """The loop, until train.max_steps, the time limit or a signal -> the summary."""
+        """The loop, until train.max_steps, the time limit or a signal -> the summary.
+
+        Nothing is read back from the device at a step except where something needs it: the
+        losses and gradient norms of the steps since the last read stay on the device until a
+        metrics row, a held-out evaluation, a sample grid or a checkpoint (settle), which also
+        stops the run if any of them was not finite. Until then the fused optimizer skips a
+        non-finite step's update on the device (found_inf, as torch's GradScaler has it skip
+        one), so no weight a later checkpoint could hold was touched by it. Under torchrun the
+        processes' stop flags travel with the loss in one all-reduce per step, read a step later
+        (when the device has long finished it), so every process acts on them at the same step.
+        """
         t, ctx, s = self.t, self.ctx, self.state
         stream = iter(self._stream())
         per_step = t.batch_size * t.grad_accum * ctx.world_size
-        self.window: list[float] = []  # losses since the last metrics row
+        self.window: list[tuple[torch.Tensor, torch.Tensor]] = []  # (loss, grad norm) since the last read
         self.window_time = 0.0
+        self.read: list[list[float]] = []  # (loss, grad norm) read since the last metrics row
+        skips_on_device = bool(s.optimizer.defaults.get("fused"))  # takes found_inf
+        agreed = None  # torchrun: the last step's all-reduced loss and stop flags
         status = "completed"
         self.bar = tqdm(
             total=self.last_step, initial=s.step, unit="step", file=sys.stderr, dynamic_ncols=True,
@@ -256,35 +269,45 @@ class Trainer:
                     elapsed = time.monotonic() - self.start
                     out_of_time = t.max_minutes > 0 and elapsed > 60 * t.max_minutes
                     cool_down = s.cooldown.due_by_time(s.step + 1, elapsed, t.max_minutes)
-                    # one collective per step: the mean loss, whether any process must stop, and
-                    # whether the time limit's cooldown begins (on every process at the same step)
+                    # whether any process must stop, and whether the time limit's cooldown begins
                     stop = [float(signals.received is not None), float(out_of_time), float(cool_down)]
-                    flags = all_reduce_sum(torch.cat([loss.float().view(1), torch.tensor(stop, device=self.device)]))
-                    loss_value, norm_value = flags[0].item() / ctx.world_size, float(norm)
-                    if not (math.isfinite(loss_value) and math.isfinite(norm_value)):
-                        self.stop_on_nonfinite(loss_value, norm_value)
+                    if ctx.is_distributed:  # the mean loss and the flags in one collective
+                        flags = torch.tensor([0.0, *stop])
+                        flags = flags.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else flags
+                        flags[0] = loss.float()
+                        all_reduce_sum(flags)
+                        loss = flags[0] / ctx.world_size
+                        stop, agreed = ([0.0] * 3 if agreed is None else agreed.tolist()[1:]), flags
+                    if skips_on_device:
+                        s.optimizer.found_inf = (~(torch.isfinite(loss) & torch.isfinite(norm))).float()
+                    else:  # an optimizer that cannot skip on the device: checked before it steps
+                        self.settle([(loss, norm)])
                     s.optimizer.step()
                     if s.ema is not None:
                         s.ema.update(s.model)
-                    if flags[3].item():
+                    if stop[2]:
                         self.plan_cooldown()
                     s.scheduler.step()
                     s.optimizer.zero_grad(set_to_none=True)
                     s.step += 1
                     s.epoch, s.index = self.order.advance(s.epoch, s.index, per_step)
-                    self.window.append(loss_value)
-                    self.window_time += time.perf_counter() - tick
+                    self.window.append((loss.detach(), norm.detach()))
                     last = s.step == self.last_step
-                    self.progress(loss_value, norm_value, lr, per_step, log=s.step % t.log_every == 0 or last)
-                    if flags[1].item():
+                    log = s.step % t.log_every == 0 or last or bool(stop[0] or stop[1])  # a row for the last step
+                    if log or any(self.due(last or bool(stop[1]))):
+                        self.settle(self.window)
+                    self.window_time += time.perf_counter() - tick
+                    self.progress(lr, per_step, log)
+                    if stop[0]:
                         status = "terminated" if signals.received == signal.SIGTERM else "interrupted"
                         break
-                    if flags[2].item():
+                    if stop[1]:
                         status = "time_limit"
                         self.periodic(last=True)  # the final held-out number and sample grid, as at max_steps
                         break
                     self.periodic(last)
                 if self.saved_step != s.step:
+                    self.settle(self.window)
                     self.save()
         finally:
             self.bar.close()
@@ -301,6 +324,18 @@ class Trainer:
             report(summary, self.t.max_minutes)
         return summary
 
+    def settle(self, steps: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
+        """Read the (loss, grad norm) of the steps not read yet (the last len(steps) steps taken,
+        or the one about to be taken) in one transfer; stop the run at the first that is not
+        finite. Keeps them as floats in self.read for the metrics row."""
+        values = torch.stack([torch.stack([loss.float(), norm.float()]) for loss, norm in steps]).tolist() if steps else []
+        first = self.state.step - len(steps) + 1 if steps is self.window else self.state.step + 1
+        for i, (loss, norm) in enumerate(values):
+            if not (math.isfinite(loss) and math.isfinite(norm)):
+                self.stop_on_nonfinite(loss, norm, first + i)
+        if steps is self.window:
+            self.read.extend(values)
+            self.window = []
     @property
     def last_step(self) -> int:
         """Where the loop ends unless the time limit or a signal ends it first: train.max_steps,
@@ -320,17 +355,19 @@ class Trainer:
                 "so far gives in that time), where the run ends"
             )
 
-    def progress(self, loss: float, norm: float, lr: float, per_step: int, log: bool) -> None:
-        """Update the progress bar; on log steps, write a metrics row (and a line when stderr is not
-        a terminal)."""
-        speed = per_step * len(self.window) / max(self.window_time, 1e-9)
+    def progress(self, lr: float, per_step: int, log: bool) -> None:
+        """Advance the progress bar; on log steps (settled: see train), write a metrics row for
+        the steps since the last one (and a line when stderr is not a terminal) and show its
+        numbers on the bar."""
         if self.ctx.is_main:
             self.bar.update(1)
-            self.bar.set_postfix_str(f"bpd {loss:.3f} lr {lr:.2e} img/s {speed:.0f}", refresh=False)
         if not log:
             return
-        self.train_bpd = sum(self.window) / len(self.window)
+        loss, norm = self.read[-1]
+        speed = per_step * len(self.read) / max(self.window_time, 1e-9)
+        self.train_bpd = sum(value for value, _ in self.read) / len(self.read)
         if self.ctx.is_main:
+            self.bar.set_postfix_str(f"bpd {loss:.3f} lr {lr:.2e} img/s {speed:.0f}", refresh=False)
             self.run_dir.log({
                 "step": self.state.step, "loss": loss, "train_bpd": self.train_bpd, "lr": lr, "grad_norm": norm,
                 "images_per_sec": speed, "epoch": self.state.epoch, "elapsed_s": round(time.monotonic() - self.start, 3),
@@ -345,29 +382,38 @@ class Trainer:
                     f"grad norm {norm:.3g}  {speed:.0f} img/s",
                     file=sys.stderr, flush=True,
                 )
-        self.window, self.window_time = [], 0.0
+        self.read, self.window_time = [], 0.0
+
+    def due(self, last: bool) -> tuple[bool, bool, bool]:
+        """(held-out evaluation, sample grid, checkpoint): which periodic() writes at this step."""
+        t, step = self.t, self.state.step
+        return (
+            bool(t.eval_every and self.eval_set is not None and (step % t.eval_every == 0 or last)),
+            bool(t.sample_every and t.sample_count and (step % t.sample_every == 0 or last)),
+            bool(t.checkpoint_every and step % t.checkpoint_every == 0 and not last),  # the last: after the loop
+        )
 
     def periodic(self, last: bool) -> None:
         """Held-out bits/dim, sample grids and checkpoints, each every N steps (and at the end)."""
-        t, step = self.t, self.state.step
-        if t.eval_every and self.eval_set is not None and (step % t.eval_every == 0 or last):
+        evaluate, sample, save = self.due(last)
+        if evaluate:
             self.evaluate()
-        if t.sample_every and t.sample_count and (step % t.sample_every == 0 or last):
-            if self.ctx.is_main:
-                grid = self.run_dir.write_samples(self.inference_model, self.state.step, t.seed, t.sample_count, self.eval_set, self.device)
-                self.logger.image("samples", self.state.step, grid)
-        if t.checkpoint_every and step % t.checkpoint_every == 0 and not last:
-            self.save()  # the last one is written after the loop, whatever ended it
+        if sample and self.ctx.is_main:
+            t = self.t
+            grid = self.run_dir.write_samples(self.inference_model, self.state.step, t.seed, t.sample_count, self.eval_set, self.device)
+            self.logger.image("samples", self.state.step, grid)
+        if save:
+            self.save()
 
     def _stream(self):
         ds = self.train_set
         index_lists = RankBatches(self.order, self.state.epoch, self.state.index, self.t.batch_size, self.t.grad_accum, self.ctx)
         return batches(ds, iter(index_lists), self.config.data.num_workers, seed=self.t.seed + self.ctx.rank)
 
-    def stop_on_nonfinite(self, loss: float, norm: float):
+    def stop_on_nonfinite(self, loss: float, norm: float, step: int):
         what = f"loss is {loss}" if not math.isfinite(loss) else f"gradient norm is {norm}"
         kept = f"the last good checkpoint is {self.last_checkpoint}" if self.last_checkpoint else "no checkpoint was written yet"
         raise RunError(
-            f"{what} at step {self.state.step + 1}: training stopped, nothing saved for this step; {kept}. "
+            f"{what} at step {step}: training stopped, nothing saved since; {kept}. "
             "Try a lower train.lr, more train.warmup_steps or train.grad_clip"
         )

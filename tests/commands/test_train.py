@@ -203,6 +203,43 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatc
     assert all(math.isfinite(r["loss"]) for r in rows(out))
 
 
+def test_a_nonfinite_step_read_steps_later_is_named_and_nothing_after_it_is_saved(tmp_path, monkeypatch):
+    # the losses stay on the device until a metrics row or a checkpoint reads them: step 3 goes
+    # bad, step 5 reads it, before its checkpoint
+    calls = {"n": 0}
+    forward = train.Objective.forward
+
+    def poisoned(self, *args, **kwargs):
+        calls["n"] += 1
+        nll = forward(self, *args, **kwargs)
+        return nll * float("inf") if calls["n"] == 3 else nll
+
+    monkeypatch.setattr(train.Objective, "forward", poisoned)
+    out = tmp_path / "run"
+    with pytest.raises(RunError, match=r"loss is inf at step 3: training stopped, nothing saved since; no checkpoint"):
+        train.run(tiny(out, "train.max_steps=20", "train.log_every=10", "train.checkpoint_every=5"))
+    assert list_checkpoints(out) == [] and calls["n"] == 5
+
+
+def test_the_optimizer_skips_a_step_marked_not_finite_on_the_device():
+    # what lets the loop read its losses late: the fused step leaves weights and state alone
+    from imagetx.config import RunConfig
+    from imagetx.training.optim import make_optimizer
+
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    optimizer, _, _ = make_optimizer(model, RunConfig())
+    assert optimizer.defaults["fused"]
+    for found_inf, changes in ((0.0, True), (1.0, False), (0.0, True)):
+        model(torch.randn(2, 4)).sum().backward()
+        before = [p.detach().clone() for p in model.parameters()]
+        optimizer.found_inf = torch.tensor(found_inf)
+        optimizer.step()
+        optimizer.zero_grad()
+        assert any(not torch.equal(a, p) for a, p in zip(before, model.parameters())) == changes
+    assert all(float(optimizer.state[p]["step"]) == 2 for p in model.parameters())  # the skipped step is not counted
+
+
 def test_time_limit_stops_cleanly_with_a_checkpoint(tmp_path):
     summary = train.run(tiny(tmp_path / "run", "train.max_steps=100000", "train.max_minutes=0.0001"))
     assert summary["status"] == "time_limit" and train.EXIT_STATUS["time_limit"] == 0
