@@ -9,17 +9,16 @@ import numpy as np
 import pytest
 import torch
 
-pytest.importorskip("starlette")
-pytest.importorskip("multipart")
-from starlette.testclient import TestClient  # noqa: E402
+from starlette.testclient import TestClient
 
-from imagetx.serve import work  # noqa: E402
-from imagetx.serve.app import build_app  # noqa: E402
-from imagetx.serve.jobs import Busy, Cancelled, Jobs  # noqa: E402
-from imagetx.serve.requests import MAX_UPLOAD_BYTES  # noqa: E402
-from imagetx.storage.images import display_scale, grid  # noqa: E402
-from support.serve import decode_png, events, from_data_url, png, served  # noqa: E402
+from imagetx.serve import work
+from imagetx.serve.app import build_app
+from imagetx.serve.jobs import Busy, Cancelled, Jobs
+from imagetx.serve.requests import MAX_UPLOAD_BYTES
+from imagetx.storage.images import display_scale, grid
+from support.serve import decode_png, events, from_data_url, png, served
 
+# Starlette asks for httpx2 in place of httpx in its test client; httpx works
 pytestmark = pytest.mark.filterwarnings("ignore::DeprecationWarning")
 
 LN2 = math.log(2)
@@ -80,6 +79,9 @@ def test_the_stream_sends_growing_frames_then_the_images(client, models):
     assert np.array_equal(np.stack([from_data_url(u) for u in frames[-1]["images"]]), images)
     half = from_data_url(frames[len(frames) // 2]["images"][0])
     assert not np.array_equal(half, images[0]) and (half[-1] == 0).all()  # the bottom row not drawn yet
+    grey = [96, 96, 96]
+    half_bits = from_data_url(frames[len(frames) // 2]["bits"][0])
+    assert (half_bits[-1] == grey).all() and not (half_bits[0] == grey).all(-1).any()  # only what is drawn has bits
     heat = from_data_url(result["bits"][0])
     assert heat.shape == (12, 36, 3)  # one 12x12 panel per channel
     assert result["labels"] == [4, 4] and result["decode"] == "sequential"
