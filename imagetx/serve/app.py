@@ -152,9 +152,9 @@ class Server:
         return work.likelihood, (served, image, v["label"], source), notes
 
     # -- running them ---------------------------------------------------------------------------
-    async def plain(self, request: Request, reader) -> Response:
-        """Run a request and answer with its PNG (likelihood: its JSON); cancel it when the
-        client disconnects while it waits or runs."""
+    async def plain(self, request: Request, reader, answer: str = "png") -> Response:
+        """Run a request and answer with its picture as a PNG (answer "png") or its summary as
+        JSON (answer "json"); cancel it when the client disconnects while it waits or runs."""
         try:
             fn, args, notes = await reader(request)
             job = self.jobs.admit()
@@ -169,7 +169,7 @@ class Server:
             outcome = future.result()
         except Exception as exc:
             return error_response(exc)
-        if reader == self.likelihood_request:
+        if answer == "json":
             return JSONResponse({**outcome.summary, "notes": notes})
         headers = {"X-Imagetx-Bpd": ",".join(str(b) for b in outcome.summary["bpd"])}
         if "consistency" in outcome.summary:
@@ -194,9 +194,9 @@ class Server:
                                  headers={"Cache-Control": "no-cache", "X-Accel-Buffering": "no"})
 
     def app(self) -> Starlette:
-        def plain(reader):
+        def plain(reader, answer="png"):
             async def endpoint(request):
-                return await self.plain(request, reader)
+                return await self.plain(request, reader, answer)
             return endpoint
 
         def streamed(reader):
@@ -226,7 +226,7 @@ class Server:
             Route("/api/complete/stream", streamed(self.complete_request), methods=["POST"]),
             Route("/api/superres", plain(self.superres_request), methods=["POST"]),
             Route("/api/superres/stream", streamed(self.superres_request), methods=["POST"]),
-            Route("/api/likelihood", plain(self.likelihood_request), methods=["POST"]),
+            Route("/api/likelihood", plain(self.likelihood_request, "json"), methods=["POST"]),
             Mount("/static", StaticFiles(directory=STATIC)),
         ]
         @contextlib.asynccontextmanager
