@@ -199,6 +199,8 @@ def test_bad_uploads_are_refused_with_a_message(client):
         (post({"image": ("s.png", png(np.zeros((4, 4, 3), np.uint8)))}), 422, "smaller than the model's 12x12"),
         (post({"photo": ("x.png", png(np.zeros((12, 12, 3), np.uint8)))}), 422, "unknown file field(s) photo"),
         (post({"mask": ("m.png", png(np.zeros((12, 12), np.uint8)))}), 422, "no image: send it as a file field"),
+        (post({"image": ("x.png", png(np.zeros((12, 12, 3), np.uint8)))}, {"label": "two"}), 422,
+         "label must be an integer, got 'two'"),
         (post({"image": ("x.png", png(np.zeros((12, 12, 3), np.uint8)))}, {"rows": "20"}, "/api/complete"), 422,
          "rows must be in [1, 11]"),
         (post({"image": ("x.png", png(np.zeros((12, 12, 3), np.uint8))), "mask": ("m.png", png(np.zeros((12, 12), np.uint8)))},
