@@ -47,6 +47,8 @@ def describe_error(exc: BaseException) -> tuple[int, str]:
         return 422, str(exc)
     if isinstance(exc, Cancelled):
         return 499, "the client went away"
+    if isinstance(exc, HTTPException):  # Starlette's own, e.g. a malformed request
+        return exc.status_code, str(exc.detail)
     traceback.print_exception(exc)
     return 500, f"internal error ({type(exc).__name__}: {exc}); the server keeps serving, please report it"
 
@@ -234,8 +236,8 @@ class Server:
             yield
             self.jobs.shutdown()
 
-        return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan,
-                         max_body_size=MAX_BODY_BYTES)
+        # the body limits are checked by _json_body and _form, which answer in JSON
+        return Starlette(routes=routes, exception_handlers={HTTPException: http_error}, lifespan=lifespan)
 
 
 def build_app(models: dict[str, ServedModel], queue: int = QUEUE) -> Starlette:

@@ -130,6 +130,11 @@ def test_a_body_that_is_not_a_json_object_is_a_400(client):
     for content in (b"n=3", b"[1, 2]", b"\xff\xfe"):
         r = client.post("/api/sample", content=content, headers={"content-type": "application/json"})
         assert r.status_code == 400 and "JSON" in r.json()["error"]
+    huge = b'{"n": 1, "pad": "' + b"x" * (5 * 2**20) + b'"}'
+    r = client.post("/api/sample", content=huge, headers={"content-type": "application/json"})
+    assert r.status_code == 413 and "the request is larger than" in r.json()["error"]
+    r = client.post("/api/likelihood", data={"label": "0"}, files={"image": ("a.png", huge)})
+    assert r.status_code == 413 and "the request is larger than" in r.json()["error"]
     assert client.get("/api/nothing").json() == {"error": "Not Found: GET /api/nothing"}
     assert client.get("/api/sample").status_code == 405
 
