@@ -67,6 +67,15 @@ def test_the_page_samples_completes_super_resolves_and_measures(tmp_path):
         assert len(captions) == 6 and all("bits/dim, class" in c for c in captions)
         shoot(page, tmp_path, "serve-sample.png")
 
+        # parallel decoding: the status line shows the positions each pass accepted
+        page.select_option("#sample-form [name=decode]", "parallel")
+        page.fill("#sample-form [name=n]", "1")
+        page.click("#sample-start")
+        page.wait_for_function(DONE, arg="#sample-status", timeout=120_000)
+        status = page.text_content("#sample-status")
+        assert "parallel decoding" in status and "positions accepted per pass)" in status, status
+        assert float(status.split("passes (")[1].split()[0]) > 1
+
         # Complete: an uploaded image, its top rows kept, several completions streamed
         page.click("nav .tab[data-tab=complete]")
         page.set_input_files("#complete-file", str(tmp_path / "sneaker.png"))
