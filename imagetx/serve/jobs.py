@@ -115,7 +115,13 @@ async def stream_events(jobs: Jobs, job: Job, fn: Callable, args: tuple,
     queue: asyncio.Queue = asyncio.Queue()
     job.emit = lambda event, data: loop.call_soon_threadsafe(queue.put_nowait, (event, data))
     future = jobs.submit(job, fn, *args)
-    future.add_done_callback(lambda f: queue.put_nowait(None))
+
+    def finished(f: asyncio.Future) -> None:
+        if not f.cancelled():
+            f.exception()  # read even when nobody listens any more: asyncio would log it as lost
+        queue.put_nowait(None)
+
+    future.add_done_callback(finished)
     try:
         while (item := await queue.get()) is not None:
             yield sse(*item)

@@ -8,8 +8,10 @@ from __future__ import annotations
 
 import os
 import shutil
+import time
 from pathlib import Path
 
+import httpx
 import numpy as np
 import pytest
 import torch
@@ -24,6 +26,18 @@ pytestmark = pytest.mark.skipif(CHROMIUM is None, reason="no Chromium on this ma
                                 "the browser tests need one")
 
 DONE = "selector => document.querySelector(selector).textContent.startsWith('done')"
+# what the page showed while it sampled: a progress bar part-way, and an image canvas painted then
+WATCH = """() => {
+  window.seen = {partial: false, paintedPartway: false};
+  const timer = setInterval(() => {
+    const p = document.querySelector('#sample-progress');
+    if (p.value > 0 && p.value < p.max) {
+      window.seen.partial = true;
+      if (document.querySelector('#sample-results canvas.image[data-painted]')) window.seen.paintedPartway = true;
+    }
+    if (p.value === p.max && p.max > 1) clearInterval(timer);
+  }, 5);
+}"""
 # every canvas under a selector painted, and not in one flat colour
 PAINTED = """selector => {
   const canvases = [...document.querySelectorAll(selector)];
@@ -59,9 +73,10 @@ def test_the_page_samples_completes_super_resolves_and_measures(tmp_path):
         page.select_option("#sample-form [name=model]", "fashion-mnist")
         page.fill("#sample-form [name=n]", "6")
         page.fill("#sample-form [name=seed]", "1")
+        page.evaluate(WATCH)
         page.click("#sample-start")
-        page.wait_for_function("() => { const p = document.querySelector('#sample-progress'); return p.value > 0 && p.value < p.max; }")
         page.wait_for_function(DONE, arg="#sample-status")
+        assert page.evaluate("() => window.seen") == {"partial": True, "paintedPartway": True}
         assert page.eval_on_selector("#sample-progress", "p => p.value === p.max && p.max === 784")
         page.wait_for_function(PAINTED, arg="#sample-results canvas")
         captions = page.locator("#sample-results figcaption").all_text_contents()
@@ -71,6 +86,7 @@ def test_the_page_samples_completes_super_resolves_and_measures(tmp_path):
         # parallel decoding: the status line shows the positions each pass accepted
         page.select_option("#sample-form [name=decode]", "parallel")
         page.fill("#sample-form [name=n]", "1")
+        page.eval_on_selector("#sample-status", "e => e.textContent = ''")
         page.click("#sample-start")
         page.wait_for_function(DONE, arg="#sample-status")
         status = page.text_content("#sample-status")
@@ -88,6 +104,18 @@ def test_the_page_samples_completes_super_resolves_and_measures(tmp_path):
         page.wait_for_function(PAINTED, arg="#complete-results canvas.image")
         assert page.locator("#complete-results figure").count() == 3
         shoot(page, tmp_path, "serve-complete.png")
+
+        # ... or the region painted on the canvas
+        page.check("input[name=keep][value=mask]")
+        box = page.locator("#mask").bounding_box()
+        page.mouse.move(box["x"] + 0.2 * box["width"], box["y"] + 0.3 * box["height"])
+        page.mouse.down()
+        page.mouse.move(box["x"] + 0.8 * box["width"], box["y"] + 0.4 * box["height"], steps=12)
+        page.mouse.up()
+        page.eval_on_selector("#complete-status", "e => e.textContent = ''")
+        page.click("#complete-start")
+        page.wait_for_function(DONE, arg="#complete-status")
+        assert page.locator("#complete-results figure").count() == 3
 
         # Super-resolve: the input and bicubic beside the samples, with their consistency
         page.click("nav .tab[data-tab=superres]")
@@ -120,4 +148,16 @@ def test_the_page_samples_completes_super_resolves_and_measures(tmp_path):
         page.set_input_files("#likelihood-file", {"name": "x.png", "mimeType": "image/png", "buffer": b"not a png"})
         page.click("#likelihood-start")
         page.wait_for_function("() => document.querySelector('#error').textContent.includes('not a readable image')")
+
+        # closing the page while it samples stops the server's work
+        page.click("nav .tab[data-tab=sample]")
+        page.select_option("#sample-form [name=decode]", "sequential")
+        page.fill("#sample-form [name=n]", "16")
+        page.click("#sample-start")
+        page.wait_for_function("() => document.querySelector('#sample-progress').value > 0")
+        page.close()
+        deadline = time.monotonic() + 10
+        while (status := httpx.get(f"{url}/api/status").json())["pending"] and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert status["pending"] == 0 and status["cancelled"] == 1 and status["failed"] == 0, status
         browser.close()

@@ -219,6 +219,7 @@ async function maskBlob() {  // the painted region in white on black, at the mod
 
 $("#complete-form").addEventListener("submit", async (event) => {
   event.preventDefault();
+  $("#complete-status").textContent = "waiting";  // at once: the canvases are encoded first
   const { model, values } = fields(event.target);
   const keep = document.querySelector("input[name=keep]:checked").value;
   if (keep === "rows") values.rows = Number($("#complete-rows").value);
