@@ -21,13 +21,12 @@ from starlette.staticfiles import StaticFiles
 
 from imagetx.errors import ConfigError, RunError
 from imagetx.serve import work
-from imagetx.serve.jobs import Busy, Cancelled, Jobs, stream_events
+from imagetx.serve.jobs import QUEUE, Busy, Cancelled, Jobs, stream_events
 from imagetx.serve.models import ServedModel
 from imagetx.serve.requests import MAX_BODY_BYTES, BadRequest, kept_mask, parse, read_image_upload
 from imagetx.storage.images import png_bytes
 
 STATIC = Path(__file__).resolve().parent / "static"
-QUEUE = 4  # requests running or waiting, by default; more get 503
 
 SAMPLE_FIELDS = ("model", "n", "temperature", "seed", "label", "decode")
 COMPLETE_FIELDS = SAMPLE_FIELDS + ("rows",)

@@ -16,6 +16,9 @@ from collections.abc import AsyncIterator, Callable
 from concurrent.futures import ThreadPoolExecutor
 
 
+QUEUE = 4  # requests running or waiting, by default (imagetx serve --queue); more get 503
+
+
 class Busy(Exception):
     """More requests than the queue's bound: the response is 503 with this message."""
 

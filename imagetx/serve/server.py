@@ -7,6 +7,7 @@ from dataclasses import dataclass, field
 
 from imagetx import console
 from imagetx.errors import ConfigError, RunError, raise_problems
+from imagetx.serve.jobs import QUEUE
 
 LOOPBACK = ("127.0.0.1", "localhost", "::1")
 # module -> the package that provides it (the `serve` extra of pyproject.toml)
@@ -22,7 +23,7 @@ class ServeConfig:
     port: int = 8000
     device: str = "auto"
     precision: str = "auto"  # sampling: "auto" (bf16 where native), "fp32" or "bf16"; likelihoods stay fp32
-    queue: int = 4  # requests running or waiting; more are refused with 503
+    queue: int = QUEUE  # requests running or waiting; more are refused with 503
 
     def problems(self) -> list[str]:
         from imagetx.system.distributed import device_problems

@@ -71,3 +71,21 @@ def test_the_console_script_serves_until_ctrl_c():
         _, err = proc.communicate(timeout=30)
     assert proc.returncode == 0, err
     assert f"note: open http://127.0.0.1:{port}/" in err and "Traceback" not in err
+
+
+def test_each_option_reaches_serve_with_the_library_s_default():
+    """The command's options are ServeConfig's fields, with its defaults (the CLI writes them out:
+    it imports nothing of the server)."""
+    import dataclasses
+    import inspect
+
+    from imagetx.cli import commands
+    from imagetx.serve.jobs import QUEUE
+
+    fields = {f.name: f for f in dataclasses.fields(server.ServeConfig)}
+    options = inspect.signature(commands.serve).parameters
+    assert set(options) == set(fields)
+    for name, info in options.items():
+        if fields[name].default is not dataclasses.MISSING:
+            assert info.default.default == fields[name].default, name
+    assert server.ServeConfig().queue == QUEUE
