@@ -16,6 +16,7 @@ from imagetx.serve.app import build_app
 from imagetx.serve.jobs import Busy, Cancelled, Jobs
 from imagetx.serve.requests import MAX_UPLOAD_BYTES
 from imagetx.storage.images import display_scale, grid
+from support.configs import tiny
 from support.serve import decode_png, events, from_data_url, png, served
 
 # Starlette asks for httpx2 in place of httpx in its test client; httpx works
@@ -263,3 +264,22 @@ def test_the_heat_map_colours_bits_and_greys_what_is_not_drawn():
     assert rgb.shape == (2, 2, 3)
     assert rgb[0, 0].tolist() == work._PALETTE[0].tolist() and rgb[0, 1].tolist() == work._PALETTE[255].tolist()
     assert rgb[1, 0].tolist() == work._PALETTE[255].tolist() and rgb[1, 1].tolist() == [96, 96, 96]
+
+
+@pytest.mark.parametrize("attention, output", [("local2d", "categorical"), ("local1d", "dmol")])
+def test_the_bits_of_every_sub_pixel_sum_to_the_model_s_likelihood(attention, output):
+    """Whatever the pattern and output (a DMOL pixel's bits are shared by its channels), and the
+    mask of what is drawn follows the generation order (block-raster for local 2D)."""
+    from imagetx.model.transformer import ImageTransformer
+
+    torch.manual_seed(0)
+    model = ImageTransformer(tiny(attention, output, image_size=(4, 6))).eval()
+    x = torch.randint(0, 256, (2, 4, 6, 3))
+    bits = work.bits_per_subpixel(model, x)
+    assert bits.shape == (2, 4, 6, 3) and (bits >= 0).all()
+    assert torch.allclose(bits.sum((1, 2, 3)) * LN2, model.nll(x).detach(), rtol=1e-4)
+    order = model.layout.order.tolist()  # generation step -> grid position
+    k = len(order) // 2
+    known = work.decided(model, k)  # (H, W, C); a DMOL position is a whole pixel
+    known = known[..., 0].reshape(-1) if output == "dmol" else known.reshape(-1)
+    assert known.nonzero().flatten().tolist() == sorted(order[:k])
