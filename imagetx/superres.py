@@ -110,11 +110,19 @@ def read_source(path: str | os.PathLike, source_size: tuple[int, int], channels:
     image, notices = read_image(path, channels)
     for note in notices:
         notify(note)
+    return fit_source(image, str(path), source_size, notify)
+
+
+def fit_source(image: torch.Tensor, name: str, source_size: tuple[int, int],
+               notify: Callable[[str], None] = console.note) -> torch.Tensor:
+    """uint8 (H, W, C) read from `name` -> (h, w, C) at the model's source size: other sizes
+    centre-cropped and area-resized, with a notice. Raises ImageFileError for an image smaller
+    than the source size."""
     (H, W), (h, w) = image.shape[:2], source_size
     if H < h or W < w:
-        raise ImageFileError(f"{path}: {H}x{W} is smaller than the model's {h}x{w} input size")
+        raise ImageFileError(f"{name}: {H}x{W} is smaller than the model's {h}x{w} input size")
     if (H, W) != (h, w):
-        notify(f"{path.name}: {H}x{W} centre-cropped and area-resized to the model's {h}x{w} input size")
+        notify(f"{Path(name).name}: {H}x{W} centre-cropped and area-resized to the model's {h}x{w} input size")
         image = fit(image, (h, w))
     return image
 
@@ -197,6 +205,7 @@ def super_resolve(
     consistent: bool = False,
     decode: str = "sequential",
     window: int = DEFAULT_WINDOW,
+    watch: Callable[[int, int, torch.Tensor], None] | None = None,
 ) -> torch.Tensor:
     """sources uint8 (N, h, w, C) -> samples uint8 (N, K, H, W, C), K = samples, on the CPU.
 
@@ -207,7 +216,7 @@ def super_resolve(
     every process returns all of them. labels: long (N,) or None. consistent: draw each sub-pixel
     from the model's conditional restricted to the values that keep the image's area downsampling
     equal to its source (AreaConsistency). decode, window: see decoding.generate (the same
-    samples in every mode)."""
+    samples in every mode). watch: told each batch's images so far (ImageTransformer.sample)."""
     device = next(model.parameters()).device
     N = sources.shape[0]
     H, W = model.config.image_size
@@ -233,6 +242,7 @@ def super_resolve(
                 constraint=constraint,
                 decode=decode,
                 window=window,
+                watch=watch,
             )
         except ValueError as exc:  # the model names what does not fit
             raise RunError(f"the inputs do not fit the model: {exc}") from None

@@ -21,6 +21,7 @@ LAYERS = [
     ("training", ["imagetx.training"]),
     ("commands", ["imagetx.train", "imagetx.eval_bpd", "imagetx.eval_fid", "imagetx.sample", "imagetx.superres",
                   "imagetx.plot", "imagetx.export"]),
+    ("serve", ["imagetx.serve"]),  # the web server: the commands' library functions behind HTTP
     ("cli", ["imagetx.cli"]),
 ]
 

@@ -48,7 +48,7 @@ from imagetx import console
 from imagetx.cli.boundary import Command
 from imagetx.cli.commands import app
 
-_COMPUTE_COMMANDS = {"train", "eval-bpd", "sample", "superres", "eval-fid"}
+_COMPUTE_COMMANDS = {"train", "eval-bpd", "sample", "superres", "eval-fid", "serve"}
 
 
 def _import_torch_deferring_ctrl_c() -> None:

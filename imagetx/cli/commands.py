@@ -350,3 +350,27 @@ def eval_fid(
     typer.echo(f"FID {result['fid']:.3f}")
     console.note(f"{result['samples']} samples against {result['reference_images']} images of {result['dataset']} "
                  f"({result['split']}){'; reference statistics from the cache' if result['cached'] else ''}")
+
+
+@app.command(cls=Command)
+def serve(
+    models: list[str] = typer.Argument(..., metavar="MODEL...", help="Run directories, checkpoints, `imagetx export` "
+                                       "folders or pretrained names (imagetx models); each is loaded once."),
+    host: str = typer.Option("127.0.0.1", help="Address to listen on; any other than the loopback one is open to "
+                             "whoever can reach it (there is no authentication)."),
+    port: int = typer.Option(8000, help="Port to listen on."),
+    device: str = device_option(),
+    precision: str = typer.Option("auto", help="Sampling precision: auto (bf16 where native), fp32 or bf16; likelihoods stay fp32."),
+    queue: int = typer.Option(4, help="Requests running or waiting at once; more are refused with 503."),
+) -> None:
+    """A local web page and HTTP API: watch a model sample, complete a drawing or an upload,
+    super-resolve an upload, and see an image's bits/dim and where the model is surprised.
+
+    Needs the serve extra (pip install 'imagetx[serve]'). The API (docs/serve.md) works with
+    curl, e.g.  imagetx serve shapes fashion-mnist  then
+    curl -X POST localhost:8000/api/sample -H 'content-type: application/json' -d '{"model": "shapes", "n": 4}' -o grid.png
+    """
+    from imagetx.serve.server import ServeConfig, run
+
+    with expected_failures():
+        run(_library_config(ServeConfig, locals()))

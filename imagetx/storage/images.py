@@ -123,17 +123,30 @@ def read_image(path: str | os.PathLike, channels: int) -> tuple[torch.Tensor, li
     path = Path(path)
     if not path.is_file():
         raise ImageFileError(f"{path}: no such file")
+    return decode_image(path, str(path), channels)
+
+
+def decode_image(source: str | os.PathLike | bytes, name: str, channels: int,
+                 max_pixels: int | None = None) -> tuple[torch.Tensor, list[str]]:
+    """An image file's path or its bytes (an upload) -> uint8 (H, W, channels) and notices, as
+    read_image. name: what messages call it. max_pixels: refuse larger images before decoding
+    them; Pillow's decompression-bomb limit applies in any case. Raises ImageFileError."""
+    file = io.BytesIO(source) if isinstance(source, bytes) else source
     try:
         with warnings.catch_warnings():
             warnings.simplefilter("error", Image.DecompressionBombWarning)
-            with Image.open(path) as im:
+            with Image.open(file) as im:
+                if max_pixels is not None and im.width * im.height > max_pixels:
+                    raise ImageFileError(f"{name}: {im.width}x{im.height} is more than the {max_pixels} pixels "
+                                         "allowed here; send a smaller image")
                 im.load()
                 image, notice = pil_to_tensor(im, channels)
     except (Image.DecompressionBombError, Image.DecompressionBombWarning) as e:
-        raise ImageFileError(f"{path}: too large to decode safely ({e})") from None
+        raise ImageFileError(f"{name}: too large to decode safely ({e})") from None
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError) as e:
-        raise ImageFileError(f"{path}: not a readable image ({e})") from None
-    return image, [] if notice is None else [f"{path.name}: {notice}"]
+        detail = str(e).replace(repr(file), repr(name))  # Pillow names the file object it was given
+        raise ImageFileError(f"{name}: not a readable image ({detail})") from None
+    return image, [] if notice is None else [f"{Path(name).name}: {notice}"]
 
 
 def fit(image: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
