@@ -44,13 +44,13 @@ def run_case(pattern: str, size: str, batch: int, repeats: int) -> dict:
     model = ImageTransformer(cfg)
     attn = model.blocks[0].attn
     mode = reference_mode if pattern == "dense_mask" else contextlib.nullcontext
-    bias = model.attention_bias(torch.float32)
     x = torch.randn(batch, model.layout.internal_len, cfg.d_model, requires_grad=True)
+    windows = model.attention_windows(x)  # what the model's own forward pass would take
     base = peak_rss_mb()
 
     def step():
         with mode():
-            out = attn(x, windows=bias)
+            out = attn(x, windows=windows)
             out.sum().backward()
 
     step()

@@ -3,11 +3,11 @@
 Each pattern has a fast path (blocked: every query block attends to a fixed window of keys,
 so cost grows linearly with the image) and the dense reference (one (Lp, Lp) boolean mask built
 from the definitions, see layout.dense_mask), which the tests hold the fast paths to and which
-`reference_mode()` (model/kernels.py) runs. On a GPU the local patterns run as lower-right causal
-attention over each group of blocks' gathered keys (_grouped: flash-class kernels, no mask
-tensor); on CPU local 1D takes its own path (model/local1d.py: the flash split in float32, block
-matmuls in bfloat16), local 2D the key windows and an additive mask (_blocked), as do relative
-logits everywhere, which need a mask.
+`reference_mode()` (model/kernels.py) runs. The local patterns run as lower-right causal
+attention over each group of blocks' gathered keys (_grouped: flash-class kernels on a GPU, no
+mask tensor), except local 1D on CPU, which takes its own path (model/local1d.py: the flash
+split in float32, block matmuls in bfloat16); relative logits, which need a mask, take the key
+windows and an additive mask (_blocked), as does local 1D on CPU with attention dropout.
 
 Decoding one position at a time, each layer's attention reads and extends a key/value cache
 (model/cache.py) that holds only what its pattern can see.

@@ -20,7 +20,7 @@ pattern, F.dropout, Linear -> ReLU -> Linear, residual + nn.LayerNorm):
 
 and `windowed_local1d()` turns off only the local 1D fast path (model/local1d.py), so that local
 1D runs through the windows-and-mask path that autocast and attention dropout take on CPU;
-`grouped_local_attention()` runs the local patterns through the path they take on a GPU.
+`grouped_local_attention()` runs local 1D through the path it takes on a GPU.
 """
 
 from __future__ import annotations
@@ -72,9 +72,9 @@ def causal_groups_on_cpu() -> bool:
 
 
 def grouped_local_attention():
-    """Within the block the local patterns run on CPU as they run on a GPU: lower-right causal
-    attention over each group of blocks' gathered keys (attention.CausalGroups), the path CUDA
-    takes, so that the tests hold it to the dense reference here."""
+    """Within the block local 1D runs on CPU as on a GPU (local 2D always does): lower-right
+    causal attention over each group of blocks' gathered keys (attention.CausalGroups), so that
+    the tests hold the GPU's path to the dense reference here."""
     return _set("causal_groups", True)
 
 

@@ -105,13 +105,15 @@ class ImageTransformer(nn.Module):
 
     def attention_windows(self, h: torch.Tensor) -> torch.Tensor | CausalGroups | None:
         """How the local patterns' attention finds its keys in a forward pass over h (shared by
-        all layers; None for full attention): CausalGroups for flash-class kernels off the CPU
-        (and on it inside kernels.grouped_local_attention), except with relative logits, which
-        need a mask; else the additive window mask in the dtype attention computes in."""
+        all layers; None for full attention): CausalGroups (flash-class kernels) off the CPU, and
+        on it for local 2D (1.1-2.3x faster there than the windows and their mask, forward and
+        backward: docs/benchmarks.md) or inside kernels.grouped_local_attention; not with
+        relative logits, which need a mask. Else the additive window mask in the dtype attention
+        computes in (local 1D on CPU mostly takes model/local1d.py, faster still)."""
         if self.layout.window_mask is None:
             return None
         if self.config.relative != "logits" and kernels.enabled() and (
-                h.device.type != "cpu" or kernels.causal_groups_on_cpu()):
+                h.device.type != "cpu" or self.layout.kind == "local2d" or kernels.causal_groups_on_cpu()):
             groups = range(len(self.causal_before))
             return CausalGroups(self.causal_before, *([getattr(self, f"causal_{part}_{g}") for g in groups]
                                                       for part in ("queries", "keys", "mask")))

@@ -149,9 +149,8 @@ def check_fast_equals_dense(model, x, labels=None, source=None) -> None:
     with reference_mode():
         ref, ref_grads = _loss_and_grads(model, x, labels, source)
     paths = {"fast": contextlib.nullcontext}
-    if cfg.attention == "local1d":
+    if cfg.attention == "local1d":  # local 2D's fast path is the GPU's grouped one
         paths["windowed local 1D"] = windowed_local1d
-    if cfg.attention in ("local1d", "local2d"):
         paths["grouped (the GPU's path)"] = grouped_local_attention
     try:
         for name, path in paths.items():

@@ -86,10 +86,9 @@ def test_fast_paths_equal_the_float64_dense_reference(device, case):
         ref_out, ref_grads = outputs_and_grads(reference, x, labels, source)
     move = lambda t: None if t is None else t.to(device)  # noqa: E731
     model.to(device)
-    paths = {"fast": nullcontext}  # on CUDA the local patterns' fast path is the grouped one
+    paths = {"fast": nullcontext}  # local 2D's, and on CUDA local 1D's, is the grouped path
     if model.config.attention == "local1d":
-        paths["windowed local 1D"] = windowed_local1d  # CPU autocast's path
-    if model.config.attention in ("local1d", "local2d"):
+        paths["windowed local 1D"] = windowed_local1d  # CPU attention dropout's path
         paths["grouped"] = grouped_local_attention  # CUDA's path, also on CPU
     for name, path in paths.items():
         with path():
