@@ -336,6 +336,7 @@ class Trainer:
         if steps is self.window:
             self.read.extend(values)
             self.window = []
+
     @property
     def last_step(self) -> int:
         """Where the loop ends unless the time limit or a signal ends it first: train.max_steps,

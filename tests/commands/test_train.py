@@ -184,16 +184,22 @@ def test_sigint_saves_a_checkpoint_and_exits_130(tmp_path):
     assert f"interrupted at step {step}" in err
 
 
-def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+def poison_forward(monkeypatch, at: int, value: float) -> dict:
+    """Multiply the loss of the `at`-th forward pass by `value` (nan, inf) -> {"n": passes so far}."""
     calls = {"n": 0}
     forward = train.Objective.forward
 
     def poisoned(self, *args, **kwargs):
         calls["n"] += 1
         nll = forward(self, *args, **kwargs)
-        return nll * float("nan") if calls["n"] == 8 else nll
+        return nll * value if calls["n"] == at else nll
 
     monkeypatch.setattr(train.Objective, "forward", poisoned)
+    return calls
+
+
+def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatch):
+    poison_forward(monkeypatch, 8, float("nan"))
     out = tmp_path / "run"
     with pytest.raises(RunError, match=r"loss is nan at step 8: training stopped") as info:
         train.run(tiny(out, "train.max_steps=20"))
@@ -206,15 +212,7 @@ def test_nonfinite_loss_stops_and_keeps_the_last_checkpoint(tmp_path, monkeypatc
 def test_a_nonfinite_step_read_steps_later_is_named_and_nothing_after_it_is_saved(tmp_path, monkeypatch):
     # the losses stay on the device until a metrics row or a checkpoint reads them: step 3 goes
     # bad, step 5 reads it, before its checkpoint
-    calls = {"n": 0}
-    forward = train.Objective.forward
-
-    def poisoned(self, *args, **kwargs):
-        calls["n"] += 1
-        nll = forward(self, *args, **kwargs)
-        return nll * float("inf") if calls["n"] == 3 else nll
-
-    monkeypatch.setattr(train.Objective, "forward", poisoned)
+    calls = poison_forward(monkeypatch, 3, float("inf"))
     out = tmp_path / "run"
     with pytest.raises(RunError, match=r"loss is inf at step 3: training stopped, nothing saved since; no checkpoint"):
         train.run(tiny(out, "train.max_steps=20", "train.log_every=10", "train.checkpoint_every=5"))

@@ -232,13 +232,21 @@ CONVERT = textwrap.dedent(
     """
     import sys, time
     from pathlib import Path
+    from imagetx import console
     from imagetx.data import cache, load_dataset
-    write = cache._write
+    write, note = cache._write, console.note
+    waited = Path(sys.argv[3] + ".waited")
+    def noting(text, *args, **kwargs):
+        if text.startswith("waiting for"):
+            waited.touch()
+        note(text, *args, **kwargs)
     def slow_write(entry, *args):
         print("converting", flush=True)
-        time.sleep(1.5)  # long enough for the other process to find the entry locked
+        start = time.time()  # hold the lock until the other process waits on it, however late it comes
+        while not waited.exists() and time.time() - start < 60:
+            time.sleep(0.01)
         write(entry, *args)
-    cache._write = slow_write
+    console.note, cache._write = noting, slow_write
     print("ready", flush=True)
     while not Path(sys.argv[3]).exists():  # both start together, however long each took to import torch
         time.sleep(0.01)
