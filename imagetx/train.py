@@ -273,7 +273,7 @@ class Trainer:
                     stop = [float(signals.received is not None), float(out_of_time), float(cool_down)]
                     if ctx.is_distributed:  # the mean loss and the flags in one collective
                         flags = torch.tensor([0.0, *stop])
-                        flags = flags.pin_memory().to(self.device, non_blocking=True) if self.device.type == "cuda" else flags
+                        flags = (flags.pin_memory() if self.device.type == "cuda" else flags).to(self.device, non_blocking=True)
                         flags[0] = loss.float()
                         all_reduce_sum(flags)
                         loss = flags[0] / ctx.world_size
@@ -281,7 +281,7 @@ class Trainer:
                     if skips_on_device:
                         s.optimizer.found_inf = (~(torch.isfinite(loss) & torch.isfinite(norm))).float()
                     else:  # an optimizer that cannot skip on the device: checked before it steps
-                        self.settle([(loss, norm)])
+                        self.check_finite([(loss, norm)], s.step + 1)
                     s.optimizer.step()
                     if s.ema is not None:
                         s.ema.update(s.model)
@@ -295,7 +295,7 @@ class Trainer:
                     last = s.step == self.last_step
                     log = s.step % t.log_every == 0 or last or bool(stop[0] or stop[1])  # a row for the last step
                     if log or any(self.due(last or bool(stop[1]))):
-                        self.settle(self.window)
+                        self.settle()
                     self.window_time += time.perf_counter() - tick
                     self.progress(lr, per_step, log)
                     if stop[0]:
@@ -307,7 +307,7 @@ class Trainer:
                         break
                     self.periodic(last)
                 if self.saved_step != s.step:
-                    self.settle(self.window)
+                    self.settle()
                     self.save()
         finally:
             self.bar.close()
@@ -324,18 +324,20 @@ class Trainer:
             report(summary, self.t.max_minutes)
         return summary
 
-    def settle(self, steps: list[tuple[torch.Tensor, torch.Tensor]]) -> None:
-        """Read the (loss, grad norm) of the steps not read yet (the last len(steps) steps taken,
-        or the one about to be taken) in one transfer; stop the run at the first that is not
-        finite. Keeps them as floats in self.read for the metrics row."""
+    def settle(self) -> None:
+        """Read the steps not read yet (self.window) into self.read, for the metrics row; stop the
+        run at the first that is not finite (check_finite)."""
+        self.read += self.check_finite(self.window, self.state.step - len(self.window) + 1)
+        self.window = []
+
+    def check_finite(self, steps: list[tuple[torch.Tensor, torch.Tensor]], first: int) -> list[list[float]]:
+        """(loss, grad norm) of steps first, first + 1, ... on the device -> as floats, read in one
+        transfer; raises RunError at the first that is not finite."""
         values = torch.stack([torch.stack([loss.float(), norm.float()]) for loss, norm in steps]).tolist() if steps else []
-        first = self.state.step - len(steps) + 1 if steps is self.window else self.state.step + 1
         for i, (loss, norm) in enumerate(values):
             if not (math.isfinite(loss) and math.isfinite(norm)):
                 self.stop_on_nonfinite(loss, norm, first + i)
-        if steps is self.window:
-            self.read.extend(values)
-            self.window = []
+        return values
 
     @property
     def last_step(self) -> int:

@@ -321,6 +321,7 @@ def _parallel(model, flat, labels, source, temperature, seed, images, per_step, 
     # whether each step's sub-pixel above comes before it by more than `window` steps: then, as
     # a window enters new steps, every one above is older than all of them (one gather)
     far = [k - a > window or a == k for k, a in enumerate(above)]
+    follow = [c for c in (constraint, cells) if c is not None]  # told the values placed
     decoder = IncrementalDecoder(model, n, labels, source, window)
     chunk = max(window, NOISE_CHUNK // (n * per_step * 256))
     noise_from, gumbel = 0, None
@@ -339,8 +340,7 @@ def _parallel(model, flat, labels, source, temperature, seed, images, per_step, 
         inputs = vals[:, max(k - 1, 0) : k + W - 1]
         inputs = inputs[..., 0] if cfg.output == "categorical" else inputs
         bounds = ranges = None
-        if constraint is not None or cells is not None:  # follow the guesses, then roll back
-            follow = [c for c in (constraint, cells) if c is not None]
+        if follow:  # follow the guesses, then roll back
             saved = [c.snapshot() for c in follow]
             los, his, rows = [], [], []
             for j in range(W):
@@ -378,15 +378,12 @@ def _parallel(model, flat, labels, source, temperature, seed, images, per_step, 
         if empty is not None:  # a range left empty by primed values, among the positions kept
             lo, hi = (b.view(n, W, -1)[:, :accepted] for b in bounds)
             empty = empty | (lo > hi).any()
-        for j in range(accepted) if constraint is not None or cells is not None or progress is not None else ():
-            if constraint is not None or cells is not None:
-                g = steps[k + j]
-                v = drawn[:, j, 0] if cfg.output == "categorical" else drawn[:, j]
-                for c in (constraint, cells):
-                    if c is not None:
-                        c.record(g, v)
-            if progress is not None:  # once per position, as sequential decoding calls it
-                progress(k + j + 1, L)
+        for j in range(accepted if follow else 0):
+            v = drawn[:, j, 0] if cfg.output == "categorical" else drawn[:, j]
+            for c in follow:
+                c.record(steps[k + j], v)
+        for j in range(accepted if progress is not None else 0):  # once per position, as sequential decoding
+            progress(k + j + 1, L)
         if seen is not None:  # only for a watcher: the positions decided, into the image
             flat[:, order[k : k + accepted]] = vals[:, k : k + accepted]
             seen(k + accepted)

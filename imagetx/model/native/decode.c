@@ -249,10 +249,9 @@ TARGET static void layer_norm(float *out, const float *in, const bf16 *w, const 
     }
     const __m512 inv = _mm512_set1_ps(1.f / sqrtf((float)(sum8(q) / d) + eps)), m = _mm512_set1_ps((float)mean);
     for (long i = 0; i < d; i += 16) {
-        const __mmask16 k = first16(d - i);
-        const __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(k, in + i), m), inv);
-        _mm512_mask_storeu_ps(out + i, k, _mm512_add_ps(_mm512_mul_ps(x, bf16_lanes(w + i, d - i < 16 ? (int)(d - i) : 16)),
-                                                        bf16_lanes(b + i, d - i < 16 ? (int)(d - i) : 16)));
+        const int n = d - i < 16 ? (int)(d - i) : 16;
+        const __m512 x = _mm512_mul_ps(_mm512_sub_ps(_mm512_maskz_loadu_ps(first16(n), in + i), m), inv);
+        _mm512_mask_storeu_ps(out + i, first16(n), _mm512_add_ps(_mm512_mul_ps(x, bf16_lanes(w + i, n)), bf16_lanes(b + i, n)));
     }
 }
 
