@@ -59,7 +59,13 @@ def hash64(seed: int, *counters: torch.Tensor) -> torch.Tensor:
     """seed: int in [0, 2^64); counters: long tensors (at least one, broadcast together) ->
     int64 of their broadcast shape, on their device: the bits of a hash of (seed, counters...),
     chained h <- mix(h + GOLDEN * (c + 1)), so every counter and its position matter."""
-    h = _signed(mix_int(seed))
+    return chain(_signed(mix_int(seed)), *counters)
+
+
+def chain(h: int | torch.Tensor, *counters: torch.Tensor) -> torch.Tensor:
+    """hash64 carried on from the hash h (the seed's, or a tensor of hashes of the counters
+    before these): chain(chain(h, a), b) == chain(h, a, b). With h a tensor, nothing about the
+    seed is a Python constant, so a captured decoding step serves every seed."""
     for c in counters:
         h = _mix((c.long() + 1) * _signed(_GOLDEN) + h)
     return h
@@ -78,7 +84,12 @@ def uniform(seed: int, *counters: torch.Tensor) -> torch.Tensor:
 def gumbel(seed: int, *counters: torch.Tensor) -> torch.Tensor:
     """-> float32 standard Gumbel noise -log(-log(u)) of the counters' broadcast shape, in
     [-3.61, 36.74] (the ends of uniform's range): the tails beyond have probability < 1e-15."""
-    return uniform(seed, *counters).log().neg().log().neg().float()
+    return to_gumbel(hash64(seed, *counters))
+
+
+def to_gumbel(bits: torch.Tensor) -> torch.Tensor:
+    """int64 bits -> float32 -log(-log(u)) of their uniform u (to_uniform), computed in float64."""
+    return to_uniform(bits).log().neg().log().neg().float()
 
 
 def value_gumbel(seed: int, images: torch.Tensor, steps: torch.Tensor, channels: int, values: int = 256) -> torch.Tensor:
@@ -93,6 +104,30 @@ def value_gumbel(seed: int, images: torch.Tensor, steps: torch.Tensor, channels:
     value = torch.arange(values, device=device)
     return gumbel(seed, images[:, None, None, None], steps.to(device)[None, :, None, None],
                   channel[None, None, :, None], value[None, None, None, :])  # (B, S, C, V)
+
+
+def image_keys(seed: int, images: torch.Tensor) -> torch.Tensor:
+    """images: long (B,) global image indices -> int64 (B,), the hash of (seed, image) that
+    step_gumbel carries on from: every value drawn for an image depends on the seed only
+    through it."""
+    return hash64(seed, images)
+
+
+def value_counters(channels: int, values: int = 256, device=None) -> tuple[torch.Tensor, torch.Tensor]:
+    """The channel and value counters of one step's noise, long (channels, 1) and (1, values):
+    made once and handed to step_gumbel, so that a compiled step makes no index range of its own
+    (Inductor's CPU code for torch 2.14.1 gets a hash of an arange made in the graph wrong past
+    its first 16 elements; one passed in is hashed right)."""
+    return (torch.arange(channels, device=device)[:, None], torch.arange(values, device=device)[None, :])
+
+
+def step_gumbel(keys: torch.Tensor, step: torch.Tensor, counters: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """keys: image_keys (B,); step: long tensor of one element, a generation step; counters:
+    value_counters(channels, values), all on one device -> float32 (B, channels, values), equal
+    to value_gumbel(seed, images, step, channels, values)[:, 0]: the noise of one step from
+    device tensors only, no host value."""
+    channel, value = counters
+    return to_gumbel(chain(keys[:, None, None], step.reshape(1, 1, 1), channel[None], value[None]))
 
 
 def seed_from(generator: torch.Generator | None = None) -> int:
