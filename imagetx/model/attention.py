@@ -203,13 +203,15 @@ class Attention(nn.Module):
                 return self.out(local1d.attend(qkv, self.n_heads, self.layout.block, windows, bias_fn))
             rotary = self.relative == "rotary"  # keys at their own position, before any cache
             pos = self.positions
-            if rotary and cache is not None and kernels.enabled():  # one decoding step: fewest operations
-                at = cache.position.internal
-                qkv = kernels.rotate_qkv(qkv, pos.cos[at : at + 1], pos.sin[at : at + 1], self.n_heads)
+            # one decoding step: fewest operations (its in-place writes are eager code: a compiled
+            # step takes relative.rotate, which the compiler fuses anyway)
+            if rotary and cache is not None and kernels.enabled() and not torch.compiler.is_compiling():
+                at = cache.position.rows()
+                qkv = kernels.rotate_qkv(qkv, pos.cos[at], pos.sin[at], self.n_heads)
                 rotary = False
             q, k, v = (self._heads(t) for t in qkv.chunk(3, dim=-1))
             if rotary:
-                at = slice(None) if cache is None else slice(cache.position.internal, cache.position.internal + 1)
+                at = slice(None) if cache is None else cache.position.rows()
                 q, k = rotate(q, pos.cos[at], pos.sin[at]), rotate(k, pos.cos[at], pos.sin[at])
             o = self._attend(q, k, v, p, windows, cache)
         o = o.transpose(1, 2).reshape(B, L, -1)  # (B, L, h*hd)

@@ -35,6 +35,11 @@ class Position:
     step: int = 0
     internal: int = 0
 
+    def rows(self) -> slice:
+        """The position's row of a table over internal positions (the rotary angles): a slice,
+        so that the table's row keeps its dimension."""
+        return slice(self.internal, self.internal + 1)
+
 
 class FullCache:
     """Keys and values of every position so far, in generation order."""

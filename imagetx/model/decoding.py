@@ -169,6 +169,7 @@ def generate(
     model, n, labels=None, source=None, temperature=1.0, generator=None, use_cache=True,
     prime=None, prime_mask=None, progress=None, constraint=None, seed: int | None = None, first_index: int = 0,
     decode: str = "sequential", window: int = DEFAULT_WINDOW, first_guess: str = "above", watch=None,
+    static: bool | None = None,
 ) -> torch.Tensor:
     """See ImageTransformer.sample.
 
@@ -196,7 +197,12 @@ def generate(
     (sequential) or pass (parallel): image, long (n, H, W, C), holds the values of the first
     `done` generation steps (and primed values) and zeros elsewhere; it is the decoder's own
     buffer, so a watcher that keeps it copies it. A parallel pass decides done - (the last done)
-    positions at once."""
+    positions at once.
+
+    static: sequential cached decoding through model/static.py's StaticDecoder, every step the
+    same kernels on the same buffers, captured as a CUDA graph on a GPU (torch.compile,
+    mode="reduce-overhead"); the same images. None: on CUDA, where it applies (static_problem),
+    else IncrementalDecoder."""
     cfg = model.config
     sampling.check_temperature(temperature)
     problems = decode_problems(decode, window) + ([] if first_guess in GUESSES else [f"first_guess must be one of {GUESSES}"])
@@ -250,23 +256,37 @@ def generate(
     try:
         flat = x.view(n, cfg.seq_len, -1)  # (n, L, 1) categorical or (n, L, C) DMOL, grid order
         steps = model.layout.order_list  # generation step -> grid position
-        decoder = IncrementalDecoder(model, n, labels, source) if use_cache else None
+        fixed = run = None
+        if use_cache and _static(model, static, device, constraint, cells):
+            from imagetx.model.static import StaticDecoder
+            from imagetx.training.compiling import compile_or_eager
+
+            fixed = StaticDecoder(model, n, labels, source, temperature, seed, images)
+            graphs = device.type == "cuda" and torch.cuda.is_available()  # (not under a fake CUDA mode)
+            run = compile_or_eager(fixed, device, mode="reduce-overhead") if graphs else fixed
+        decoder = IncrementalDecoder(model, n, labels, source) if use_cache and fixed is None else None
         prev = gumbel = None
         for k, g in enumerate(steps):
-            if decoder is not None:
-                out = decoder.step(k, prev, None if cells is None else cells.range_inputs(g))
+            if fixed is not None:  # the whole step on the device, the draw included
+                fixed.set_step(k)
+                value = run().view(n, -1)
             else:
-                full = model(x, labels, source)  # recompute everything: the reference path
-                out = full.reshape(n, cfg.seq_len, -1)[:, g]
-            if temperature > 0 and k % chunk == 0:
-                ahead = torch.arange(k, min(k + chunk, len(steps)), device=device)
-                gumbel = noise.value_gumbel(seed, images, ahead, per_step)  # (n, S, 1 or C, 256)
-            bounds = None if constraint is None else constraint.bounds(g)
-            if empty is not None:
-                empty = empty | (bounds[0] > bounds[1]).any()
-            value = draw(out, cfg, temperature, None if gumbel is None else gumbel[:, k % chunk], bounds).view(n, -1)
+                if decoder is not None:
+                    out = decoder.step(k, prev, None if cells is None else cells.range_inputs(g))
+                else:
+                    full = model(x, labels, source)  # recompute everything: the reference path
+                    out = full.reshape(n, cfg.seq_len, -1)[:, g]
+                if temperature > 0 and k % chunk == 0:
+                    ahead = torch.arange(k, min(k + chunk, len(steps)), device=device)
+                    gumbel = noise.value_gumbel(seed, images, ahead, per_step)  # (n, S, 1 or C, 256)
+                bounds = None if constraint is None else constraint.bounds(g)
+                if empty is not None:
+                    empty = empty | (bounds[0] > bounds[1]).any()
+                value = draw(out, cfg, temperature, None if gumbel is None else gumbel[:, k % chunk], bounds).view(n, -1)
             if prime is not None:
                 value = torch.where(keep[:, g], flat[:, g], value)
+                if fixed is not None:  # the next step's input is the value placed
+                    fixed.last.copy_(value.view_as(fixed.last))
             flat[:, g] = value
             if constraint is not None:
                 constraint.record(g, value[:, 0] if cfg.output == "categorical" else value)
@@ -282,6 +302,17 @@ def generate(
     if empty is not None and bool(empty):
         raise ValueError(EMPTY_RANGE)
     return x.to(torch.uint8)
+
+
+def _static(model, static: bool | None, device: torch.device, constraint, cells) -> bool:
+    """Whether generate decodes through StaticDecoder (see its `static`); raises ValueError for
+    static=True where it does not apply."""
+    from imagetx.model.static import static_problem
+
+    problem = static_problem(model, constraint, cells)
+    if static and problem is not None:
+        raise ValueError(f"static decoding does not take {problem}")
+    return problem is None and (static if static is not None else device.type == "cuda")
 
 
 def _above(layout) -> list[int]:

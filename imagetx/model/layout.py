@@ -19,6 +19,8 @@ decoding caches use.
 
 from __future__ import annotations
 
+import heapq
+import itertools
 from dataclasses import dataclass, field
 
 import torch
@@ -79,6 +81,8 @@ class Layout:
     visibility_slot: list[list[int]] | None = field(init=False)
     # local patterns as lower-right causal attention, for flash-class kernels (causal_groups)
     causal_groups: list[tuple[int, torch.Tensor, torch.Tensor]] | None = field(init=False)
+    # every pattern: where each key lives in a static decoding cache (model/static.py)
+    slot_plan: SlotPlan = field(init=False)
 
     def __post_init__(self):
         same_length = self.internal_len == self.seq_len
@@ -92,6 +96,7 @@ class Layout:
             order, self.visible_count = visibility_order(self.window_mask, self.valid)
             self.visibility, self.visibility_slot = order.tolist(), torch.argsort(order, dim=1).tolist()
             self.causal_groups = causal_groups(self)
+        self.slot_plan = slot_plan(self)
 
     @property
     def seq_len(self) -> int:
@@ -177,6 +182,83 @@ def causal_groups(layout: Layout) -> list[tuple[int, torch.Tensor, torch.Tensor]
         q_list.append([b * layout.block + i for i in queries])
         k_list.append(keys.tolist())
     return [(before, torch.tensor(q), torch.tensor(k)) for (before, _), (q, k) in sorted(groups.items())]
+
+
+@dataclass(frozen=True)
+class SlotPlan:
+    """Where each key of a cached decoding lives in a static cache of `slots` slots, as host data
+    (model/static.py makes its tables from it).
+
+    slot_of[k]: the slot generation step k's key and value are written to.
+    group_of[k]: step k's block, the group of steps that share one list of keys.
+    count[k]: how many keys of its block's list step k sees (a prefix).
+    rank[g][s]: while block g's steps run, slot s holds the key at place rank[g][s] of g's list,
+    or a key none of them sees (rank = slots, above every count): step k sees slot s exactly
+    when rank[group_of[k]][s] < count[k]."""
+
+    slots: int
+    slot_of: list[int]
+    group_of: list[int]
+    count: list[int]
+    rank: list[list[int]]
+
+
+def visible_keys(layout) -> tuple[list[list[int]], list[int], list[int]]:
+    """The keys each decoding step sees, by generation step -> (lists, group, count): step k sees
+    lists[group[k]][:count[k]], each list in the order its block's steps come to see the keys.
+    Raises ValueError where a step would see a key that is not generated before it or itself."""
+    L = layout.seq_len
+    if layout.window_mask is None:  # full attention: one list, the whole prefix
+        return [list(range(L))], [0] * L, [k + 1 for k in range(L)]
+    gen_of = {p: k for k, p in enumerate(layout.gen_to_internal_list)}
+    positions = window_positions(layout).tolist()
+    lists, group, count, index = [], [], [], {}
+    for k, p in enumerate(layout.gen_to_internal_list):
+        b, i = divmod(p, layout.block)
+        if b not in index:
+            index[b] = len(lists)
+            lists.append([gen_of.get(positions[b][j], L) for j in layout.visibility[b]])  # L: padding
+        group.append(index[b])
+        count.append(layout.visible_count[b][i])
+    most = [0] * len(lists)
+    for g, n in zip(group, count):
+        most[g] = max(most[g], n)
+    lists = [keys[:n] for keys, n in zip(lists, most)]  # the keys some step sees; past them padding's
+    latest = [list(itertools.accumulate(keys, max)) for keys in lists]  # the latest key of each prefix
+    for k, (g, n) in enumerate(zip(group, count)):
+        if latest[g][n - 1] != k:  # distinct keys: k is among them exactly when it is the latest
+            raise ValueError(f"decoding step {k} would see a key generated after it, or not its own")
+    return lists, group, count
+
+
+def slot_plan(layout) -> SlotPlan:
+    """Slots for every key of a decoding in `layout`, each slot reused once no later step reads
+    the key it holds (allocated greedily, lowest free slot first, in generation order)."""
+    lists, group, count = visible_keys(layout)
+    L = layout.seq_len
+    last_step = [0] * len(lists)
+    for k, g in enumerate(group):
+        last_step[g] = k  # steps of a block are consecutive and counts grow: the last reads most
+    last_read = list(range(L))  # a step reads its own key
+    for g, keys in enumerate(lists):
+        for j in keys:
+            last_read[j] = max(last_read[j], last_step[g])
+    freed_after: list[list[int]] = [[] for _ in range(L)]
+    for j, k in enumerate(last_read):
+        freed_after[k].append(j)
+    slot_of, free, slots = [0] * L, [], 0
+    for k in range(L):
+        if free:
+            slot_of[k] = heapq.heappop(free)
+        else:
+            slot_of[k], slots = slots, slots + 1
+        for j in freed_after[k]:
+            heapq.heappush(free, slot_of[j])
+    rank = [[slots] * slots for _ in lists]
+    for g, keys in enumerate(lists):
+        for place, j in enumerate(keys):
+            rank[g][slot_of[j]] = place
+    return SlotPlan(slots, slot_of, group, count, rank)
 
 
 def make_layout(config: ModelConfig) -> Layout:

@@ -269,6 +269,7 @@ class ImageTransformer(nn.Module):
         decode: str = "sequential",
         window: int | None = None,
         watch=None,
+        static: bool | None = None,
     ) -> torch.Tensor:
         """Draw n images: uint8 (n, H, W, C), in the model's generation order.
 
@@ -285,6 +286,8 @@ class ImageTransformer(nn.Module):
         decode: "sequential", "parallel" (Jacobi passes of `window` positions, default
         decoding.DEFAULT_WINDOW) or "auto": the same images in every mode (see decoding.generate).
         watch: an optional callable(steps_done, steps_total, image so far) (see decoding.generate).
+        static: decode through the static-shape step (model/static.py), captured as a CUDA graph
+        on a GPU; None: on CUDA where it applies (see decoding.generate).
         """
         from imagetx.model.decoding import DEFAULT_WINDOW, generate
 
@@ -292,5 +295,5 @@ class ImageTransformer(nn.Module):
             self, n, labels=labels, source=source, temperature=temperature, generator=generator,
             use_cache=use_cache, prime=prime, prime_mask=prime_mask, progress=progress, constraint=constraint,
             seed=seed, first_index=first_index, decode=decode, window=DEFAULT_WINDOW if window is None else window,
-            watch=watch,
+            watch=watch, static=static,
         )

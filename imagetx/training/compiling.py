@@ -47,11 +47,11 @@ class CompiledOrEager(nn.Module):
     (DDP's no_sync, for one); the wrapped module is `_orig_mod`, the name checkpoint.unwrap_model
     and the state-dict prefixes already know."""
 
-    def __init__(self, module: nn.Module):
+    def __init__(self, module: nn.Module, **options):
         super().__init__()
         self._orig_mod = module
         # kept out of the submodules: its parameters are module's, and would be listed twice
-        self.__dict__["_compiled"] = torch.compile(module)
+        self.__dict__["_compiled"] = torch.compile(module, **options)
 
     @property
     def compiled(self) -> bool:
@@ -84,13 +84,14 @@ class CompiledOrEager(nn.Module):
             return getattr(self._orig_mod, name)
 
 
-def compile_or_eager(module: nn.Module, device: torch.device | str) -> nn.Module:
-    """`module` through torch.compile (a CompiledOrEager) where this machine has what compiling
-    for `device` needs; otherwise `module` itself, with one warning that names what is missing."""
+def compile_or_eager(module: nn.Module, device: torch.device | str, **options) -> nn.Module:
+    """`module` through torch.compile(module, **options) (a CompiledOrEager) where this machine
+    has what compiling for `device` needs; otherwise `module` itself, with one warning that
+    names what is missing."""
     problems = toolchain_problems(device)
     if problems:
         missing = "; ".join(problems)
         warnings.warn(f"torch.compile cannot build code here, so the model runs eagerly (slower): {missing}",
                       stacklevel=2)
         return module
-    return CompiledOrEager(module)
+    return CompiledOrEager(module, **options)

@@ -18,7 +18,8 @@ pattern, both outputs, classes, super-resolution, consistent, range_input, relat
 rotary):
 - a training forward pass in fp32 and under bf16 autocast, and an eval-mode nll;
 - cached decoding through two block boundaries in fp32 and bf16 (for_decoding's copies), one
-  position at a time and in parallel decoding's passes;
+  position at a time, in parallel decoding's passes and through the static-shape step that
+  CUDA graphs capture (model/static.py), its draw included;
 - the backward pass and the optimizer step of `imagetx train` (meta);
 and, on drawn configurations, the library functions behind the commands: `generate` (`sample`,
 run grids, `eval-fid`'s sampling), `super_resolve` (`superres`), the evaluation loop of
@@ -42,6 +43,7 @@ from imagetx import ImageTransformer, ModelConfig
 from imagetx.config import load_config
 from imagetx.model import attention
 from imagetx.model.decoding import IncrementalDecoder, for_decoding
+from imagetx.model.static import StaticDecoder, static_problem
 from support.properties import model_inputs
 from support.configs import model_configs
 from support import REPO
@@ -116,6 +118,14 @@ def check_decoding(model, labels, source, steps: list[int]) -> None:
         for k in steps:
             out = decoder.step(k, prev, ranges)
             check_device(out, CUDA, f"the decoder's output at step {k} ({dtype})")
+        if static_problem(model) is None:  # the static-shape step (CUDA graphs' path), the draw included
+            fixed = StaticDecoder(model, 2, labels, source, temperature=0.8, seed=1)
+            for k in steps:
+                fixed.set_step(k)
+                value = fixed()
+                check_device(value, CUDA, f"the static decoder's value at step {k} ({dtype})")
+                for name, t in list(fixed.named_buffers()) + list(fixed.named_parameters()):
+                    check_device(t, CUDA, f"the static decoder's {name} ({dtype})")
         # parallel decoding's passes of 3 positions, going back inside the last pass as a wrong
         # guess makes it (the cache's rewind and the local 2D regather included)
         W = 3
