@@ -22,9 +22,12 @@
 #      12-layer compile alone may take most of the budget), bf16 autocast, torch.compile: seconds
 #      per step, model FLOPs utilisation against this GPU's measured bf16 matmul peak;
 #   3. benchmarks/sampling.py: cached sampling of the full 12-layer model, ms per sub-pixel at
-#      batch 1 and batch 256.
+#      batch 1 and batch 256;
+#   4. the same with the static-shape step `imagetx sample` takes on a GPU (imagetx/model/static.py),
+#      compiled to a CUDA graph per step: ms per sub-pixel, its ratio to the roofline and its
+#      speed-up over stage 3's eager step (a stage of its own: its compile may take long).
 # The preflight and every stage run under `timeout -k 5 LIMIT` (the LIMIT_* values below:
-# 25 + 130 + 75 + 35 = 265 s, 285 s with every stage killed 5 s after its limit), so a stage
+# 25 + 105 + 70 + 35 + 35 = 270 s, 295 s with every stage killed 5 s after its limit), so a stage
 # that hangs or fails still leaves the others' numbers, and a stage that runs out of time is
 # recorded as `"timed_out": true` (with the tests that finished by then). The summary is
 # computed without torch and written in every case; "ok" is true when every stage ran and
@@ -46,27 +49,30 @@ fi
 # Python < 3.11, where tomllib is missing: the preflight adds it)
 PACKAGES="torch torchvision typer rich tqdm pillow:PIL numpy tomli-w:tomli_w safetensors matplotlib pytest hypothesis"
 LIMIT_PREFLIGHT=25
-LIMIT_TESTS=130
-LIMIT_TRAIN=75
+LIMIT_TESTS=105
+LIMIT_TRAIN=70
 LIMIT_SAMPLING=35
+LIMIT_STATIC=35
 start=$(date +%s)
-preflight_rc="" tests_rc="" train_rc="" sampling_rc="" tests_k=""
+preflight_rc="" tests_rc="" train_rc="" sampling_rc="" static_rc="" tests_k=""
 # a stage stopped by its limit leaves no report: never read an earlier run's in its place
 for name in gpu_check.json preflight.json preflight.txt preflight.log cuda_tests.xml cuda_tests.log \
-            train_step.json train_step.log sampling.json sampling.log; do
+            train_step.json train_step.log sampling.json sampling.log static.json static.log; do
     rm -f "$OUT/$name"
 done
 
 summarize() {
-    "$PY" - "$OUT" "$preflight_rc" "$tests_rc" "$train_rc" "$sampling_rc" "$(( $(date +%s) - start ))" "$tests_k" \
+    "$PY" - "$OUT" "$preflight_rc" "$tests_rc" "$train_rc" "$sampling_rc" "$static_rc" "$(( $(date +%s) - start ))" \
+        "$tests_k" \
         <<'PY' | tee "$OUT/gpu_check.json"
 import json, re, sys
 import xml.etree.ElementTree as ET
 from pathlib import Path
 
 out = Path(sys.argv[1])
-rcs = {name: int(rc) if rc else None for name, rc in zip(("preflight", "tests", "train", "sampling"), sys.argv[2:6])}
-seconds, tests_k = int(sys.argv[6]), sys.argv[7]
+rcs = {name: int(rc) if rc else None
+       for name, rc in zip(("preflight", "tests", "train", "sampling", "static"), sys.argv[2:7])}
+seconds, tests_k = int(sys.argv[7]), sys.argv[8]
 
 
 def load(name):
@@ -142,9 +148,16 @@ if rcs["sampling"] is not None:
         f"batch{b}": {k: sampling.get(f"batch{b}", {}).get(k) for k in (
             "ms_per_subpixel_step", "ms_per_image_subpixel", "roofline_ms", "measured_over_roofline")}
         for b in (1, 256)})}
+if rcs["static"] is not None:
+    fixed = load("static.json")
+    summary["sampling_static_cifar10_bf16"] = {**stage("static"), **({} if fixed is None else {
+        f"batch{b}": {k: fixed.get(f"batch{b}", {}).get(k) for k in (
+            "static_ms_per_subpixel_step", "static_compiled", "static_measured_over_roofline",
+            "static_speedup_over_eager", "ms_per_subpixel_step", "roofline_ms")}
+        for b in (1, 256)})}
 
 summary["ok"] = "error" not in summary and all(
-    rcs[name] == 0 for name in ("tests", "train", "sampling")) and summary.get("cuda_tests", {}).get("passed", 0) > 0
+    rcs[name] == 0 for name in ("tests", "train", "sampling", "static")) and summary.get("cuda_tests", {}).get("passed", 0) > 0
 print(json.dumps(summary, indent=1))
 PY
 }
@@ -206,6 +219,11 @@ train_rc=$?
 timeout -k 5 "$LIMIT_SAMPLING" "$PY" benchmarks/sampling.py --device cuda --precision bf16 --batches 1,256 \
     --steps 64 --slow-steps 1 >"$OUT/sampling.json" 2>"$OUT/sampling.log"
 sampling_rc=$?
+
+# ---- 4. sampling through the static-shape step (a CUDA graph per step) ---------------------------
+timeout -k 5 "$LIMIT_STATIC" "$PY" benchmarks/sampling.py --device cuda --precision bf16 --batches 1,256 \
+    --steps 64 --static --static-only >"$OUT/static.json" 2>"$OUT/static.log"
+static_rc=$?
 
 summarize
 grep -q '"ok": true' "$OUT/gpu_check.json"

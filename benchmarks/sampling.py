@@ -8,6 +8,12 @@ Reports, in one run on this machine:
 - the full-recompute reference path (`use_cache=False`, what the reference implementation does
   for every sub-pixel), timed on a prefix of steps, and its ratio to the cached decoder.
 - optionally (--sizes) per sub-pixel time at 32x32x3 vs 64x64x3 for local 1D and local 2D.
+- optionally (--static) the same for the static-shape step that `imagetx sample` takes on a GPU
+  (imagetx/model/static.py: compiled with mode="reduce-overhead", one CUDA graph per step, its
+  draw included), its speed-up over the eager step and its ratio to the roofline; eagerly on
+  CPU, where sampling does not take it. --static-only skips the full-recompute path:
+
+    python benchmarks/sampling.py --device cuda --batches 1,256 --static --static-only
 
 --precision auto|fp32|bf16 picks the decoder's precision as `imagetx sample` does (auto: bf16 on
 CPUs with AMX-BF16 or AVX512-BF16). The roofline counts 4 bytes per weight and cached key/value
@@ -70,6 +76,29 @@ def cached_ms_per_step(model, batch: int, steps: int, start: int = 0) -> float:
             prev = dec.step(k, prev).float().argmax(-1)
         sync(prev.device)
         return 1000 * (time.perf_counter() - t) / steps
+
+
+def static_ms_per_step(model, batch: int, steps: int, start: int = 0) -> tuple[float, bool]:
+    """The same timing for the static-shape step (imagetx/model/static.py) with its draw, through
+    torch.compile(mode="reduce-overhead") on CUDA (a CUDA graph per step) where the machine can
+    compile, as `imagetx sample` takes it there; eagerly elsewhere -> (ms, compiled)."""
+    from imagetx.model.static import StaticDecoder
+    from imagetx.training.compiling import compile_or_eager
+
+    device = next(model.parameters()).device
+    with torch.inference_mode():
+        dec = StaticDecoder(model, batch, temperature=1.0, seed=0)
+        run = compile_or_eager(dec, device, mode="reduce-overhead") if device.type == "cuda" else dec
+        for k in range(start + 8):  # reach the measured region; the first calls compile and record
+            dec.set_step(k)
+            value = run()
+        sync(device)
+        t = time.perf_counter()
+        for k in range(start + 8, start + 8 + steps):
+            dec.set_step(k)
+            value = run()
+        sync(value.device)
+        return 1000 * (time.perf_counter() - t) / steps, run is not dec and getattr(run, "compiled", False)
 
 
 def uncached_ms_per_step(model, steps: int, batch: int = 1) -> float:
@@ -257,6 +286,10 @@ def main() -> None:
     ap.add_argument("--relative", choices=RELATIVES, default="none", help="model.relative (ours, not the paper's)")
     ap.add_argument("--compare-relative", action="store_true",
                     help="time the cached decoder with none, logits and rotary and print their ratios to none")
+    ap.add_argument("--static", action="store_true",
+                    help="also time the static-shape step (compiled to a CUDA graph on a GPU: see above)")
+    ap.add_argument("--static-only", action="store_true",
+                    help="with --static: the cached decoders only, not the full-recompute path")
     ap.add_argument("--decode", action="store_true", help="parallel against sequential decoding (see above)")
     ap.add_argument("--model", default="fashion-mnist", help="--decode: a pretrained name, run directory or checkpoint")
     ap.add_argument("--images", type=int, default=8, help="--decode: images drawn per measurement")
@@ -312,6 +345,15 @@ def main() -> None:
                 plain = cached_ms_per_step(for_decoding(model, precision.dtype, batch), batch, args.steps, start=300)
             row["torch_path_ms_per_subpixel_step"] = round(plain, 3)
             row["fused_speedup_over_torch_path"] = round(plain / ms, 2)
+        if args.static:  # the static-shape step, its draw included (the eager step above has none)
+            fixed, compiled = static_ms_per_step(decoder, batch, args.steps, start=300)
+            row["static_ms_per_subpixel_step"] = round(fixed, 3)
+            row["static_compiled"] = compiled
+            row["static_measured_over_roofline"] = round(fixed / roof["ms"], 2)
+            row["static_speedup_over_eager"] = round(ms / fixed, 2)
+    if args.static_only:
+        print(json.dumps(result, indent=2))
+        return
     for batch, steps in ((batches[0], args.slow_steps), (batches[-1], 1)):
         slow = uncached_ms_per_step(model, steps, batch)
         result[f"batch{batch}"]["uncached_fp32_ms_per_subpixel_step"] = round(slow, 1)

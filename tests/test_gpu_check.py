@@ -57,7 +57,7 @@ def test_the_stage_limits_add_up_to_under_five_minutes():
     case of the whole script (the summary at the end reads files and imports no torch)."""
     values, uses = limits(TEXT)
     assert sorted(name for _, name in uses) == sorted(values)  # every limit used, each once
-    assert {"LIMIT_PREFLIGHT", "LIMIT_TESTS", "LIMIT_TRAIN", "LIMIT_SAMPLING"} <= set(values)
+    assert {"LIMIT_PREFLIGHT", "LIMIT_TESTS", "LIMIT_TRAIN", "LIMIT_SAMPLING", "LIMIT_STATIC"} <= set(values)
     worst = sum(values[name] + grace for grace, name in uses)
     assert worst < 300, (values, worst)
     header = re.search(r"LIMIT_\* values below:\n# ([\d +]+) = (\d+) s, (\d+) s with every stage killed", TEXT)
@@ -88,7 +88,8 @@ def test_without_cuda_it_stops_at_once_and_says_so_in_its_json(tmp_path):
     assert code == 1 and summary["ok"] is False
     assert summary["error"] == "no CUDA device: torch.cuda.is_available() is false (nothing else ran)"
     assert summary["gpus"] == 0 and summary["torch"] == torch.__version__
-    assert not {"cuda_tests", "train_step_cifar10_bf16", "sampling_cifar10_bf16", "compile"} & set(summary)
+    assert not {"cuda_tests", "train_step_cifar10_bf16", "sampling_cifar10_bf16", "sampling_static_cifar10_bf16",
+                "compile"} & set(summary)
 
 
 @NO_GPU
@@ -131,8 +132,8 @@ def test_one_gpu_without_a_compiler_and_a_stage_out_of_time(tmp_path):
     for name in ("imagetx", "tests", "pyproject.toml", "benchmarks/train_step.py", "benchmarks/sampling.py",
                  "benchmarks/common.py"):
         (repo / name).symlink_to(ROOT / name)
-    assert "\nLIMIT_TRAIN=75\n" in TEXT
-    (repo / "benchmarks" / "gpu_check.sh").write_text(TEXT.replace("\nLIMIT_TRAIN=75\n", "\nLIMIT_TRAIN=3\n"))
+    assert "\nLIMIT_TRAIN=70\n" in TEXT
+    (repo / "benchmarks" / "gpu_check.sh").write_text(TEXT.replace("\nLIMIT_TRAIN=70\n", "\nLIMIT_TRAIN=3\n"))
     fake = tmp_path / "fake"
     fake.mkdir()
     (fake / "sitecustomize.py").write_text(FAKE_GPU)
@@ -146,3 +147,4 @@ def test_one_gpu_without_a_compiler_and_a_stage_out_of_time(tmp_path):
     assert summary["train_step_cifar10_bf16"] == {"exit_code": 124, "timed_out": True, "compile": False}
     assert summary["sampling_cifar10_bf16"]["exit_code"] not in (0, 124, 137)  # no GPU behind the fake
     assert summary["sampling_cifar10_bf16"]["timed_out"] is False
+    assert summary["sampling_static_cifar10_bf16"]["exit_code"] not in (0, 124, 137)
