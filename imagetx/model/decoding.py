@@ -178,7 +178,8 @@ def generate(
     "above", or "zeros" or "random" values, then from the last pass; each pass keeps every position
     whose inputs were already right; see _parallel) or "auto" (resolve_decode). The images are
     the same in every mode: bit for bit where a pass computes every position as a one-position
-    step does (the fused C step; the torch path runs a pass one position at a time).
+    step does (the fused C step; the torch path runs a pass one position at a time), up to the
+    rounding of a W-row pass on a GPU (see static).
 
     seed, first_index: image i is global image first_index + i, and every value drawn for it is
     a function of (seed, first_index + i, its generation step) and the model alone (model/noise.py),
@@ -199,10 +200,14 @@ def generate(
     buffer, so a watcher that keeps it copies it. A parallel pass decides done - (the last done)
     positions at once.
 
-    static: sequential cached decoding through model/static.py's StaticDecoder, every step the
-    same kernels on the same buffers, captured as a CUDA graph on a GPU (torch.compile,
-    mode="reduce-overhead"); the same images. None: on CUDA, where it applies (static_problem),
-    else IncrementalDecoder."""
+    static: cached decoding through model/static.py's StaticDecoder, every step (or parallel
+    pass) the same kernels on the same buffers, captured as a CUDA graph on a GPU (torch.compile,
+    mode="reduce-overhead"). Sequential decoding draws the same images as IncrementalDecoder. A
+    parallel pass computes its W positions together, as one W-row product: where that rounds a
+    row otherwise than a one-row step (CUDA, the CPU's fp32 and bf16), the images are those of
+    sequential decoding up to that rounding of the conditionals, not bit for bit (IncrementalDecoder's
+    passes keep the bits: one position at a time through torch, W rows as one in the fused C step).
+    None: on CUDA, where it applies (static.static_problem), else IncrementalDecoder."""
     cfg = model.config
     sampling.check_temperature(temperature)
     problems = decode_problems(decode, window) + ([] if first_guess in GUESSES else [f"first_guess must be one of {GUESSES}"])
@@ -246,8 +251,14 @@ def generate(
         try:
             flat = x.view(n, cfg.seq_len, -1)
             seen = None if watch is None else (lambda done: watch(done, cfg.seq_len, x))
-            empty = _parallel(model, flat, labels, source, temperature, seed, images, per_step, window, constraint,
-                              cells, keep if prime is not None else None, empty, progress, first_guess, seen)
+            if _static(model, static, device, constraint, cells):
+                from imagetx.model.static import StaticDecoder
+
+                passes = StaticDecoder(model, n, labels, source, window=window, draws=False).compiled(device)
+            else:
+                passes = IncrementalDecoder(model, n, labels, source, window)
+            empty = _parallel(model, passes, flat, temperature, seed, images, per_step, window, constraint, cells,
+                              keep if prime is not None else None, empty, progress, first_guess, seen)
         finally:
             model.train(was_training)
         if empty is not None and bool(empty):
@@ -256,20 +267,16 @@ def generate(
     try:
         flat = x.view(n, cfg.seq_len, -1)  # (n, L, 1) categorical or (n, L, C) DMOL, grid order
         steps = model.layout.order_list  # generation step -> grid position
-        fixed = run = None
+        fixed = None
         if use_cache and _static(model, static, device, constraint, cells):
             from imagetx.model.static import StaticDecoder
-            from imagetx.training.compiling import compile_or_eager
 
-            fixed = StaticDecoder(model, n, labels, source, temperature, seed, images)
-            graphs = device.type == "cuda" and torch.cuda.is_available()  # (not under a fake CUDA mode)
-            run = compile_or_eager(fixed, device, mode="reduce-overhead") if graphs else fixed
+            fixed = StaticDecoder(model, n, labels, source, temperature, seed, images).compiled(device)
         decoder = IncrementalDecoder(model, n, labels, source) if use_cache and fixed is None else None
         prev = gumbel = None
         for k, g in enumerate(steps):
             if fixed is not None:  # the whole step on the device, the draw included
-                fixed.set_step(k)
-                value = run().view(n, -1)
+                value = fixed.step(k).view(n, -1)
             else:
                 if decoder is not None:
                     out = decoder.step(k, prev, None if cells is None else cells.range_inputs(g))
@@ -286,7 +293,7 @@ def generate(
             if prime is not None:
                 value = torch.where(keep[:, g], flat[:, g], value)
                 if fixed is not None:  # the next step's input is the value placed
-                    fixed.last.copy_(value.view_as(fixed.last))
+                    fixed.inputs.copy_(value.view_as(fixed.inputs))
             flat[:, g] = value
             if constraint is not None:
                 constraint.record(g, value[:, 0] if cfg.output == "categorical" else value)
@@ -323,11 +330,13 @@ def _above(layout) -> list[int]:
     return [step_of[g - layout.cols] if g >= layout.cols else k for k, g in enumerate(layout.order_list)]
 
 
-def _parallel(model, flat, labels, source, temperature, seed, images, per_step, window, constraint, cells, keep,
+def _parallel(model, passes, flat, temperature, seed, images, per_step, window, constraint, cells, keep,
               empty, progress, first_guess, seen=None):
     """Parallel (Jacobi) decoding into flat (n, L, 1 or C) (grid order, primed values in place,
-    keep: where they are, or None); returns the `empty` flag as generate keeps it. seen: None, or
-    called with the number of positions decided after every pass, once flat holds them.
+    keep: where they are, or None) by the passes of `passes` (an IncrementalDecoder or a
+    StaticDecoder for `window` positions: its steps()); returns the `empty` flag as generate
+    keeps it. seen: None, or called with the number of positions decided after every pass, once
+    flat holds them.
 
     Every position's noise is fixed (noise.value_gumbel at its step), so its value is a function
     of the values before it. A pass runs positions k .. k + W - 1 on guesses of their inputs, draws
@@ -353,7 +362,6 @@ def _parallel(model, flat, labels, source, temperature, seed, images, per_step, 
     # a window enters new steps, every one above is older than all of them (one gather)
     far = [k - a > window or a == k for k, a in enumerate(above)]
     follow = [c for c in (constraint, cells) if c is not None]  # told the values placed
-    decoder = IncrementalDecoder(model, n, labels, source, window)
     chunk = max(window, NOISE_CHUNK // (n * per_step * 256))
     noise_from, gumbel = 0, None
     k = frontier = 0
@@ -391,7 +399,7 @@ def _parallel(model, flat, labels, source, temperature, seed, images, per_step, 
                 bounds = tuple(torch.stack(b, 1).flatten(0, 1) for b in (los, his))
             if cells is not None:
                 ranges = torch.stack(rows, 1)  # (n, W, 3)
-        out = decoder.steps(k, inputs, ranges)  # (n, W, out)
+        out = passes.steps(k, inputs, ranges)  # (n, W, out)
         gumbel_now = None
         if temperature > 0:
             if gumbel is None or k + W > noise_from + gumbel.shape[1]:

@@ -81,8 +81,9 @@ class Layout:
     visibility_slot: list[list[int]] | None = field(init=False)
     # local patterns as lower-right causal attention, for flash-class kernels (causal_groups)
     causal_groups: list[tuple[int, torch.Tensor, torch.Tensor]] | None = field(init=False)
-    # every pattern: where each key lives in a static decoding cache (model/static.py)
-    slot_plan: SlotPlan = field(init=False)
+    # every pattern: the keys each decoding step sees (visible_keys), the host data behind the
+    # slot plans of static decoding (slot_plan, model/static.py)
+    decoding_keys: tuple[list[list[int]], list[int], list[int]] = field(init=False)
 
     def __post_init__(self):
         same_length = self.internal_len == self.seq_len
@@ -96,7 +97,7 @@ class Layout:
             order, self.visible_count = visibility_order(self.window_mask, self.valid)
             self.visibility, self.visibility_slot = order.tolist(), torch.argsort(order, dim=1).tolist()
             self.causal_groups = causal_groups(self)
-        self.slot_plan = slot_plan(self)
+        self.decoding_keys = visible_keys(self)
 
     @property
     def seq_len(self) -> int:
@@ -187,7 +188,7 @@ def causal_groups(layout: Layout) -> list[tuple[int, torch.Tensor, torch.Tensor]
 @dataclass(frozen=True)
 class SlotPlan:
     """Where each key of a cached decoding lives in a static cache of `slots` slots, as host data
-    (model/static.py makes its tables from it).
+    (model/static.py makes its tables from it; slot_plan makes the plan).
 
     slot_of[k]: the slot generation step k's key and value are written to.
     group_of[k]: step k's block, the group of steps that share one list of keys.
@@ -231,10 +232,16 @@ def visible_keys(layout) -> tuple[list[list[int]], list[int], list[int]]:
     return lists, group, count
 
 
-def slot_plan(layout) -> SlotPlan:
-    """Slots for every key of a decoding in `layout`, each slot reused once no later step reads
-    the key it holds (allocated greedily, lowest free slot first, in generation order)."""
-    lists, group, count = visible_keys(layout)
+def slot_plan(layout, window: int = 1) -> SlotPlan:
+    """Slots for every key of a cached decoding in `layout` by passes of up to `window` positions
+    (1: one position per step), allocated greedily, lowest free slot first, in generation order.
+
+    A slot is reused once no step reads its key for window - 1 steps more: parallel decoding runs
+    a pass over steps k .. k + W - 1, then goes back to any of them, so a key the first of them
+    reads must outlive every key the pass writes. For window > 1 the plan also covers window - 1
+    steps past the last, L .. L + window - 2, which a pass near the end computes and nobody
+    reads: each writes a slot of its own and sees only those slots (group G, rank 0, count 1)."""
+    lists, group, count = layout.decoding_keys
     L = layout.seq_len
     last_step = [0] * len(lists)
     for k, g in enumerate(group):
@@ -245,7 +252,7 @@ def slot_plan(layout) -> SlotPlan:
             last_read[j] = max(last_read[j], last_step[g])
     freed_after: list[list[int]] = [[] for _ in range(L)]
     for j, k in enumerate(last_read):
-        freed_after[k].append(j)
+        freed_after[min(k + window - 1, L - 1)].append(j)
     slot_of, free, slots = [0] * L, [], 0
     for k in range(L):
         if free:
@@ -254,11 +261,16 @@ def slot_plan(layout) -> SlotPlan:
             slot_of[k], slots = slots, slots + 1
         for j in freed_after[k]:
             heapq.heappush(free, slot_of[j])
-    rank = [[slots] * slots for _ in lists]
+    past = window - 1  # steps past the end
+    slot_of += list(range(slots, slots + past))
+    slots += past
+    rank = [[slots] * slots for _ in range(len(lists) + (1 if past else 0))]
     for g, keys in enumerate(lists):
         for place, j in enumerate(keys):
             rank[g][slot_of[j]] = place
-    return SlotPlan(slots, slot_of, group, count, rank)
+    for s in slot_of[L:]:
+        rank[-1][s] = 0
+    return SlotPlan(slots, slot_of, group + [len(lists)] * past, count + [1] * past, rank)
 
 
 def make_layout(config: ModelConfig) -> Layout:

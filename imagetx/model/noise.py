@@ -121,13 +121,13 @@ def value_counters(channels: int, values: int = 256, device=None) -> tuple[torch
     return (torch.arange(channels, device=device)[:, None], torch.arange(values, device=device)[None, :])
 
 
-def step_gumbel(keys: torch.Tensor, step: torch.Tensor, counters: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
-    """keys: image_keys (B,); step: long tensor of one element, a generation step; counters:
-    value_counters(channels, values), all on one device -> float32 (B, channels, values), equal
-    to value_gumbel(seed, images, step, channels, values)[:, 0]: the noise of one step from
-    device tensors only, no host value."""
+def step_gumbel(keys: torch.Tensor, steps: torch.Tensor, counters: tuple[torch.Tensor, torch.Tensor]) -> torch.Tensor:
+    """keys: image_keys (B,); steps: long (S,) generation steps; counters: value_counters(channels,
+    values), all on one device -> float32 (B, S, channels, values), equal to value_gumbel(seed,
+    images, steps, channels, values): the noise of some steps from device tensors only, no host
+    value."""
     channel, value = counters
-    return to_gumbel(chain(keys[:, None, None], step.reshape(1, 1, 1), channel[None], value[None]))
+    return to_gumbel(chain(keys[:, None, None, None], steps[None, :, None, None], channel[None, None], value[None, None]))
 
 
 def seed_from(generator: torch.Generator | None = None) -> int:

@@ -104,10 +104,10 @@ def test_a_seed_from_a_generator_takes_one_draw():
     assert noise.seed_from(a) != seed  # the next draw
 
 
-def test_one_steps_noise_from_device_tensors_is_value_gumbels():
+def test_the_noise_of_steps_held_on_the_device_is_value_gumbels():
     images = torch.tensor([0, 7, 2**40])
     for channels in (1, 3):
-        for step in (0, 5, 3071):
-            want = noise.value_gumbel(11, images, torch.tensor([step]), channels)[:, 0]
-            got = noise.step_gumbel(noise.image_keys(11, images), torch.tensor([step]), noise.value_counters(channels))
+        for steps in ([0], [5], [3071], [4, 5, 6, 9]):
+            want = noise.value_gumbel(11, images, torch.tensor(steps), channels)
+            got = noise.step_gumbel(noise.image_keys(11, images), torch.tensor(steps), noise.value_counters(channels))
             assert torch.equal(got, want)

@@ -126,6 +126,12 @@ def check_decoding(model, labels, source, steps: list[int]) -> None:
                 check_device(value, CUDA, f"the static decoder's value at step {k} ({dtype})")
                 for name, t in list(fixed.named_buffers()) + list(fixed.named_parameters()):
                     check_device(t, CUDA, f"the static decoder's {name} ({dtype})")
+            passes = StaticDecoder(model, 2, labels, source, window=3, draws=False)  # parallel decoding's
+            values = torch.zeros(passes.inputs.shape, dtype=torch.long, device=CUDA)
+            for k in steps:
+                w = min(3, cfg.seq_len - k)
+                out = passes.steps(k, values[:, : w - 1 if k == 0 else w])
+                check_device(out, CUDA, f"the static decoder's pass at step {k} ({dtype})")
         # parallel decoding's passes of 3 positions, going back inside the last pass as a wrong
         # guess makes it (the cache's rewind and the local 2D regather included)
         W = 3
