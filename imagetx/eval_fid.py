@@ -152,9 +152,10 @@ class FidConfig:
     weights: str = "auto"  # the checkpoint's weights that draw the samples (storage.weights.weights_key)
     decode: str = "auto"  # how the samples are drawn: "sequential", "parallel" or "auto" (the same samples)
     window: int = DEFAULT_WINDOW  # positions per pass of parallel decoding
+    compile: bool | None = None  # the static decoding step through torch.compile (None: on a GPU; model/decoding.py)
 
     def problems(self) -> list[str]:
-        from imagetx.model.decoding import decode_problems
+        from imagetx.model.decoding import compile_problems, decode_problems
         from imagetx.storage.weights import weights_problems
 
         p = count_problems(self.num, "--num") + count_problems(self.batch_size, "--batch-size") + weights_problems(self.weights)
@@ -163,7 +164,7 @@ class FidConfig:
             p += count_problems(self.limit, "--limit")
         if self.dims not in DIMS:
             p.append(f"--dims must be one of {', '.join(map(str, DIMS))}; got {self.dims}")
-        p += decode_problems(self.decode, self.window)
+        p += decode_problems(self.decode, self.window) + compile_problems(self.compile)
         return p + temperature_problems(self.temperature) + seed_problems(self.seed) + device_problems(self.device)
 
 
@@ -235,7 +236,7 @@ def _run(req: FidConfig, ctx) -> dict | None:
         samples, _ = draw(SampleConfig(checkpoint=path, num=req.num, temperature=req.temperature, seed=req.seed,
                                        batch_size=req.sample_batch_size, device=req.device, out=None,
                                        progress=req.progress, weights=req.weights, decode=req.decode,
-                                       window=req.window), ctx)
+                                       window=req.window, compile=req.compile), ctx)
     if not ctx.is_main:
         return None
 

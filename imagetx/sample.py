@@ -16,8 +16,7 @@ from imagetx.checks import (count_problems, label_problems, memory_problems, out
 from imagetx.system.distributed import Dist, device_problems, distributed, gather_shards, shard
 from imagetx.errors import ConfigError, raise_problems
 from imagetx.storage.images import display_scale, fit, read_image, save_grid, save_npz, save_png
-from imagetx.model import native
-from imagetx.model.decoding import DEFAULT_WINDOW, decode_problems, for_decoding
+from imagetx.model.decoding import DEFAULT_WINDOW, compile_problems, decode_problems, decoder_name, for_decoding
 from imagetx.system.precision import precision_problems
 from imagetx.system.precision import resolve as resolve_precision
 
@@ -44,11 +43,12 @@ class SampleConfig:
     weights: str = "auto"  # "auto" (the moving average when the run kept one), "ema" or "trained" (storage.weights.weights_key)
     decode: str = "auto"  # "sequential", "parallel" or "auto" (model/decoding.py: the same images in each)
     window: int = DEFAULT_WINDOW  # positions per pass of parallel decoding
+    compile: bool | None = None  # the static decoding step through torch.compile (None: on a GPU; model/decoding.py)
 
     def problems(self) -> list[str]:
         """Every problem with the arguments, one line each, checked before any work starts
         (outputs that cannot be written included)."""
-        p = decode_problems(self.decode, self.window)
+        p = decode_problems(self.decode, self.window) + compile_problems(self.compile, self.use_cache)
         p += count_problems(self.num, "--num") + count_problems(self.batch_size, "--batch-size")
         p += temperature_problems(self.temperature)
         p += device_problems(self.device) + precision_problems(self.precision) + weights_problems(self.weights)
@@ -118,6 +118,7 @@ def draw(req: SampleConfig, ctx: Dist) -> tuple[torch.Tensor, dict]:
     mine = shard(req.num, ctx.rank, ctx.world_size)  # global image indices
     batches = [mine[i : i + req.batch_size] for i in range(0, len(mine), req.batch_size)]
     decoder = for_decoding(model, precision.dtype, max(1, min(req.batch_size, len(mine))))
+    name = decoder_name(decoder, req.use_cache, req.compile)  # raises ConfigError where --compile does not apply
     bar = console.progress(len(batches) * cfg.seq_len, "sampling", "pos", enabled=req.progress and ctx.is_main)
     H, W = cfg.image_size
     images = [torch.zeros(0, H, W, cfg.channels, dtype=torch.uint8, device=ctx.device)]  # a share may be empty
@@ -137,6 +138,7 @@ def draw(req: SampleConfig, ctx: Dist) -> tuple[torch.Tensor, dict]:
                 progress=lambda done, total: bar.update(1),
                 decode=req.decode if req.use_cache else "sequential",
                 window=req.window,
+                compile=req.compile,
             ))
     finally:
         bar.close()
@@ -151,7 +153,7 @@ def draw(req: SampleConfig, ctx: Dist) -> tuple[torch.Tensor, dict]:
         "temperature": float(req.temperature),
         "seed": req.seed,
         "precision": precision.name,
-        "decoder": "fused" if req.use_cache and native.applies(decoder) else "torch",
+        "decoder": name,
         "labels": None if labels is None else labels.tolist(),
         "processes": ctx.world_size,
         "seconds": round(seconds, 3),

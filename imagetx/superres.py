@@ -35,7 +35,7 @@ from imagetx.checks import (count_problems, label_problems, memory_problems, out
 from imagetx.system.distributed import Dist, device_problems, distributed, gather_shards, ranks, shard
 from imagetx.errors import ConfigError, ImageFileError, RunError, raise_problems
 from imagetx.model.consistency import AreaConsistency, factors
-from imagetx.model.decoding import DEFAULT_WINDOW, decode_problems, for_decoding
+from imagetx.model.decoding import DEFAULT_WINDOW, compile_problems, decode_problems, decoder_name, for_decoding
 from imagetx.system.precision import precision_problems
 from imagetx.system.precision import resolve as resolve_precision
 from imagetx.storage.images import IMAGE_SUFFIXES, comparison_grid, fit, list_images, png_bytes, read_image, to_pil
@@ -66,6 +66,7 @@ class SuperResConfig:
     weights: str = "auto"  # "auto" (the moving average when the run kept one), "ema" or "trained" (storage.weights.weights_key)
     decode: str = "auto"  # "sequential", "parallel" or "auto" (model/decoding.py: the same samples in each)
     window: int = DEFAULT_WINDOW  # positions per pass of parallel decoding
+    compile: bool | None = None  # the static decoding step through torch.compile (None: on a GPU; model/decoding.py)
 
     def problems(self) -> list[str]:
         """Every problem with the arguments, one line each, checked before any work starts."""
@@ -81,7 +82,7 @@ class SuperResConfig:
         p += count_problems(self.samples, "--samples") + count_problems(self.batch_size, "--batch-size")
         p += temperature_problems(self.temperature)
         p += device_problems(self.device) + precision_problems(self.precision) + weights_problems(self.weights)
-        p += seed_problems(self.seed) + decode_problems(self.decode, self.window)
+        p += seed_problems(self.seed) + decode_problems(self.decode, self.window) + compile_problems(self.compile)
         if self.out is None:
             p.append("--out DIR is required")
         else:
@@ -206,6 +207,7 @@ def super_resolve(
     decode: str = "sequential",
     window: int = DEFAULT_WINDOW,
     watch: Callable[[int, int, torch.Tensor], None] | None = None,
+    compile: bool | None = None,
 ) -> torch.Tensor:
     """sources uint8 (N, h, w, C) -> samples uint8 (N, K, H, W, C), K = samples, on the CPU.
 
@@ -215,8 +217,8 @@ def super_resolve(
     alone. Under torchrun each process decodes its share of the sequences (distributed.shard) and
     every process returns all of them. labels: long (N,) or None. consistent: draw each sub-pixel
     from the model's conditional restricted to the values that keep the image's area downsampling
-    equal to its source (AreaConsistency). decode, window: see decoding.generate (the same
-    samples in every mode). watch: told each batch's images so far (ImageTransformer.sample)."""
+    equal to its source (AreaConsistency). decode, window, compile: see decoding.generate (the
+    same samples in every mode). watch: told each batch's images so far (ImageTransformer.sample)."""
     device = next(model.parameters()).device
     N = sources.shape[0]
     H, W = model.config.image_size
@@ -243,6 +245,7 @@ def super_resolve(
                 decode=decode,
                 window=window,
                 watch=watch,
+                compile=compile,
             )
         except ValueError as exc:  # the model names what does not fit
             raise RunError(f"the inputs do not fit the model: {exc}") from None
@@ -351,12 +354,15 @@ def _run(req: SuperResConfig, ctx: Dist) -> dict:
     start = time.perf_counter()
     precision = resolve_precision(req.precision, device)
     decoder = for_decoding(model, precision.dtype, max(1, min(req.batch_size, mine)))
+    for consistent in modes:  # --compile where a restricted draw keeps the eager decoder: ConfigError
+        decoder_name(decoder, True, req.compile, restricted=consistent)
     drawn = {}
     try:
         for consistent in modes:
             drawn[consistent] = super_resolve(decoder, sources, req.samples, labels, req.temperature, req.seed,
                                               req.batch_size, progress=lambda done, steps: bar.update(1),
-                                              consistent=consistent, decode=req.decode, window=req.window)
+                                              consistent=consistent, decode=req.decode, window=req.window,
+                                              compile=req.compile)
     finally:
         bar.close()
     seconds = time.perf_counter() - start

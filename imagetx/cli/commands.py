@@ -13,7 +13,7 @@ import typer
 from imagetx import console
 from imagetx.cli.boundary import Command, check_outputs, expected_failures
 from imagetx.cli.options import (
-    checkpoint_argument, decode_option, device_option, download_option, weights_option, window_option,
+    checkpoint_argument, compile_option, decode_option, device_option, download_option, weights_option, window_option,
 )
 from imagetx.cli.tables import print_bpd_table, print_models, print_superres_report
 
@@ -153,6 +153,7 @@ def sample(
     weights: str = weights_option(),
     decode: str = decode_option(),
     window: int = window_option(),
+    compile: Optional[bool] = compile_option(),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary instead of the written paths."),
 ) -> None:
     """Draw images from a checkpoint with the cached decoder: a PNG grid, one PNG per image, or an npz.
@@ -177,7 +178,7 @@ def sample(
         return
     for path in summary["written"]:
         typer.echo(path)
-    fused = ", fused C step" if summary["decoder"] == "fused" else ""
+    fused = {"fused": ", fused C step", "compiled": ", compiled step", "static": ", static step"}.get(summary["decoder"], "")
     processes = f", {summary['processes']} processes" if summary["processes"] > 1 else ""
     console.note(f"{summary['images']} images in {summary['seconds']:.1f} s "
                  f"({summary['ms_per_position']:.2f} ms per position, {summary['precision']}{fused}{processes})")
@@ -205,6 +206,7 @@ def superres(
     weights: str = weights_option(),
     decode: str = decode_option(),
     window: int = window_option(),
+    compile: Optional[bool] = compile_option(),
     as_json: bool = typer.Option(False, "--json", help="Print a JSON summary."),
 ) -> None:
     """Super-resolve low-resolution images with a conditional (encoder-decoder) checkpoint.
@@ -325,6 +327,7 @@ def eval_fid(
     cache_dir: Optional[Path] = typer.Option(None, help="Where reference statistics are cached (default ~/.cache/imagetx/fid)."),
     decode: str = decode_option(),
     window: int = window_option(),
+    compile: Optional[bool] = compile_option(),
     weights: str = weights_option(),
     as_json: bool = typer.Option(False, "--json", help='Print {"fid", "samples", "reference_images", "dataset", "split", ...} as JSON.'),
 ) -> None:

@@ -20,6 +20,12 @@ def window_option():
     return typer.Option(8, help="Positions per pass of --decode parallel.")
 
 
+def compile_option():
+    return typer.Option(None, "--compile/--no-compile", show_default="on a GPU",
+                        help="Decode through the static-shape step compiled by torch.compile (one CUDA graph per step "
+                        "on a GPU). The first step waits for the compiler: a short job may end sooner with --no-compile.")
+
+
 def download_option():
     return typer.Option(False, "--download", help="Fetch the data set through torchvision if missing.")
 

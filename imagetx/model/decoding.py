@@ -157,6 +157,32 @@ def decode_problems(decode, window) -> list[str]:
     return p
 
 
+def compile_problems(compile, use_cache: bool = True) -> list[str]:
+    """What is wrong with --compile / --no-compile (None, True or False), one line each."""
+    if compile is not None and not isinstance(compile, bool):
+        return [f"--compile must be on, off or left out, got {compile!r}"]
+    if compile and not use_cache:
+        return ["--compile decodes with the cache: leave out --no-cache"]
+    return []
+
+
+def decoder_name(model, use_cache: bool = True, compile: bool | None = None, restricted: bool = False) -> str:
+    """Which decoder sampling from `model` (the decoding copy) takes, for a summary: "fused" (the
+    C step), "compiled" (the static step through torch.compile: CUDA graphs on a GPU), "static"
+    or "torch". Raises ConfigError, named for the command line, where --compile asks for what
+    the model (or a restricted draw) does not take."""
+    from imagetx.errors import ConfigError
+    from imagetx.model.static import static_problem
+
+    if not use_cache:
+        return "torch"
+    problem = static_problem(model, constraint=True if restricted or model.config.consistent else None)
+    if compile and problem is not None:
+        raise ConfigError([f"--compile: sampling with {problem} takes the eager decoder; leave --compile out"])
+    take, compiled = static_decoding(model, None, compile) if problem is None else (False, False)
+    return "compiled" if compiled else "static" if take else "fused" if native.applies(model) else "torch"
+
+
 def resolve_decode(model, decode: str, n: int, use_cache: bool = True) -> str:
     """"auto" -> "parallel" where it is exact and measured faster: the fused C step (model/native)
     at batch 1 (benchmarks/sampling.py --decode); "sequential" elsewhere. Other modes as given."""
@@ -169,7 +195,7 @@ def generate(
     model, n, labels=None, source=None, temperature=1.0, generator=None, use_cache=True,
     prime=None, prime_mask=None, progress=None, constraint=None, seed: int | None = None, first_index: int = 0,
     decode: str = "sequential", window: int = DEFAULT_WINDOW, first_guess: str = "above", watch=None,
-    static: bool | None = None,
+    static: bool | None = None, compile: bool | None = None,
 ) -> torch.Tensor:
     """See ImageTransformer.sample.
 
@@ -207,7 +233,12 @@ def generate(
     row otherwise than a one-row step (CUDA, the CPU's fp32 and bf16), the images are those of
     sequential decoding up to that rounding of the conditionals, not bit for bit (IncrementalDecoder's
     passes keep the bits: one position at a time through torch, W rows as one in the fused C step).
-    None: on CUDA, where it applies (static.static_problem), else IncrementalDecoder."""
+    None: on CUDA, where it applies (static.static_problem), else IncrementalDecoder.
+    compile: run the static step through torch.compile(mode="reduce-overhead"), which on CUDA
+    captures it as a CUDA graph; on CPU Inductor's code, with no graph. None: on CUDA. The first
+    call compiles (seconds to a minute on a GPU; torch keeps the code in its cache for the next
+    run), so a short job may end sooner without. True asks for the static decoder too.
+    static_decoding says what these resolve to."""
     cfg = model.config
     sampling.check_temperature(temperature)
     problems = decode_problems(decode, window) + ([] if first_guess in GUESSES else [f"first_guess must be one of {GUESSES}"])
@@ -251,10 +282,11 @@ def generate(
         try:
             flat = x.view(n, cfg.seq_len, -1)
             seen = None if watch is None else (lambda done: watch(done, cfg.seq_len, x))
-            if _static(model, static, device, constraint, cells):
+            fixed, compiled = static_decoding(model, static, compile, device, constraint, cells)
+            if fixed:
                 from imagetx.model.static import StaticDecoder
 
-                passes = StaticDecoder(model, n, labels, source, window=window, draws=False).compiled(device)
+                passes = StaticDecoder(model, n, labels, source, window=window, draws=False).compiled(compiled)
             else:
                 passes = IncrementalDecoder(model, n, labels, source, window)
             empty = _parallel(model, passes, flat, temperature, seed, images, per_step, window, constraint, cells,
@@ -268,10 +300,11 @@ def generate(
         flat = x.view(n, cfg.seq_len, -1)  # (n, L, 1) categorical or (n, L, C) DMOL, grid order
         steps = model.layout.order_list  # generation step -> grid position
         fixed = None
-        if use_cache and _static(model, static, device, constraint, cells):
+        take, compiled = static_decoding(model, static, compile, device, constraint, cells) if use_cache else (False, False)
+        if take:
             from imagetx.model.static import StaticDecoder
 
-            fixed = StaticDecoder(model, n, labels, source, temperature, seed, images).compiled(device)
+            fixed = StaticDecoder(model, n, labels, source, temperature, seed, images).compiled(compiled)
         decoder = IncrementalDecoder(model, n, labels, source) if use_cache and fixed is None else None
         prev = gumbel = None
         for k, g in enumerate(steps):
@@ -311,15 +344,22 @@ def generate(
     return x.to(torch.uint8)
 
 
-def _static(model, static: bool | None, device: torch.device, constraint, cells) -> bool:
-    """Whether generate decodes through StaticDecoder (see its `static`); raises ValueError for
-    static=True where it does not apply."""
+def static_decoding(model, static: bool | None = None, compile: bool | None = None, device=None, constraint=None,
+                    cells=None) -> tuple[bool, bool]:
+    """What generate's `static` and `compile` come to for this model on `device` (its own when
+    None) -> (static decoder, compiled). Raises ValueError for static or compile True where the
+    static decoder does not apply (static.static_problem), and for compile without it."""
     from imagetx.model.static import static_problem
 
+    device = torch.device(device) if device is not None else next(model.parameters()).device
+    if compile and static is False:
+        raise ValueError("compiled decoding is the static decoder's: compile=True needs static=None or True")
     problem = static_problem(model, constraint, cells)
-    if static and problem is not None:
-        raise ValueError(f"static decoding does not take {problem}")
-    return problem is None and (static if static is not None else device.type == "cuda")
+    if problem is not None and (static or compile):
+        raise ValueError(f"{'compiled' if compile else 'static'} decoding does not take {problem}")
+    gpu = device.type == "cuda" and torch.cuda.is_available()  # (not under a fake CUDA mode)
+    take = problem is None and (static if static is not None else bool(compile) or device.type == "cuda")
+    return take, take and (compile if compile is not None else gpu)
 
 
 def _above(layout) -> list[int]:

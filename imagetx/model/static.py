@@ -205,13 +205,13 @@ class StaticDecoder(nn.Module):
         self.inputs.copy_(value.view_as(self.inputs))
         return value
 
-    def compiled(self, device: torch.device) -> "StaticDecoder":
-        """Run step() and steps() through torch.compile(mode="reduce-overhead") on a GPU (a CUDA
-        graph per call) where this machine can compile; returns self."""
+    def compiled(self, compile: bool = True) -> "StaticDecoder":
+        """With compile, step() and steps() run through torch.compile(mode="reduce-overhead") (a
+        CUDA graph per call on a GPU) where this machine can build the code; returns self."""
         from imagetx.training.compiling import compile_or_eager
 
-        if device.type == "cuda" and torch.cuda.is_available():  # (not under a fake CUDA mode)
-            self.__dict__["run"] = compile_or_eager(self, device, mode="reduce-overhead")
+        if compile:
+            self.__dict__["run"] = compile_or_eager(self, self.at.device, mode="reduce-overhead")
         return self
 
     def step(self, k: int) -> torch.Tensor:

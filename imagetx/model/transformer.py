@@ -270,6 +270,7 @@ class ImageTransformer(nn.Module):
         window: int | None = None,
         watch=None,
         static: bool | None = None,
+        compile: bool | None = None,
     ) -> torch.Tensor:
         """Draw n images: uint8 (n, H, W, C), in the model's generation order.
 
@@ -287,7 +288,8 @@ class ImageTransformer(nn.Module):
         decoding.DEFAULT_WINDOW) or "auto": the same images in every mode (see decoding.generate).
         watch: an optional callable(steps_done, steps_total, image so far) (see decoding.generate).
         static: decode through the static-shape step (model/static.py), captured as a CUDA graph
-        on a GPU; None: on CUDA where it applies (see decoding.generate).
+        on a GPU; None: on CUDA where it applies. compile: that step through torch.compile; None:
+        on CUDA (see decoding.generate).
         """
         from imagetx.model.decoding import DEFAULT_WINDOW, generate
 
@@ -295,5 +297,5 @@ class ImageTransformer(nn.Module):
             self, n, labels=labels, source=source, temperature=temperature, generator=generator,
             use_cache=use_cache, prime=prime, prime_mask=prime_mask, progress=progress, constraint=constraint,
             seed=seed, first_index=first_index, decode=decode, window=DEFAULT_WINDOW if window is None else window,
-            watch=watch, static=static,
+            watch=watch, static=static, compile=compile,
         )

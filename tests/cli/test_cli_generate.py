@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import numpy as np
+import pytest
 from PIL import Image
 
 from support.cli import invoke, one_error_line
@@ -121,3 +122,21 @@ def test_decode_and_window_are_checked_and_give_the_same_images(tmp_path):
         assert result.exit_code == 0, result.output
     images = [np.load(out)["arr_0"] for out in npz.values()]
     assert all(np.array_equal(images[0], other) for other in images[1:])
+
+
+@pytest.mark.slow
+def test_compile_is_checked_and_draws_the_same_images(tmp_path):
+    # on CPU --compile takes the static step through Inductor (no CUDA graph): the images of the
+    # eager decoder, in fp32 (bf16 would compare Inductor with the fused C step)
+    path, _ = write_generator(tmp_path, attention="local1d", block_length=4)
+    a = tmp_path / "a.png"
+    one_error_line(invoke("sample", path, "--compile", "--no-cache", "--out", a), 2, "--compile decodes with the cache")
+    logits, _ = write_generator(tmp_path / "logits", attention="local1d", block_length=4, relative="logits")
+    one_error_line(invoke("sample", logits, "--compile", "--out", a), 2, "--compile: sampling with relative logits")
+    assert not a.exists()
+    npz = {flag: tmp_path / f"{flag}.npz" for flag in ("--compile", "--no-compile")}
+    for flag, out in npz.items():
+        result = invoke("sample", path, "-n", 2, "--seed", 3, "--precision", "fp32", flag, "--npz", out, "--json")
+        assert result.exit_code == 0, result.output
+        assert json.loads(result.stdout)["decoder"] == ("compiled" if flag == "--compile" else "torch")
+    assert np.array_equal(*(np.load(out)["arr_0"] for out in npz.values()))

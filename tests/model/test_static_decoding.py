@@ -149,6 +149,22 @@ def test_what_static_decoding_does_not_take_is_named():
     assert static_problem(ImageTransformer(base), constraint=object()).startswith("restricted draws")
 
 
+def test_static_and_compile_resolve_as_documented():
+    model = ImageTransformer(calibrated_model("full", "categorical", CASES[0][3]).config)
+    assert decoding.static_decoding(model) == (False, False)  # CPU: the eager decoder
+    assert decoding.static_decoding(model, static=True) == (True, False)
+    assert decoding.static_decoding(model, compile=True) == (True, True)  # compile asks for the static step
+    assert decoding.static_decoding(model, compile=False) == (False, False)
+    assert decoding.static_decoding(model, device="cuda") == (True, False)  # no GPU here: no graph
+    assert decoding.static_decoding(model, device="cuda", compile=False) == (True, False)
+    with pytest.raises(ValueError, match="needs static"):
+        decoding.static_decoding(model, static=False, compile=True)
+    logits = ImageTransformer(dataclasses.replace(model.config, relative="logits"))
+    assert decoding.static_decoding(logits, device="cuda") == (False, False)
+    with pytest.raises(ValueError, match="compiled decoding does not take relative logits"):
+        decoding.static_decoding(logits, compile=True)
+
+
 def test_on_the_cpu_sampling_takes_the_eager_decoder_unless_asked(monkeypatch):
     model = ImageTransformer(calibrated_model("full", "categorical", CASES[0][3]).config).double()
     built = []
