@@ -83,22 +83,19 @@ def static_ms_per_step(model, batch: int, steps: int, start: int = 0) -> tuple[f
     torch.compile(mode="reduce-overhead") on CUDA (a CUDA graph per step) where the machine can
     compile, as `imagetx sample` takes it there; eagerly elsewhere -> (ms, compiled)."""
     from imagetx.model.static import StaticDecoder
-    from imagetx.training.compiling import compile_or_eager
 
     device = next(model.parameters()).device
     with torch.inference_mode():
-        dec = StaticDecoder(model, batch, temperature=1.0, seed=0)
-        run = compile_or_eager(dec, device, mode="reduce-overhead") if device.type == "cuda" else dec
+        dec = StaticDecoder(model, batch, temperature=1.0, seed=0).compiled(device.type == "cuda")
         for k in range(start + 8):  # reach the measured region; the first calls compile and record
-            dec.set_step(k)
-            value = run()
+            value = dec.step(k)
         sync(device)
         t = time.perf_counter()
         for k in range(start + 8, start + 8 + steps):
-            dec.set_step(k)
-            value = run()
+            value = dec.step(k)
         sync(value.device)
-        return 1000 * (time.perf_counter() - t) / steps, run is not dec and getattr(run, "compiled", False)
+        run = dec.__dict__["run"]  # dec itself, or its CompiledOrEager (compiled until a build fails)
+        return 1000 * (time.perf_counter() - t) / steps, run is not dec and run.compiled
 
 
 def uncached_ms_per_step(model, steps: int, batch: int = 1) -> float:

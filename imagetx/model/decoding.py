@@ -236,9 +236,9 @@ def generate(
     None: on CUDA, where it applies (static.static_problem), else IncrementalDecoder.
     compile: run the static step through torch.compile(mode="reduce-overhead"), which on CUDA
     captures it as a CUDA graph; on CPU Inductor's code, with no graph. None: on CUDA. The first
-    call compiles (seconds to a minute on a GPU; torch keeps the code in its cache for the next
-    run), so a short job may end sooner without. True asks for the static decoder too.
-    static_decoding says what these resolve to."""
+    call waits for the compiler (torch keeps the code in its cache for later runs), so a short
+    job may end sooner without. True asks for the static decoder too. static_decoding says what
+    these resolve to."""
     cfg = model.config
     sampling.check_temperature(temperature)
     problems = decode_problems(decode, window) + ([] if first_guess in GUESSES else [f"first_guess must be one of {GUESSES}"])
