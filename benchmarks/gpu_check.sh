@@ -10,7 +10,7 @@
 #     the script exits 1 before starting anything else;
 #   - that CUDA is available (if not: the same, exit 1);
 #   - that torch.compile can build code on this machine (Triton, a C compiler, Python.h:
-#     imagetx.training.compiling.toolchain_problems). If not, the stages run without torch.compile and the
+#     imagetx.system.compiling.toolchain_problems). If not, the stages run without torch.compile and the
 #     JSON says `"compile": "skipped: ..."` with the reason.
 # Then three stages:
 #   1. the tests marked `cuda` (tests/system/test_devices.py): every attention pattern's fast path against
@@ -183,7 +183,7 @@ if "torch" not in report["missing_packages"]:
     report.update(torch=torch.__version__, cuda=torch.version.cuda)
     if torch.cuda.is_available():
         report.update(gpus=torch.cuda.device_count(), gpu=torch.cuda.get_device_name(0))
-        from imagetx.training.compiling import toolchain_problems
+        from imagetx.system.compiling import toolchain_problems
 
         report["compile_problems"] = toolchain_problems("cuda")
 with open(sys.argv[1], "w") as f:

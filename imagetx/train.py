@@ -44,7 +44,7 @@ from imagetx.system.distributed import Dist, all_gather_object, all_reduce_sum, 
 from imagetx.system.paths import cache_root
 from imagetx.system.precision import float32_matmuls, training_matmuls
 from imagetx.system.precision import resolve as resolve_precision
-from imagetx.training.compiling import compile_or_eager
+from imagetx.system.compiling import compile_or_eager
 from imagetx.training.loggers import Logger, check_installed, make_logger
 from imagetx.training.metrics import bits_per_dim
 from imagetx.training.optim import WeightAverage, make_optimizer

@@ -13,7 +13,9 @@ import copy
 import torch
 from torch import nn
 
-from imagetx.model import consistency, dmol, kernels, native, noise, sampling
+from imagetx.model import consistency, kernels, native, noise, sampling
+from imagetx.model.drawing import draw
+from imagetx.model.static import StaticDecoder, static_problem
 from imagetx.model.cache import Position
 
 
@@ -119,18 +121,6 @@ class IncrementalDecoder:
         return m.head(m.final_norm(x))
 
 
-def draw(out: torch.Tensor, config, temperature: float, gumbel=None, bounds=None) -> torch.Tensor:
-    """One position's output -> its value(s): long (B,) (categorical) or (B, C) (DMOL).
-    gumbel: float32 (B, 1, 256) (categorical) or (B, C, 256) (DMOL), the position's own standard
-    Gumbel noise (noise.value_gumbel at its step); not needed at temperature 0. The value is a
-    deterministic function of out and gumbel. bounds: optional (lo, hi) of the value(s)' shape:
-    draw from the distribution restricted to [lo, hi] and renormalised (see sampling.restrict)."""
-    if config.output == "dmol":
-        return dmol.dmol_sample(out.float(), config.channels, config.num_mixtures, temperature, gumbel, bounds)
-    log_p = out.float() if bounds is None else sampling.restrict(out.float(), *bounds)
-    return sampling.sample_softmax(log_p, temperature, None if gumbel is None else gumbel[:, 0])
-
-
 # Gumbel noise is made for this many values at a time (several steps at once: fewer kernel
 # launches on a GPU), 4 MiB of float32
 NOISE_CHUNK = 1 << 20
@@ -172,7 +162,6 @@ def decoder_name(model, use_cache: bool = True, compile: bool | None = None, res
     or "torch". Raises ConfigError, named for the command line, where --compile asks for what
     the model (or a restricted draw) does not take."""
     from imagetx.errors import ConfigError
-    from imagetx.model.static import static_problem
 
     if not use_cache:
         return "torch"
@@ -284,8 +273,6 @@ def generate(
             seen = None if watch is None else (lambda done: watch(done, cfg.seq_len, x))
             fixed, compiled = static_decoding(model, static, compile, device, constraint, cells)
             if fixed:
-                from imagetx.model.static import StaticDecoder
-
                 passes = StaticDecoder(model, n, labels, source, window=window, draws=False).compiled(compiled)
             else:
                 passes = IncrementalDecoder(model, n, labels, source, window)
@@ -302,8 +289,6 @@ def generate(
         fixed = None
         take, compiled = static_decoding(model, static, compile, device, constraint, cells) if use_cache else (False, False)
         if take:
-            from imagetx.model.static import StaticDecoder
-
             fixed = StaticDecoder(model, n, labels, source, temperature, seed, images).compiled(compiled)
         decoder = IncrementalDecoder(model, n, labels, source) if use_cache and fixed is None else None
         prev = gumbel = None
@@ -349,8 +334,6 @@ def static_decoding(model, static: bool | None = None, compile: bool | None = No
     """What generate's `static` and `compile` come to for this model on `device` (its own when
     None) -> (static decoder, compiled). Raises ValueError for static or compile True where the
     static decoder does not apply (static.static_problem), and for compile without it."""
-    from imagetx.model.static import static_problem
-
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if compile and static is False:
         raise ValueError("compiled decoding is the static decoder's: compile=True needs static=None or True")

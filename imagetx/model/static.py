@@ -44,7 +44,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from imagetx.model import noise
-from imagetx.model.decoding import draw
+from imagetx.model.drawing import draw
 from imagetx.model.dmol import to_unit
 from imagetx.model.layout import slot_plan
 
@@ -125,7 +125,7 @@ class StaticDecoder(nn.Module):
     given the value placed at the step before in `inputs` (long (B, 1) categorical, (B, 1, C)
     DMOL; ignored at step 0; a primed value is written there by the caller) -> the value at this
     step, (B,) or (B, C), which it also writes to `inputs` for the next step: drawn as
-    decoding.draw draws it from the step's output with the Gumbel noise of (seed, images[i],
+    drawing.draw draws it from the step's output with the Gumbel noise of (seed, images[i],
     step) (none at temperature 0). step(k) sets the step and calls it.
 
     not draws (parallel decoding's passes of W = window): forward() runs steps at .. at + W - 1
@@ -208,7 +208,7 @@ class StaticDecoder(nn.Module):
     def compiled(self, compile: bool = True) -> "StaticDecoder":
         """With compile, step() and steps() run through torch.compile(mode="reduce-overhead") (a
         CUDA graph per call on a GPU) where this machine can build the code; returns self."""
-        from imagetx.training.compiling import compile_or_eager
+        from imagetx.system.compiling import compile_or_eager
 
         if compile:
             self.__dict__["run"] = compile_or_eager(self, self.at.device, mode="reduce-overhead")

@@ -1,2 +1,2 @@
 """What the training loop uses: the optimizer and schedule, the run directory and resume,
-signals, loggers, torch.compile with its fallback, and the metrics it reports."""
+signals, loggers, and the metrics it reports."""

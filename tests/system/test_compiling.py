@@ -1,5 +1,5 @@
 """torch.compile on a machine that cannot build its code: a warning and eager execution, never a
-traceback (imagetx.training.compiling)."""
+traceback (imagetx.system.compiling)."""
 
 from __future__ import annotations
 
@@ -13,7 +13,7 @@ import torch
 from torch import nn
 
 from imagetx.storage.checkpoint import model_state_dict, unwrap_model
-from imagetx.training import compiling
+from imagetx.system import compiling
 from support.configs import TINY_MODEL
 from support import REPO as ROOT
 
