@@ -1,9 +1,11 @@
 """Decoding with static shapes (model/static.py), the step CUDA graphs capture: its slot plan
 holds every key each step sees and nothing else, by the pattern's own definition (the dense
-mask); it draws the images the eager cached decoder draws for the same seed, in every pattern
-and output, with classes, super-resolution, primes and every temperature; its samples follow the
-model's conditionals; and torch.compile takes the whole step as one graph, with no host value,
-that serves every step and every seed without compiling again."""
+mask), also under parallel passes that go back; it draws the images the eager cached decoder
+draws for the same seed, one position a step and in parallel passes, in every pattern and
+output, with classes, super-resolution, primes and every temperature; its samples follow the
+model's conditionals; and torch.compile takes a step, or a pass, as one graph with no host value
+that serves every step and every seed without compiling again. On what generate's `static` and
+`compile` resolve to, and the CPU's default."""
 
 from __future__ import annotations
 
