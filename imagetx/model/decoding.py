@@ -233,6 +233,7 @@ def generate(
     problems = decode_problems(decode, window) + ([] if first_guess in GUESSES else [f"first_guess must be one of {GUESSES}"])
     if problems:
         raise ValueError("; ".join(problems))
+    auto = decode == "auto"
     decode = resolve_decode(model, decode, n, use_cache)
     if decode == "parallel" and not use_cache:
         raise ValueError("parallel decoding needs the cache (use_cache=True)")
@@ -252,6 +253,9 @@ def generate(
     # model.range_input: the model's own inputs follow the values placed, whatever the constraint
     cells = consistency.AreaConsistency(source, cfg.image_size) if cfg.range_input else None
     device = next(model.parameters()).device
+    take, compiled = static_decoding(model, static, compile, device, constraint, cells) if use_cache else (False, False)
+    if take and auto:  # "auto" decodes in parallel where that is exact and faster: the fused C step's
+        decode = "sequential"
     H, W = cfg.image_size
     C = cfg.channels
     x = torch.zeros(n, H, W, C, dtype=torch.long, device=device)
@@ -271,8 +275,7 @@ def generate(
         try:
             flat = x.view(n, cfg.seq_len, -1)
             seen = None if watch is None else (lambda done: watch(done, cfg.seq_len, x))
-            fixed, compiled = static_decoding(model, static, compile, device, constraint, cells)
-            if fixed:
+            if take:
                 passes = StaticDecoder(model, n, labels, source, window=window, draws=False).compiled(compiled)
             else:
                 passes = IncrementalDecoder(model, n, labels, source, window)
@@ -287,7 +290,6 @@ def generate(
         flat = x.view(n, cfg.seq_len, -1)  # (n, L, 1) categorical or (n, L, C) DMOL, grid order
         steps = model.layout.order_list  # generation step -> grid position
         fixed = None
-        take, compiled = static_decoding(model, static, compile, device, constraint, cells) if use_cache else (False, False)
         if take:
             fixed = StaticDecoder(model, n, labels, source, temperature, seed, images).compiled(compiled)
         decoder = IncrementalDecoder(model, n, labels, source) if use_cache and fixed is None else None

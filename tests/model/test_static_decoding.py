@@ -18,7 +18,7 @@ from hypothesis import given, settings
 from hypothesis import strategies as st
 
 from imagetx import ImageTransformer
-from imagetx.model import decoding
+from imagetx.model import decoding, native
 from imagetx.model.layout import make_layout, slot_plan
 from imagetx.model.static import StaticDecoder, static_problem
 from support.calibration import CASES, IMAGES, calibrated_model, calibration_failures, pit_of_samples
@@ -173,11 +173,17 @@ def test_on_the_cpu_sampling_takes_the_eager_decoder_unless_asked(monkeypatch):
     original = StaticDecoder.__init__
 
     def record(self, *args, **kwargs):
-        built.append(True)
+        built.append(kwargs.get("draws", True))
         original(self, *args, **kwargs)
 
     monkeypatch.setattr(StaticDecoder, "__init__", record)
     a = model.sample(2, seed=4)
     assert not built
     b = model.sample(2, seed=4, static=True)
-    assert built and torch.equal(a, b)
+    assert built == [True] and torch.equal(a, b)
+    # "auto" is parallel only on the fused C step (exact there): with the static step, sequential
+    bf16 = decoding.for_decoding(model, torch.bfloat16, 1)
+    assert decoding.resolve_decode(bf16, "auto", 1) == ("parallel" if native.applies(bf16) else "sequential")
+    bf16.sample(1, seed=4, static=True, decode="auto")
+    bf16.sample(1, seed=4, static=True, decode="parallel", window=3)
+    assert built == [True, True, False]
