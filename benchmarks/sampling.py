@@ -59,43 +59,46 @@ from common import matmul_peak_gflops, memory_bandwidth_gbs, sync  # noqa: E402
 from imagetx.model.config import RELATIVES  # noqa: E402
 
 
+def ms_per_step(step, steps: int, start: int, device) -> float:
+    """Median-free honest timing: step(k) for k < start + 8 to reach the measured region (past
+    the first block, say) and warm up, then the total time of `steps` consecutive steps / steps."""
+    for k in range(start + 8):
+        step(k)
+    sync(device)
+    t = time.perf_counter()
+    for k in range(start + 8, start + 8 + steps):
+        step(k)
+    sync(device)
+    return 1000 * (time.perf_counter() - t) / steps
+
+
 def cached_ms_per_step(model, batch: int, steps: int, start: int = 0) -> float:
-    """Median-free honest timing: total time of `steps` consecutive decoder steps / steps."""
+    """ms_per_step of the eager cached decoder (IncrementalDecoder), each value its argmax."""
     from imagetx.model.decoding import IncrementalDecoder
 
     with torch.inference_mode():
         dec = IncrementalDecoder(model, batch)
-        prev = None
-        for k in range(start):  # reach the measured region (e.g. past the first block)
-            prev = dec.step(k, prev).float().argmax(-1)
-        for k in range(start, start + 8):  # warm up
-            prev = dec.step(k, prev).float().argmax(-1)
-        sync(prev.device)
-        t = time.perf_counter()
-        for k in range(start + 8, start + 8 + steps):
-            prev = dec.step(k, prev).float().argmax(-1)
-        sync(prev.device)
-        return 1000 * (time.perf_counter() - t) / steps
+        prev = [None]
+
+        def step(k):
+            prev[0] = dec.step(k, prev[0]).float().argmax(-1)
+
+        return ms_per_step(step, steps, start, next(model.parameters()).device)
 
 
 def static_ms_per_step(model, batch: int, steps: int, start: int = 0) -> tuple[float, bool]:
-    """The same timing for the static-shape step (imagetx/model/static.py) with its draw, through
+    """ms_per_step of the static-shape step (imagetx/model/static.py) with its draw, through
     torch.compile(mode="reduce-overhead") on CUDA (a CUDA graph per step) where the machine can
-    compile, as `imagetx sample` takes it there; eagerly elsewhere -> (ms, compiled)."""
+    compile, as `imagetx sample` takes it there; eagerly elsewhere -> (ms, compiled). Its first
+    calls compile and record, before the timing."""
     from imagetx.model.static import StaticDecoder
 
     device = next(model.parameters()).device
     with torch.inference_mode():
         dec = StaticDecoder(model, batch, temperature=1.0, seed=0).compiled(device.type == "cuda")
-        for k in range(start + 8):  # reach the measured region; the first calls compile and record
-            value = dec.step(k)
-        sync(device)
-        t = time.perf_counter()
-        for k in range(start + 8, start + 8 + steps):
-            value = dec.step(k)
-        sync(value.device)
+        ms = ms_per_step(dec.step, steps, start, device)
         run = dec.__dict__["run"]  # dec itself, or its CompiledOrEager (compiled until a build fails)
-        return 1000 * (time.perf_counter() - t) / steps, run is not dec and run.compiled
+        return ms, run is not dec and run.compiled
 
 
 def uncached_ms_per_step(model, steps: int, batch: int = 1) -> float:

@@ -165,7 +165,7 @@ def decoder_name(model, use_cache: bool = True, compile: bool | None = None, res
 
     if not use_cache:
         return "torch"
-    problem = static_problem(model, constraint=True if restricted or model.config.consistent else None)
+    problem = static_problem(model, restricted or model.config.consistent)
     if compile and problem is not None:
         raise ConfigError([f"--compile: sampling with {problem} takes the eager decoder; leave --compile out"])
     take, compiled = static_decoding(model, None, compile) if problem is None else (False, False)
@@ -339,7 +339,7 @@ def static_decoding(model, static: bool | None = None, compile: bool | None = No
     device = torch.device(device) if device is not None else next(model.parameters()).device
     if compile and static is False:
         raise ValueError("compiled decoding is the static decoder's: compile=True needs static=None or True")
-    problem = static_problem(model, constraint, cells)
+    problem = static_problem(model, constraint is not None, cells is not None)
     if problem is not None and (static or compile):
         raise ValueError(f"{'compiled' if compile else 'static'} decoding does not take {problem}")
     gpu = device.type == "cuda" and torch.cuda.is_available()  # (not under a fake CUDA mode)

@@ -95,14 +95,15 @@ class Memory(nn.Module):
         self.register_buffer("v", v, persistent=False)
 
 
-def static_problem(model, constraint=None, cells=None) -> str | None:
-    """Why StaticDecoder cannot decode for this model and these draws, or None when it can."""
+def static_problem(model, restricted: bool = False, range_inputs: bool = False) -> str | None:
+    """Why StaticDecoder cannot decode for this model, with restricted draws (a constraint:
+    model.consistent, superres --consistent) or range inputs, or None when it can."""
     cfg = model.config
     if cfg.relative == "logits":
         return "relative logits"
-    if cells is not None or cfg.range_input:
+    if range_inputs or cfg.range_input:
         return "model.range_input"
-    if constraint is not None:
+    if restricted:
         return "restricted draws (model.consistent or superres --consistent)"
     return None
 
@@ -150,7 +151,7 @@ class StaticDecoder(nn.Module):
         for name in ("slot_of", "group_of", "count", "rank"):
             self.register_buffer(name, _on(device, getattr(plan, name)), persistent=False)
         internal = model.layout.gen_to_internal_list
-        self.register_buffer("internal", _on(device, internal + internal[-1:] * (window - 1)), persistent=False)
+        self.register_buffer("internal_of", _on(device, internal + internal[-1:] * (window - 1)), persistent=False)
         if cfg.output == "categorical":  # the embedding rows of step k's input at [k] (step 0's and past the end: 0)
             self.register_buffer("input_offset", F.pad(model.input_offset, (1, window - 1)), persistent=False)
         self.register_buffer("at", torch.zeros((), dtype=torch.long, device=device), persistent=False)
@@ -185,7 +186,7 @@ class StaticDecoder(nn.Module):
     def forward(self) -> torch.Tensor:
         m, pos = self.model, self.position
         steps = self.at + self.rows  # (W,): indexing with it stays on the device
-        pos.internal.copy_(self.internal[steps])
+        pos.internal.copy_(self.internal_of[steps])
         pos.slot.copy_(self.slot_of[steps])
         pos.visible.copy_(self.rank[self.group_of[steps]] < self.count[steps, None])
         if m.config.output == "categorical":  # as embed_inputs: the value before, at its channel's rows

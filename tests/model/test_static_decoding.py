@@ -148,7 +148,7 @@ def test_what_static_decoding_does_not_take_is_named():
         logits.sample(1, seed=1, static=True)
     with pytest.raises(ValueError, match="static decoding"):
         StaticDecoder(logits, 1)
-    assert static_problem(ImageTransformer(base), constraint=object()).startswith("restricted draws")
+    assert static_problem(ImageTransformer(base), restricted=True).startswith("restricted draws")
 
 
 def test_static_and_compile_resolve_as_documented():
